@@ -1,0 +1,70 @@
+"""target-sft: Q-target supervised fine-tuning at scale.
+
+Three parts, each one import away:
+
+* the teacher cache (``CacheWriter``, ``TeacherCache``; Rust core in ``target_sft._core``),
+* the Q-target loss library (``target_sft_loss``, ``QTargetLoss``, ``induced_target``; pure PyTorch),
+* the command line (``target-sft``, :mod:`target_sft.cli`).
+
+Names are imported lazily, so ``import target_sft`` is cheap and the loss library never needs the
+native module (nor the cache needs torch).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# public name -> submodule that defines it
+_EXPORTS: dict[str, str] = {
+    # cache
+    "CacheWriter": "target_sft.cache",
+    "TeacherCache": "target_sft.cache",
+    "CacheRecord": "target_sft.cache",
+    "CacheInfo": "target_sft.cache",
+    # errors
+    "CacheError": "target_sft.errors",
+    "CacheInputError": "target_sft.errors",
+    "CacheFormatError": "target_sft.errors",
+    "CacheVersionError": "target_sft.errors",
+    "CacheCorruptionError": "target_sft.errors",
+    "CacheKeyError": "target_sft.errors",
+    "CacheMismatchError": "target_sft.errors",
+    "CacheIOError": "target_sft.errors",
+    # losses
+    "target_sft_loss": "target_sft.losses",
+    "QTargetLoss": "target_sft.losses",
+    "induced_target": "target_sft.losses",
+}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'target_sft' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers only
+    from target_sft.cache import CacheInfo, CacheRecord, CacheWriter, TeacherCache
+    from target_sft.errors import (
+        CacheCorruptionError,
+        CacheError,
+        CacheFormatError,
+        CacheInputError,
+        CacheIOError,
+        CacheKeyError,
+        CacheMismatchError,
+        CacheVersionError,
+    )
+    from target_sft.losses import QTargetLoss, induced_target, target_sft_loss
