@@ -1,0 +1,69 @@
+# Type stubs for the native module target_sft._core (rust/python/src/lib.rs). Checked against the
+# module by tests/test_core_stub.py.
+from typing import Any, Callable
+
+import numpy as np
+import numpy.typing as npt
+
+__version__: str
+FORMAT_VERSION: int
+
+RawRecord = tuple[
+    int | str,
+    npt.NDArray[np.int32],
+    npt.NDArray[np.int32],
+    npt.NDArray[np.int32],
+    npt.NDArray[np.float32],
+    npt.NDArray[np.float32],
+    npt.NDArray[np.int32],
+]
+
+class CacheWriter:
+    def __init__(
+        self,
+        path: str,
+        *,
+        top_k: int,
+        vocab_size: int,
+        codec: str,
+        zstd_level: int,
+        shard_bytes: int,
+        threads: int,
+        temperature: float,
+        tokenizer_json: str,
+        teacher_json: str,
+        shard_prefix: str,
+        prior_records: int,
+        append: bool,
+        sqrt_step: float,
+        tail_step: float,
+        floor: float,
+    ) -> None: ...
+    def add(
+        self,
+        key: int | str,
+        input_ids: npt.NDArray[np.int32],
+        labels: npt.NDArray[np.int32],
+        topk_ids: npt.NDArray[np.int32],
+        topk_logprobs: npt.NDArray[np.float32],
+        label_logprobs: npt.NDArray[np.float32],
+        label_ranks: npt.NDArray[np.int32],
+    ) -> None: ...
+    def __contains__(self, key: Any) -> bool: ...
+    @property
+    def num_records(self) -> int: ...
+    def close(self, complete: bool = True) -> str: ...
+    def abort(self) -> None: ...
+
+class TeacherCache:
+    def __init__(self, path: str) -> None: ...
+    def __len__(self) -> int: ...
+    def manifest_json(self) -> str: ...
+    def get(self, key: int | str, input_ids: npt.NDArray[np.int32] | None = None) -> RawRecord: ...
+    def get_at(self, position: int) -> RawRecord: ...
+    def get_many_at(self, positions: list[int], threads: int = 0) -> list[RawRecord]: ...
+    def key_at(self, position: int) -> int | str: ...
+    def keys_range(self, start: int, stop: int) -> list[int | str]: ...
+    def position(self, key: int | str) -> int: ...
+    def __contains__(self, key: Any) -> bool: ...
+    def verify(self, progress: Callable[[int, int], Any] | None = None) -> int: ...

@@ -1,0 +1,30 @@
+//! Hashes used by the format (all XXH3 with seed 0, see docs/FORMAT.md §Hashes).
+
+use xxhash_rust::xxh3::{xxh3_128, xxh3_64};
+
+/// Content address of a record: XXH3-64 of the token ids as little-endian int32.
+pub fn token_hash(input_ids: &[i32]) -> u64 {
+    xxh3_64(as_le_bytes_i32(input_ids).as_ref())
+}
+
+/// Hash of a key's canonical byte encoding (see [`crate::record::Key::encode`]).
+pub fn key_hash(encoded_key: &[u8]) -> u64 {
+    xxh3_64(encoded_key)
+}
+
+/// Whole-file checksum written to the manifest: `"xxh3-128:" + 32 lowercase hex digits`.
+pub fn file_checksum(bytes: &[u8]) -> String {
+    format!("xxh3-128:{:032x}", xxh3_128(bytes))
+}
+
+fn as_le_bytes_i32(v: &[i32]) -> std::borrow::Cow<'_, [u8]> {
+    if cfg!(target_endian = "little") {
+        // SAFETY: i32 has no padding and any byte pattern is a valid u8; the slice covers
+        // exactly the memory of `v`, which outlives the returned borrow.
+        std::borrow::Cow::Borrowed(unsafe {
+            std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v))
+        })
+    } else {
+        std::borrow::Cow::Owned(v.iter().flat_map(|x| x.to_le_bytes()).collect())
+    }
+}

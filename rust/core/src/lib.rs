@@ -1,0 +1,22 @@
+//! target-sft core: the teacher log-prob cache (format, codecs, writer, reader).
+//!
+//! This crate has no Python dependency; `target_sft._core` (crate `target-sft-python`) is a thin
+//! binding over it. The byte-level format is specified in `docs/FORMAT.md`.
+
+pub mod cache;
+pub mod codec;
+pub mod container;
+pub mod error;
+pub mod fsutil;
+pub mod hash;
+pub mod manifest;
+pub mod record;
+pub mod shard;
+pub mod writer;
+
+pub use cache::TeacherCache;
+pub use codec::{CodebookParams, CodecKind};
+pub use error::{Error, ErrorKind, Result};
+pub use manifest::Manifest;
+pub use record::{Key, Record};
+pub use writer::{CacheWriter, WriterOptions};

@@ -1,0 +1,125 @@
+//! The cache manifest, `manifest.json` (docs/FORMAT.md §Manifest).
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::fsutil::write_atomic;
+
+pub const MANIFEST_NAME: &str = "manifest.json";
+pub const CACHE_FORMAT: &str = "target-sft-cache";
+/// The format version this library writes and the newest it reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// One committed shard.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ShardEntry {
+    /// File name relative to the cache directory.
+    pub file: String,
+    pub records: u64,
+    pub bytes: u64,
+    /// `"xxh3-128:<32 hex digits>"` of the whole file.
+    pub checksum: String,
+    pub tokens: u64,
+    pub supervised: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Manifest {
+    pub format: String,
+    pub format_version: u32,
+    pub codec: String,
+    pub codec_params: Value,
+    pub top_k: usize,
+    pub vocab_size: usize,
+    pub temperature: f64,
+    /// Free-form description of the tokenizer; `fingerprint` identifies it.
+    pub tokenizer: Value,
+    /// Free-form description of the teacher: `name`, `revision`, `config_hash`, `dtype`.
+    pub teacher: Value,
+    /// False while a writer is still adding shards (or died before closing).
+    pub complete: bool,
+    pub num_records: u64,
+    pub num_tokens: u64,
+    pub num_supervised: u64,
+    pub shards: Vec<ShardEntry>,
+    pub created_by: String,
+}
+
+impl Manifest {
+    pub fn load(dir: &Path) -> Result<Self> {
+        let path = dir.join(MANIFEST_NAME);
+        let bytes = std::fs::read(&path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Error::new(
+                    ErrorKind::Format,
+                    format!(
+                        "{} has no {MANIFEST_NAME}: it is not a target-sft cache (or its writer died before the first shard was committed)",
+                        dir.display()
+                    ),
+                )
+            } else {
+                Error::io("cannot read", &path, e)
+            }
+        })?;
+        let value: Value = serde_json::from_slice(&bytes).map_err(|e| {
+            Error::corrupt(format!("{} is not valid JSON ({e})", path.display()))
+        })?;
+        if value.get("format").and_then(Value::as_str) != Some(CACHE_FORMAT) {
+            return Err(Error::format(format!(
+                "{} is not a target-sft cache manifest (its \"format\" field is not {CACHE_FORMAT:?})",
+                path.display()
+            )));
+        }
+        let version = value.get("format_version").and_then(Value::as_u64).unwrap_or(0);
+        if version > u64::from(FORMAT_VERSION) {
+            return Err(Error::new(
+                ErrorKind::Version,
+                format!(
+                    "{} was written with cache format version {version}, newer than the version {FORMAT_VERSION} this target-sft reads; upgrade target-sft",
+                    path.display()
+                ),
+            ));
+        }
+        if version == 0 {
+            return Err(Error::format(format!("{} has no valid format_version", path.display())));
+        }
+        let m: Manifest = serde_json::from_value(value).map_err(|e| {
+            Error::format(format!("{} does not have the manifest's fields ({e})", path.display()))
+        })?;
+        let sum = |f: fn(&ShardEntry) -> u64| m.shards.iter().map(f).sum::<u64>();
+        if sum(|s| s.records) != m.num_records
+            || sum(|s| s.tokens) != m.num_tokens
+            || sum(|s| s.supervised) != m.num_supervised
+        {
+            return Err(Error::corrupt(format!(
+                "{}: the totals do not equal the sums over its shards",
+                path.display()
+            )));
+        }
+        for s in &m.shards {
+            if s.file.contains('/') || s.file.contains('\\') || s.file.starts_with('.') {
+                return Err(Error::format(format!(
+                    "{}: shard file name {:?} is not a plain file name",
+                    path.display(),
+                    s.file
+                )));
+            }
+        }
+        Ok(m)
+    }
+
+    pub fn store(&self, dir: &Path) -> Result<()> {
+        let mut bytes = serde_json::to_vec_pretty(self).expect("manifest serialises");
+        bytes.push(b'\n');
+        write_atomic(&dir.join(MANIFEST_NAME), &[&bytes])
+    }
+
+    pub fn recount(&mut self) {
+        self.num_records = self.shards.iter().map(|s| s.records).sum();
+        self.num_tokens = self.shards.iter().map(|s| s.tokens).sum();
+        self.num_supervised = self.shards.iter().map(|s| s.supervised).sum();
+    }
+}

@@ -1,0 +1,391 @@
+//! Shards: building one in memory and committing it atomically, and reading one through a
+//! read-only memory map (docs/FORMAT.md §Shard).
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use serde_json::{json, Value};
+
+use crate::codec::{Codebook, CodebookParams, Codec, CodecKind, IdTable};
+use crate::container::{encode_header, parse_header, Dtype, Header, TensorOut};
+use crate::error::{Error, ErrorKind, Result};
+use crate::fsutil::write_atomic;
+use crate::hash;
+use crate::manifest::{ShardEntry, FORMAT_VERSION};
+use crate::record::{Key, Record};
+
+pub const SHARD_FORMAT: &str = "target-sft-shard";
+/// Columns of the `record_index` tensor.
+pub const INDEX_COLS: usize = 5;
+
+/// What the reader needs to know about a record without decoding it.
+#[derive(Debug, Clone)]
+pub struct IndexRow {
+    pub frame: Range<u64>,
+    pub n_tokens: u64,
+    pub n_supervised: u64,
+    pub token_hash: u64,
+}
+
+/// An encoded record on its way into a shard.
+pub struct EncodedRecord {
+    pub key: Vec<u8>,
+    pub key_hash: u64,
+    pub n_tokens: u64,
+    pub n_supervised: u64,
+    pub token_hash: u64,
+    pub frame: Vec<u8>,
+}
+
+impl EncodedRecord {
+    pub fn new(rec: &Record, frame: Vec<u8>) -> Self {
+        let key = rec.key.encode();
+        Self {
+            key_hash: hash::key_hash(&key),
+            key,
+            n_tokens: rec.n_tokens() as u64,
+            n_supervised: rec.n_supervised() as u64,
+            token_hash: hash::token_hash(&rec.input_ids),
+            frame,
+        }
+    }
+}
+
+/// Codec description stored in every shard (and in the manifest).
+pub fn codec_params_json(codec: &Codec) -> Value {
+    match &codec.codebook {
+        Some(cb) => json!({
+            "zstd_level": codec.zstd_level,
+            "sqrt_step": cb.params.sqrt_step,
+            "tail_step": cb.params.tail_step,
+            "floor": cb.params.floor,
+        }),
+        None => json!({ "zstd_level": codec.zstd_level }),
+    }
+}
+
+/// Accumulates records for one shard in memory.
+#[derive(Default)]
+pub struct ShardBuilder {
+    index: Vec<u64>,
+    key_hash: Vec<u64>,
+    key_offsets: Vec<u64>,
+    key_bytes: Vec<u8>,
+    payload: Vec<u8>,
+    tokens: u64,
+    supervised: u64,
+}
+
+fn le_bytes<T: Copy, const N: usize>(v: &[T], f: impl Fn(T) -> [u8; N]) -> Vec<u8> {
+    v.iter().flat_map(|&x| f(x)).collect()
+}
+
+impl ShardBuilder {
+    pub fn len(&self) -> usize {
+        self.key_hash.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.key_hash.is_empty()
+    }
+    pub fn payload_bytes(&self) -> usize {
+        self.payload.len()
+    }
+
+    pub fn push(&mut self, r: EncodedRecord) {
+        if self.key_offsets.is_empty() {
+            self.key_offsets.push(0);
+        }
+        let start = self.payload.len() as u64;
+        self.payload.extend_from_slice(&r.frame);
+        self.index
+            .extend_from_slice(&[start, r.frame.len() as u64, r.n_tokens, r.n_supervised, r.token_hash]);
+        self.key_hash.push(r.key_hash);
+        self.key_bytes.extend_from_slice(&r.key);
+        self.key_offsets.push(self.key_bytes.len() as u64);
+        self.tokens += r.n_tokens;
+        self.supervised += r.n_supervised;
+    }
+
+    /// Write the shard to `dir/file` atomically and describe it for the manifest.
+    pub fn commit(self, dir: &Path, file: &str, codec: &Codec) -> Result<ShardEntry> {
+        let n = self.len();
+        let key_offsets = if self.key_offsets.is_empty() { vec![0] } else { self.key_offsets };
+        let index = le_bytes(&self.index, u64::to_le_bytes);
+        let key_hash = le_bytes(&self.key_hash, u64::to_le_bytes);
+        let key_offsets_b = le_bytes(&key_offsets, u64::to_le_bytes);
+        let mut tensors = vec![
+            TensorOut { name: "record_index", dtype: Dtype::U64, shape: vec![n, INDEX_COLS], data: &index },
+            TensorOut { name: "key_hash", dtype: Dtype::U64, shape: vec![n], data: &key_hash },
+            TensorOut { name: "key_offsets", dtype: Dtype::U64, shape: vec![n + 1], data: &key_offsets_b },
+        ];
+        let (codebook, id_table);
+        if let (Some(cb), Some(ids)) = (&codec.codebook, &codec.ids) {
+            codebook = le_bytes(&cb.levels, f32::to_le_bytes);
+            id_table = le_bytes(&ids.id_of_rank, u32::to_le_bytes);
+            tensors.push(TensorOut { name: "codebook", dtype: Dtype::F32, shape: vec![cb.levels.len()], data: &codebook });
+            tensors.push(TensorOut { name: "id_table", dtype: Dtype::U32, shape: vec![ids.id_of_rank.len()], data: &id_table });
+        }
+        tensors.push(TensorOut { name: "key_bytes", dtype: Dtype::U8, shape: vec![self.key_bytes.len()], data: &self.key_bytes });
+        tensors.push(TensorOut { name: "payload", dtype: Dtype::U8, shape: vec![self.payload.len()], data: &self.payload });
+        let mut meta = BTreeMap::new();
+        meta.insert("format".to_string(), SHARD_FORMAT.to_string());
+        meta.insert("format_version".to_string(), FORMAT_VERSION.to_string());
+        meta.insert("codec".to_string(), codec.kind.name().to_string());
+        meta.insert("codec_params".to_string(), codec_params_json(codec).to_string());
+        meta.insert("top_k".to_string(), codec.top_k.to_string());
+        meta.insert("vocab_size".to_string(), codec.vocab_size.to_string());
+        meta.insert("records".to_string(), n.to_string());
+        let header = encode_header(&tensors, &meta)?;
+        let mut parts: Vec<&[u8]> = vec![&header];
+        parts.extend(tensors.iter().map(|t| t.data));
+        let bytes: u64 = parts.iter().map(|p| p.len() as u64).sum();
+        let checksum = {
+            let mut h = xxhash_rust::xxh3::Xxh3::new();
+            parts.iter().for_each(|p| h.update(p));
+            format!("xxh3-128:{:032x}", h.digest128())
+        };
+        write_atomic(&dir.join(file), &parts)?;
+        Ok(ShardEntry {
+            file: file.to_string(),
+            records: n as u64,
+            bytes,
+            checksum,
+            tokens: self.tokens,
+            supervised: self.supervised,
+        })
+    }
+}
+
+/// A shard opened for reading.
+pub struct ShardReader {
+    pub path: PathBuf,
+    mmap: Mmap,
+    header: Header,
+    pub codec: Codec,
+    n: usize,
+    // file offsets of the hot tensors (validated at open)
+    index_at: usize,
+    key_hash_at: usize,
+    key_offsets_at: usize,
+    key_bytes_at: usize,
+    payload_at: usize,
+}
+
+fn meta<'a>(h: &'a Header, key: &str) -> Result<&'a str> {
+    h.metadata
+        .get(key)
+        .map(String::as_str)
+        .ok_or_else(|| Error::format(format!("shard metadata has no {key:?}")))
+}
+
+fn meta_usize(h: &Header, key: &str) -> Result<usize> {
+    meta(h, key)?
+        .parse()
+        .map_err(|_| Error::format(format!("shard metadata {key:?} is not an integer")))
+}
+
+impl ShardReader {
+    /// Open and validate a shard. `expect_bytes` is the size the manifest recorded.
+    pub fn open(path: &Path, expect_bytes: Option<u64>) -> Result<Self> {
+        Self::open_inner(path, expect_bytes).map_err(|e| e.at(format!("shard {}", path.display())))
+    }
+
+    fn open_inner(path: &Path, expect_bytes: Option<u64>) -> Result<Self> {
+        let file = File::open(path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Error::corrupt("the file is missing; restore it or rebuild the cache")
+            } else {
+                Error::io("cannot open", path, e)
+            }
+        })?;
+        let len = file.metadata().map_err(|e| Error::io("cannot stat", path, e))?.len();
+        if let Some(want) = expect_bytes {
+            if len != want {
+                return Err(Error::corrupt(format!(
+                    "the file has {len} bytes but the manifest recorded {want}; it is truncated or was replaced"
+                )));
+            }
+        }
+        // SAFETY: the map is read-only and private to this process. Cache files are written
+        // once (to a temp name, then renamed) and never modified in place; a process that
+        // truncates a mapped shard behind our back violates the cache's contract, as with any
+        // mmap-based reader. Every read from the map is bounds-checked against `len`.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io("cannot map", path, e))?;
+        let header = parse_header(&mmap, mmap.len())?;
+        if meta(&header, "format")? != SHARD_FORMAT {
+            return Err(Error::format("not a target-sft shard (metadata \"format\" differs)"));
+        }
+        let version: u32 = meta(&header, "format_version")?
+            .parse()
+            .map_err(|_| Error::format("format_version is not an integer"))?;
+        if version > FORMAT_VERSION {
+            return Err(Error::new(
+                ErrorKind::Version,
+                format!("written with shard format version {version}, newer than {FORMAT_VERSION}; upgrade target-sft"),
+            ));
+        }
+        let kind = CodecKind::parse(meta(&header, "codec")?).map_err(|e| Error::format(e.message))?;
+        let top_k = meta_usize(&header, "top_k")?;
+        let vocab = meta_usize(&header, "vocab_size")?;
+        let n = meta_usize(&header, "records")?;
+        if top_k == 0 || top_k > 1024 || vocab == 0 || vocab > (1 << 31) {
+            return Err(Error::format(format!("top_k {top_k} / vocab_size {vocab} are out of range")));
+        }
+        let params: Value = serde_json::from_str(meta(&header, "codec_params")?)
+            .map_err(|_| Error::format("codec_params is not JSON"))?;
+        let zstd_level = params.get("zstd_level").and_then(Value::as_i64).unwrap_or(3) as i32;
+        let mut reader = Self {
+            path: path.to_path_buf(),
+            mmap,
+            header,
+            codec: Codec::exact(top_k, vocab, zstd_level),
+            n,
+            index_at: 0,
+            key_hash_at: 0,
+            key_offsets_at: 0,
+            key_bytes_at: 0,
+            payload_at: 0,
+        };
+        reader.check_tensor("record_index", Dtype::U64, &[n, INDEX_COLS])?;
+        reader.check_tensor("key_hash", Dtype::U64, &[n])?;
+        reader.check_tensor("key_offsets", Dtype::U64, &[n + 1])?;
+        reader.tensor("payload", Dtype::U8)?;
+        reader.tensor("key_bytes", Dtype::U8)?;
+        let at = |name: &str| reader.header.tensors[name].range.start;
+        (reader.index_at, reader.key_hash_at, reader.key_offsets_at) =
+            (at("record_index"), at("key_hash"), at("key_offsets"));
+        (reader.key_bytes_at, reader.payload_at) = (at("key_bytes"), at("payload"));
+        if kind == CodecKind::Compact {
+            let f = |k: &str| {
+                params
+                    .get(k)
+                    .and_then(Value::as_f64)
+                    .ok_or_else(|| Error::format(format!("codec_params has no {k}")))
+            };
+            let cbp = CodebookParams { sqrt_step: f("sqrt_step")?, tail_step: f("tail_step")?, floor: f("floor")? };
+            let levels: Vec<f32> = reader
+                .tensor("codebook", Dtype::F32)?
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect();
+            let ids: Vec<u32> = reader
+                .tensor("id_table", Dtype::U32)?
+                .chunks_exact(4)
+                .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+                .collect();
+            let cb = Codebook::from_stored(cbp, levels)?;
+            reader.codec = Codec::compact(top_k, vocab, zstd_level, cb, IdTable::from_stored(ids, vocab)?);
+        }
+        // validate the index once so later lookups can trust it
+        let payload_len = reader.tensor("payload", Dtype::U8)?.len() as u64;
+        let key_len = reader.tensor("key_bytes", Dtype::U8)?.len() as u64;
+        let mut prev_key_end = 0;
+        for i in 0..n {
+            let row = reader.index_row(i);
+            if row.frame.end > payload_len || row.frame.start > row.frame.end {
+                return Err(Error::corrupt(format!("record {i}: its frame lies outside the payload")));
+            }
+            let (a, b) = (reader.u64_at(reader.key_offsets_at, i), reader.u64_at(reader.key_offsets_at, i + 1));
+            if a != prev_key_end || b < a || b > key_len {
+                return Err(Error::corrupt(format!("record {i}: its key lies outside key_bytes")));
+            }
+            prev_key_end = b;
+        }
+        Ok(reader)
+    }
+
+    fn check_tensor(&self, name: &str, dtype: Dtype, shape: &[usize]) -> Result<()> {
+        let t = self
+            .header
+            .tensors
+            .get(name)
+            .ok_or_else(|| Error::format(format!("tensor {name:?} is missing")))?;
+        if t.dtype != dtype || t.shape != shape {
+            return Err(Error::corrupt(format!(
+                "tensor {name:?} is {:?}{:?}, expected {:?}{shape:?}",
+                t.dtype, t.shape, dtype
+            )));
+        }
+        if t.range.start % dtype.size() != 0 {
+            return Err(Error::corrupt(format!("tensor {name:?} is not aligned")));
+        }
+        Ok(())
+    }
+
+    fn tensor(&self, name: &str, dtype: Dtype) -> Result<&[u8]> {
+        let t = self
+            .header
+            .tensors
+            .get(name)
+            .ok_or_else(|| Error::format(format!("tensor {name:?} is missing")))?;
+        if t.dtype != dtype || t.shape.len() != 1 {
+            return Err(Error::corrupt(format!("tensor {name:?} has the wrong dtype or rank")));
+        }
+        Ok(&self.mmap[t.range.clone()])
+    }
+
+    #[inline]
+    fn u64_at(&self, tensor_at: usize, i: usize) -> u64 {
+        let off = tensor_at + 8 * i;
+        u64::from_le_bytes(self.mmap[off..off + 8].try_into().unwrap())
+    }
+
+    pub fn len(&self) -> usize {
+        self.n
+    }
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    #[inline]
+    pub fn index_row(&self, i: usize) -> IndexRow {
+        let base = i * INDEX_COLS;
+        let g = |c| self.u64_at(self.index_at, base + c);
+        let (start, len) = (g(0), g(1));
+        IndexRow {
+            frame: start..start.saturating_add(len),
+            n_tokens: g(2),
+            n_supervised: g(3),
+            token_hash: g(4),
+        }
+    }
+
+    pub fn key_hash(&self, i: usize) -> u64 {
+        self.u64_at(self.key_hash_at, i)
+    }
+
+    pub fn key_bytes(&self, i: usize) -> &[u8] {
+        let (a, b) = (self.u64_at(self.key_offsets_at, i) as usize, self.u64_at(self.key_offsets_at, i + 1) as usize);
+        &self.mmap[self.key_bytes_at + a..self.key_bytes_at + b]
+    }
+
+    pub fn key(&self, i: usize) -> Result<Key> {
+        Key::decode(self.key_bytes(i)).map_err(|e| e.at(format!("shard {}, record {i}", self.path.display())))
+    }
+
+    pub fn frame(&self, i: usize) -> &[u8] {
+        let r = self.index_row(i).frame;
+        &self.mmap[self.payload_at + r.start as usize..self.payload_at + r.end as usize]
+    }
+
+    /// Decode record `i`.
+    pub fn decode(&self, i: usize) -> Result<Record> {
+        let row = self.index_row(i);
+        let key = self.key(i)?;
+        self.codec
+            .decode(self.frame(i), key, row.n_tokens as usize, row.n_supervised as usize)
+            .map_err(|e| e.at(format!("shard {}, record {i}", self.path.display())))
+    }
+
+    /// The whole mapped file (for checksums).
+    pub fn bytes(&self) -> &[u8] {
+        &self.mmap
+    }
+
+    pub fn metadata(&self) -> &BTreeMap<String, String> {
+        &self.header.metadata
+    }
+}

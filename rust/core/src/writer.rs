@@ -1,0 +1,514 @@
+//! The cache writer (docs/FORMAT.md §Writing).
+//!
+//! `add` validates a record on the caller's thread, then hands it to a pool of encoder threads;
+//! a committer thread puts encoded records back in `add` order, rolls shards at a size limit,
+//! writes each shard atomically and rewrites the manifest after every shard, so a crash loses at
+//! most the records of the shard being filled, and never leaves a file a reader would accept
+//! half-written. The compact codec first buffers `prior_records` records to learn the id table.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{bounded, Receiver, Sender};
+use serde_json::Value;
+use xxhash_rust::xxh3::xxh3_128;
+
+use crate::codec::{Codebook, CodebookParams, Codec, CodecKind, EncodeScratch, IdTable};
+use crate::error::{Error, ErrorKind, Result};
+use crate::fsutil::TMP_PREFIX;
+use crate::manifest::{Manifest, ShardEntry, CACHE_FORMAT, FORMAT_VERSION, MANIFEST_NAME};
+use crate::record::{Record, Stamp};
+use crate::shard::{codec_params_json, EncodedRecord, ShardBuilder, ShardReader};
+
+/// Everything that configures a writer.
+#[derive(Debug, Clone)]
+pub struct WriterOptions {
+    pub codec: CodecKind,
+    pub top_k: usize,
+    pub vocab_size: usize,
+    pub zstd_level: i32,
+    pub codebook: CodebookParams,
+    /// A shard is committed once its payload reaches this many bytes.
+    pub shard_bytes: u64,
+    /// Encoder threads (0 = one per available core).
+    pub threads: usize,
+    pub temperature: f64,
+    pub tokenizer: Value,
+    pub teacher: Value,
+    /// Shard files are named `{prefix}-{n:06}.safetensors`.
+    pub shard_prefix: String,
+    /// Records buffered to learn the compact codec's id table.
+    pub prior_records: usize,
+    /// Add to an existing cache instead of requiring an empty directory.
+    pub append: bool,
+    pub created_by: String,
+}
+
+impl WriterOptions {
+    pub fn new(top_k: usize, vocab_size: usize) -> Self {
+        Self {
+            codec: CodecKind::Compact,
+            top_k,
+            vocab_size,
+            zstd_level: 3,
+            codebook: CodebookParams::default(),
+            shard_bytes: 256 << 20,
+            threads: 0,
+            temperature: 1.0,
+            tokenizer: Value::Object(Default::default()),
+            teacher: Value::Object(Default::default()),
+            shard_prefix: "shard".into(),
+            prior_records: 64,
+            append: false,
+            created_by: format!("target-sft-core {}", env!("CARGO_PKG_VERSION")),
+        }
+    }
+}
+
+type Job = (u64, Record);
+type Done = (u64, EncodedRecord);
+
+struct Pipeline {
+    jobs: Option<Sender<Job>>,
+    encoders: Vec<JoinHandle<()>>,
+    committer: Option<JoinHandle<Result<Manifest>>>,
+}
+
+/// Writes a cache directory. Call [`CacheWriter::close`] to finish it.
+pub struct CacheWriter {
+    dir: PathBuf,
+    opts: WriterOptions,
+    base: Manifest,
+    next_shard: u64,
+    stamp: Stamp,
+    seen: HashSet<u128>,
+    pending: Vec<Record>,
+    pipeline: Option<Pipeline>,
+    error: Arc<Mutex<Option<Error>>>,
+    seq: u64,
+    closed: bool,
+}
+
+fn first_error(slot: &Mutex<Option<Error>>, e: Error) {
+    let mut g = slot.lock().unwrap_or_else(|p| p.into_inner());
+    if g.is_none() {
+        *g = Some(e);
+    }
+}
+
+fn compare(field: &str, cached: &Value, ours: &Value) -> Result<()> {
+    if cached != ours {
+        return Err(Error::mismatch(format!(
+            "cannot append: the cache has {field} = {cached} but this writer has {ours}; write to a new directory or use the cache's settings"
+        )));
+    }
+    Ok(())
+}
+
+impl CacheWriter {
+    pub fn create(dir: &Path, opts: WriterOptions) -> Result<Self> {
+        if opts.top_k == 0 || opts.top_k > 256 {
+            return Err(Error::input(format!("top_k = {} must be between 1 and 256", opts.top_k)));
+        }
+        if opts.vocab_size == 0 || opts.vocab_size > (1 << 31) {
+            return Err(Error::input(format!("vocab_size = {} must be between 1 and 2^31", opts.vocab_size)));
+        }
+        if opts.top_k > opts.vocab_size {
+            return Err(Error::input(format!(
+                "top_k = {} is larger than vocab_size = {}",
+                opts.top_k, opts.vocab_size
+            )));
+        }
+        if !(opts.temperature.is_finite() && opts.temperature > 0.0) {
+            return Err(Error::input(format!("temperature = {} must be a positive number", opts.temperature)));
+        }
+        if !(-7..=22).contains(&opts.zstd_level) {
+            return Err(Error::input(format!("zstd_level = {} must be in [-7, 22]", opts.zstd_level)));
+        }
+        if opts.shard_prefix.is_empty()
+            || opts.shard_prefix.starts_with('.')
+            || !opts.shard_prefix.chars().all(|c| c.is_ascii_alphanumeric() || "-_".contains(c))
+        {
+            return Err(Error::input(format!(
+                "shard_prefix {:?} must be non-empty ASCII letters, digits, '-' or '_'",
+                opts.shard_prefix
+            )));
+        }
+        opts.codebook.validate()?;
+        std::fs::create_dir_all(dir).map_err(|e| Error::io("cannot create", dir, e))?;
+        let codec_params = match opts.codec {
+            CodecKind::Exact => codec_params_json(&Codec::exact(opts.top_k, opts.vocab_size, opts.zstd_level)),
+            CodecKind::Compact => {
+                let cb = Codebook::new(opts.codebook)?;
+                let ids = IdTable::from_stored(Vec::new(), 0)?;
+                codec_params_json(&Codec::compact(opts.top_k, opts.vocab_size, opts.zstd_level, cb, ids))
+            }
+        };
+        let mut base = Manifest {
+            format: CACHE_FORMAT.into(),
+            format_version: FORMAT_VERSION,
+            codec: opts.codec.name().into(),
+            codec_params,
+            top_k: opts.top_k,
+            vocab_size: opts.vocab_size,
+            temperature: opts.temperature,
+            tokenizer: opts.tokenizer.clone(),
+            teacher: opts.teacher.clone(),
+            complete: false,
+            num_records: 0,
+            num_tokens: 0,
+            num_supervised: 0,
+            shards: Vec::new(),
+            created_by: opts.created_by.clone(),
+        };
+        let mut seen = HashSet::new();
+        let has_manifest = dir.join(MANIFEST_NAME).exists();
+        let orphans = list_orphans(dir, &[])?;
+        if !opts.append && (has_manifest || !orphans.is_empty()) {
+            return Err(Error::input(format!(
+                "{} already holds a cache; pass mode=\"append\" to add records to it, or choose an empty directory",
+                dir.display()
+            )));
+        }
+        if has_manifest {
+            let old = Manifest::load(dir)?;
+            compare("codec", &Value::from(old.codec.clone()), &Value::from(base.codec.clone()))?;
+            compare("codec_params", &old.codec_params, &base.codec_params)?;
+            compare("top_k", &Value::from(old.top_k), &Value::from(base.top_k))?;
+            compare("vocab_size", &Value::from(old.vocab_size), &Value::from(base.vocab_size))?;
+            compare("temperature", &Value::from(old.temperature), &Value::from(base.temperature))?;
+            compare("tokenizer", &old.tokenizer, &base.tokenizer)?;
+            compare("teacher", &old.teacher, &base.teacher)?;
+            base.shards = old.shards;
+            base.created_by = old.created_by;
+        }
+        // Remove temp files of dead writers, adopt shards committed after the last manifest.
+        remove_stale_tmp(dir)?;
+        let known: Vec<String> = base.shards.iter().map(|s| s.file.clone()).collect();
+        for file in list_orphans(dir, &known)? {
+            let entry = adopt(dir, &file, &base)?;
+            base.shards.push(entry);
+        }
+        for s in &base.shards {
+            let r = ShardReader::open(&dir.join(&s.file), Some(s.bytes))?;
+            for i in 0..r.len() {
+                seen.insert(xxh3_128(r.key_bytes(i)));
+            }
+        }
+        base.recount();
+        let next_shard = base
+            .shards
+            .iter()
+            .filter_map(|s| shard_number(&s.file, &opts.shard_prefix))
+            .max()
+            .map_or(0, |n| n + 1);
+        if !base.shards.is_empty() {
+            base.store(dir)?;
+        }
+        let mut w = Self {
+            dir: dir.to_path_buf(),
+            opts,
+            base,
+            next_shard,
+            stamp: Stamp::default(),
+            seen,
+            pending: Vec::new(),
+            pipeline: None,
+            error: Arc::new(Mutex::new(None)),
+            seq: 0,
+            closed: false,
+        };
+        if w.opts.codec == CodecKind::Exact {
+            let codec = Codec::exact(w.opts.top_k, w.opts.vocab_size, w.opts.zstd_level);
+            w.start(codec);
+        }
+        Ok(w)
+    }
+
+    /// Records already in the cache when this writer opened it (append mode) plus those added.
+    pub fn num_records(&self) -> u64 {
+        self.base.num_records + self.seq + self.pending.len() as u64
+    }
+
+    /// Whether a key is already in the cache or was added to this writer.
+    pub fn contains(&self, key: &crate::record::Key) -> bool {
+        self.seen.contains(&xxh3_128(&key.encode()))
+    }
+
+    fn check_error(&self) -> Result<()> {
+        let g = self.error.lock().unwrap_or_else(|p| p.into_inner());
+        match &*g {
+            Some(e) => Err(Error::new(e.kind, format!("the writer failed earlier: {}", e.message))),
+            None => Ok(()),
+        }
+    }
+
+    /// Validate and queue one record. Blocks while the encoders are behind.
+    pub fn add(&mut self, rec: Record) -> Result<()> {
+        if self.closed {
+            return Err(Error::input("add() on a closed CacheWriter"));
+        }
+        self.check_error()?;
+        rec.validate(self.opts.vocab_size, self.opts.top_k, &mut self.stamp)?;
+        let kh = xxh3_128(&rec.key.encode());
+        if !self.seen.insert(kh) {
+            return Err(Error::input(format!(
+                "duplicate key {}: the cache already holds a record with this key; keys must be unique",
+                rec.key
+            )));
+        }
+        if self.pipeline.is_none() {
+            self.pending.push(rec);
+            if self.pending.len() >= self.opts.prior_records.max(1) {
+                self.start_compact();
+                self.flush_pending()?;
+            }
+            return Ok(());
+        }
+        self.dispatch(rec)
+    }
+
+    fn dispatch(&mut self, rec: Record) -> Result<()> {
+        let seq = self.seq;
+        self.seq += 1;
+        let tx = self.pipeline.as_ref().and_then(|p| p.jobs.as_ref()).expect("pipeline running");
+        if tx.send((seq, rec)).is_err() {
+            self.check_error()?;
+            return Err(Error::new(ErrorKind::Io, "the writer's threads stopped unexpectedly"));
+        }
+        Ok(())
+    }
+
+    fn flush_pending(&mut self) -> Result<()> {
+        for rec in std::mem::take(&mut self.pending) {
+            self.dispatch(rec)?;
+        }
+        Ok(())
+    }
+
+    fn start_compact(&mut self) {
+        let mut counts = vec![0u64; self.opts.vocab_size];
+        for r in &self.pending {
+            for &id in r.topk_ids.iter().filter(|&&x| x >= 0) {
+                counts[id as usize] += 1;
+            }
+        }
+        let cb = Codebook::new(self.opts.codebook).expect("validated in create");
+        let codec = Codec::compact(
+            self.opts.top_k,
+            self.opts.vocab_size,
+            self.opts.zstd_level,
+            cb,
+            IdTable::from_counts(&counts),
+        );
+        self.start(codec);
+    }
+
+    fn start(&mut self, codec: Codec) {
+        let codec = Arc::new(codec);
+        let threads = if self.opts.threads == 0 {
+            std::thread::available_parallelism().map_or(2, |n| n.get())
+        } else {
+            self.opts.threads
+        };
+        let (job_tx, job_rx) = bounded::<Job>(threads * 4);
+        let (done_tx, done_rx) = bounded::<Done>(threads * 4);
+        let encoders = (0..threads)
+            .map(|i| {
+                let (rx, tx, codec, err) = (job_rx.clone(), done_tx.clone(), codec.clone(), self.error.clone());
+                std::thread::Builder::new()
+                    .name(format!("tsft-encode-{i}"))
+                    .spawn(move || encoder_loop(rx, tx, &codec, &err))
+                    .expect("spawn encoder thread")
+            })
+            .collect();
+        drop(done_tx);
+        let committer = {
+            let (dir, base, err) = (self.dir.clone(), self.base.clone(), self.error.clone());
+            let (prefix, shard_bytes, next) = (self.opts.shard_prefix.clone(), self.opts.shard_bytes, self.next_shard);
+            std::thread::Builder::new()
+                .name("tsft-commit".into())
+                .spawn(move || {
+                    let r = commit_loop(done_rx, &dir, base, &codec, &prefix, shard_bytes, next);
+                    if let Err(e) = &r {
+                        first_error(&err, e.clone());
+                    }
+                    r
+                })
+                .expect("spawn committer thread")
+        };
+        self.pipeline = Some(Pipeline {
+            jobs: Some(job_tx),
+            encoders,
+            committer: Some(committer),
+        });
+    }
+
+    /// Encode what is queued, commit the last shard and mark the manifest complete.
+    pub fn close(&mut self) -> Result<Manifest> {
+        self.finish(true)
+    }
+
+    /// Encode what is queued and commit the last shard. With `complete = false` (the caller
+    /// stopped on an error) the manifest stays marked incomplete: every record added is kept,
+    /// and the cache can be appended to.
+    pub fn finish(&mut self, complete: bool) -> Result<Manifest> {
+        if self.closed {
+            return Err(Error::input("close() called twice"));
+        }
+        self.closed = true;
+        if self.pipeline.is_none() {
+            self.start_compact();
+            self.flush_pending()?;
+        }
+        let mut p = self.pipeline.take().expect("pipeline");
+        drop(p.jobs.take());
+        for h in p.encoders.drain(..) {
+            let _ = h.join();
+        }
+        let committed = p.committer.take().expect("committer").join();
+        self.check_error()?;
+        let mut m = match committed {
+            Ok(r) => r?,
+            Err(_) => return Err(Error::new(ErrorKind::Io, "the writer's commit thread panicked")),
+        };
+        m.complete = complete;
+        m.store(&self.dir)?;
+        Ok(m)
+    }
+}
+
+impl Drop for CacheWriter {
+    fn drop(&mut self) {
+        // Not closed (an exception, or the process unwinding): stop the threads. Shards already
+        // committed stay; the manifest stays marked incomplete so the cache can be appended to.
+        if let Some(mut p) = self.pipeline.take() {
+            drop(p.jobs.take());
+            for h in p.encoders.drain(..) {
+                let _ = h.join();
+            }
+            if let Some(h) = p.committer.take() {
+                let _ = h.join();
+            }
+        }
+    }
+}
+
+fn encoder_loop(rx: Receiver<Job>, tx: Sender<Done>, codec: &Codec, err: &Mutex<Option<Error>>) {
+    let mut scratch = EncodeScratch::default();
+    for (seq, rec) in rx {
+        match codec.encode(&rec, &mut scratch) {
+            Ok(frame) => {
+                if tx.send((seq, EncodedRecord::new(&rec, frame))).is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                first_error(err, e.at(format!("record {}", rec.key)));
+                return;
+            }
+        }
+    }
+}
+
+fn commit_loop(
+    rx: Receiver<Done>,
+    dir: &Path,
+    mut manifest: Manifest,
+    codec: &Codec,
+    prefix: &str,
+    shard_bytes: u64,
+    mut next_shard: u64,
+) -> Result<Manifest> {
+    let mut reorder: BTreeMap<u64, EncodedRecord> = BTreeMap::new();
+    let mut want = 0u64;
+    let mut shard = ShardBuilder::default();
+    let commit = |shard: ShardBuilder, manifest: &mut Manifest, next_shard: &mut u64| -> Result<()> {
+        let file = format!("{prefix}-{:06}.safetensors", *next_shard);
+        *next_shard += 1;
+        let entry = shard.commit(dir, &file, codec)?;
+        manifest.shards.push(entry);
+        manifest.recount();
+        manifest.store(dir)
+    };
+    for (seq, rec) in rx {
+        reorder.insert(seq, rec);
+        while let Some(rec) = reorder.remove(&want) {
+            want += 1;
+            shard.push(rec);
+            if shard.payload_bytes() as u64 >= shard_bytes {
+                commit(std::mem::take(&mut shard), &mut manifest, &mut next_shard)?;
+            }
+        }
+    }
+    if !reorder.is_empty() {
+        return Err(Error::new(ErrorKind::Io, "an encoder thread stopped before finishing its records"));
+    }
+    if !shard.is_empty() {
+        commit(shard, &mut manifest, &mut next_shard)?;
+    }
+    Ok(manifest)
+}
+
+fn shard_number(file: &str, prefix: &str) -> Option<u64> {
+    file.strip_prefix(prefix)?.strip_prefix('-')?.strip_suffix(".safetensors")?.parse().ok()
+}
+
+fn list_orphans(dir: &Path, known: &[String]) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    let rd = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(Error::io("cannot list", dir, e)),
+    };
+    for ent in rd {
+        let ent = ent.map_err(|e| Error::io("cannot list", dir, e))?;
+        let name = ent.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".safetensors") && !name.starts_with('.') && !known.contains(&name) {
+            out.push(name);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn remove_stale_tmp(dir: &Path) -> Result<()> {
+    for ent in std::fs::read_dir(dir).map_err(|e| Error::io("cannot list", dir, e))?.flatten() {
+        if ent.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
+            let _ = std::fs::remove_file(ent.path());
+        }
+    }
+    Ok(())
+}
+
+/// Describe a complete shard file that the manifest does not list yet.
+fn adopt(dir: &Path, file: &str, base: &Manifest) -> Result<ShardEntry> {
+    let path = dir.join(file);
+    let r = ShardReader::open(&path, None)?;
+    let md = r.metadata();
+    let same = md.get("codec").map(String::as_str) == Some(base.codec.as_str())
+        && md.get("top_k") == Some(&base.top_k.to_string())
+        && md.get("vocab_size") == Some(&base.vocab_size.to_string());
+    if !same {
+        return Err(Error::mismatch(format!(
+            "{} is a shard of another cache (codec/top_k/vocab_size differ); move it away",
+            path.display()
+        )));
+    }
+    let (mut tokens, mut supervised) = (0, 0);
+    for i in 0..r.len() {
+        let row = r.index_row(i);
+        tokens += row.n_tokens;
+        supervised += row.n_supervised;
+    }
+    Ok(ShardEntry {
+        file: file.to_string(),
+        records: r.len() as u64,
+        bytes: r.bytes().len() as u64,
+        checksum: crate::hash::file_checksum(r.bytes()),
+        tokens,
+        supervised,
+    })
+}

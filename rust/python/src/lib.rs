@@ -1,0 +1,329 @@
+//! `target_sft._core`: thin PyO3 bindings over `target-sft-core`.
+//!
+//! Heavy work runs with the GIL released (`py.detach`). Core errors become the Python classes
+//! of `target_sft.errors` (one family under `CacheError`), looked up by kind.
+
+use std::path::PathBuf;
+
+use numpy::ndarray::Array2;
+use numpy::{PyArray1, PyArray2, PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use pyo3::exceptions::PyRuntimeError;
+use pyo3::prelude::*;
+use pyo3::types::{PyTuple, PyType};
+use rayon::prelude::*;
+use target_sft_core as core;
+use target_sft_core::{CodecKind, ErrorKind, Key, Record};
+
+fn err(e: core::Error) -> PyErr {
+    let name = match e.kind {
+        ErrorKind::Input => "CacheInputError",
+        ErrorKind::Format => "CacheFormatError",
+        ErrorKind::Version => "CacheVersionError",
+        ErrorKind::Corruption => "CacheCorruptionError",
+        ErrorKind::KeyNotFound => "CacheKeyError",
+        ErrorKind::Mismatch => "CacheMismatchError",
+        ErrorKind::Io => "CacheIOError",
+    };
+    Python::attach(|py| {
+        let cls = py
+            .import("target_sft.errors")
+            .and_then(|m| m.getattr(name))
+            .and_then(|c| c.cast_into::<PyType>().map_err(Into::into));
+        match cls {
+            Ok(cls) => PyErr::from_type(cls, e.message),
+            Err(_) => PyRuntimeError::new_err(e.message),
+        }
+    })
+}
+
+fn key_from_py(obj: &Bound<'_, PyAny>) -> PyResult<Key> {
+    if let Ok(s) = obj.extract::<String>() {
+        return Ok(Key::Str(s));
+    }
+    if let Ok(i) = obj.extract::<i64>() {
+        return Ok(Key::Int(i));
+    }
+    Err(err(core::Error::input(format!(
+        "a key must be an int (fitting in int64) or a str, not {}",
+        obj.get_type().name()?
+    ))))
+}
+
+fn key_to_py<'py>(py: Python<'py>, key: &Key) -> PyResult<Bound<'py, PyAny>> {
+    Ok(match key {
+        Key::Int(i) => i.into_pyobject(py)?.into_any(),
+        Key::Str(s) => s.into_pyobject(py)?.into_any(),
+    })
+}
+
+/// A contiguous array of the expected rank, copied into a Vec (one memcpy).
+fn take<T: numpy::Element + Copy>(name: &str, a: &PyReadonlyArrayDyn<'_, T>, ndim: usize) -> PyResult<Vec<T>> {
+    if a.ndim() != ndim {
+        return Err(err(core::Error::input(format!(
+            "{name} must have {ndim} dimension(s), got shape {:?}",
+            a.shape()
+        ))));
+    }
+    match a.as_slice() {
+        Ok(s) => Ok(s.to_vec()),
+        Err(_) => Ok(a.as_array().iter().copied().collect()),
+    }
+}
+
+fn record_to_py<'py>(py: Python<'py>, r: Record, k: usize) -> PyResult<Bound<'py, PyTuple>> {
+    let s = r.label_logprobs.len();
+    let ids = Array2::from_shape_vec((s, k), r.topk_ids).expect("decoded shape");
+    let lps = Array2::from_shape_vec((s, k), r.topk_logprobs).expect("decoded shape");
+    PyTuple::new(
+        py,
+        [
+            key_to_py(py, &r.key)?,
+            PyArray1::from_vec(py, r.input_ids).into_any(),
+            PyArray1::from_vec(py, r.labels).into_any(),
+            PyArray2::from_owned_array(py, ids).into_any(),
+            PyArray2::from_owned_array(py, lps).into_any(),
+            PyArray1::from_vec(py, r.label_logprobs).into_any(),
+            PyArray1::from_vec(py, r.label_ranks).into_any(),
+        ],
+    )
+}
+
+/// Native cache writer; see `target_sft.CacheWriter` for the documented Python API.
+#[pyclass(module = "target_sft._core", name = "CacheWriter")]
+struct PyCacheWriter {
+    inner: Option<core::CacheWriter>,
+    top_k: usize,
+}
+
+#[pymethods]
+impl PyCacheWriter {
+    #[new]
+    #[pyo3(signature = (path, *, top_k, vocab_size, codec, zstd_level, shard_bytes, threads, temperature,
+        tokenizer_json, teacher_json, shard_prefix, prior_records, append, sqrt_step, tail_step, floor))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        path: PathBuf,
+        top_k: usize,
+        vocab_size: usize,
+        codec: &str,
+        zstd_level: i32,
+        shard_bytes: u64,
+        threads: usize,
+        temperature: f64,
+        tokenizer_json: &str,
+        teacher_json: &str,
+        shard_prefix: String,
+        prior_records: usize,
+        append: bool,
+        sqrt_step: f64,
+        tail_step: f64,
+        floor: f64,
+    ) -> PyResult<Self> {
+        let parse = |what: &str, s: &str| {
+            serde_json::from_str(s).map_err(|e| err(core::Error::input(format!("{what} is not JSON: {e}"))))
+        };
+        let mut opts = core::WriterOptions::new(top_k, vocab_size);
+        opts.codec = CodecKind::parse(codec).map_err(err)?;
+        opts.zstd_level = zstd_level;
+        opts.shard_bytes = shard_bytes;
+        opts.threads = threads;
+        opts.temperature = temperature;
+        opts.tokenizer = parse("tokenizer", tokenizer_json)?;
+        opts.teacher = parse("teacher", teacher_json)?;
+        opts.shard_prefix = shard_prefix;
+        opts.prior_records = prior_records;
+        opts.append = append;
+        opts.codebook = core::CodebookParams { sqrt_step, tail_step, floor };
+        opts.created_by = format!("target-sft {}", env!("CARGO_PKG_VERSION"));
+        let w = py.detach(|| core::CacheWriter::create(&path, opts)).map_err(err)?;
+        Ok(Self { inner: Some(w), top_k })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn add(
+        &mut self,
+        py: Python<'_>,
+        key: &Bound<'_, PyAny>,
+        input_ids: PyReadonlyArrayDyn<'_, i32>,
+        labels: PyReadonlyArrayDyn<'_, i32>,
+        topk_ids: PyReadonlyArrayDyn<'_, i32>,
+        topk_logprobs: PyReadonlyArrayDyn<'_, f32>,
+        label_logprobs: PyReadonlyArrayDyn<'_, f32>,
+        label_ranks: PyReadonlyArrayDyn<'_, i32>,
+    ) -> PyResult<()> {
+        let k = self.top_k;
+        for (name, shape) in [("topk_ids", topk_ids.shape()), ("topk_logprobs", topk_logprobs.shape())] {
+            if shape.len() == 2 && shape[1] != k {
+                return Err(err(core::Error::input(format!(
+                    "{name} has shape {shape:?} but the cache stores top_k = {k} entries per row"
+                ))));
+            }
+        }
+        let rec = Record {
+            key: key_from_py(key)?,
+            input_ids: take("input_ids", &input_ids, 1)?,
+            labels: take("labels", &labels, 1)?,
+            topk_ids: take("topk_ids", &topk_ids, 2)?,
+            topk_logprobs: take("topk_logprobs", &topk_logprobs, 2)?,
+            label_logprobs: take("label_logprobs", &label_logprobs, 1)?,
+            label_ranks: take("label_ranks", &label_ranks, 1)?,
+        };
+        let w = self
+            .inner
+            .as_mut()
+            .ok_or_else(|| err(core::Error::input("add() on a closed CacheWriter")))?;
+        py.detach(|| w.add(rec)).map_err(err)
+    }
+
+    fn __contains__(&self, key: &Bound<'_, PyAny>) -> PyResult<bool> {
+        let key = key_from_py(key)?;
+        Ok(self.inner.as_ref().is_some_and(|w| w.contains(&key)))
+    }
+
+    #[getter]
+    fn num_records(&self) -> u64 {
+        self.inner.as_ref().map_or(0, |w| w.num_records())
+    }
+
+    /// Finish the cache; returns the manifest as JSON. `complete=False` keeps every record
+    /// added but leaves the manifest marked incomplete (used when the caller hit an error).
+    #[pyo3(signature = (complete=true))]
+    fn close(&mut self, py: Python<'_>, complete: bool) -> PyResult<String> {
+        let mut w = self
+            .inner
+            .take()
+            .ok_or_else(|| err(core::Error::input("close() called twice")))?;
+        let m = py.detach(|| w.finish(complete)).map_err(err)?;
+        Ok(serde_json::to_string(&m).expect("manifest serialises"))
+    }
+
+    /// Stop without finishing: committed shards stay, the manifest stays marked incomplete.
+    fn abort(&mut self, py: Python<'_>) {
+        if let Some(w) = self.inner.take() {
+            py.detach(|| drop(w));
+        }
+    }
+}
+
+/// Native cache reader; see `target_sft.TeacherCache` for the documented Python API.
+#[pyclass(module = "target_sft._core", name = "TeacherCache", frozen)]
+struct PyTeacherCache {
+    inner: core::TeacherCache,
+}
+
+#[pymethods]
+impl PyTeacherCache {
+    #[new]
+    fn new(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
+        let inner = py.detach(|| core::TeacherCache::open(&path)).map_err(err)?;
+        Ok(Self { inner })
+    }
+
+    fn __len__(&self) -> usize {
+        self.inner.len() as usize
+    }
+
+    fn manifest_json(&self) -> String {
+        serde_json::to_string(&self.inner.manifest).expect("manifest serialises")
+    }
+
+    #[pyo3(signature = (key, input_ids=None))]
+    fn get<'py>(
+        &self,
+        py: Python<'py>,
+        key: &Bound<'py, PyAny>,
+        input_ids: Option<PyReadonlyArrayDyn<'py, i32>>,
+    ) -> PyResult<Bound<'py, PyTuple>> {
+        let key = key_from_py(key)?;
+        let ids = input_ids.map(|a| take("input_ids", &a, 1)).transpose()?;
+        let r = py.detach(|| self.inner.get(&key, ids.as_deref())).map_err(err)?;
+        record_to_py(py, r, self.inner.manifest.top_k)
+    }
+
+    fn get_at<'py>(&self, py: Python<'py>, position: u64) -> PyResult<Bound<'py, PyTuple>> {
+        let r = py.detach(|| self.inner.get_at(position)).map_err(err)?;
+        record_to_py(py, r, self.inner.manifest.top_k)
+    }
+
+    /// Decode many records in parallel (GIL released); `threads` = 0 uses all cores.
+    #[pyo3(signature = (positions, threads=0))]
+    fn get_many_at<'py>(&self, py: Python<'py>, positions: Vec<u64>, threads: usize) -> PyResult<Vec<Bound<'py, PyTuple>>> {
+        let recs: Vec<Record> = py
+            .detach(|| {
+                let run = || positions.par_iter().map(|&p| self.inner.get_at(p)).collect::<core::Result<Vec<_>>>();
+                if threads == 1 {
+                    positions.iter().map(|&p| self.inner.get_at(p)).collect()
+                } else if threads == 0 {
+                    run()
+                } else {
+                    match rayon::ThreadPoolBuilder::new().num_threads(threads).build() {
+                        Ok(pool) => pool.install(run),
+                        Err(_) => run(),
+                    }
+                }
+            })
+            .map_err(err)?;
+        let k = self.inner.manifest.top_k;
+        recs.into_iter().map(|r| record_to_py(py, r, k)).collect()
+    }
+
+    fn key_at<'py>(&self, py: Python<'py>, position: u64) -> PyResult<Bound<'py, PyAny>> {
+        let k = self.inner.key_at(position).map_err(err)?;
+        key_to_py(py, &k)
+    }
+
+    /// Keys of positions [start, stop).
+    fn keys_range<'py>(&self, py: Python<'py>, start: u64, stop: u64) -> PyResult<Vec<Bound<'py, PyAny>>> {
+        let stop = stop.min(self.inner.len());
+        (start..stop)
+            .map(|p| self.inner.key_at(p).map_err(err).and_then(|k| key_to_py(py, &k)))
+            .collect()
+    }
+
+    fn position(&self, py: Python<'_>, key: &Bound<'_, PyAny>) -> PyResult<u64> {
+        let key = key_from_py(key)?;
+        py.detach(|| self.inner.position(&key)).map_err(err)
+    }
+
+    fn __contains__(&self, py: Python<'_>, key: &Bound<'_, PyAny>) -> PyResult<bool> {
+        let Ok(key) = key_from_py(key) else { return Ok(false) };
+        match py.detach(|| self.inner.position(&key)) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind == ErrorKind::KeyNotFound => Ok(false),
+            Err(e) => Err(err(e)),
+        }
+    }
+
+    /// Check every checksum and frame; `progress(shard_index, records)` is called per shard.
+    #[pyo3(signature = (progress=None))]
+    fn verify(&self, py: Python<'_>, progress: Option<Py<PyAny>>) -> PyResult<u64> {
+        let mut cb_err: Option<PyErr> = None;
+        let n = py
+            .detach(|| {
+                self.inner.verify(|s, n| {
+                    if let Some(cb) = &progress {
+                        Python::attach(|py| {
+                            if let Err(e) = cb.call1(py, (s, n)) {
+                                cb_err.get_or_insert(e);
+                            }
+                        });
+                    }
+                })
+            })
+            .map_err(err)?;
+        match cb_err {
+            Some(e) => Err(e),
+            None => Ok(n),
+        }
+    }
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("FORMAT_VERSION", core::manifest::FORMAT_VERSION)?;
+    m.add_class::<PyCacheWriter>()?;
+    m.add_class::<PyTeacherCache>()?;
+    Ok(())
+}
