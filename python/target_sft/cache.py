@@ -199,7 +199,7 @@ class CacheWriter:
         shard_prefix: str = "shard",
         prior_records: int = 64,
         compact_sqrt_step: float = 2.5e-3,
-        compact_tail_step: float = 0.5,
+        compact_tail_step: float = 2.5,
         compact_floor: float = -48.0,
     ) -> None:
         if mode not in ("create", "append"):

@@ -136,7 +136,9 @@ impl Record {
         if self.label_ranks.len() != s {
             return Err(shape_err("label_ranks", self.label_ranks.len(), s, &format!("[{s}]")));
         }
+        let mut sup_t = (1..t).filter(|&i| self.labels[i] != IGNORE_INDEX);
         for r in 0..s {
+            let label = self.labels[sup_t.next().expect("s counts these positions")];
             let ids = &self.topk_ids[r * k..(r + 1) * k];
             let lps = &self.topk_logprobs[r * k..(r + 1) * k];
             let gen = stamp.next_row(vocab_size);
@@ -178,6 +180,22 @@ impl Record {
                 return Err(at(format!(
                     "label_logprobs[{r}] = {ll} is not a log-probability (NaN or > 0)"
                 )));
+            }
+            if let Some(j) = ids.iter().position(|&x| x == label) {
+                // The compact codec decodes the label's log-prob from its top-k entry, so the two
+                // must agree; a label inside the top-k also has a rank below k.
+                let (ej, ll) = (lps[j], self.label_logprobs[r]);
+                if !(ej == ll || (ej - ll).abs() <= 1e-4 * ej.abs().max(1.0)) {
+                    return Err(at(format!(
+                        "label_logprobs[{r}] = {ll} but the label {label} is in the top-k with topk_logprobs[{r}, {j}] = {ej}; they must be the same log-prob"
+                    )));
+                }
+                if self.label_ranks[r] as usize >= k {
+                    return Err(at(format!(
+                        "label_ranks[{r}] = {} but the label {label} is in the top-k (column {j}); its rank must be below top_k = {k}",
+                        self.label_ranks[r]
+                    )));
+                }
             }
             if self.label_ranks[r] < 0 {
                 return Err(at(format!(

@@ -41,6 +41,8 @@ pub struct WriterOptions {
     pub shard_prefix: String,
     /// Records buffered to learn the compact codec's id table.
     pub prior_records: usize,
+    /// Largest id table (the most frequent ids of the buffered records).
+    pub id_table_size: usize,
     /// Add to an existing cache instead of requiring an empty directory.
     pub append: bool,
     pub created_by: String,
@@ -61,6 +63,7 @@ impl WriterOptions {
             teacher: Value::Object(Default::default()),
             shard_prefix: "shard".into(),
             prior_records: 64,
+            id_table_size: 8192,
             append: false,
             created_by: format!("target-sft-core {}", env!("CARGO_PKG_VERSION")),
         }
@@ -301,7 +304,7 @@ impl CacheWriter {
             self.opts.vocab_size,
             self.opts.zstd_level,
             cb,
-            IdTable::from_counts(&counts),
+            IdTable::from_counts(&counts, self.opts.id_table_size),
         );
         self.start(codec);
     }

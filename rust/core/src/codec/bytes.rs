@@ -42,6 +42,8 @@ pub struct Cursor<'a> {
     pos: usize,
 }
 
+#[cold]
+#[inline(never)]
 fn short(what: &str) -> Error {
     Error::corrupt(format!("frame ends inside {what}"))
 }
@@ -53,7 +55,19 @@ impl<'a> Cursor<'a> {
     pub fn is_empty(&self) -> bool {
         self.pos >= self.buf.len()
     }
+    #[inline]
     pub fn varint(&mut self) -> Result<u64> {
+        if let Some(&b) = self.buf.get(self.pos) {
+            if b < 0x80 {
+                self.pos += 1;
+                return Ok(u64::from(b));
+            }
+        }
+        self.varint_slow()
+    }
+
+    #[cold]
+    fn varint_slow(&mut self) -> Result<u64> {
         let mut v: u64 = 0;
         let mut shift = 0u32;
         loop {
@@ -144,15 +158,24 @@ impl<'a> SmallReader<'a> {
             what,
         }
     }
-    #[inline]
+    #[inline(always)]
     pub fn get(&mut self) -> Result<u64> {
+        match self.bytes.get(self.pos) {
+            Some(&b) if b < 255 => {
+                self.pos += 1;
+                Ok(u64::from(b))
+            }
+            _ => self.get_slow(),
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn get_slow(&mut self) -> Result<u64> {
         let b = *self.bytes.get(self.pos).ok_or_else(|| short(self.what))?;
         self.pos += 1;
-        if b < 255 {
-            Ok(u64::from(b))
-        } else {
-            Ok(self.escapes.varint()? + 255)
-        }
+        debug_assert_eq!(b, 255);
+        Ok(self.escapes.varint()? + 255)
     }
     /// True when every byte and escape was consumed (a frame with left-over bytes is corrupt).
     pub fn finished(&self) -> bool {
@@ -185,6 +208,143 @@ mod tests {
         let vals = [0u64, 254, 255, 256, 100_000];
         vals.iter().for_each(|&v| w.put(v));
         let mut r = SmallReader::new(&w.bytes, &w.escapes, "test");
+        for &v in &vals {
+            assert_eq!(r.get().unwrap(), v);
+        }
+        assert!(r.finished());
+    }
+}
+
+/// Numbers below this are one symbol byte; larger ones are a bucket symbol plus extra bits.
+pub const DIRECT: u64 = 192;
+
+/// Bucketed numbers (like DEFLATE's length codes): a value `v < 192` is the symbol byte `v`;
+/// otherwise, with `w = v − 192` and `b` = the bit length of `w + 1` (1..=63), the symbol byte is
+/// `192 + b` and the low `b − 1` bits of `w + 1` (below its leading 1) are appended to a bit
+/// stream, least significant bit first. Symbols are entropy-coded by zstd; the extra bits are
+/// close to uniform and stored raw.
+#[derive(Default)]
+pub struct NumWriter {
+    pub symbols: Vec<u8>,
+    pub bits: Vec<u8>,
+    acc: u64,
+    nacc: u32,
+}
+
+impl NumWriter {
+    #[inline]
+    pub fn put(&mut self, v: u64) {
+        if v < DIRECT {
+            self.symbols.push(v as u8);
+            return;
+        }
+        let w = v - DIRECT + 1;
+        let b = 64 - w.leading_zeros();
+        self.symbols.push((DIRECT as u32 + b) as u8);
+        self.put_bits(w & !(1u64 << (b - 1)), b - 1);
+    }
+    #[inline]
+    fn put_bits(&mut self, mut v: u64, mut n: u32) {
+        while n > 0 {
+            let take = n.min(64 - self.nacc).min(32);
+            self.acc |= (v & ((1u64 << take) - 1)) << self.nacc;
+            self.nacc += take;
+            v >>= take;
+            n -= take;
+            while self.nacc >= 8 {
+                self.bits.push(self.acc as u8);
+                self.acc >>= 8;
+                self.nacc -= 8;
+            }
+        }
+    }
+    /// Flush the last partial byte (zero-padded). Call once, after the last `put`.
+    pub fn finish(&mut self) {
+        if self.nacc > 0 {
+            self.bits.push(self.acc as u8);
+            self.acc = 0;
+            self.nacc = 0;
+        }
+    }
+    pub fn clear(&mut self) {
+        self.symbols.clear();
+        self.bits.clear();
+        self.acc = 0;
+        self.nacc = 0;
+    }
+}
+
+/// Reader for [`NumWriter`] output.
+pub struct NumReader<'a> {
+    symbols: &'a [u8],
+    pos: usize,
+    bits: &'a [u8],
+    bitpos: usize,
+    what: &'static str,
+}
+
+impl<'a> NumReader<'a> {
+    pub fn new(symbols: &'a [u8], bits: &'a [u8], what: &'static str) -> Self {
+        Self { symbols, pos: 0, bits, bitpos: 0, what }
+    }
+    #[inline(always)]
+    pub fn get(&mut self) -> Result<u64> {
+        match self.symbols.get(self.pos) {
+            Some(&s) if u64::from(s) < DIRECT => {
+                self.pos += 1;
+                Ok(u64::from(s))
+            }
+            _ => self.get_slow(),
+        }
+    }
+    #[cold]
+    #[inline(never)]
+    fn get_slow(&mut self) -> Result<u64> {
+        let s = *self.symbols.get(self.pos).ok_or_else(|| short(self.what))?;
+        self.pos += 1;
+        let b = u32::from(s) - DIRECT as u32;
+        if b == 0 || b > 63 {
+            return Err(Error::corrupt(format!("{}: invalid bucket symbol {s}", self.what)));
+        }
+        let n = (b - 1) as usize;
+        if self.bitpos + n > self.bits.len() * 8 {
+            return Err(short(self.what));
+        }
+        let v = if n <= 56 {
+            let at = self.bitpos / 8;
+            let mut buf = [0u8; 8];
+            let avail = &self.bits[at..self.bits.len().min(at + 8)];
+            buf[..avail.len()].copy_from_slice(avail);
+            let word = u64::from_le_bytes(buf) >> (self.bitpos % 8);
+            word & ((1u64 << n) - 1)
+        } else {
+            (0..n).fold(0u64, |v, i| {
+                let p = self.bitpos + i;
+                v | u64::from(self.bits[p / 8] >> (p % 8) & 1) << i
+            })
+        };
+        self.bitpos += n;
+        Ok(((1u64 << (b - 1)) | v) + DIRECT - 1)
+    }
+    /// True when every symbol was consumed and only zero padding (< 8 bits) is left.
+    pub fn finished(&self) -> bool {
+        self.pos == self.symbols.len() && self.bits.len() * 8 - self.bitpos < 8 && {
+            self.bitpos % 8 == 0 || self.bits[self.bitpos / 8] >> (self.bitpos % 8) == 0
+        }
+    }
+}
+
+#[cfg(test)]
+mod num_tests {
+    use super::*;
+
+    #[test]
+    fn num_roundtrip() {
+        let vals = [0u64, 5, 191, 192, 193, 255, 256, 1000, 65_535, 1 << 40, u64::MAX / 4];
+        let mut w = NumWriter::default();
+        vals.iter().for_each(|&v| w.put(v));
+        w.finish();
+        let mut r = NumReader::new(&w.symbols, &w.bits, "t");
         for &v in &vals {
             assert_eq!(r.get().unwrap(), v);
         }

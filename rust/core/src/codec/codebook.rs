@@ -25,7 +25,7 @@ impl Default for CodebookParams {
     fn default() -> Self {
         Self {
             sqrt_step: 2.5e-3,
-            tail_step: 0.5,
+            tail_step: 2.5,
             floor: -48.0,
         }
     }

@@ -1,12 +1,15 @@
 //! The compact codec (docs/FORMAT.md §Compact rows).
 //!
-//! Per row, the entries are sorted by (codebook index, id rank): log-probs descending, ties by
-//! the id's rank in the shard's id table (a token-frequency prior: frequent ids have small
-//! ranks). Values are coded as the first index plus non-negative increments; ids as ranks, the
-//! first of each run of equal index absolute, the following ones as gaps. Ids are lossless;
-//! values carry the codebook's documented error; escaped values are stored exactly.
+//! A row's ids are coded against what the decoder already knows: a flag says whether the label
+//! (known from the tokens section) is in the row; a bitmask says which ids of the previous row
+//! recur (neighbouring positions share much of their tails); the remaining ids are one sorted
+//! set of ranks in the shard's id table (a token-frequency prior: frequent ids have small ranks),
+//! coded as the first rank then gaps (a set costs about log2(n!) bits less than a sequence).
+//! Each entry's value follows as a codebook index, in decoded order: label, shared ids (in the
+//! previous row's order), new ids (by rank). Ids are lossless; values carry the codebook's
+//! documented error; escaped values are stored exactly.
 
-use super::bytes::{put_stream, put_varint, Cursor, SmallReader, SmallWriter};
+use super::bytes::{put_stream, put_varint, Cursor, NumReader, NumWriter};
 use super::Codec;
 use crate::error::{Error, Result};
 use crate::record::Record;
@@ -35,11 +38,13 @@ impl IdTable {
         Ok(Self { id_of_rank, rank_of_id })
     }
 
-    /// Build from id frequency counts (`counts[id]`): every id seen at least once, most frequent
-    /// first, ties by smaller id.
-    pub fn from_counts(counts: &[u64]) -> Self {
-        let mut seen: Vec<u32> = (0..counts.len() as u32).filter(|&i| counts[i as usize] > 0).collect();
+    /// Build from id frequency counts (`counts[id]`): the `max_len` most frequent ids seen at
+    /// least twice, most frequent first, ties by smaller id. The cap keeps the table (read on
+    /// every decoded entry) resident in the L1/L2 cache.
+    pub fn from_counts(counts: &[u64], max_len: usize) -> Self {
+        let mut seen: Vec<u32> = (0..counts.len() as u32).filter(|&i| counts[i as usize] > 1).collect();
         seen.sort_unstable_by(|&a, &b| counts[b as usize].cmp(&counts[a as usize]).then(a.cmp(&b)));
+        seen.truncate(max_len);
         Self::from_stored(seen, counts.len()).expect("ids from counts are distinct and in range")
     }
 
@@ -48,7 +53,7 @@ impl IdTable {
         self.rank_of_id[id as usize]
     }
 
-    #[inline]
+    #[inline(always)]
     pub fn id(&self, rank: u64) -> Option<u32> {
         let m = self.id_of_rank.len() as u64;
         if rank < m {
@@ -63,15 +68,28 @@ impl IdTable {
 #[derive(Default)]
 pub(super) struct EncodeScratch {
     nvalid: Vec<u8>,
-    vfirst_lo: Vec<u8>,
-    vfirst_hi: Vec<u8>,
-    vinc: SmallWriter,
-    rank: SmallWriter,
-    label_pos: Vec<u8>,
-    label_val: Vec<u8>,
+    row_flags: Vec<u8>,
+    share_mask: Vec<u8>,
+    rank: NumWriter,
+    value: NumWriter,
+    label_value: NumWriter,
     label_rank: Vec<u8>,
     exact_values: Vec<u8>,
-    entries: Vec<u64>,
+    /// `stamp[id] == gen` marks the ids of the current row, `col[id]` their input column.
+    stamp: Vec<u32>,
+    col: Vec<u16>,
+    gen: u32,
+    new_ranks: Vec<u64>,
+    /// The previous row in decoded order (ids) and the current one being built.
+    prev: Vec<i32>,
+    cur: Vec<i32>,
+}
+
+/// Small-number code of a codebook index: `L − q` (so the many tail levels are small numbers and
+/// the escape index `L` is 0).
+#[inline]
+fn value_code(q: u32, esc: u32) -> u64 {
+    u64::from(esc - q)
 }
 
 pub(super) fn encode_rows(codec: &Codec, raw: &mut Vec<u8>, rec: &Record, s: &mut EncodeScratch) -> Result<()> {
@@ -79,15 +97,18 @@ pub(super) fn encode_rows(codec: &Codec, raw: &mut Vec<u8>, rec: &Record, s: &mu
     let table = codec.ids.as_ref().expect("compact codec has an id table");
     let k = codec.top_k;
     let esc = cb.escape();
-    s.nvalid.clear();
-    s.vfirst_lo.clear();
-    s.vfirst_hi.clear();
-    s.vinc.clear();
+    for v in [&mut s.nvalid, &mut s.row_flags, &mut s.share_mask, &mut s.label_rank, &mut s.exact_values] {
+        v.clear();
+    }
     s.rank.clear();
-    s.label_pos.clear();
-    s.label_val.clear();
-    s.label_rank.clear();
-    s.exact_values.clear();
+    s.value.clear();
+    s.label_value.clear();
+    s.prev.clear();
+    if s.stamp.len() < codec.vocab_size {
+        s.stamp = vec![0; codec.vocab_size];
+        s.col = vec![0; codec.vocab_size];
+        s.gen = 0;
+    }
     let mut full = true;
     let mut sup_t = rec.labels.iter().enumerate().skip(1).filter(|(_, &l)| l != crate::record::IGNORE_INDEX);
     for r in 0..rec.n_supervised() {
@@ -96,64 +117,83 @@ pub(super) fn encode_rows(codec: &Codec, raw: &mut Vec<u8>, rec: &Record, s: &mu
         let n = ids.iter().position(|&x| x == -1).unwrap_or(k);
         full &= n == k;
         put_varint(&mut s.nvalid, n as u64);
-        s.entries.clear();
-        for j in 0..n {
-            let q = cb.quantize(lps[j]);
-            let rank = table.rank(ids[j] as u32);
-            // low 32 bits: position j (to find the exact value of escaped entries)
-            s.entries.push((u64::from(q) << 42) | (u64::from(rank) << 10) | j as u64);
+        s.gen = s.gen.wrapping_add(1);
+        if s.gen == 0 {
+            s.stamp.iter_mut().for_each(|x| *x = 0);
+            s.gen = 1;
         }
-        s.entries.sort_unstable();
+        let gen = s.gen;
+        for (j, &id) in ids[..n].iter().enumerate() {
+            s.stamp[id as usize] = gen;
+            s.col[id as usize] = j as u16;
+        }
         let label = rec.labels[sup_t.next().expect("rows match supervised positions").0];
-        let label_rank = table.rank(label as u32);
-        let mut label_pos = 0u64;
-        let mut prev_q = u32::MAX;
-        let mut prev_rank = 0u64;
-        for (i, &e) in s.entries.iter().enumerate() {
-            let q = (e >> 42) as u32;
-            let rank = (e >> 10) & 0xffff_ffff;
-            let j = (e & 0x3ff) as usize;
-            if i == 0 {
-                s.vfirst_lo.push(q as u8);
-                s.vfirst_hi.push((q >> 8) as u8);
-            } else {
-                s.vinc.put(u64::from(q - prev_q));
-            }
-            if q == prev_q {
-                s.rank.put(rank - prev_rank - 1);
-            } else {
-                s.rank.put(rank);
-            }
-            if q == esc {
-                s.exact_values.extend_from_slice(&lps[j].to_le_bytes());
-            }
-            if rank == u64::from(label_rank) {
-                label_pos = i as u64 + 1;
-            }
-            prev_q = q;
-            prev_rank = rank;
+        let label_in = s.stamp[label as usize] == gen;
+        s.row_flags.push(u8::from(label_in));
+        // Decoded order: the label (if present), the shared ids in the previous row's order,
+        // then the new ids by rank. Mark consumed ids with gen + 1 ... by clearing their stamp.
+        s.cur.clear();
+        if label_in {
+            s.cur.push(label);
+            s.stamp[label as usize] = gen.wrapping_sub(1);
         }
-        put_varint(&mut s.label_pos, label_pos);
-        if label_pos == 0 {
-            let q = cb.quantize(rec.label_logprobs[r]);
-            put_varint(&mut s.label_val, u64::from(q));
+        let mut byte = 0u8;
+        for (j, &id) in s.prev.iter().enumerate() {
+            if s.stamp[id as usize] == gen {
+                byte |= 1 << (j % 8);
+                s.cur.push(id);
+                s.stamp[id as usize] = gen.wrapping_sub(1);
+            }
+            if j % 8 == 7 || j + 1 == s.prev.len() {
+                s.share_mask.push(byte);
+                byte = 0;
+            }
+        }
+        s.new_ranks.clear();
+        for &id in &ids[..n] {
+            if s.stamp[id as usize] == gen {
+                s.new_ranks.push(u64::from(table.rank(id as u32)));
+            }
+        }
+        s.new_ranks.sort_unstable();
+        let mut prev_rank = 0u64;
+        for (i, &rank) in s.new_ranks.iter().enumerate() {
+            s.rank.put(if i == 0 { rank } else { rank - prev_rank - 1 });
+            prev_rank = rank;
+            s.cur.push(table.id(rank).expect("rank of a valid id") as i32);
+        }
+        // the label's value (index q: small for likely labels), then the other entries' (L - q)
+        let label_lp = if label_in { lps[s.col[label as usize] as usize] } else { rec.label_logprobs[r] };
+        let q = cb.quantize(label_lp);
+        s.label_value.put(u64::from(q));
+        if q == esc {
+            s.exact_values.extend_from_slice(&label_lp.to_le_bytes());
+        }
+        for &id in &s.cur[usize::from(label_in)..] {
+            let lp = lps[s.col[id as usize] as usize];
+            let q = cb.quantize(lp);
+            s.value.put(value_code(q, esc));
             if q == esc {
-                s.exact_values.extend_from_slice(&rec.label_logprobs[r].to_le_bytes());
+                s.exact_values.extend_from_slice(&lp.to_le_bytes());
             }
         }
         put_varint(&mut s.label_rank, rec.label_ranks[r] as u64);
+        std::mem::swap(&mut s.prev, &mut s.cur);
     }
+    s.rank.finish();
+    s.value.finish();
+    s.label_value.finish();
     raw.push(u8::from(full));
     put_stream(raw, if full { &[] } else { &s.nvalid });
     for stream in [
-        &s.vfirst_lo,
-        &s.vfirst_hi,
-        &s.vinc.bytes,
-        &s.vinc.escapes,
-        &s.rank.bytes,
-        &s.rank.escapes,
-        &s.label_pos,
-        &s.label_val,
+        &s.row_flags,
+        &s.share_mask,
+        &s.rank.symbols,
+        &s.rank.bits,
+        &s.value.symbols,
+        &s.value.bits,
+        &s.label_value.symbols,
+        &s.label_value.bits,
         &s.label_rank,
         &s.exact_values,
     ] {
@@ -166,82 +206,113 @@ pub(super) fn decode_rows(codec: &Codec, c: &mut Cursor<'_>, rec: &mut Record, s
     let cb = codec.codebook.as_ref().expect("compact codec has a codebook");
     let table = codec.ids.as_ref().expect("compact codec has an id table");
     let k = codec.top_k;
-    let esc = cb.escape();
+    let esc = u64::from(cb.escape());
     let full = match c.take(1, "the row flags")?[0] {
         0 => false,
         1 => true,
         f => return Err(Error::corrupt(format!("unknown row flags {f}"))),
     };
     let mut nvalid = Cursor::new(c.stream("nvalid")?);
-    let vfirst_lo = c.stream("vfirst_lo")?;
-    let vfirst_hi = c.stream("vfirst_hi")?;
-    let vinc_b = c.stream("vinc")?;
-    let vinc_e = c.stream("vinc escapes")?;
-    let rank_b = c.stream("ranks")?;
-    let rank_e = c.stream("rank escapes")?;
-    let mut label_pos = Cursor::new(c.stream("label_pos")?);
-    let mut label_val = Cursor::new(c.stream("label_val")?);
+    let row_flags = c.stream("row_flags")?;
+    let share_mask = c.stream("share_mask")?;
+    let mut ranks = NumReader::new(c.stream("ranks")?, c.stream("rank bits")?, "ranks");
+    let mut values = NumReader::new(c.stream("values")?, c.stream("value bits")?, "values");
+    let mut label_values = NumReader::new(c.stream("label values")?, c.stream("label value bits")?, "label values");
     let mut label_rank = Cursor::new(c.stream("label_rank")?);
     let mut exact = Cursor::new(c.stream("exact values")?);
-    let mut vinc = SmallReader::new(vinc_b, vinc_e, "vinc");
-    let mut ranks = SmallReader::new(rank_b, rank_e, "ranks");
+    if row_flags.len() != s {
+        return Err(Error::corrupt(format!("row_flags has {} bytes for {s} rows", row_flags.len())));
+    }
     let mut ids = vec![-1i32; s * k];
     let mut lps = vec![f32::NEG_INFINITY; s * k];
     let mut label_lps = Vec::with_capacity(s);
     let mut label_ranks = Vec::with_capacity(s);
     let levels = &cb.levels;
-    let mut first = 0usize;
-    let value = |q: u64, exact: &mut Cursor<'_>| -> Result<f32> {
-        if q < u64::from(esc) {
-            Ok(levels[q as usize])
-        } else if q == u64::from(esc) {
+    #[inline(always)]
+    fn value(levels: &[f32], esc: u64, code: u64, exact: &mut Cursor<'_>) -> Result<f32> {
+        match levels.get(esc.wrapping_sub(code) as usize) {
+            Some(&v) if code != 0 => Ok(v),
+            _ => value_slow(esc, code, exact),
+        }
+    }
+    #[cold]
+    fn value_slow(esc: u64, code: u64, exact: &mut Cursor<'_>) -> Result<f32> {
+        if code == 0 {
             Ok(f32::from_le_bytes(exact.take(4, "exact values")?.try_into().unwrap()))
         } else {
-            Err(Error::corrupt(format!("codebook index {q} is past the escape index {esc}")))
+            Err(Error::corrupt(format!("value code {code} is past the codebook's {esc} levels")))
         }
-    };
+    }
+    let mut mask_pos = 0usize;
+    let mut prev_n = 0usize;
+    let mut sup_t = rec.labels.iter().enumerate().skip(1).filter(|(_, &l)| l != crate::record::IGNORE_INDEX);
     for r in 0..s {
         let n = if full { k } else { nvalid.count("nvalid", k)? };
-        let row_ids = &mut ids[r * k..r * k + n];
-        let row_lps = &mut lps[r * k..r * k + n];
-        let mut q = 0u64;
-        let mut rank = 0u64;
-        for i in 0..n {
-            let prev_q = q;
-            if i == 0 {
-                let (lo, hi) = match (vfirst_lo.get(first), vfirst_hi.get(first)) {
-                    (Some(&lo), Some(&hi)) => (lo, hi),
-                    _ => return Err(Error::corrupt("frame ends inside vfirst")),
-                };
-                first += 1;
-                q = u64::from(lo) | (u64::from(hi) << 8);
-            } else {
-                q += vinc.get()?;
+        let label = rec.labels[sup_t.next().ok_or_else(|| Error::corrupt("more rows than supervised labels"))?.0];
+        let label_in = match row_flags[r] {
+            0 => false,
+            1 => true,
+            f => return Err(Error::corrupt(format!("row {r}: unknown row flags {f}"))),
+        };
+        let (done, rest) = ids.split_at_mut(r * k);
+        let row_ids = &mut rest[..n];
+        let mut i = 0usize;
+        if label_in {
+            if n == 0 {
+                return Err(Error::corrupt(format!("row {r}: label flagged present in an empty row")));
             }
-            rank = if i > 0 && q == prev_q { rank + 1 + ranks.get()? } else { ranks.get()? };
-            row_ids[i] = table
-                .id(rank)
-                .ok_or_else(|| Error::corrupt(format!("id rank {rank} is outside the vocabulary")))?
-                as i32;
-            row_lps[i] = value(q, &mut exact)?;
+            row_ids[0] = label;
+            i = 1;
         }
-        let pos = label_pos.count("label_pos", n)?;
-        label_lps.push(if pos > 0 {
-            lps[r * k + pos - 1]
-        } else {
-            value(label_val.varint()?, &mut exact)?
-        });
+        if r > 0 {
+            let prev = &done[(r - 1) * k..(r - 1) * k + prev_n];
+            let nbytes = prev_n.div_ceil(8);
+            let mask = share_mask
+                .get(mask_pos..mask_pos + nbytes)
+                .ok_or_else(|| Error::corrupt("frame ends inside share_mask"))?;
+            mask_pos += nbytes;
+            for (bi, &b) in mask.iter().enumerate() {
+                let mut bits = b;
+                while bits != 0 {
+                    let j = bi * 8 + bits.trailing_zeros() as usize;
+                    bits &= bits - 1;
+                    let (Some(&id), true) = (prev.get(j), i < n) else {
+                        return Err(Error::corrupt(format!("row {r}: share_mask selects more ids than the row holds")));
+                    };
+                    row_ids[i] = id;
+                    i += 1;
+                }
+            }
+        }
+        let mut rank = 0u64;
+        for (m, slot) in row_ids[i..].iter_mut().enumerate() {
+            let g = ranks.get()?;
+            rank = if m == 0 { g } else { rank.saturating_add(g).saturating_add(1) };
+            *slot = match table.id(rank) {
+                Some(id) => id as i32,
+                None => return Err(Error::corrupt(format!("id rank {rank} is outside the vocabulary"))),
+            };
+        }
+        let lq = label_values.get()?;
+        let label_lp = value(levels, esc, esc.wrapping_sub(lq), &mut exact)?;
+        label_lps.push(label_lp);
+        let row_lps = &mut lps[r * k..r * k + n];
+        if label_in {
+            row_lps[0] = label_lp;
+        }
+        for v in row_lps[usize::from(label_in)..].iter_mut() {
+            *v = value(levels, esc, values.get()?, &mut exact)?;
+        }
         label_ranks.push(
             i32::try_from(label_rank.varint()?).map_err(|_| Error::corrupt("label rank overflows int32"))?,
         );
+        prev_n = n;
     }
-    if first != vfirst_lo.len()
-        || first != vfirst_hi.len()
-        || !vinc.finished()
+    if mask_pos != share_mask.len()
         || !ranks.finished()
+        || !values.finished()
         || !nvalid.is_empty()
-        || !label_pos.is_empty()
-        || !label_val.is_empty()
+        || !label_values.finished()
         || !label_rank.is_empty()
         || !exact.is_empty()
     {

@@ -59,6 +59,7 @@ pub struct Codec {
 #[derive(Default)]
 pub struct EncodeScratch {
     raw: Vec<u8>,
+    zstd: Option<(i32, zstd::bulk::Compressor<'static>)>,
     compact: compact::EncodeScratch,
 }
 
@@ -101,16 +102,23 @@ impl Codec {
             CodecKind::Exact => exact::encode_rows(raw, rec),
             CodecKind::Compact => compact::encode_rows(self, raw, rec, &mut scratch.compact)?,
         }
-        let mut c = zstd::bulk::Compressor::new(self.zstd_level)
-            .map_err(|e| Error::input(format!("zstd level {}: {e}", self.zstd_level)))?;
-        c.include_checksum(true).expect("zstd parameter");
-        c.include_contentsize(true).expect("zstd parameter");
+        if scratch.zstd.as_ref().is_none_or(|(l, _)| *l != self.zstd_level) {
+            let mut c = zstd::bulk::Compressor::new(self.zstd_level)
+                .map_err(|e| Error::input(format!("zstd level {}: {e}", self.zstd_level)))?;
+            c.include_checksum(true).expect("zstd parameter");
+            c.include_contentsize(true).expect("zstd parameter");
+            scratch.zstd = Some((self.zstd_level, c));
+        }
+        let c = &mut scratch.zstd.as_mut().expect("just set").1;
         c.compress(raw).map_err(|e| Error::input(format!("zstd compression failed: {e}")))
     }
 
     /// Upper bound on a decoded frame's size, used to refuse absurd content sizes.
     fn max_raw_size(&self, n_tokens: usize, n_sup: usize) -> usize {
-        64 + n_tokens * 14 + n_sup * (self.top_k * 24 + 48)
+        n_tokens
+            .saturating_mul(14)
+            .saturating_add(n_sup.saturating_mul(self.top_k * 24 + 48))
+            .saturating_add(64)
     }
 
     /// Decode one frame. `n_tokens`/`n_sup` come from the shard index and are cross-checked.
@@ -151,6 +159,12 @@ impl Codec {
         let mut c = Cursor::new(raw);
         let t = c.count("n_tokens", usize::MAX)?;
         let s = c.count("n_supervised", usize::MAX)?;
+        if s > t || t.saturating_mul(4) > raw.len() {
+            return Err(Error::corrupt(format!(
+                "frame claims {t} tokens and {s} rows, more than its {} bytes can hold",
+                raw.len()
+            )));
+        }
         if t != n_tokens || s != n_sup {
             return Err(Error::corrupt(format!(
                 "frame holds {t} tokens / {s} supervised rows but the shard index says {n_tokens} / {n_sup}"

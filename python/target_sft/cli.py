@@ -1,0 +1,182 @@
+"""The ``target-sft`` command line.
+
+Verbs (one function each, below):
+
+* ``target-sft cache inspect DIR`` — what a cache holds (manifest, sizes, a sample record).
+* ``target-sft cache verify DIR`` — check every shard checksum and decode every record; exit 1
+  on the first problem, with what and where.
+* ``target-sft demo`` — the main job. Until the end-to-end demo lands it builds a small cache from
+  generated teacher data (:mod:`target_sft.synthetic`) and inspects it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from target_sft import __version__
+from target_sft.errors import CacheError
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+def inspect_text(path: str | Path, *, shards: bool = False, sample: bool = True) -> str:
+    """The report printed by ``target-sft cache inspect``."""
+    from target_sft.cache import TeacherCache
+
+    cache = TeacherCache(path)
+    i = cache.info
+    lines = [
+        f"cache          {i.path}",
+        f"format         version {i.format_version}, {'complete' if i.complete else 'INCOMPLETE (writer still running or died; append to finish)'}",
+        f"codec          {i.codec} {json.dumps(i.codec_params, sort_keys=True)}",
+        f"top_k          {i.top_k}",
+        f"vocab_size     {i.vocab_size}",
+        f"temperature    {i.temperature:g}",
+        f"teacher        {json.dumps(i.teacher, sort_keys=True)}",
+        f"tokenizer      {json.dumps(i.tokenizer, sort_keys=True)}",
+        f"records        {i.records:,}",
+        f"tokens         {i.tokens:,} ({i.supervised_tokens:,} supervised)",
+        f"size           {_human(i.bytes)} in {len(i.shards)} shard(s)",
+        f"bytes/token    {i.bytes_per_token:.1f} per supervised token",
+        f"created_by     {i.created_by}",
+    ]
+    if shards:
+        lines.append("shards:")
+        for s in i.shards:
+            lines.append(
+                f"  {s['file']}  records={s['records']:,}  supervised={s['supervised']:,}  "
+                f"bytes={s['bytes']:,}  {s['checksum']}"
+            )
+    if sample and len(cache):
+        rec = cache.record_at(0)
+        lines.append(f"first record   key={rec.key!r} tokens={rec.n_tokens} supervised={rec.n_supervised}")
+        if rec.n_supervised:
+            t = int(rec.supervised_positions[0])
+            top = ", ".join(
+                f"{int(a)}:{float(b):.3f}"
+                for a, b in zip(rec.topk_ids[0][:5], rec.topk_logprobs[0][:5], strict=True)
+            )
+            lines.append(
+                f"  row 0 (t={t}, label={int(rec.labels[t])}, label logprob={float(rec.label_logprobs[0]):.3f}, "
+                f"rank={int(rec.label_ranks[0])}): top-5 id:logprob {top}"
+            )
+    return "\n".join(lines)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    if args.json:
+        from target_sft.cache import TeacherCache
+
+        print(json.dumps(json.loads(TeacherCache(args.path)._c.manifest_json()), indent=2))
+    else:
+        print(inspect_text(args.path, shards=args.shards))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from target_sft.cache import TeacherCache
+
+    cache = TeacherCache(args.path)
+    total = cache.info.records
+    t0 = time.perf_counter()
+    with tqdm(total=total, unit="rec", desc="verify", disable=args.quiet or None) as bar:
+        n = cache.verify(lambda _shard, records: bar.update(records))
+    dt = time.perf_counter() - t0
+    print(
+        f"OK: {n:,} records in {len(cache.info.shards)} shard(s) verified "
+        f"({cache.info.supervised_tokens:,} supervised tokens, {dt:.2f} s)"
+    )
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Build a cache from generated teacher output, read it back, verify and inspect it."""
+    from tqdm import tqdm
+
+    from target_sft.cache import CacheWriter, TeacherCache
+    from target_sft.synthetic import generate_records
+
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="target-sft-demo-"))
+    print(f"[demo] writing a {args.codec} cache of {args.records} generated records to {out}")
+    t0 = time.perf_counter()
+    teacher = {"name": "synthetic-zipf-teacher", "revision": "v1", "config_hash": "none", "dtype": "float32"}
+    with CacheWriter(
+        out,
+        top_k=args.top_k,
+        vocab_size=args.vocab_size,
+        codec=args.codec,
+        teacher=teacher,
+        tokenizer={"fingerprint": f"synthetic-{args.vocab_size}"},
+        mode="append" if args.append else "create",
+    ) as w:
+        for rec in tqdm(
+            generate_records(args.records, vocab_size=args.vocab_size, top_k=args.top_k, seed=args.seed),
+            total=args.records,
+            unit="rec",
+            desc="build",
+        ):
+            w.add(rec.key, rec.input_ids, rec.labels, rec.topk_ids, rec.topk_logprobs, rec.label_logprobs, rec.label_ranks)
+    dt = time.perf_counter() - t0
+    cache = TeacherCache(out)
+    print(f"[demo] built in {dt:.1f} s (generation included); verifying")
+    cache.verify()
+    print(inspect_text(out))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="target-sft", description="Q-target SFT: teacher cache tools.")
+    p.add_argument("--version", action="version", version=f"target-sft {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    cache = sub.add_parser("cache", help="inspect or verify a teacher cache")
+    csub = cache.add_subparsers(dest="verb", required=True)
+    ins = csub.add_parser("inspect", help="print what a cache holds")
+    ins.add_argument("path", help="cache directory")
+    ins.add_argument("--shards", action="store_true", help="list every shard")
+    ins.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    ins.set_defaults(func=cmd_inspect)
+    ver = csub.add_parser("verify", help="check every checksum and frame; exit 1 on the first problem")
+    ver.add_argument("path", help="cache directory")
+    ver.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    ver.set_defaults(func=cmd_verify)
+
+    demo = sub.add_parser("demo", help="the main job: build, verify and inspect a cache from generated data")
+    demo.add_argument("--out", help="cache directory (default: a new temporary directory)")
+    demo.add_argument("--records", type=int, default=64)
+    demo.add_argument("--vocab-size", type=int, default=151_936)
+    demo.add_argument("--top-k", type=int, default=64)
+    demo.add_argument("--codec", choices=["compact", "exact"], default="compact")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--append", action="store_true", help="add to an existing cache")
+    demo.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except CacheError as e:
+        print(f"target-sft: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # pragma: no cover - interactive
+        print("target-sft: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
