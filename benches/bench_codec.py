@@ -50,9 +50,19 @@ def kl_rows(orig_ids, orig_lps, dec_ids, dec_lps) -> np.ndarray:
 
 def write_cache(path: Path, recs, codec: str, threads: int) -> tuple[float, float]:
     t0, c0 = time.perf_counter(), time.process_time()
-    with CacheWriter(path, top_k=recs[0].topk_ids.shape[1], vocab_size=VOCAB, codec=codec, threads=threads) as w:
+    with CacheWriter(
+        path, top_k=recs[0].topk_ids.shape[1], vocab_size=VOCAB, codec=codec, threads=threads
+    ) as w:
         for r in recs:
-            w.add(r.key, r.input_ids, r.labels, r.topk_ids, r.topk_logprobs, r.label_logprobs, r.label_ranks)
+            w.add(
+                r.key,
+                r.input_ids,
+                r.labels,
+                r.topk_ids,
+                r.topk_logprobs,
+                r.label_logprobs,
+                r.label_ranks,
+            )
     return time.perf_counter() - t0, time.process_time() - c0
 
 
@@ -70,7 +80,9 @@ def write_memmap(path: Path, recs) -> int:
     }
     total = 0
     for name, a in arrays.items():
-        mm = np.lib.format.open_memmap(path / f"{name}.npy", mode="w+", dtype=a.dtype, shape=a.shape)
+        mm = np.lib.format.open_memmap(
+            path / f"{name}.npy", mode="w+", dtype=a.dtype, shape=a.shape
+        )
         mm[...] = a
         mm.flush()
         total += (path / f"{name}.npy").stat().st_size
@@ -92,31 +104,51 @@ def read_memmap(path: Path, n: int) -> float:
 
 def main() -> None:
     global VOCAB
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--records", type=int, default=200)
     ap.add_argument("--mean-length", type=int, default=1024)
     ap.add_argument("--vocab-size", type=int, default=151_936)
     ap.add_argument("--top-k", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--ref-records", type=int, default=8, help="records decoded by the slow python-ref baseline")
+    ap.add_argument(
+        "--ref-records", type=int, default=8, help="records decoded by the slow python-ref baseline"
+    )
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     VOCAB = args.vocab_size
 
     t0 = time.perf_counter()
-    recs = generate_list(args.records, vocab_size=args.vocab_size, top_k=args.top_k, mean_length=args.mean_length, seed=args.seed)
+    recs = generate_list(
+        args.records,
+        vocab_size=args.vocab_size,
+        top_k=args.top_k,
+        mean_length=args.mean_length,
+        seed=args.seed,
+    )
     gen_s = time.perf_counter() - t0
     st = stats(recs)
     sup = sum(r.label_logprobs.size for r in recs)
-    print(f"data: {args.records} records, {sum(r.input_ids.size for r in recs):,} tokens, {sup:,} supervised, "
-          f"k={args.top_k}, V={args.vocab_size} (generated in {gen_s:.1f} s)")
-    print("data stats:", json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in st.items()}))
+    print(
+        f"data: {args.records} records, {sum(r.input_ids.size for r in recs):,} tokens, {sup:,} supervised, "
+        f"k={args.top_k}, V={args.vocab_size} (generated in {gen_s:.1f} s)"
+    )
+    print(
+        "data stats:",
+        json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in st.items()}),
+    )
 
     sys.path.insert(0, str(ROOT / "tests"))
-    import reference_reader as ref  # noqa: PLC0415
+    import reference_reader as ref
 
     tmp = Path(tempfile.mkdtemp(prefix="tsft-bench-"))
-    results: dict = {"records": args.records, "supervised_tokens": sup, "top_k": args.top_k, "vocab": args.vocab_size}
+    results: dict = {
+        "records": args.records,
+        "supervised_tokens": sup,
+        "top_k": args.top_k,
+        "vocab": args.vocab_size,
+    }
     try:
         mm_bytes = write_memmap(tmp / "memmap", recs)
         mm_s = read_memmap(tmp / "memmap", len(recs))
@@ -129,10 +161,19 @@ def main() -> None:
             t0 = time.perf_counter()
             dec = cache.records_at(range(n), threads=1)
             dec_s = time.perf_counter() - t0
-            kl = np.concatenate([kl_rows(r.topk_ids, r.topk_logprobs, d.topk_ids, d.topk_logprobs) for r, d in zip(recs, dec, strict=True)])
+            kl = np.concatenate(
+                [
+                    kl_rows(r.topk_ids, r.topk_logprobs, d.topk_ids, d.topk_logprobs)
+                    for r, d in zip(recs, dec, strict=True)
+                ]
+            )
             m = args.ref_records
             t0 = time.perf_counter()
-            ref_recs = ref.read_cache(path, limit=m) if "limit" in ref.read_cache.__code__.co_varnames else ref.read_cache(path)[:m]
+            ref_recs = (
+                ref.read_cache(path, limit=m)
+                if "limit" in ref.read_cache.__code__.co_varnames
+                else ref.read_cache(path)[:m]
+            )
             ref_s = time.perf_counter() - t0
             ref_sup = sum(r["label_logprobs"].size for r in ref_recs)
             results[codec] = {
@@ -149,8 +190,12 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
     mm = results["numpy-memmap"]
-    print(f"\n{'store':<14}{'bytes/tok':>10}{'mean KL':>11}{'p99 KL':>10}{'max KL':>10}{'enc tok/s/core':>16}{'dec tok/s/core':>16}{'dec vs memmap':>15}{'dec vs py-ref':>15}")
-    print(f"{'numpy-memmap':<14}{mm['bytes_per_token']:>10.1f}{'0':>11}{'0':>10}{'0':>10}{'-':>16}{mm['decode_tok_s']:>16,.0f}{'1.00x':>15}{'-':>15}")
+    print(
+        f"\n{'store':<14}{'bytes/tok':>10}{'mean KL':>11}{'p99 KL':>10}{'max KL':>10}{'enc tok/s/core':>16}{'dec tok/s/core':>16}{'dec vs memmap':>15}{'dec vs py-ref':>15}"
+    )
+    print(
+        f"{'numpy-memmap':<14}{mm['bytes_per_token']:>10.1f}{'0':>11}{'0':>10}{'0':>10}{'-':>16}{mm['decode_tok_s']:>16,.0f}{'1.00x':>15}{'-':>15}"
+    )
     for codec in ("exact", "compact"):
         r = results[codec]
         print(
@@ -158,7 +203,9 @@ def main() -> None:
             f"{r['encode_tok_s_per_core']:>16,.0f}{r['decode_tok_s_per_core']:>16,.0f}"
             f"{r['decode_tok_s_per_core'] / mm['decode_tok_s']:>14.2f}x{r['decode_tok_s_per_core'] / r['python_ref_decode_tok_s']:>14.1f}x"
         )
-    print(f"\nmachine: {platform.machine()} {platform.processor() or ''}, python {platform.python_version()}")
+    print(
+        f"\nmachine: {platform.machine()} {platform.processor() or ''}, python {platform.python_version()}"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

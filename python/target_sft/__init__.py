@@ -39,7 +39,24 @@ _EXPORTS: dict[str, str] = {
     "induced_target": "target_sft.losses",
 }
 
-__all__ = ["__version__", *sorted(_EXPORTS)]
+__all__ = [
+    "CacheCorruptionError",
+    "CacheError",
+    "CacheFormatError",
+    "CacheIOError",
+    "CacheInfo",
+    "CacheInputError",
+    "CacheKeyError",
+    "CacheMismatchError",
+    "CacheRecord",
+    "CacheVersionError",
+    "CacheWriter",
+    "QTargetLoss",
+    "TeacherCache",
+    "__version__",
+    "induced_target",
+    "target_sft_loss",
+]
 
 
 def __getattr__(name: str) -> Any:

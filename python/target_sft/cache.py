@@ -133,7 +133,9 @@ def _as_int32(name: str, x: Any) -> npt.NDArray[np.int32]:
     if a.size and (a.min() < -(2**31) or a.max() >= 2**31):
         i = int(np.argmax((a < -(2**31)) | (a >= 2**31)))
         idx = np.unravel_index(i, a.shape)
-        raise CacheInputError(f"{name}[{', '.join(map(str, idx))}] = {a[idx]} does not fit in int32")
+        raise CacheInputError(
+            f"{name}[{', '.join(map(str, idx))}] = {a[idx]} does not fit in int32"
+        )
     return np.ascontiguousarray(a, dtype=np.int32)
 
 
@@ -148,7 +150,15 @@ def _parse_size(size: int | str) -> int:
     if isinstance(size, int):
         return size
     s = size.strip().upper().replace(" ", "")
-    for suffix, mult in (("KIB", 1 << 10), ("MIB", 1 << 20), ("GIB", 1 << 30), ("KB", 1000), ("MB", 10**6), ("GB", 10**9), ("B", 1)):
+    for suffix, mult in (
+        ("KIB", 1 << 10),
+        ("MIB", 1 << 20),
+        ("GIB", 1 << 30),
+        ("KB", 1000),
+        ("MB", 10**6),
+        ("GB", 10**9),
+        ("B", 1),
+    ):
         if s.endswith(suffix):
             return int(float(s[: -len(suffix)]) * mult)
     return int(s)
@@ -268,7 +278,9 @@ class CacheWriter:
     @property
     def num_records(self) -> int:
         """Records in the cache (those of earlier writers in append mode included)."""
-        return self._w.num_records if self._w is not None else (self.info.records if self.info else 0)
+        return (
+            self._w.num_records if self._w is not None else (self.info.records if self.info else 0)
+        )
 
     def close(self, complete: bool = True) -> CacheInfo:
         """Commit the remaining records and write the final manifest."""

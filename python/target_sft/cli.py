@@ -18,6 +18,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
 from target_sft import __version__
 from target_sft.errors import CacheError
 
@@ -60,7 +61,9 @@ def inspect_text(path: str | Path, *, shards: bool = False, sample: bool = True)
             )
     if sample and len(cache):
         rec = cache.record_at(0)
-        lines.append(f"first record   key={rec.key!r} tokens={rec.n_tokens} supervised={rec.n_supervised}")
+        lines.append(
+            f"first record   key={rec.key!r} tokens={rec.n_tokens} supervised={rec.n_supervised}"
+        )
         if rec.n_supervised:
             t = int(rec.supervised_positions[0])
             top = ", ".join(
@@ -112,7 +115,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="target-sft-demo-"))
     print(f"[demo] writing a {args.codec} cache of {args.records} generated records to {out}")
     t0 = time.perf_counter()
-    teacher = {"name": "synthetic-zipf-teacher", "revision": "v1", "config_hash": "none", "dtype": "float32"}
+    teacher = {
+        "name": "synthetic-zipf-teacher",
+        "revision": "v1",
+        "config_hash": "none",
+        "dtype": "float32",
+    }
     with CacheWriter(
         out,
         top_k=args.top_k,
@@ -123,12 +131,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
         mode="append" if args.append else "create",
     ) as w:
         for rec in tqdm(
-            generate_records(args.records, vocab_size=args.vocab_size, top_k=args.top_k, seed=args.seed),
+            generate_records(
+                args.records, vocab_size=args.vocab_size, top_k=args.top_k, seed=args.seed
+            ),
             total=args.records,
             unit="rec",
             desc="build",
         ):
-            w.add(rec.key, rec.input_ids, rec.labels, rec.topk_ids, rec.topk_logprobs, rec.label_logprobs, rec.label_ranks)
+            w.add(
+                rec.key,
+                rec.input_ids,
+                rec.labels,
+                rec.topk_ids,
+                rec.topk_logprobs,
+                rec.label_logprobs,
+                rec.label_ranks,
+            )
     dt = time.perf_counter() - t0
     cache = TeacherCache(out)
     print(f"[demo] built in {dt:.1f} s (generation included); verifying")
@@ -149,12 +167,16 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--shards", action="store_true", help="list every shard")
     ins.add_argument("--json", action="store_true", help="print the manifest as JSON")
     ins.set_defaults(func=cmd_inspect)
-    ver = csub.add_parser("verify", help="check every checksum and frame; exit 1 on the first problem")
+    ver = csub.add_parser(
+        "verify", help="check every checksum and frame; exit 1 on the first problem"
+    )
     ver.add_argument("path", help="cache directory")
     ver.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     ver.set_defaults(func=cmd_verify)
 
-    demo = sub.add_parser("demo", help="the main job: build, verify and inspect a cache from generated data")
+    demo = sub.add_parser(
+        "demo", help="the main job: build, verify and inspect a cache from generated data"
+    )
     demo.add_argument("--out", help="cache directory (default: a new temporary directory)")
     demo.add_argument("--records", type=int, default=64)
     demo.add_argument("--vocab-size", type=int, default=151_936)

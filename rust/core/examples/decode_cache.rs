@@ -15,5 +15,9 @@ fn main() {
         }
     }
     let s = t0.elapsed().as_secs_f64();
-    println!("{} supervised tokens/s ({} records x {reps}, {s:.3} s)", (sup as f64 / s) as u64, c.len());
+    println!(
+        "{} supervised tokens/s ({} records x {reps}, {s:.3} s)",
+        (sup as f64 / s) as u64,
+        c.len()
+    );
 }

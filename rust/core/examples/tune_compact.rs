@@ -11,14 +11,22 @@ fn kl(orig: &Record, dec: &Record, k: usize) -> (f64, usize) {
     for r in 0..orig.n_supervised() {
         let row = |rec: &Record| {
             let mut v: Vec<(i32, f64)> = (0..k)
-                .map(|j| (rec.topk_ids[r * k + j], f64::from(rec.topk_logprobs[r * k + j])))
+                .map(|j| {
+                    (
+                        rec.topk_ids[r * k + j],
+                        f64::from(rec.topk_logprobs[r * k + j]),
+                    )
+                })
                 .filter(|x| x.0 >= 0)
                 .collect();
             v.sort_by_key(|x| x.0);
             v
         };
         let (p, q) = (row(orig), row(dec));
-        assert_eq!(p.iter().map(|x| x.0).collect::<Vec<_>>(), q.iter().map(|x| x.0).collect::<Vec<_>>());
+        assert_eq!(
+            p.iter().map(|x| x.0).collect::<Vec<_>>(),
+            q.iter().map(|x| x.0).collect::<Vec<_>>()
+        );
         let lse = |v: &[(i32, f64)]| {
             let m = v.iter().map(|x| x.1).fold(f64::NEG_INFINITY, f64::max);
             m + v.iter().map(|x| (x.1 - m).exp()).sum::<f64>().ln()
@@ -63,7 +71,9 @@ fn main() {
     let reps = 3;
     let mut dec = Vec::new();
     for _ in 0..reps {
-        dec = (0..c.len()).map(|p| c.get_at(p).unwrap()).collect::<Vec<_>>();
+        dec = (0..c.len())
+            .map(|p| c.get_at(p).unwrap())
+            .collect::<Vec<_>>();
     }
     let dt = t0.elapsed().as_secs_f64() / reps as f64;
     let (mut tk, mut n) = (0.0, 0);

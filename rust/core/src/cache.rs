@@ -42,7 +42,9 @@ impl TeacherCache {
         starts.push(acc);
         Ok(Self {
             dir: dir.to_path_buf(),
-            shards: (0..manifest.shards.len()).map(|_| OnceLock::new()).collect(),
+            shards: (0..manifest.shards.len())
+                .map(|_| OnceLock::new())
+                .collect(),
             manifest,
             starts,
             keys: OnceLock::new(),
@@ -85,7 +87,10 @@ impl TeacherCache {
         if pos >= self.len() {
             return Err(Error::new(
                 ErrorKind::KeyNotFound,
-                format!("position {pos} is out of range: the cache has {} records", self.len()),
+                format!(
+                    "position {pos} is out of range: the cache has {} records",
+                    self.len()
+                ),
             ));
         }
         let s = self.starts.partition_point(|&st| st <= pos) - 1;
@@ -154,7 +159,10 @@ impl TeacherCache {
                 return Ok(p);
             }
         }
-        Err(Error::new(ErrorKind::KeyNotFound, format!("key {key} is not in the cache at {}", self.dir.display())))
+        Err(Error::new(
+            ErrorKind::KeyNotFound,
+            format!("key {key} is not in the cache at {}", self.dir.display()),
+        ))
     }
 
     /// Decode the record of `key`. With `input_ids`, check first that the cached record was

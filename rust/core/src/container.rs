@@ -64,7 +64,10 @@ pub struct TensorOut<'a> {
 
 /// Serialise the header (length prefix + padded JSON) for `tensors` and `metadata`. The data
 /// buffer is the concatenation of the tensors' bytes in the same order.
-pub fn encode_header(tensors: &[TensorOut<'_>], metadata: &BTreeMap<String, String>) -> Result<Vec<u8>> {
+pub fn encode_header(
+    tensors: &[TensorOut<'_>],
+    metadata: &BTreeMap<String, String>,
+) -> Result<Vec<u8>> {
     let mut obj = Map::new();
     let meta: Map<String, Value> = metadata
         .iter()
@@ -86,7 +89,10 @@ pub fn encode_header(tensors: &[TensorOut<'_>], metadata: &BTreeMap<String, Stri
         let mut desc = Map::new();
         desc.insert("dtype".into(), Value::String(t.dtype.name().into()));
         desc.insert("shape".into(), Value::from(t.shape.clone()));
-        desc.insert("data_offsets".into(), Value::from(vec![offset, offset + t.data.len()]));
+        desc.insert(
+            "data_offsets".into(),
+            Value::from(vec![offset, offset + t.data.len()]),
+        );
         obj.insert(t.name.to_string(), Value::Object(desc));
         offset += t.data.len();
     }
@@ -135,8 +141,11 @@ pub fn parse_header(head: &[u8], file_len: usize) -> Result<Header> {
     }
     let n = n as usize;
     let data_start = 8 + n;
-    let value: Value = serde_json::from_slice(&head[8..data_start])
-        .map_err(|e| Error::corrupt(format!("header is not valid JSON ({e}); the file is damaged or not a shard")))?;
+    let value: Value = serde_json::from_slice(&head[8..data_start]).map_err(|e| {
+        Error::corrupt(format!(
+            "header is not valid JSON ({e}); the file is damaged or not a shard"
+        ))
+    })?;
     let obj = value
         .as_object()
         .ok_or_else(|| Error::corrupt("header is not a JSON object"))?;
@@ -158,7 +167,9 @@ pub fn parse_header(head: &[u8], file_len: usize) -> Result<Header> {
             continue;
         }
         let bad = |what: &str| Error::corrupt(format!("tensor {name}: {what}"));
-        let d = desc.as_object().ok_or_else(|| bad("description is not an object"))?;
+        let d = desc
+            .as_object()
+            .ok_or_else(|| bad("description is not an object"))?;
         let dtype = d
             .get("dtype")
             .and_then(Value::as_str)
@@ -239,8 +250,18 @@ mod tests {
         let a = [1u8, 2, 3];
         let b = 7u64.to_le_bytes();
         let tensors = [
-            TensorOut { name: "b", dtype: Dtype::U64, shape: vec![1], data: &b },
-            TensorOut { name: "a", dtype: Dtype::U8, shape: vec![3], data: &a },
+            TensorOut {
+                name: "b",
+                dtype: Dtype::U64,
+                shape: vec![1],
+                data: &b,
+            },
+            TensorOut {
+                name: "a",
+                dtype: Dtype::U8,
+                shape: vec![3],
+                data: &a,
+            },
         ];
         let mut meta = BTreeMap::new();
         meta.insert("k".to_string(), "v".to_string());

@@ -54,10 +54,7 @@ impl Error {
     }
     /// An I/O error on `path` while doing `what`.
     pub fn io(what: &str, path: &std::path::Path, err: std::io::Error) -> Self {
-        Self::new(
-            ErrorKind::Io,
-            format!("{what} {}: {err}", path.display()),
-        )
+        Self::new(ErrorKind::Io, format!("{what} {}: {err}", path.display()))
     }
     /// Prefix the message with a location ("shard X, record 12: ...").
     pub fn at(mut self, location: impl fmt::Display) -> Self {

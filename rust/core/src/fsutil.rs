@@ -25,9 +25,11 @@ pub fn write_atomic(path: &Path, parts: &[&[u8]]) -> Result<()> {
             .open(&tmp)
             .map_err(|e| Error::io("cannot create", &tmp, e))?;
         for p in parts {
-            f.write_all(p).map_err(|e| Error::io("cannot write", &tmp, e))?;
+            f.write_all(p)
+                .map_err(|e| Error::io("cannot write", &tmp, e))?;
         }
-        f.sync_all().map_err(|e| Error::io("cannot fsync", &tmp, e))?;
+        f.sync_all()
+            .map_err(|e| Error::io("cannot fsync", &tmp, e))?;
         drop(f);
         std::fs::rename(&tmp, path).map_err(|e| Error::io("cannot rename into place", path, e))?;
         sync_dir(path.parent().unwrap_or(Path::new(".")))

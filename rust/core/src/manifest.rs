@@ -64,16 +64,18 @@ impl Manifest {
                 Error::io("cannot read", &path, e)
             }
         })?;
-        let value: Value = serde_json::from_slice(&bytes).map_err(|e| {
-            Error::corrupt(format!("{} is not valid JSON ({e})", path.display()))
-        })?;
+        let value: Value = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::corrupt(format!("{} is not valid JSON ({e})", path.display())))?;
         if value.get("format").and_then(Value::as_str) != Some(CACHE_FORMAT) {
             return Err(Error::format(format!(
                 "{} is not a target-sft cache manifest (its \"format\" field is not {CACHE_FORMAT:?})",
                 path.display()
             )));
         }
-        let version = value.get("format_version").and_then(Value::as_u64).unwrap_or(0);
+        let version = value
+            .get("format_version")
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
         if version > u64::from(FORMAT_VERSION) {
             return Err(Error::new(
                 ErrorKind::Version,
@@ -84,10 +86,16 @@ impl Manifest {
             ));
         }
         if version == 0 {
-            return Err(Error::format(format!("{} has no valid format_version", path.display())));
+            return Err(Error::format(format!(
+                "{} has no valid format_version",
+                path.display()
+            )));
         }
         let m: Manifest = serde_json::from_value(value).map_err(|e| {
-            Error::format(format!("{} does not have the manifest's fields ({e})", path.display()))
+            Error::format(format!(
+                "{} does not have the manifest's fields ({e})",
+                path.display()
+            ))
         })?;
         let sum = |f: fn(&ShardEntry) -> u64| m.shards.iter().map(f).sum::<u64>();
         if sum(|s| s.records) != m.num_records

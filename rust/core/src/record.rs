@@ -71,7 +71,11 @@ pub struct Record {
 
 /// Number of supervised rows of a label array: positions `t >= 1` whose label is not ignored.
 pub fn count_supervised(labels: &[i32]) -> usize {
-    labels.iter().skip(1).filter(|&&l| l != IGNORE_INDEX).count()
+    labels
+        .iter()
+        .skip(1)
+        .filter(|&&l| l != IGNORE_INDEX)
+        .count()
 }
 
 /// Largest log-prob accepted (a log-softmax computed in fp32 can round slightly above 0).
@@ -91,7 +95,9 @@ impl Record {
         let at = |what: String| Error::input(format!("record {}: {what}", self.key));
         let t = self.input_ids.len();
         if t == 0 {
-            return Err(at("input_ids is empty; a record needs at least one token".into()));
+            return Err(at(
+                "input_ids is empty; a record needs at least one token".into()
+            ));
         }
         if self.labels.len() != t {
             return Err(at(format!(
@@ -106,7 +112,9 @@ impl Record {
             .enumerate()
             .find(|(_, &x)| x < 0 || x as i64 >= v)
         {
-            return Err(at(format!("input_ids[{i}] = {x} is outside the vocabulary [0, {v})")));
+            return Err(at(format!(
+                "input_ids[{i}] = {x} is outside the vocabulary [0, {v})"
+            )));
         }
         if let Some((i, &x)) = self
             .labels
@@ -125,16 +133,36 @@ impl Record {
             ))
         };
         if self.topk_ids.len() != s * k {
-            return Err(shape_err("topk_ids", self.topk_ids.len(), s * k, &format!("[{s}, {k}]")));
+            return Err(shape_err(
+                "topk_ids",
+                self.topk_ids.len(),
+                s * k,
+                &format!("[{s}, {k}]"),
+            ));
         }
         if self.topk_logprobs.len() != s * k {
-            return Err(shape_err("topk_logprobs", self.topk_logprobs.len(), s * k, &format!("[{s}, {k}]")));
+            return Err(shape_err(
+                "topk_logprobs",
+                self.topk_logprobs.len(),
+                s * k,
+                &format!("[{s}, {k}]"),
+            ));
         }
         if self.label_logprobs.len() != s {
-            return Err(shape_err("label_logprobs", self.label_logprobs.len(), s, &format!("[{s}]")));
+            return Err(shape_err(
+                "label_logprobs",
+                self.label_logprobs.len(),
+                s,
+                &format!("[{s}]"),
+            ));
         }
         if self.label_ranks.len() != s {
-            return Err(shape_err("label_ranks", self.label_ranks.len(), s, &format!("[{s}]")));
+            return Err(shape_err(
+                "label_ranks",
+                self.label_ranks.len(),
+                s,
+                &format!("[{s}]"),
+            ));
         }
         let mut sup_t = (1..t).filter(|&i| self.labels[i] != IGNORE_INDEX);
         for r in 0..s {

@@ -100,8 +100,13 @@ impl ShardBuilder {
         }
         let start = self.payload.len() as u64;
         self.payload.extend_from_slice(&r.frame);
-        self.index
-            .extend_from_slice(&[start, r.frame.len() as u64, r.n_tokens, r.n_supervised, r.token_hash]);
+        self.index.extend_from_slice(&[
+            start,
+            r.frame.len() as u64,
+            r.n_tokens,
+            r.n_supervised,
+            r.token_hash,
+        ]);
         self.key_hash.push(r.key_hash);
         self.key_bytes.extend_from_slice(&r.key);
         self.key_offsets.push(self.key_bytes.len() as u64);
@@ -112,29 +117,71 @@ impl ShardBuilder {
     /// Write the shard to `dir/file` atomically and describe it for the manifest.
     pub fn commit(self, dir: &Path, file: &str, codec: &Codec) -> Result<ShardEntry> {
         let n = self.len();
-        let key_offsets = if self.key_offsets.is_empty() { vec![0] } else { self.key_offsets };
+        let key_offsets = if self.key_offsets.is_empty() {
+            vec![0]
+        } else {
+            self.key_offsets
+        };
         let index = le_bytes(&self.index, u64::to_le_bytes);
         let key_hash = le_bytes(&self.key_hash, u64::to_le_bytes);
         let key_offsets_b = le_bytes(&key_offsets, u64::to_le_bytes);
         let mut tensors = vec![
-            TensorOut { name: "record_index", dtype: Dtype::U64, shape: vec![n, INDEX_COLS], data: &index },
-            TensorOut { name: "key_hash", dtype: Dtype::U64, shape: vec![n], data: &key_hash },
-            TensorOut { name: "key_offsets", dtype: Dtype::U64, shape: vec![n + 1], data: &key_offsets_b },
+            TensorOut {
+                name: "record_index",
+                dtype: Dtype::U64,
+                shape: vec![n, INDEX_COLS],
+                data: &index,
+            },
+            TensorOut {
+                name: "key_hash",
+                dtype: Dtype::U64,
+                shape: vec![n],
+                data: &key_hash,
+            },
+            TensorOut {
+                name: "key_offsets",
+                dtype: Dtype::U64,
+                shape: vec![n + 1],
+                data: &key_offsets_b,
+            },
         ];
         let (codebook, id_table);
         if let (Some(cb), Some(ids)) = (&codec.codebook, &codec.ids) {
             codebook = le_bytes(&cb.levels, f32::to_le_bytes);
             id_table = le_bytes(&ids.id_of_rank, u32::to_le_bytes);
-            tensors.push(TensorOut { name: "codebook", dtype: Dtype::F32, shape: vec![cb.levels.len()], data: &codebook });
-            tensors.push(TensorOut { name: "id_table", dtype: Dtype::U32, shape: vec![ids.id_of_rank.len()], data: &id_table });
+            tensors.push(TensorOut {
+                name: "codebook",
+                dtype: Dtype::F32,
+                shape: vec![cb.levels.len()],
+                data: &codebook,
+            });
+            tensors.push(TensorOut {
+                name: "id_table",
+                dtype: Dtype::U32,
+                shape: vec![ids.id_of_rank.len()],
+                data: &id_table,
+            });
         }
-        tensors.push(TensorOut { name: "key_bytes", dtype: Dtype::U8, shape: vec![self.key_bytes.len()], data: &self.key_bytes });
-        tensors.push(TensorOut { name: "payload", dtype: Dtype::U8, shape: vec![self.payload.len()], data: &self.payload });
+        tensors.push(TensorOut {
+            name: "key_bytes",
+            dtype: Dtype::U8,
+            shape: vec![self.key_bytes.len()],
+            data: &self.key_bytes,
+        });
+        tensors.push(TensorOut {
+            name: "payload",
+            dtype: Dtype::U8,
+            shape: vec![self.payload.len()],
+            data: &self.payload,
+        });
         let mut meta = BTreeMap::new();
         meta.insert("format".to_string(), SHARD_FORMAT.to_string());
         meta.insert("format_version".to_string(), FORMAT_VERSION.to_string());
         meta.insert("codec".to_string(), codec.kind.name().to_string());
-        meta.insert("codec_params".to_string(), codec_params_json(codec).to_string());
+        meta.insert(
+            "codec_params".to_string(),
+            codec_params_json(codec).to_string(),
+        );
         meta.insert("top_k".to_string(), codec.top_k.to_string());
         meta.insert("vocab_size".to_string(), codec.vocab_size.to_string());
         meta.insert("records".to_string(), n.to_string());
@@ -201,7 +248,10 @@ impl ShardReader {
                 Error::io("cannot open", path, e)
             }
         })?;
-        let len = file.metadata().map_err(|e| Error::io("cannot stat", path, e))?.len();
+        let len = file
+            .metadata()
+            .map_err(|e| Error::io("cannot stat", path, e))?
+            .len();
         if let Some(want) = expect_bytes {
             if len != want {
                 return Err(Error::corrupt(format!(
@@ -216,7 +266,9 @@ impl ShardReader {
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io("cannot map", path, e))?;
         let header = parse_header(&mmap, mmap.len())?;
         if meta(&header, "format")? != SHARD_FORMAT {
-            return Err(Error::format("not a target-sft shard (metadata \"format\" differs)"));
+            return Err(Error::format(
+                "not a target-sft shard (metadata \"format\" differs)",
+            ));
         }
         let version: u32 = meta(&header, "format_version")?
             .parse()
@@ -227,16 +279,22 @@ impl ShardReader {
                 format!("written with shard format version {version}, newer than {FORMAT_VERSION}; upgrade target-sft"),
             ));
         }
-        let kind = CodecKind::parse(meta(&header, "codec")?).map_err(|e| Error::format(e.message))?;
+        let kind =
+            CodecKind::parse(meta(&header, "codec")?).map_err(|e| Error::format(e.message))?;
         let top_k = meta_usize(&header, "top_k")?;
         let vocab = meta_usize(&header, "vocab_size")?;
         let n = meta_usize(&header, "records")?;
         if top_k == 0 || top_k > 1024 || vocab == 0 || vocab > (1 << 31) {
-            return Err(Error::format(format!("top_k {top_k} / vocab_size {vocab} are out of range")));
+            return Err(Error::format(format!(
+                "top_k {top_k} / vocab_size {vocab} are out of range"
+            )));
         }
         let params: Value = serde_json::from_str(meta(&header, "codec_params")?)
             .map_err(|_| Error::format("codec_params is not JSON"))?;
-        let zstd_level = params.get("zstd_level").and_then(Value::as_i64).unwrap_or(3) as i32;
+        let zstd_level = params
+            .get("zstd_level")
+            .and_then(Value::as_i64)
+            .unwrap_or(3) as i32;
         let mut reader = Self {
             path: path.to_path_buf(),
             mmap,
@@ -265,7 +323,11 @@ impl ShardReader {
                     .and_then(Value::as_f64)
                     .ok_or_else(|| Error::format(format!("codec_params has no {k}")))
             };
-            let cbp = CodebookParams { sqrt_step: f("sqrt_step")?, tail_step: f("tail_step")?, floor: f("floor")? };
+            let cbp = CodebookParams {
+                sqrt_step: f("sqrt_step")?,
+                tail_step: f("tail_step")?,
+                floor: f("floor")?,
+            };
             let levels: Vec<f32> = reader
                 .tensor("codebook", Dtype::F32)?
                 .chunks_exact(4)
@@ -277,7 +339,13 @@ impl ShardReader {
                 .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
                 .collect();
             let cb = Codebook::from_stored(cbp, levels)?;
-            reader.codec = Codec::compact(top_k, vocab, zstd_level, cb, IdTable::from_stored(ids, vocab)?);
+            reader.codec = Codec::compact(
+                top_k,
+                vocab,
+                zstd_level,
+                cb,
+                IdTable::from_stored(ids, vocab)?,
+            );
         }
         // validate the index once so later lookups can trust it
         let payload_len = reader.tensor("payload", Dtype::U8)?.len() as u64;
@@ -286,11 +354,18 @@ impl ShardReader {
         for i in 0..n {
             let row = reader.index_row(i);
             if row.frame.end > payload_len || row.frame.start > row.frame.end {
-                return Err(Error::corrupt(format!("record {i}: its frame lies outside the payload")));
+                return Err(Error::corrupt(format!(
+                    "record {i}: its frame lies outside the payload"
+                )));
             }
-            let (a, b) = (reader.u64_at(reader.key_offsets_at, i), reader.u64_at(reader.key_offsets_at, i + 1));
+            let (a, b) = (
+                reader.u64_at(reader.key_offsets_at, i),
+                reader.u64_at(reader.key_offsets_at, i + 1),
+            );
             if a != prev_key_end || b < a || b > key_len {
-                return Err(Error::corrupt(format!("record {i}: its key lies outside key_bytes")));
+                return Err(Error::corrupt(format!(
+                    "record {i}: its key lies outside key_bytes"
+                )));
             }
             prev_key_end = b;
         }
@@ -322,7 +397,9 @@ impl ShardReader {
             .get(name)
             .ok_or_else(|| Error::format(format!("tensor {name:?} is missing")))?;
         if t.dtype != dtype || t.shape.len() != 1 {
-            return Err(Error::corrupt(format!("tensor {name:?} has the wrong dtype or rank")));
+            return Err(Error::corrupt(format!(
+                "tensor {name:?} has the wrong dtype or rank"
+            )));
         }
         Ok(&self.mmap[t.range.clone()])
     }
@@ -358,12 +435,16 @@ impl ShardReader {
     }
 
     pub fn key_bytes(&self, i: usize) -> &[u8] {
-        let (a, b) = (self.u64_at(self.key_offsets_at, i) as usize, self.u64_at(self.key_offsets_at, i + 1) as usize);
+        let (a, b) = (
+            self.u64_at(self.key_offsets_at, i) as usize,
+            self.u64_at(self.key_offsets_at, i + 1) as usize,
+        );
         &self.mmap[self.key_bytes_at + a..self.key_bytes_at + b]
     }
 
     pub fn key(&self, i: usize) -> Result<Key> {
-        Key::decode(self.key_bytes(i)).map_err(|e| e.at(format!("shard {}, record {i}", self.path.display())))
+        Key::decode(self.key_bytes(i))
+            .map_err(|e| e.at(format!("shard {}, record {i}", self.path.display())))
     }
 
     pub fn frame(&self, i: usize) -> &[u8] {
@@ -376,7 +457,12 @@ impl ShardReader {
         let row = self.index_row(i);
         let key = self.key(i)?;
         self.codec
-            .decode(self.frame(i), key, row.n_tokens as usize, row.n_supervised as usize)
+            .decode(
+                self.frame(i),
+                key,
+                row.n_tokens as usize,
+                row.n_supervised as usize,
+            )
             .map_err(|e| e.at(format!("shard {}, record {i}", self.path.display())))
     }
 

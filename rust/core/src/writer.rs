@@ -113,10 +113,16 @@ fn compare(field: &str, cached: &Value, ours: &Value) -> Result<()> {
 impl CacheWriter {
     pub fn create(dir: &Path, opts: WriterOptions) -> Result<Self> {
         if opts.top_k == 0 || opts.top_k > 256 {
-            return Err(Error::input(format!("top_k = {} must be between 1 and 256", opts.top_k)));
+            return Err(Error::input(format!(
+                "top_k = {} must be between 1 and 256",
+                opts.top_k
+            )));
         }
         if opts.vocab_size == 0 || opts.vocab_size > (1 << 31) {
-            return Err(Error::input(format!("vocab_size = {} must be between 1 and 2^31", opts.vocab_size)));
+            return Err(Error::input(format!(
+                "vocab_size = {} must be between 1 and 2^31",
+                opts.vocab_size
+            )));
         }
         if opts.top_k > opts.vocab_size {
             return Err(Error::input(format!(
@@ -125,14 +131,23 @@ impl CacheWriter {
             )));
         }
         if !(opts.temperature.is_finite() && opts.temperature > 0.0) {
-            return Err(Error::input(format!("temperature = {} must be a positive number", opts.temperature)));
+            return Err(Error::input(format!(
+                "temperature = {} must be a positive number",
+                opts.temperature
+            )));
         }
         if !(-7..=22).contains(&opts.zstd_level) {
-            return Err(Error::input(format!("zstd_level = {} must be in [-7, 22]", opts.zstd_level)));
+            return Err(Error::input(format!(
+                "zstd_level = {} must be in [-7, 22]",
+                opts.zstd_level
+            )));
         }
         if opts.shard_prefix.is_empty()
             || opts.shard_prefix.starts_with('.')
-            || !opts.shard_prefix.chars().all(|c| c.is_ascii_alphanumeric() || "-_".contains(c))
+            || !opts
+                .shard_prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_".contains(c))
         {
             return Err(Error::input(format!(
                 "shard_prefix {:?} must be non-empty ASCII letters, digits, '-' or '_'",
@@ -142,11 +157,19 @@ impl CacheWriter {
         opts.codebook.validate()?;
         std::fs::create_dir_all(dir).map_err(|e| Error::io("cannot create", dir, e))?;
         let codec_params = match opts.codec {
-            CodecKind::Exact => codec_params_json(&Codec::exact(opts.top_k, opts.vocab_size, opts.zstd_level)),
+            CodecKind::Exact => {
+                codec_params_json(&Codec::exact(opts.top_k, opts.vocab_size, opts.zstd_level))
+            }
             CodecKind::Compact => {
                 let cb = Codebook::new(opts.codebook)?;
                 let ids = IdTable::from_stored(Vec::new(), 0)?;
-                codec_params_json(&Codec::compact(opts.top_k, opts.vocab_size, opts.zstd_level, cb, ids))
+                codec_params_json(&Codec::compact(
+                    opts.top_k,
+                    opts.vocab_size,
+                    opts.zstd_level,
+                    cb,
+                    ids,
+                ))
             }
         };
         let mut base = Manifest {
@@ -177,11 +200,23 @@ impl CacheWriter {
         }
         if has_manifest {
             let old = Manifest::load(dir)?;
-            compare("codec", &Value::from(old.codec.clone()), &Value::from(base.codec.clone()))?;
+            compare(
+                "codec",
+                &Value::from(old.codec.clone()),
+                &Value::from(base.codec.clone()),
+            )?;
             compare("codec_params", &old.codec_params, &base.codec_params)?;
             compare("top_k", &Value::from(old.top_k), &Value::from(base.top_k))?;
-            compare("vocab_size", &Value::from(old.vocab_size), &Value::from(base.vocab_size))?;
-            compare("temperature", &Value::from(old.temperature), &Value::from(base.temperature))?;
+            compare(
+                "vocab_size",
+                &Value::from(old.vocab_size),
+                &Value::from(base.vocab_size),
+            )?;
+            compare(
+                "temperature",
+                &Value::from(old.temperature),
+                &Value::from(base.temperature),
+            )?;
             compare("tokenizer", &old.tokenizer, &base.tokenizer)?;
             compare("teacher", &old.teacher, &base.teacher)?;
             base.shards = old.shards;
@@ -243,7 +278,10 @@ impl CacheWriter {
     fn check_error(&self) -> Result<()> {
         let g = self.error.lock().unwrap_or_else(|p| p.into_inner());
         match &*g {
-            Some(e) => Err(Error::new(e.kind, format!("the writer failed earlier: {}", e.message))),
+            Some(e) => Err(Error::new(
+                e.kind,
+                format!("the writer failed earlier: {}", e.message),
+            )),
             None => Ok(()),
         }
     }
@@ -276,10 +314,17 @@ impl CacheWriter {
     fn dispatch(&mut self, rec: Record) -> Result<()> {
         let seq = self.seq;
         self.seq += 1;
-        let tx = self.pipeline.as_ref().and_then(|p| p.jobs.as_ref()).expect("pipeline running");
+        let tx = self
+            .pipeline
+            .as_ref()
+            .and_then(|p| p.jobs.as_ref())
+            .expect("pipeline running");
         if tx.send((seq, rec)).is_err() {
             self.check_error()?;
-            return Err(Error::new(ErrorKind::Io, "the writer's threads stopped unexpectedly"));
+            return Err(Error::new(
+                ErrorKind::Io,
+                "the writer's threads stopped unexpectedly",
+            ));
         }
         Ok(())
     }
@@ -320,7 +365,12 @@ impl CacheWriter {
         let (done_tx, done_rx) = bounded::<Done>(threads * 4);
         let encoders = (0..threads)
             .map(|i| {
-                let (rx, tx, codec, err) = (job_rx.clone(), done_tx.clone(), codec.clone(), self.error.clone());
+                let (rx, tx, codec, err) = (
+                    job_rx.clone(),
+                    done_tx.clone(),
+                    codec.clone(),
+                    self.error.clone(),
+                );
                 std::thread::Builder::new()
                     .name(format!("tsft-encode-{i}"))
                     .spawn(move || encoder_loop(rx, tx, &codec, &err))
@@ -330,7 +380,11 @@ impl CacheWriter {
         drop(done_tx);
         let committer = {
             let (dir, base, err) = (self.dir.clone(), self.base.clone(), self.error.clone());
-            let (prefix, shard_bytes, next) = (self.opts.shard_prefix.clone(), self.opts.shard_bytes, self.next_shard);
+            let (prefix, shard_bytes, next) = (
+                self.opts.shard_prefix.clone(),
+                self.opts.shard_bytes,
+                self.next_shard,
+            );
             std::thread::Builder::new()
                 .name("tsft-commit".into())
                 .spawn(move || {
@@ -375,7 +429,12 @@ impl CacheWriter {
         self.check_error()?;
         let mut m = match committed {
             Ok(r) => r?,
-            Err(_) => return Err(Error::new(ErrorKind::Io, "the writer's commit thread panicked")),
+            Err(_) => {
+                return Err(Error::new(
+                    ErrorKind::Io,
+                    "the writer's commit thread panicked",
+                ))
+            }
         };
         m.complete = complete;
         m.store(&self.dir)?;
@@ -428,14 +487,15 @@ fn commit_loop(
     let mut reorder: BTreeMap<u64, EncodedRecord> = BTreeMap::new();
     let mut want = 0u64;
     let mut shard = ShardBuilder::default();
-    let commit = |shard: ShardBuilder, manifest: &mut Manifest, next_shard: &mut u64| -> Result<()> {
-        let file = format!("{prefix}-{:06}.safetensors", *next_shard);
-        *next_shard += 1;
-        let entry = shard.commit(dir, &file, codec)?;
-        manifest.shards.push(entry);
-        manifest.recount();
-        manifest.store(dir)
-    };
+    let commit =
+        |shard: ShardBuilder, manifest: &mut Manifest, next_shard: &mut u64| -> Result<()> {
+            let file = format!("{prefix}-{:06}.safetensors", *next_shard);
+            *next_shard += 1;
+            let entry = shard.commit(dir, &file, codec)?;
+            manifest.shards.push(entry);
+            manifest.recount();
+            manifest.store(dir)
+        };
     for (seq, rec) in rx {
         reorder.insert(seq, rec);
         while let Some(rec) = reorder.remove(&want) {
@@ -447,7 +507,10 @@ fn commit_loop(
         }
     }
     if !reorder.is_empty() {
-        return Err(Error::new(ErrorKind::Io, "an encoder thread stopped before finishing its records"));
+        return Err(Error::new(
+            ErrorKind::Io,
+            "an encoder thread stopped before finishing its records",
+        ));
     }
     if !shard.is_empty() {
         commit(shard, &mut manifest, &mut next_shard)?;
@@ -456,7 +519,11 @@ fn commit_loop(
 }
 
 fn shard_number(file: &str, prefix: &str) -> Option<u64> {
-    file.strip_prefix(prefix)?.strip_prefix('-')?.strip_suffix(".safetensors")?.parse().ok()
+    file.strip_prefix(prefix)?
+        .strip_prefix('-')?
+        .strip_suffix(".safetensors")?
+        .parse()
+        .ok()
 }
 
 fn list_orphans(dir: &Path, known: &[String]) -> Result<Vec<String>> {
@@ -478,7 +545,10 @@ fn list_orphans(dir: &Path, known: &[String]) -> Result<Vec<String>> {
 }
 
 fn remove_stale_tmp(dir: &Path) -> Result<()> {
-    for ent in std::fs::read_dir(dir).map_err(|e| Error::io("cannot list", dir, e))?.flatten() {
+    for ent in std::fs::read_dir(dir)
+        .map_err(|e| Error::io("cannot list", dir, e))?
+        .flatten()
+    {
         if ent.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
             let _ = std::fs::remove_file(ent.path());
         }

@@ -4,7 +4,9 @@ use std::path::Path;
 
 use common::{record, Rng};
 use target_sft_core::codec::{Codebook, CodebookParams};
-use target_sft_core::{CacheWriter, CodecKind, ErrorKind, Key, Record, TeacherCache, WriterOptions};
+use target_sft_core::{
+    CacheWriter, CodecKind, ErrorKind, Key, Record, TeacherCache, WriterOptions,
+};
 
 fn opts(codec: CodecKind, k: usize, vocab: usize) -> WriterOptions {
     let mut o = WriterOptions::new(k, vocab);
@@ -27,7 +29,11 @@ fn records(n: usize, vocab: usize, k: usize, seed: u64) -> Vec<Record> {
     let mut rng = Rng::new(seed);
     (0..n)
         .map(|i| {
-            let key = if i % 3 == 0 { Key::Str(format!("doc-{i}")) } else { Key::Int(i as i64 * 7 - 5) };
+            let key = if i % 3 == 0 {
+                Key::Str(format!("doc-{i}"))
+            } else {
+                Key::Int(i as i64 * 7 - 5)
+            };
             let t = 1 + rng.below(60) as usize;
             record(&mut rng, key, vocab, k, t)
         })
@@ -86,20 +92,32 @@ fn compact_codec_keeps_ids_and_bounds_values() {
                 if q == cb.escape() {
                     assert_eq!(v.to_bits(), orig.to_bits(), "escaped values are exact");
                 } else {
-                    assert!((v - orig).abs() <= cb.max_error(q as usize) + 1e-6, "{v} vs {orig}");
+                    assert!(
+                        (v - orig).abs() <= cb.max_error(q as usize) + 1e-6,
+                        "{v} vs {orig}"
+                    );
                 }
             }
             let valid = (0..k).filter(|&j| got.topk_ids[row * k + j] >= 0).count();
             assert_eq!(valid, want.len(), "every id comes back");
-            let label = r.labels[(1..r.n_tokens()).filter(|&t| r.labels[t] != -100).nth(row).unwrap()];
+            let label = r.labels[(1..r.n_tokens())
+                .filter(|&t| r.labels[t] != -100)
+                .nth(row)
+                .unwrap()];
             let orig = r.label_logprobs[row];
             let got_l = got.label_logprobs[row];
             if want.contains_key(&label) {
-                assert_eq!(got.topk_ids[row * k], label, "a label in the support decodes first");
+                assert_eq!(
+                    got.topk_ids[row * k],
+                    label,
+                    "a label in the support decodes first"
+                );
                 assert_eq!(got_l.to_bits(), got.topk_logprobs[row * k].to_bits());
             } else {
                 let q = cb.quantize(orig) as usize;
-                assert!(q == cb.escape() as usize || (got_l - orig).abs() <= cb.max_error(q) + 1e-6);
+                assert!(
+                    q == cb.escape() as usize || (got_l - orig).abs() <= cb.max_error(q) + 1e-6
+                );
             }
         }
     }
@@ -119,13 +137,26 @@ fn bad_input_is_rejected_with_location() {
     let mut bad = record(&mut rng, Key::Int(2), 100, 4, 10);
     bad.topk_ids[0] = 100;
     let e = w.add(bad).unwrap_err();
-    assert!(e.message.contains("topk_ids[0, 0] = 100 is outside the vocabulary [0, 100)"), "{}", e.message);
+    assert!(
+        e.message
+            .contains("topk_ids[0, 0] = 100 is outside the vocabulary [0, 100)"),
+        "{}",
+        e.message
+    );
     let mut nan = record(&mut rng, Key::Int(3), 100, 4, 10);
     nan.topk_logprobs[1] = f32::NAN;
-    assert!(w.add(nan).unwrap_err().message.contains("topk_logprobs[0, 1] = NaN"));
+    assert!(w
+        .add(nan)
+        .unwrap_err()
+        .message
+        .contains("topk_logprobs[0, 1] = NaN"));
     let mut short = record(&mut rng, Key::Int(4), 100, 4, 10);
     short.label_ranks.pop();
-    assert!(w.add(short).unwrap_err().message.contains("label_ranks has"));
+    assert!(w
+        .add(short)
+        .unwrap_err()
+        .message
+        .contains("label_ranks has"));
     w.close().unwrap();
     assert_eq!(TeacherCache::open(&dir).unwrap().len(), 1);
 }
@@ -169,7 +200,9 @@ fn newer_format_version_is_refused() {
     let dir = tempdir("version");
     write(&dir, opts(CodecKind::Exact, 4, 100), &records(2, 100, 4, 5));
     let p = dir.join("manifest.json");
-    let s = std::fs::read_to_string(&p).unwrap().replace("\"format_version\": 1", "\"format_version\": 2");
+    let s = std::fs::read_to_string(&p)
+        .unwrap()
+        .replace("\"format_version\": 1", "\"format_version\": 2");
     std::fs::write(&p, s).unwrap();
     let e = TeacherCache::open(&dir).err().unwrap();
     assert_eq!(e.kind, ErrorKind::Version);
@@ -186,7 +219,10 @@ fn token_mismatch_is_reported() {
     ids[0] = (ids[0] + 1) % 100;
     let e = c.get(&recs[1].key, Some(&ids)).unwrap_err();
     assert_eq!(e.kind, ErrorKind::Mismatch);
-    assert_eq!(c.get(&Key::Str("nope".into()), None).unwrap_err().kind, ErrorKind::KeyNotFound);
+    assert_eq!(
+        c.get(&Key::Str("nope".into()), None).unwrap_err().kind,
+        ErrorKind::KeyNotFound
+    );
 }
 
 #[test]
@@ -214,7 +250,10 @@ fn append_adopts_orphans_and_checks_settings() {
     o.append = true;
     let mut w = CacheWriter::create(&dir, o).unwrap();
     assert_eq!(w.num_records(), 10, "the orphan shard was adopted");
-    assert!(w.add(recs[3].clone()).is_err(), "keys of adopted shards count as duplicates");
+    assert!(
+        w.add(recs[3].clone()).is_err(),
+        "keys of adopted shards count as duplicates"
+    );
     for r in &recs[10..] {
         w.add(r.clone()).unwrap();
     }
@@ -224,7 +263,10 @@ fn append_adopts_orphans_and_checks_settings() {
     assert!(c.manifest.shards.iter().any(|s| s.file == last.file));
     assert_eq!(c.len(), 30);
     for r in &recs {
-        assert_eq!(c.get(&r.key, Some(&r.input_ids)).unwrap().topk_ids, r.topk_ids);
+        assert_eq!(
+            c.get(&r.key, Some(&r.input_ids)).unwrap().topk_ids,
+            r.topk_ids
+        );
     }
 }
 

@@ -4,8 +4,8 @@ mod common;
 
 use common::{record, Rng};
 use proptest::prelude::*;
-use target_sft_core::shard::ShardReader;
 use std::sync::atomic::{AtomicU64, Ordering};
+use target_sft_core::shard::ShardReader;
 
 use target_sft_core::{CacheWriter, CodecKind, Key, TeacherCache, WriterOptions};
 
@@ -16,7 +16,12 @@ fn unique() -> u64 {
 }
 
 fn sample_shard(codec: CodecKind) -> Vec<u8> {
-    let dir = std::env::temp_dir().join(format!("tsft-fuzz-{}-{}-{}", std::process::id(), codec.name(), unique()));
+    let dir = std::env::temp_dir().join(format!(
+        "tsft-fuzz-{}-{}-{}",
+        std::process::id(),
+        codec.name(),
+        unique()
+    ));
     let _ = std::fs::remove_dir_all(&dir);
     let mut o = WriterOptions::new(8, 500);
     o.codec = codec;
@@ -25,7 +30,8 @@ fn sample_shard(codec: CodecKind) -> Vec<u8> {
     let mut w = CacheWriter::create(&dir, o).unwrap();
     let mut rng = Rng::new(11);
     for i in 0..6 {
-        w.add(record(&mut rng, Key::Int(i), 500, 8, 5 + i as usize * 3)).unwrap();
+        w.add(record(&mut rng, Key::Int(i), 500, 8, 5 + i as usize * 3))
+            .unwrap();
     }
     w.close().unwrap();
     let c = TeacherCache::open(&dir).unwrap();
@@ -35,7 +41,11 @@ fn sample_shard(codec: CodecKind) -> Vec<u8> {
 }
 
 fn exercise(bytes: &[u8], tag: u64) {
-    let path = std::env::temp_dir().join(format!("tsft-fuzz-case-{}-{tag}-{}.safetensors", std::process::id(), unique()));
+    let path = std::env::temp_dir().join(format!(
+        "tsft-fuzz-case-{}-{tag}-{}.safetensors",
+        std::process::id(),
+        unique()
+    ));
     std::fs::write(&path, bytes).unwrap();
     if let Ok(r) = ShardReader::open(&path, None) {
         for i in 0..r.len() {

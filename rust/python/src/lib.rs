@@ -57,7 +57,11 @@ fn key_to_py<'py>(py: Python<'py>, key: &Key) -> PyResult<Bound<'py, PyAny>> {
 }
 
 /// A contiguous array of the expected rank, copied into a Vec (one memcpy).
-fn take<T: numpy::Element + Copy>(name: &str, a: &PyReadonlyArrayDyn<'_, T>, ndim: usize) -> PyResult<Vec<T>> {
+fn take<T: numpy::Element + Copy>(
+    name: &str,
+    a: &PyReadonlyArrayDyn<'_, T>,
+    ndim: usize,
+) -> PyResult<Vec<T>> {
     if a.ndim() != ndim {
         return Err(err(core::Error::input(format!(
             "{name} must have {ndim} dimension(s), got shape {:?}",
@@ -121,7 +125,8 @@ impl PyCacheWriter {
         floor: f64,
     ) -> PyResult<Self> {
         let parse = |what: &str, s: &str| {
-            serde_json::from_str(s).map_err(|e| err(core::Error::input(format!("{what} is not JSON: {e}"))))
+            serde_json::from_str(s)
+                .map_err(|e| err(core::Error::input(format!("{what} is not JSON: {e}"))))
         };
         let mut opts = core::WriterOptions::new(top_k, vocab_size);
         opts.codec = CodecKind::parse(codec).map_err(err)?;
@@ -134,10 +139,19 @@ impl PyCacheWriter {
         opts.shard_prefix = shard_prefix;
         opts.prior_records = prior_records;
         opts.append = append;
-        opts.codebook = core::CodebookParams { sqrt_step, tail_step, floor };
+        opts.codebook = core::CodebookParams {
+            sqrt_step,
+            tail_step,
+            floor,
+        };
         opts.created_by = format!("target-sft {}", env!("CARGO_PKG_VERSION"));
-        let w = py.detach(|| core::CacheWriter::create(&path, opts)).map_err(err)?;
-        Ok(Self { inner: Some(w), top_k })
+        let w = py
+            .detach(|| core::CacheWriter::create(&path, opts))
+            .map_err(err)?;
+        Ok(Self {
+            inner: Some(w),
+            top_k,
+        })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -153,7 +167,10 @@ impl PyCacheWriter {
         label_ranks: PyReadonlyArrayDyn<'_, i32>,
     ) -> PyResult<()> {
         let k = self.top_k;
-        for (name, shape) in [("topk_ids", topk_ids.shape()), ("topk_logprobs", topk_logprobs.shape())] {
+        for (name, shape) in [
+            ("topk_ids", topk_ids.shape()),
+            ("topk_logprobs", topk_logprobs.shape()),
+        ] {
             if shape.len() == 2 && shape[1] != k {
                 return Err(err(core::Error::input(format!(
                     "{name} has shape {shape:?} but the cache stores top_k = {k} entries per row"
@@ -237,7 +254,9 @@ impl PyTeacherCache {
     ) -> PyResult<Bound<'py, PyTuple>> {
         let key = key_from_py(key)?;
         let ids = input_ids.map(|a| take("input_ids", &a, 1)).transpose()?;
-        let r = py.detach(|| self.inner.get(&key, ids.as_deref())).map_err(err)?;
+        let r = py
+            .detach(|| self.inner.get(&key, ids.as_deref()))
+            .map_err(err)?;
         record_to_py(py, r, self.inner.manifest.top_k)
     }
 
@@ -248,10 +267,20 @@ impl PyTeacherCache {
 
     /// Decode many records in parallel (GIL released); `threads` = 0 uses all cores.
     #[pyo3(signature = (positions, threads=0))]
-    fn get_many_at<'py>(&self, py: Python<'py>, positions: Vec<u64>, threads: usize) -> PyResult<Vec<Bound<'py, PyTuple>>> {
+    fn get_many_at<'py>(
+        &self,
+        py: Python<'py>,
+        positions: Vec<u64>,
+        threads: usize,
+    ) -> PyResult<Vec<Bound<'py, PyTuple>>> {
         let recs: Vec<Record> = py
             .detach(|| {
-                let run = || positions.par_iter().map(|&p| self.inner.get_at(p)).collect::<core::Result<Vec<_>>>();
+                let run = || {
+                    positions
+                        .par_iter()
+                        .map(|&p| self.inner.get_at(p))
+                        .collect::<core::Result<Vec<_>>>()
+                };
                 if threads == 1 {
                     positions.iter().map(|&p| self.inner.get_at(p)).collect()
                 } else if threads == 0 {
@@ -274,10 +303,20 @@ impl PyTeacherCache {
     }
 
     /// Keys of positions [start, stop).
-    fn keys_range<'py>(&self, py: Python<'py>, start: u64, stop: u64) -> PyResult<Vec<Bound<'py, PyAny>>> {
+    fn keys_range<'py>(
+        &self,
+        py: Python<'py>,
+        start: u64,
+        stop: u64,
+    ) -> PyResult<Vec<Bound<'py, PyAny>>> {
         let stop = stop.min(self.inner.len());
         (start..stop)
-            .map(|p| self.inner.key_at(p).map_err(err).and_then(|k| key_to_py(py, &k)))
+            .map(|p| {
+                self.inner
+                    .key_at(p)
+                    .map_err(err)
+                    .and_then(|k| key_to_py(py, &k))
+            })
             .collect()
     }
 
@@ -287,7 +326,9 @@ impl PyTeacherCache {
     }
 
     fn __contains__(&self, py: Python<'_>, key: &Bound<'_, PyAny>) -> PyResult<bool> {
-        let Ok(key) = key_from_py(key) else { return Ok(false) };
+        let Ok(key) = key_from_py(key) else {
+            return Ok(false);
+        };
         match py.detach(|| self.inner.position(&key)) {
             Ok(_) => Ok(true),
             Err(e) if e.kind == ErrorKind::KeyNotFound => Ok(false),

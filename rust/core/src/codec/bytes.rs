@@ -90,7 +90,9 @@ impl<'a> Cursor<'a> {
     pub fn count(&mut self, what: &str, max: usize) -> Result<usize> {
         let v = self.varint()?;
         if v > max as u64 {
-            return Err(Error::corrupt(format!("{what} = {v} exceeds its limit {max}")));
+            return Err(Error::corrupt(format!(
+                "{what} = {v} exceeds its limit {max}"
+            )));
         }
         Ok(v as usize)
     }
@@ -285,7 +287,13 @@ pub struct NumReader<'a> {
 
 impl<'a> NumReader<'a> {
     pub fn new(symbols: &'a [u8], bits: &'a [u8], what: &'static str) -> Self {
-        Self { symbols, pos: 0, bits, bitpos: 0, what }
+        Self {
+            symbols,
+            pos: 0,
+            bits,
+            bitpos: 0,
+            what,
+        }
     }
     #[inline(always)]
     pub fn get(&mut self) -> Result<u64> {
@@ -304,7 +312,10 @@ impl<'a> NumReader<'a> {
         self.pos += 1;
         let b = u32::from(s) - DIRECT as u32;
         if b == 0 || b > 63 {
-            return Err(Error::corrupt(format!("{}: invalid bucket symbol {s}", self.what)));
+            return Err(Error::corrupt(format!(
+                "{}: invalid bucket symbol {s}",
+                self.what
+            )));
         }
         let n = (b - 1) as usize;
         if self.bitpos + n > self.bits.len() * 8 {
@@ -340,7 +351,19 @@ mod num_tests {
 
     #[test]
     fn num_roundtrip() {
-        let vals = [0u64, 5, 191, 192, 193, 255, 256, 1000, 65_535, 1 << 40, u64::MAX / 4];
+        let vals = [
+            0u64,
+            5,
+            191,
+            192,
+            193,
+            255,
+            256,
+            1000,
+            65_535,
+            1 << 40,
+            u64::MAX / 4,
+        ];
         let mut w = NumWriter::default();
         vals.iter().for_each(|&v| w.put(v));
         w.finish();

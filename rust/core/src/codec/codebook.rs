@@ -173,7 +173,11 @@ impl Codebook {
 
     /// Largest decoding error |decoded − original| for any value that maps to level `n`.
     pub fn max_error(&self, n: usize) -> f32 {
-        let up = if n == 0 { 0.0 } else { self.thresholds[n - 1] - self.levels[n] };
+        let up = if n == 0 {
+            0.0
+        } else {
+            self.thresholds[n - 1] - self.levels[n]
+        };
         let down = if n + 1 < self.levels.len() {
             self.levels[n] - self.thresholds[n]
         } else {

@@ -27,22 +27,27 @@ impl IdTable {
         let m = id_of_rank.len() as u32;
         let mut rank_of_id: Vec<u32> = (0..vocab_size as u32).map(|x| m + x).collect();
         for (r, &id) in id_of_rank.iter().enumerate() {
-            let slot = rank_of_id
-                .get_mut(id as usize)
-                .ok_or_else(|| Error::corrupt(format!("id table entry {id} is outside the vocabulary")))?;
+            let slot = rank_of_id.get_mut(id as usize).ok_or_else(|| {
+                Error::corrupt(format!("id table entry {id} is outside the vocabulary"))
+            })?;
             if *slot != m + id {
                 return Err(Error::corrupt(format!("id table lists id {id} twice")));
             }
             *slot = r as u32;
         }
-        Ok(Self { id_of_rank, rank_of_id })
+        Ok(Self {
+            id_of_rank,
+            rank_of_id,
+        })
     }
 
     /// Build from id frequency counts (`counts[id]`): the `max_len` most frequent ids seen at
     /// least twice, most frequent first, ties by smaller id. The cap keeps the table (read on
     /// every decoded entry) resident in the L1/L2 cache.
     pub fn from_counts(counts: &[u64], max_len: usize) -> Self {
-        let mut seen: Vec<u32> = (0..counts.len() as u32).filter(|&i| counts[i as usize] > 1).collect();
+        let mut seen: Vec<u32> = (0..counts.len() as u32)
+            .filter(|&i| counts[i as usize] > 1)
+            .collect();
         seen.sort_unstable_by(|&a, &b| counts[b as usize].cmp(&counts[a as usize]).then(a.cmp(&b)));
         seen.truncate(max_len);
         Self::from_stored(seen, counts.len()).expect("ids from counts are distinct and in range")
@@ -92,12 +97,26 @@ fn value_code(q: u32, esc: u32) -> u64 {
     u64::from(esc - q)
 }
 
-pub(super) fn encode_rows(codec: &Codec, raw: &mut Vec<u8>, rec: &Record, s: &mut EncodeScratch) -> Result<()> {
-    let cb = codec.codebook.as_ref().expect("compact codec has a codebook");
+pub(super) fn encode_rows(
+    codec: &Codec,
+    raw: &mut Vec<u8>,
+    rec: &Record,
+    s: &mut EncodeScratch,
+) -> Result<()> {
+    let cb = codec
+        .codebook
+        .as_ref()
+        .expect("compact codec has a codebook");
     let table = codec.ids.as_ref().expect("compact codec has an id table");
     let k = codec.top_k;
     let esc = cb.escape();
-    for v in [&mut s.nvalid, &mut s.row_flags, &mut s.share_mask, &mut s.label_rank, &mut s.exact_values] {
+    for v in [
+        &mut s.nvalid,
+        &mut s.row_flags,
+        &mut s.share_mask,
+        &mut s.label_rank,
+        &mut s.exact_values,
+    ] {
         v.clear();
     }
     s.rank.clear();
@@ -110,7 +129,12 @@ pub(super) fn encode_rows(codec: &Codec, raw: &mut Vec<u8>, rec: &Record, s: &mu
         s.gen = 0;
     }
     let mut full = true;
-    let mut sup_t = rec.labels.iter().enumerate().skip(1).filter(|(_, &l)| l != crate::record::IGNORE_INDEX);
+    let mut sup_t = rec
+        .labels
+        .iter()
+        .enumerate()
+        .skip(1)
+        .filter(|(_, &l)| l != crate::record::IGNORE_INDEX);
     for r in 0..rec.n_supervised() {
         let ids = &rec.topk_ids[r * k..(r + 1) * k];
         let lps = &rec.topk_logprobs[r * k..(r + 1) * k];
@@ -160,10 +184,15 @@ pub(super) fn encode_rows(codec: &Codec, raw: &mut Vec<u8>, rec: &Record, s: &mu
         for (i, &rank) in s.new_ranks.iter().enumerate() {
             s.rank.put(if i == 0 { rank } else { rank - prev_rank - 1 });
             prev_rank = rank;
-            s.cur.push(table.id(rank).expect("rank of a valid id") as i32);
+            s.cur
+                .push(table.id(rank).expect("rank of a valid id") as i32);
         }
         // the label's value (index q: small for likely labels), then the other entries' (L - q)
-        let label_lp = if label_in { lps[s.col[label as usize] as usize] } else { rec.label_logprobs[r] };
+        let label_lp = if label_in {
+            lps[s.col[label as usize] as usize]
+        } else {
+            rec.label_logprobs[r]
+        };
         let q = cb.quantize(label_lp);
         s.label_value.put(u64::from(q));
         if q == esc {
@@ -202,8 +231,16 @@ pub(super) fn encode_rows(codec: &Codec, raw: &mut Vec<u8>, rec: &Record, s: &mu
     Ok(())
 }
 
-pub(super) fn decode_rows(codec: &Codec, c: &mut Cursor<'_>, rec: &mut Record, s: usize) -> Result<()> {
-    let cb = codec.codebook.as_ref().expect("compact codec has a codebook");
+pub(super) fn decode_rows(
+    codec: &Codec,
+    c: &mut Cursor<'_>,
+    rec: &mut Record,
+    s: usize,
+) -> Result<()> {
+    let cb = codec
+        .codebook
+        .as_ref()
+        .expect("compact codec has a codebook");
     let table = codec.ids.as_ref().expect("compact codec has an id table");
     let k = codec.top_k;
     let esc = u64::from(cb.escape());
@@ -217,11 +254,18 @@ pub(super) fn decode_rows(codec: &Codec, c: &mut Cursor<'_>, rec: &mut Record, s
     let share_mask = c.stream("share_mask")?;
     let mut ranks = NumReader::new(c.stream("ranks")?, c.stream("rank bits")?, "ranks");
     let mut values = NumReader::new(c.stream("values")?, c.stream("value bits")?, "values");
-    let mut label_values = NumReader::new(c.stream("label values")?, c.stream("label value bits")?, "label values");
+    let mut label_values = NumReader::new(
+        c.stream("label values")?,
+        c.stream("label value bits")?,
+        "label values",
+    );
     let mut label_rank = Cursor::new(c.stream("label_rank")?);
     let mut exact = Cursor::new(c.stream("exact values")?);
     if row_flags.len() != s {
-        return Err(Error::corrupt(format!("row_flags has {} bytes for {s} rows", row_flags.len())));
+        return Err(Error::corrupt(format!(
+            "row_flags has {} bytes for {s} rows",
+            row_flags.len()
+        )));
     }
     let mut ids = vec![-1i32; s * k];
     let mut lps = vec![f32::NEG_INFINITY; s * k];
@@ -238,17 +282,29 @@ pub(super) fn decode_rows(codec: &Codec, c: &mut Cursor<'_>, rec: &mut Record, s
     #[cold]
     fn value_slow(esc: u64, code: u64, exact: &mut Cursor<'_>) -> Result<f32> {
         if code == 0 {
-            Ok(f32::from_le_bytes(exact.take(4, "exact values")?.try_into().unwrap()))
+            Ok(f32::from_le_bytes(
+                exact.take(4, "exact values")?.try_into().unwrap(),
+            ))
         } else {
-            Err(Error::corrupt(format!("value code {code} is past the codebook's {esc} levels")))
+            Err(Error::corrupt(format!(
+                "value code {code} is past the codebook's {esc} levels"
+            )))
         }
     }
     let mut mask_pos = 0usize;
     let mut prev_n = 0usize;
-    let mut sup_t = rec.labels.iter().enumerate().skip(1).filter(|(_, &l)| l != crate::record::IGNORE_INDEX);
+    let mut sup_t = rec
+        .labels
+        .iter()
+        .enumerate()
+        .skip(1)
+        .filter(|(_, &l)| l != crate::record::IGNORE_INDEX);
     for r in 0..s {
         let n = if full { k } else { nvalid.count("nvalid", k)? };
-        let label = rec.labels[sup_t.next().ok_or_else(|| Error::corrupt("more rows than supervised labels"))?.0];
+        let label = rec.labels[sup_t
+            .next()
+            .ok_or_else(|| Error::corrupt("more rows than supervised labels"))?
+            .0];
         let label_in = match row_flags[r] {
             0 => false,
             1 => true,
@@ -259,7 +315,9 @@ pub(super) fn decode_rows(codec: &Codec, c: &mut Cursor<'_>, rec: &mut Record, s
         let mut i = 0usize;
         if label_in {
             if n == 0 {
-                return Err(Error::corrupt(format!("row {r}: label flagged present in an empty row")));
+                return Err(Error::corrupt(format!(
+                    "row {r}: label flagged present in an empty row"
+                )));
             }
             row_ids[0] = label;
             i = 1;
@@ -277,7 +335,9 @@ pub(super) fn decode_rows(codec: &Codec, c: &mut Cursor<'_>, rec: &mut Record, s
                     let j = bi * 8 + bits.trailing_zeros() as usize;
                     bits &= bits - 1;
                     let (Some(&id), true) = (prev.get(j), i < n) else {
-                        return Err(Error::corrupt(format!("row {r}: share_mask selects more ids than the row holds")));
+                        return Err(Error::corrupt(format!(
+                            "row {r}: share_mask selects more ids than the row holds"
+                        )));
                     };
                     row_ids[i] = id;
                     i += 1;
@@ -287,10 +347,18 @@ pub(super) fn decode_rows(codec: &Codec, c: &mut Cursor<'_>, rec: &mut Record, s
         let mut rank = 0u64;
         for (m, slot) in row_ids[i..].iter_mut().enumerate() {
             let g = ranks.get()?;
-            rank = if m == 0 { g } else { rank.saturating_add(g).saturating_add(1) };
+            rank = if m == 0 {
+                g
+            } else {
+                rank.saturating_add(g).saturating_add(1)
+            };
             *slot = match table.id(rank) {
                 Some(id) => id as i32,
-                None => return Err(Error::corrupt(format!("id rank {rank} is outside the vocabulary"))),
+                None => {
+                    return Err(Error::corrupt(format!(
+                        "id rank {rank} is outside the vocabulary"
+                    )))
+                }
             };
         }
         let lq = label_values.get()?;
@@ -304,7 +372,8 @@ pub(super) fn decode_rows(codec: &Codec, c: &mut Cursor<'_>, rec: &mut Record, s
             *v = value(levels, esc, values.get()?, &mut exact)?;
         }
         label_ranks.push(
-            i32::try_from(label_rank.varint()?).map_err(|_| Error::corrupt("label rank overflows int32"))?,
+            i32::try_from(label_rank.varint()?)
+                .map_err(|_| Error::corrupt("label rank overflows int32"))?,
         );
         prev_n = n;
     }

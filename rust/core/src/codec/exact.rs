@@ -13,7 +13,12 @@ pub(super) fn encode_rows(raw: &mut Vec<u8>, rec: &Record) {
     put_planes_u32(raw, rec.label_ranks.iter().map(|&x| x as u32));
 }
 
-pub(super) fn decode_rows(codec: &Codec, c: &mut Cursor<'_>, rec: &mut Record, s: usize) -> Result<()> {
+pub(super) fn decode_rows(
+    codec: &Codec,
+    c: &mut Cursor<'_>,
+    rec: &mut Record,
+    s: usize,
+) -> Result<()> {
     let n = s * codec.top_k;
     let mut w = Vec::new();
     c.planes_u32(n, "topk_ids", &mut w)?;
@@ -22,7 +27,9 @@ pub(super) fn decode_rows(codec: &Codec, c: &mut Cursor<'_>, rec: &mut Record, s
         let id = i64::from(x as i32);
         (id < 0 && id != -1) || id >= v
     }) {
-        return Err(Error::corrupt("a decoded top-k id is outside the vocabulary"));
+        return Err(Error::corrupt(
+            "a decoded top-k id is outside the vocabulary",
+        ));
     }
     rec.topk_ids = w.iter().map(|&x| x as i32).collect();
     c.planes_u32(n, "topk_logprobs", &mut w)?;

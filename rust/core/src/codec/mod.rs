@@ -80,7 +80,13 @@ impl Codec {
         }
     }
 
-    pub fn compact(top_k: usize, vocab_size: usize, zstd_level: i32, codebook: Codebook, ids: IdTable) -> Self {
+    pub fn compact(
+        top_k: usize,
+        vocab_size: usize,
+        zstd_level: i32,
+        codebook: Codebook,
+        ids: IdTable,
+    ) -> Self {
         Self {
             kind: CodecKind::Compact,
             top_k,
@@ -102,7 +108,11 @@ impl Codec {
             CodecKind::Exact => exact::encode_rows(raw, rec),
             CodecKind::Compact => compact::encode_rows(self, raw, rec, &mut scratch.compact)?,
         }
-        if scratch.zstd.as_ref().is_none_or(|(l, _)| *l != self.zstd_level) {
+        if scratch
+            .zstd
+            .as_ref()
+            .is_none_or(|(l, _)| *l != self.zstd_level)
+        {
             let mut c = zstd::bulk::Compressor::new(self.zstd_level)
                 .map_err(|e| Error::input(format!("zstd level {}: {e}", self.zstd_level)))?;
             c.include_checksum(true).expect("zstd parameter");
@@ -110,7 +120,8 @@ impl Codec {
             scratch.zstd = Some((self.zstd_level, c));
         }
         let c = &mut scratch.zstd.as_mut().expect("just set").1;
-        c.compress(raw).map_err(|e| Error::input(format!("zstd compression failed: {e}")))
+        c.compress(raw)
+            .map_err(|e| Error::input(format!("zstd compression failed: {e}")))
     }
 
     /// Upper bound on a decoded frame's size, used to refuse absurd content sizes.
@@ -137,7 +148,10 @@ impl Codec {
             RAW.with(|r| {
                 let mut d = d.borrow_mut();
                 if d.is_none() {
-                    *d = Some(zstd::bulk::Decompressor::new().map_err(|e| Error::corrupt(format!("zstd: {e}")))?);
+                    *d = Some(
+                        zstd::bulk::Decompressor::new()
+                            .map_err(|e| Error::corrupt(format!("zstd: {e}")))?,
+                    );
                 }
                 let mut raw = r.borrow_mut();
                 raw.clear();
@@ -146,9 +160,15 @@ impl Codec {
                     .as_mut()
                     .unwrap()
                     .decompress_to_buffer(frame, &mut *raw)
-                    .map_err(|e| Error::corrupt(format!("zstd frame does not decode ({e}); the payload is damaged")))?;
+                    .map_err(|e| {
+                        Error::corrupt(format!(
+                            "zstd frame does not decode ({e}); the payload is damaged"
+                        ))
+                    })?;
                 if got != size {
-                    return Err(Error::corrupt("zstd frame decoded to a different size than it declares"));
+                    return Err(Error::corrupt(
+                        "zstd frame decoded to a different size than it declares",
+                    ));
                 }
                 self.decode_raw(&raw, key, n_tokens, n_sup)
             })
@@ -171,7 +191,11 @@ impl Codec {
             )));
         }
         let (input_ids, labels) = get_tokens(&mut c, t, self.vocab_size)?;
-        let sup = labels.iter().skip(1).filter(|&&l| l != IGNORE_INDEX).count();
+        let sup = labels
+            .iter()
+            .skip(1)
+            .filter(|&&l| l != IGNORE_INDEX)
+            .count();
         if sup != s {
             return Err(Error::corrupt(format!(
                 "labels mark {sup} supervised positions but the frame has {s} rows"
@@ -191,7 +215,9 @@ impl Codec {
             CodecKind::Compact => compact::decode_rows(self, &mut c, &mut rec, s)?,
         }
         if !c.is_empty() {
-            return Err(Error::corrupt("frame has bytes left over after the last section"));
+            return Err(Error::corrupt(
+                "frame has bytes left over after the last section",
+            ));
         }
         Ok(rec)
     }
@@ -225,19 +251,29 @@ fn get_tokens(c: &mut Cursor<'_>, t: usize, vocab: usize) -> Result<(Vec<i32>, V
     let mut words = Vec::new();
     c.planes_u32(t, "input_ids", &mut words)?;
     if let Some(&bad) = words.iter().find(|&&w| w as usize >= vocab) {
-        return Err(Error::corrupt(format!("decoded token id {bad} is outside the vocabulary")));
+        return Err(Error::corrupt(format!(
+            "decoded token id {bad} is outside the vocabulary"
+        )));
     }
     let input_ids: Vec<i32> = words.iter().map(|&w| w as i32).collect();
     let mask = c.take(t.div_ceil(8), "the supervision mask")?;
     let mut labels: Vec<i32> = (0..t)
-        .map(|i| if mask[i / 8] >> (i % 8) & 1 == 1 { input_ids[i] } else { IGNORE_INDEX })
+        .map(|i| {
+            if mask[i / 8] >> (i % 8) & 1 == 1 {
+                input_ids[i]
+            } else {
+                IGNORE_INDEX
+            }
+        })
         .collect();
     let n_exc = c.count("label exception count", t)?;
     for _ in 0..n_exc {
         let pos = c.count("label exception position", t.saturating_sub(1))?;
         let v = u32::from_le_bytes(c.take(4, "a label exception")?.try_into().unwrap());
         if labels[pos] == IGNORE_INDEX || v as usize >= vocab {
-            return Err(Error::corrupt("a label exception is at an unsupervised position or outside the vocabulary"));
+            return Err(Error::corrupt(
+                "a label exception is at an unsupervised position or outside the vocabulary",
+            ));
         }
         labels[pos] = v as i32;
     }

@@ -9,17 +9,17 @@ impl Rng {
     pub fn new(seed: u64) -> Self {
         Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
     }
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
         self.0
     }
     pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
+        self.next_u64() % n
     }
     pub fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
 }
 
@@ -49,12 +49,18 @@ pub fn record(rng: &mut Rng, key: Key, vocab: usize, k: usize, t: usize) -> Reco
             ids.push(label);
         }
         while ids.len() < n {
-            let c = if rng.below(2) == 0 { rng.below(64.min(vocab as u64)) } else { rng.below(vocab as u64) } as i32;
+            let c = if rng.below(2) == 0 {
+                rng.below(64.min(vocab as u64))
+            } else {
+                rng.below(vocab as u64)
+            } as i32;
             if !ids.contains(&c) {
                 ids.push(c);
             }
         }
-        let mut lps: Vec<f32> = (0..n).map(|j| -(j as f32) * (0.05 + rng.unit() as f32 * 2.0)).collect();
+        let mut lps: Vec<f32> = (0..n)
+            .map(|j| -(j as f32) * (0.05 + rng.unit() as f32 * 2.0))
+            .collect();
         lps[0] = -(rng.unit() as f32) * 0.1;
         if n > 3 && rng.below(5) == 0 {
             lps[n - 1] = f32::NEG_INFINITY;
