@@ -1,6 +1,7 @@
 # Type stubs for the native module target_sft._core (rust/python/src/lib.rs). Checked against the
 # module by tests/test_core_stub.py.
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt

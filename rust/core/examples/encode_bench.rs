@@ -13,8 +13,17 @@ fn main() {
     let recs: Vec<Record> = (0..src.len()).map(|p| src.get_at(p).unwrap()).collect();
     let (k, v) = (src.manifest.top_k, src.manifest.vocab_size);
     let mut counts = vec![0u64; v];
-    recs.iter().flat_map(|r| r.topk_ids.iter()).filter(|&&x| x >= 0).for_each(|&x| counts[x as usize] += 1);
-    let codec = Codec::compact(k, v, 3, Codebook::new(CodebookParams::default()).unwrap(), IdTable::from_counts(&counts, 8192));
+    recs.iter()
+        .flat_map(|r| r.topk_ids.iter())
+        .filter(|&&x| x >= 0)
+        .for_each(|&x| counts[x as usize] += 1);
+    let codec = Codec::compact(
+        k,
+        v,
+        3,
+        Codebook::new(CodebookParams::default()).unwrap(),
+        IdTable::from_counts(&counts, 8192),
+    );
     let mut scratch = EncodeScratch::default();
     let sup: usize = recs.iter().map(Record::n_supervised).sum();
     let t0 = Instant::now();
@@ -25,5 +34,9 @@ fn main() {
         }
     }
     let s = t0.elapsed().as_secs_f64();
-    println!("{:.0} supervised tokens/s ({:.1} B/tok)", (sup * reps) as f64 / s, bytes as f64 / (sup * reps) as f64);
+    println!(
+        "{:.0} supervised tokens/s ({:.1} B/tok)",
+        (sup * reps) as f64 / s,
+        bytes as f64 / (sup * reps) as f64
+    );
 }

@@ -199,21 +199,22 @@ impl Record {
                 }
                 if lp.is_nan() || lp > MAX_LOGPROB {
                     return Err(at(format!(
-                        "topk_logprobs[{r}, {j}] = {lp} is not a log-probability (NaN or > 0)"
+                        "topk_logprobs[{r}, {j}] = {lp} is not a log-probability (NaN or > 1e-3)"
                     )));
                 }
             }
             let ll = self.label_logprobs[r];
             if ll.is_nan() || ll > MAX_LOGPROB {
                 return Err(at(format!(
-                    "label_logprobs[{r}] = {ll} is not a log-probability (NaN or > 0)"
+                    "label_logprobs[{r}] = {ll} is not a log-probability (NaN or > 1e-3)"
                 )));
             }
             if let Some(j) = ids.iter().position(|&x| x == label) {
                 // The compact codec decodes the label's log-prob from its top-k entry, so the two
                 // must agree; a label inside the top-k also has a rank below k.
                 let (ej, ll) = (lps[j], self.label_logprobs[r]);
-                if !(ej == ll || (ej - ll).abs() <= 1e-4 * ej.abs().max(1.0)) {
+                let close = ej.is_finite() && ll.is_finite() && (ej - ll).abs() <= 1e-4 * ej.abs().max(1.0);
+                if !(ej == ll || close) {
                     return Err(at(format!(
                         "label_logprobs[{r}] = {ll} but the label {label} is in the top-k with topk_logprobs[{r}, {j}] = {ej}; they must be the same log-prob"
                     )));
