@@ -209,12 +209,13 @@ impl TeacherCache {
             for i in 0..r.len() {
                 let rec = r.decode(i)?;
                 // the writer's rules (FORMAT.md §3) hold for every decoded record
-                rec.validate(self.manifest.vocab_size, self.manifest.top_k, &mut stamp).map_err(|e| {
-                    Error::corrupt(format!(
-                        "shard {}, record {i} decodes to an invalid record: {}",
-                        entry.file, e.message
-                    ))
-                })?;
+                rec.validate(self.manifest.vocab_size, self.manifest.top_k, &mut stamp)
+                    .map_err(|e| {
+                        Error::corrupt(format!(
+                            "shard {}, record {i} decodes to an invalid record: {}",
+                            entry.file, e.message
+                        ))
+                    })?;
                 if hash::token_hash(&rec.input_ids) != r.index_row(i).token_hash {
                     return Err(Error::corrupt(format!(
                         "shard {}, record {i}: decoded tokens do not match the stored token hash",

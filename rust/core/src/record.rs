@@ -213,7 +213,8 @@ impl Record {
                 // The compact codec decodes the label's log-prob from its top-k entry, so the two
                 // must agree; a label inside the top-k also has a rank below k.
                 let (ej, ll) = (lps[j], self.label_logprobs[r]);
-                let close = ej.is_finite() && ll.is_finite() && (ej - ll).abs() <= 1e-4 * ej.abs().max(1.0);
+                let close =
+                    ej.is_finite() && ll.is_finite() && (ej - ll).abs() <= 1e-4 * ej.abs().max(1.0);
                 if !(ej == ll || close) {
                     return Err(at(format!(
                         "label_logprobs[{r}] = {ll} but the label {label} is in the top-k with topk_logprobs[{r}, {j}] = {ej}; they must be the same log-prob"
