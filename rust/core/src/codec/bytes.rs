@@ -276,12 +276,15 @@ impl NumWriter {
     }
 }
 
-/// Reader for [`NumWriter`] output.
+/// Reader for [`NumWriter`] output. Extra bits come from a 64-bit buffer refilled 7 bytes at
+/// a time, so a bucketed value costs a few instructions.
 pub struct NumReader<'a> {
     symbols: &'a [u8],
     pos: usize,
     bits: &'a [u8],
-    bitpos: usize,
+    byte_pos: usize,
+    acc: u64,
+    nacc: u32,
     what: &'static str,
 }
 
@@ -291,57 +294,85 @@ impl<'a> NumReader<'a> {
             symbols,
             pos: 0,
             bits,
-            bitpos: 0,
+            byte_pos: 0,
+            acc: 0,
+            nacc: 0,
             what,
         }
     }
+
     #[inline(always)]
-    pub fn get(&mut self) -> Result<u64> {
-        match self.symbols.get(self.pos) {
-            Some(&s) if u64::from(s) < DIRECT => {
-                self.pos += 1;
-                Ok(u64::from(s))
+    fn refill(&mut self) {
+        if let Some(chunk) = self.bits.get(self.byte_pos..self.byte_pos + 8) {
+            let w = u64::from_le_bytes(chunk.try_into().unwrap());
+            self.acc |= w << self.nacc;
+            let take = (63 - self.nacc) / 8;
+            self.byte_pos += take as usize;
+            self.nacc += take * 8;
+        } else {
+            while self.nacc <= 56 && self.byte_pos < self.bits.len() {
+                self.acc |= u64::from(self.bits[self.byte_pos]) << self.nacc;
+                self.byte_pos += 1;
+                self.nacc += 8;
             }
-            _ => self.get_slow(),
         }
     }
+
+    #[inline(always)]
+    fn take_bits(&mut self, n: u32) -> Result<u64> {
+        if self.nacc < n {
+            self.refill();
+            if self.nacc < n {
+                return Err(short(self.what));
+            }
+        }
+        let v = self.acc & ((1u64 << n) - 1);
+        self.acc >>= n;
+        self.nacc -= n;
+        Ok(v)
+    }
+
+    #[inline(always)]
+    pub fn get(&mut self) -> Result<u64> {
+        let Some(&sym) = self.symbols.get(self.pos) else {
+            return Err(short(self.what));
+        };
+        self.pos += 1;
+        if u64::from(sym) < DIRECT {
+            return Ok(u64::from(sym));
+        }
+        let b = u32::from(sym) - DIRECT as u32;
+        if b == 0 || b > 57 {
+            return self.get_wide(sym);
+        }
+        let n = b - 1;
+        let v = if n == 0 { 0 } else { self.take_bits(n)? };
+        Ok(((1u64 << n) | v) + DIRECT - 1)
+    }
+
     #[cold]
     #[inline(never)]
-    fn get_slow(&mut self) -> Result<u64> {
-        let s = *self.symbols.get(self.pos).ok_or_else(|| short(self.what))?;
-        self.pos += 1;
-        let b = u32::from(s) - DIRECT as u32;
+    fn get_wide(&mut self, sym: u8) -> Result<u64> {
+        let b = u32::from(sym) - DIRECT as u32;
         if b == 0 || b > 63 {
             return Err(Error::corrupt(format!(
-                "{}: invalid bucket symbol {s}",
+                "{}: invalid bucket symbol {sym}",
                 self.what
             )));
         }
-        let n = (b - 1) as usize;
-        if self.bitpos + n > self.bits.len() * 8 {
-            return Err(short(self.what));
-        }
-        let v = if n <= 56 {
-            let at = self.bitpos / 8;
-            let mut buf = [0u8; 8];
-            let avail = &self.bits[at..self.bits.len().min(at + 8)];
-            buf[..avail.len()].copy_from_slice(avail);
-            let word = u64::from_le_bytes(buf) >> (self.bitpos % 8);
-            word & ((1u64 << n) - 1)
-        } else {
-            (0..n).fold(0u64, |v, i| {
-                let p = self.bitpos + i;
-                v | u64::from(self.bits[p / 8] >> (p % 8) & 1) << i
-            })
-        };
-        self.bitpos += n;
-        Ok(((1u64 << (b - 1)) | v) + DIRECT - 1)
+        let n = b - 1;
+        let lo = self.take_bits(32)?;
+        let hi = self.take_bits(n - 32)?;
+        Ok(((1u64 << n) | (hi << 32) | lo) + DIRECT - 1)
     }
+
     /// True when every symbol was consumed and only zero padding (< 8 bits) is left.
     pub fn finished(&self) -> bool {
-        self.pos == self.symbols.len() && self.bits.len() * 8 - self.bitpos < 8 && {
-            self.bitpos % 8 == 0 || self.bits[self.bitpos / 8] >> (self.bitpos % 8) == 0
-        }
+        let left = (self.bits.len() - self.byte_pos) * 8 + self.nacc as usize;
+        self.pos == self.symbols.len()
+            && left < 8
+            && self.acc == 0
+            && self.byte_pos == self.bits.len()
     }
 }
 
