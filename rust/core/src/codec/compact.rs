@@ -18,44 +18,62 @@ use crate::record::Record;
 /// `id_of_rank[r]`; any other id `x` has rank `M + x`.
 pub struct IdTable {
     pub id_of_rank: Vec<u32>,
-    rank_of_id: Vec<u32>,
+    /// Encoder side (tables of at most 65,534 ids): rank, or `u16::MAX` for ids not listed.
+    rank_of_id: Vec<u16>,
+    vocab_size: usize,
 }
 
 impl IdTable {
-    /// Build from the stored table of a shard (`M` distinct ids below `vocab_size`).
+    /// Build from the stored table of a shard (`M` distinct ids below `vocab_size`). Readers
+    /// need only `id_of_rank`; duplicates are found with a bitset.
     pub fn from_stored(id_of_rank: Vec<u32>, vocab_size: usize) -> Result<Self> {
-        let m = id_of_rank.len() as u32;
-        let mut rank_of_id: Vec<u32> = (0..vocab_size as u32).map(|x| m + x).collect();
-        for (r, &id) in id_of_rank.iter().enumerate() {
-            let slot = rank_of_id.get_mut(id as usize).ok_or_else(|| {
-                Error::corrupt(format!("id table entry {id} is outside the vocabulary"))
-            })?;
-            if *slot != m + id {
+        let mut seen = vec![0u64; vocab_size.div_ceil(64)];
+        for &id in &id_of_rank {
+            if id as usize >= vocab_size {
+                return Err(Error::corrupt(format!(
+                    "id table entry {id} is outside the vocabulary"
+                )));
+            }
+            let (w, b) = (id as usize / 64, id % 64);
+            if seen[w] >> b & 1 == 1 {
                 return Err(Error::corrupt(format!("id table lists id {id} twice")));
             }
-            *slot = r as u32;
+            seen[w] |= 1 << b;
         }
         Ok(Self {
             id_of_rank,
-            rank_of_id,
+            rank_of_id: Vec::new(),
+            vocab_size,
         })
     }
 
-    /// Build from id frequency counts (`counts[id]`): the `max_len` most frequent ids seen at
-    /// least twice, most frequent first, ties by smaller id. The cap keeps the table (read on
-    /// every decoded entry) resident in the L1/L2 cache.
+    /// Build from id frequency counts (`counts[id]`): the `max_len` (<= 65,534) most frequent ids
+    /// seen at least twice, most frequent first, ties by smaller id. The cap keeps the table
+    /// (read for every decoded entry) resident in the CPU cache.
     pub fn from_counts(counts: &[u64], max_len: usize) -> Self {
         let mut seen: Vec<u32> = (0..counts.len() as u32)
             .filter(|&i| counts[i as usize] > 1)
             .collect();
         seen.sort_unstable_by(|&a, &b| counts[b as usize].cmp(&counts[a as usize]).then(a.cmp(&b)));
-        seen.truncate(max_len);
-        Self::from_stored(seen, counts.len()).expect("ids from counts are distinct and in range")
+        seen.truncate(max_len.min(u16::MAX as usize - 1));
+        let mut rank_of_id = vec![u16::MAX; counts.len()];
+        for (r, &id) in seen.iter().enumerate() {
+            rank_of_id[id as usize] = r as u16;
+        }
+        Self {
+            id_of_rank: seen,
+            rank_of_id,
+            vocab_size: counts.len(),
+        }
     }
 
+    /// Rank of a valid id (tables built by [`IdTable::from_counts`] only).
     #[inline]
     pub fn rank(&self, id: u32) -> u32 {
-        self.rank_of_id[id as usize]
+        match self.rank_of_id[id as usize] {
+            u16::MAX => self.id_of_rank.len() as u32 + id,
+            r => u32::from(r),
+        }
     }
 
     #[inline(always)]
@@ -65,7 +83,7 @@ impl IdTable {
             Some(self.id_of_rank[rank as usize])
         } else {
             let id = rank - m;
-            (id < self.rank_of_id.len() as u64).then_some(id as u32)
+            (id < self.vocab_size as u64).then_some(id as u32)
         }
     }
 }
@@ -80,10 +98,11 @@ pub(super) struct EncodeScratch {
     label_value: NumWriter,
     label_rank: Vec<u8>,
     exact_values: Vec<u8>,
-    /// `stamp[id] == gen` marks the ids of the current row, `col[id]` their input column.
+    /// `stamp[id] >> 8 == gen` marks the current row's ids; the low 8 bits hold the column.
     stamp: Vec<u32>,
-    col: Vec<u16>,
     gen: u32,
+    /// Input column of each entry of `cur`.
+    cols: Vec<u8>,
     new_ranks: Vec<u64>,
     /// The previous row in decoded order (ids) and the current one being built.
     prev: Vec<i32>,
@@ -125,7 +144,6 @@ pub(super) fn encode_rows(
     s.prev.clear();
     if s.stamp.len() < codec.vocab_size {
         s.stamp = vec![0; codec.vocab_size];
-        s.col = vec![0; codec.vocab_size];
         s.gen = 0;
     }
     let mut full = true;
@@ -141,32 +159,38 @@ pub(super) fn encode_rows(
         let n = ids.iter().position(|&x| x == -1).unwrap_or(k);
         full &= n == k;
         put_varint(&mut s.nvalid, n as u64);
-        s.gen = s.gen.wrapping_add(1);
-        if s.gen == 0 {
+        // `stamp[id] = gen << 8 | column` marks the current row's ids (one random access per id;
+        // k <= 256); a placed id is marked `(gen - 1) << 8`. Generations wrap at 2^24.
+        s.gen += 1;
+        if s.gen >= 1 << 24 {
             s.stamp.iter_mut().for_each(|x| *x = 0);
-            s.gen = 1;
+            s.gen = 2;
         }
         let gen = s.gen;
         for (j, &id) in ids[..n].iter().enumerate() {
-            s.stamp[id as usize] = gen;
-            s.col[id as usize] = j as u16;
+            s.stamp[id as usize] = (gen << 8) | j as u32;
         }
         let label = rec.labels[sup_t.next().expect("rows match supervised positions").0];
-        let label_in = s.stamp[label as usize] == gen;
+        let label_st = s.stamp[label as usize];
+        let label_in = label_st >> 8 == gen;
         s.row_flags.push(u8::from(label_in));
         // Decoded order: the label (if present), the shared ids in the previous row's order,
-        // then the new ids by rank. Mark consumed ids with gen + 1 ... by clearing their stamp.
+        // then the new ids by rank; `cols` keeps each placed entry's input column.
         s.cur.clear();
+        s.cols.clear();
         if label_in {
             s.cur.push(label);
-            s.stamp[label as usize] = gen.wrapping_sub(1);
+            s.cols.push(label_st as u8);
+            s.stamp[label as usize] = (gen - 1) << 8;
         }
         let mut byte = 0u8;
         for (j, &id) in s.prev.iter().enumerate() {
-            if s.stamp[id as usize] == gen {
+            let st = s.stamp[id as usize];
+            if st >> 8 == gen {
                 byte |= 1 << (j % 8);
                 s.cur.push(id);
-                s.stamp[id as usize] = gen.wrapping_sub(1);
+                s.cols.push(st as u8);
+                s.stamp[id as usize] = (gen - 1) << 8;
             }
             if j % 8 == 7 || j + 1 == s.prev.len() {
                 s.share_mask.push(byte);
@@ -174,22 +198,24 @@ pub(super) fn encode_rows(
             }
         }
         s.new_ranks.clear();
-        for &id in &ids[..n] {
-            if s.stamp[id as usize] == gen {
-                s.new_ranks.push(u64::from(table.rank(id as u32)));
+        for (j, &id) in ids[..n].iter().enumerate() {
+            if s.stamp[id as usize] >> 8 == gen {
+                s.new_ranks
+                    .push((u64::from(table.rank(id as u32)) << 8) | j as u64);
             }
         }
         s.new_ranks.sort_unstable();
         let mut prev_rank = 0u64;
-        for (i, &rank) in s.new_ranks.iter().enumerate() {
+        for (i, &e) in s.new_ranks.iter().enumerate() {
+            let (rank, j) = (e >> 8, (e & 0xff) as usize);
             s.rank.put(if i == 0 { rank } else { rank - prev_rank - 1 });
             prev_rank = rank;
-            s.cur
-                .push(table.id(rank).expect("rank of a valid id") as i32);
+            s.cur.push(ids[j]);
+            s.cols.push(j as u8);
         }
         // the label's value (index q: small for likely labels), then the other entries' (L - q)
         let label_lp = if label_in {
-            lps[s.col[label as usize] as usize]
+            lps[usize::from(s.cols[0])]
         } else {
             rec.label_logprobs[r]
         };
@@ -198,8 +224,8 @@ pub(super) fn encode_rows(
         if q == esc {
             s.exact_values.extend_from_slice(&label_lp.to_le_bytes());
         }
-        for &id in &s.cur[usize::from(label_in)..] {
-            let lp = lps[s.col[id as usize] as usize];
+        for &j in &s.cols[usize::from(label_in)..] {
+            let lp = lps[usize::from(j)];
             let q = cb.quantize(lp);
             s.value.put(value_code(q, esc));
             if q == esc {
