@@ -4,6 +4,7 @@
 //! of `target_sft.errors` (one family under `CacheError`), looked up by kind.
 
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
 use numpy::ndarray::Array2;
 use numpy::{PyArray1, PyArray2, PyReadonlyArrayDyn, PyUntypedArrayMethods};
@@ -90,6 +91,34 @@ fn record_to_py<'py>(py: Python<'py>, r: Record, k: usize) -> PyResult<Bound<'py
             PyArray1::from_vec(py, r.label_ranks).into_any(),
         ],
     )
+}
+
+/// A rayon pool owned by the current process. rayon's global pool must not be used after
+/// `fork()` (DataLoader workers fork): its threads do not exist in the child, and the first
+/// parallel call would wait for them forever. A child that finds a pool made by another pid
+/// builds its own and leaks the parent's (dropping it would signal threads that are not there).
+fn process_pool(threads: usize) -> core::Result<Arc<rayon::ThreadPool>> {
+    static POOL: Mutex<Option<(u32, usize, Arc<rayon::ThreadPool>)>> = Mutex::new(None);
+    let pid = std::process::id();
+    let mut g = POOL.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((p, n, pool)) = g.as_ref() {
+        if *p == pid && *n == threads {
+            return Ok(pool.clone());
+        }
+    }
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("tsft-decode-{i}"))
+        .build()
+        .map_err(|e| {
+            core::Error::new(ErrorKind::Io, format!("cannot start decode threads: {e}"))
+        })?;
+    if let Some(old) = g.replace((pid, threads, Arc::new(pool))) {
+        if old.0 != pid {
+            std::mem::forget(old);
+        }
+    }
+    Ok(g.as_ref().expect("just set").2.clone())
 }
 
 /// Native cache writer; see `target_sft.CacheWriter` for the documented Python API.
@@ -275,22 +304,16 @@ impl PyTeacherCache {
     ) -> PyResult<Vec<Bound<'py, PyTuple>>> {
         let recs: Vec<Record> = py
             .detach(|| {
-                let run = || {
+                if threads == 1 || positions.len() < 2 {
+                    return positions.iter().map(|&p| self.inner.get_at(p)).collect();
+                }
+                let pool = process_pool(threads)?;
+                pool.install(|| {
                     positions
                         .par_iter()
                         .map(|&p| self.inner.get_at(p))
                         .collect::<core::Result<Vec<_>>>()
-                };
-                if threads == 1 {
-                    positions.iter().map(|&p| self.inner.get_at(p)).collect()
-                } else if threads == 0 {
-                    run()
-                } else {
-                    match rayon::ThreadPoolBuilder::new().num_threads(threads).build() {
-                        Ok(pool) => pool.install(run),
-                        Err(_) => run(),
-                    }
-                }
+                })
             })
             .map_err(err)?;
         let k = self.inner.manifest.top_k;
