@@ -88,6 +88,16 @@ impl IdTable {
     }
 }
 
+/// The compact codec's tables and k.
+fn parts(codec: &Codec) -> (&super::Codebook, &IdTable, usize) {
+    let cb = codec
+        .codebook
+        .as_ref()
+        .expect("compact codec has a codebook");
+    let table = codec.ids.as_ref().expect("compact codec has an id table");
+    (cb, table, codec.top_k)
+}
+
 #[derive(Default)]
 pub(super) struct EncodeScratch {
     nvalid: Vec<u8>,
@@ -122,12 +132,7 @@ pub(super) fn encode_rows(
     rec: &Record,
     s: &mut EncodeScratch,
 ) -> Result<()> {
-    let cb = codec
-        .codebook
-        .as_ref()
-        .expect("compact codec has a codebook");
-    let table = codec.ids.as_ref().expect("compact codec has an id table");
-    let k = codec.top_k;
+    let (cb, table, k) = parts(codec);
     let esc = cb.escape();
     for v in [
         &mut s.nvalid,
@@ -263,12 +268,7 @@ pub(super) fn decode_rows(
     rec: &mut Record,
     s: usize,
 ) -> Result<()> {
-    let cb = codec
-        .codebook
-        .as_ref()
-        .expect("compact codec has a codebook");
-    let table = codec.ids.as_ref().expect("compact codec has an id table");
-    let k = codec.top_k;
+    let (cb, table, k) = parts(codec);
     let esc = u64::from(cb.escape());
     let full = match c.take(1, "the row flags")?[0] {
         0 => false,
