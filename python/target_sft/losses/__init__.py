@@ -1,0 +1,121 @@
+"""Q-target losses for supervised fine-tuning (pure PyTorch, CPU and GPU).
+
+Every token-level SFT loss drives the model toward a target distribution
+``Q_t = γ_t δ_{y_t} + (1 − γ_t) π̃_t`` (§4–5 of *A Unifying Lens on Supervised Fine-Tuning Through
+Target Distribution Design*); ``Q = p − ∂L/∂z`` recovers it from any loss (Eq. 6).
+
+* :func:`target_sft_loss` — TARGET-SFT: γ = sg[p_y], π̃ ∝ π_θ^{1−η} π_T^η on the teacher support.
+* :class:`QTargetLoss` — the composable framework: a trust choice (:mod:`.trust`) and a residual
+  choice (:mod:`.residual`).
+* Presets for every token-level row of Table 5 (:mod:`.presets`): :class:`SFT`, :class:`DFT`,
+  :class:`BeyondLog`, :class:`ProFiT`, :class:`EAFT`, :class:`IwSFT`, :class:`CFT`,
+  :class:`LabelSmoothing`, :class:`SFTKL`, :class:`ASFT`, :class:`ProximalSFT`, :class:`GEM`,
+  :class:`KD`, :class:`HybridKD`, :class:`TargetSFT`.
+* :func:`induced_target` (Eq. 6) and :func:`induced_target_curve` (Figure 3 data).
+
+All losses compute in float32 (float64 for float64 logits), form ``p − Q`` in float32, and
+allocate no ``N × V`` tensor besides the logit gradient (see ``docs/LOSSES.md``).
+"""
+
+from __future__ import annotations
+
+from ._kernel import (
+    DEFAULT_CHUNK_ELEMENTS,
+    DEFAULT_CUDA_CHUNK_ELEMENTS,
+    DenseTerm,
+    SharpenedSoftmax,
+    StatRequest,
+)
+from .induced import InducedTargetCurve, induced_target, induced_target_curve, p_loss_closed_form
+from .presets import (
+    ASFT,
+    CFT,
+    DFT,
+    EAFT,
+    GEM,
+    KD,
+    PRESETS,
+    SFT,
+    SFTKL,
+    BeyondLog,
+    HybridKD,
+    IwSFT,
+    LabelSmoothing,
+    ProFiT,
+    ProximalSFT,
+    TargetSFT,
+    get_preset,
+)
+from .qtarget import QTarget, QTargetLoss, reduce_loss
+from .residual import (
+    GEMResidual,
+    GuidedResidual,
+    Residual,
+    ResidualParts,
+    SelfResidual,
+    SparseResidual,
+    UniformResidual,
+)
+from .target_sft import target_sft_loss
+from .trust import (
+    ClippedRatioTrust,
+    ConstantTrust,
+    ImportanceWeightTrust,
+    ModelProbTrust,
+    SequenceWeightTrust,
+    ThresholdTrust,
+    TokenContext,
+    TokenWeightTrust,
+    TopKEntropyTrust,
+    Trust,
+)
+
+__all__ = [
+    "ASFT",
+    "CFT",
+    "DEFAULT_CHUNK_ELEMENTS",
+    "DEFAULT_CUDA_CHUNK_ELEMENTS",
+    "DFT",
+    "EAFT",
+    "GEM",
+    "KD",
+    "PRESETS",
+    "SFT",
+    "SFTKL",
+    "BeyondLog",
+    "ClippedRatioTrust",
+    "ConstantTrust",
+    "DenseTerm",
+    "GEMResidual",
+    "GuidedResidual",
+    "HybridKD",
+    "ImportanceWeightTrust",
+    "InducedTargetCurve",
+    "IwSFT",
+    "LabelSmoothing",
+    "ModelProbTrust",
+    "ProFiT",
+    "ProximalSFT",
+    "QTarget",
+    "QTargetLoss",
+    "Residual",
+    "ResidualParts",
+    "SelfResidual",
+    "SequenceWeightTrust",
+    "SharpenedSoftmax",
+    "SparseResidual",
+    "StatRequest",
+    "TargetSFT",
+    "ThresholdTrust",
+    "TokenContext",
+    "TokenWeightTrust",
+    "TopKEntropyTrust",
+    "Trust",
+    "UniformResidual",
+    "get_preset",
+    "induced_target",
+    "induced_target_curve",
+    "p_loss_closed_form",
+    "reduce_loss",
+    "target_sft_loss",
+]
