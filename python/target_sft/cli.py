@@ -19,6 +19,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from target_sft import __version__
 from target_sft.errors import CacheError
 
@@ -66,9 +68,9 @@ def inspect_text(path: str | Path, *, shards: bool = False, sample: bool = True)
         )
         if rec.n_supervised:
             t = int(rec.supervised_positions[0])
+            order = np.argsort(-rec.topk_logprobs[0], kind="stable")[:5]  # rows need not be sorted
             top = ", ".join(
-                f"{int(a)}:{float(b):.3f}"
-                for a, b in zip(rec.topk_ids[0][:5], rec.topk_logprobs[0][:5], strict=True)
+                f"{int(rec.topk_ids[0][j])}:{float(rec.topk_logprobs[0][j]):.3f}" for j in order
             )
             lines.append(
                 f"  row 0 (t={t}, label={int(rec.labels[t])}, label logprob={float(rec.label_logprobs[0]):.3f}, "
