@@ -223,3 +223,23 @@ def test_writer_bad_settings(tmp_path):
         CacheWriter(tmp_path / "c", top_k=8, vocab_size=4)
     with pytest.raises(ts.CacheFormatError, match="not a target-sft cache"):
         TeacherCache(tmp_path)
+
+
+@pytest.mark.parametrize("codec", ["exact", "compact"])
+def test_top_k_256_roundtrip(tmp_path, codec):
+    """The largest top-k: every column index (0..255) is used."""
+    from target_sft.synthetic import generate_list
+
+    recs = generate_list(3, vocab_size=5000, top_k=256, mean_length=40, seed=3)
+    with CacheWriter(tmp_path / "c", top_k=256, vocab_size=5000, codec=codec) as w:
+        for r in recs:
+            w.add(**r.as_kwargs())
+    c = TeacherCache(tmp_path / "c")
+    assert c.verify() == 3
+    for r in recs:
+        got = c[r.key]
+        assert got.topk_ids.shape == r.topk_ids.shape == (r.label_ranks.size, 256)
+        assert np.array_equal(np.sort(got.topk_ids, 1), np.sort(r.topk_ids, 1))
+        assert np.array_equal(got.label_ranks, r.label_ranks)
+        if codec == "exact":
+            assert np.array_equal(got.topk_logprobs, r.topk_logprobs)
