@@ -56,3 +56,18 @@ def test_dataloader_workers_decode_in_parallel(cache_path, method):
     dl = DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context=method)
     got = [int(x) for item in dl for x in item]
     assert got == want
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_cache_object_pickles_into_spawned_workers(cache_path, method):
+    import pickle
+
+    parent = TeacherCache(cache_path)
+    clone = pickle.loads(pickle.dumps(parent))
+    assert clone.path == parent.path and len(clone) == len(parent)
+    want = [int(r.topk_ids.sum()) + int(r.label_ranks.sum()) for r in parent.records_at(range(12))]
+    dl = DataLoader(
+        Pairs(cache_path, parent), batch_size=None, num_workers=2, multiprocessing_context=method
+    )
+    assert [int(x) for item in dl for x in item] == want

@@ -372,6 +372,11 @@ class TeacherCache:
         :class:`CacheError` found. Returns the number of records checked."""
         return self._c.verify(progress)
 
+    def __reduce__(self) -> tuple[type[TeacherCache], tuple[str]]:
+        # Pickles as its path: a DataLoader worker started by spawn/forkserver reopens the cache
+        # (memory maps are per process; the page cache is shared).
+        return (TeacherCache, (str(self.path),))
+
     def __repr__(self) -> str:
         i = self._info
         return (
