@@ -1,6 +1,6 @@
 //! Hashes used by the format (all XXH3 with seed 0, see docs/FORMAT.md §Hashes).
 
-use xxhash_rust::xxh3::{xxh3_128, xxh3_64};
+use xxhash_rust::xxh3::xxh3_64;
 
 /// Content address of a record: XXH3-64 of the token ids as little-endian int32.
 pub fn token_hash(input_ids: &[i32]) -> u64 {
@@ -14,7 +14,14 @@ pub fn key_hash(encoded_key: &[u8]) -> u64 {
 
 /// Whole-file checksum written to the manifest: `"xxh3-128:" + 32 lowercase hex digits`.
 pub fn file_checksum(bytes: &[u8]) -> String {
-    format!("xxh3-128:{:032x}", xxh3_128(bytes))
+    parts_checksum(&[bytes])
+}
+
+/// [`file_checksum`] of the concatenation of `parts`, without concatenating them.
+pub fn parts_checksum(parts: &[&[u8]]) -> String {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    parts.iter().for_each(|p| h.update(p));
+    format!("xxh3-128:{:032x}", h.digest128())
 }
 
 fn as_le_bytes_i32(v: &[i32]) -> std::borrow::Cow<'_, [u8]> {

@@ -69,13 +69,19 @@ pub struct Record {
     pub label_ranks: Vec<i32>,
 }
 
-/// Number of supervised rows of a label array: positions `t >= 1` whose label is not ignored.
-pub fn count_supervised(labels: &[i32]) -> usize {
+/// The label of each supervised row, in row order: `labels[t]` for every position `t >= 1`
+/// whose label is not ignored (nothing predicts position 0).
+pub fn supervised_labels(labels: &[i32]) -> impl Iterator<Item = i32> + '_ {
     labels
         .iter()
         .skip(1)
-        .filter(|&&l| l != IGNORE_INDEX)
-        .count()
+        .copied()
+        .filter(|&l| l != IGNORE_INDEX)
+}
+
+/// Number of supervised rows of a label array.
+pub fn count_supervised(labels: &[i32]) -> usize {
+    supervised_labels(labels).count()
 }
 
 /// Largest log-prob accepted (a log-softmax computed in fp32 can round slightly above 0).
@@ -164,9 +170,9 @@ impl Record {
                 &format!("[{s}]"),
             ));
         }
-        let mut sup_t = (1..t).filter(|&i| self.labels[i] != IGNORE_INDEX);
+        let mut row_labels = supervised_labels(&self.labels);
         for r in 0..s {
-            let label = self.labels[sup_t.next().expect("s counts these positions")];
+            let label = row_labels.next().expect("s counts these rows");
             let ids = &self.topk_ids[r * k..(r + 1) * k];
             let lps = &self.topk_logprobs[r * k..(r + 1) * k];
             let gen = stamp.next_row(vocab_size);

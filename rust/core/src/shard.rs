@@ -54,16 +54,17 @@ impl EncodedRecord {
     }
 }
 
-/// Codec description stored in every shard (and in the manifest).
-pub fn codec_params_json(codec: &Codec) -> Value {
-    match &codec.codebook {
-        Some(cb) => json!({
-            "zstd_level": codec.zstd_level,
-            "sqrt_step": cb.params.sqrt_step,
-            "tail_step": cb.params.tail_step,
-            "floor": cb.params.floor,
+/// Codec description stored in every shard (and in the manifest): the zstd level, plus the
+/// codebook parameters for the compact codec.
+pub fn codec_params_json(zstd_level: i32, codebook: Option<&CodebookParams>) -> Value {
+    match codebook {
+        Some(p) => json!({
+            "zstd_level": zstd_level,
+            "sqrt_step": p.sqrt_step,
+            "tail_step": p.tail_step,
+            "floor": p.floor,
         }),
-        None => json!({ "zstd_level": codec.zstd_level }),
+        None => json!({ "zstd_level": zstd_level }),
     }
 }
 
@@ -180,7 +181,8 @@ impl ShardBuilder {
         meta.insert("codec".to_string(), codec.kind.name().to_string());
         meta.insert(
             "codec_params".to_string(),
-            codec_params_json(codec).to_string(),
+            codec_params_json(codec.zstd_level, codec.codebook.as_ref().map(|c| &c.params))
+                .to_string(),
         );
         meta.insert("top_k".to_string(), codec.top_k.to_string());
         meta.insert("vocab_size".to_string(), codec.vocab_size.to_string());
@@ -189,11 +191,7 @@ impl ShardBuilder {
         let mut parts: Vec<&[u8]> = vec![&header];
         parts.extend(tensors.iter().map(|t| t.data));
         let bytes: u64 = parts.iter().map(|p| p.len() as u64).sum();
-        let checksum = {
-            let mut h = xxhash_rust::xxh3::Xxh3::new();
-            parts.iter().for_each(|p| h.update(p));
-            format!("xxh3-128:{:032x}", h.digest128())
-        };
+        let checksum = hash::parts_checksum(&parts);
         write_atomic(&dir.join(file), &parts)?;
         Ok(ShardEntry {
             file: file.to_string(),

@@ -157,19 +157,10 @@ impl CacheWriter {
         opts.codebook.validate()?;
         std::fs::create_dir_all(dir).map_err(|e| Error::io("cannot create", dir, e))?;
         let codec_params = match opts.codec {
-            CodecKind::Exact => {
-                codec_params_json(&Codec::exact(opts.top_k, opts.vocab_size, opts.zstd_level))
-            }
+            CodecKind::Exact => codec_params_json(opts.zstd_level, None),
             CodecKind::Compact => {
-                let cb = Codebook::new(opts.codebook)?;
-                let ids = IdTable::from_stored(Vec::new(), 0)?;
-                codec_params_json(&Codec::compact(
-                    opts.top_k,
-                    opts.vocab_size,
-                    opts.zstd_level,
-                    cb,
-                    ids,
-                ))
+                Codebook::new(opts.codebook)?; // the parameters must give a valid codebook
+                codec_params_json(opts.zstd_level, Some(&opts.codebook))
             }
         };
         let mut base = Manifest {

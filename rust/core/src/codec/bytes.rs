@@ -119,72 +119,6 @@ impl<'a> Cursor<'a> {
     }
 }
 
-/// A stream of small numbers: each value < 255 is one byte; larger values are the byte 255
-/// followed, in a separate escape stream, by the varint of `value - 255`.
-#[derive(Default)]
-pub struct SmallWriter {
-    pub bytes: Vec<u8>,
-    pub escapes: Vec<u8>,
-}
-
-impl SmallWriter {
-    #[inline]
-    pub fn put(&mut self, v: u64) {
-        if v < 255 {
-            self.bytes.push(v as u8);
-        } else {
-            self.bytes.push(255);
-            put_varint(&mut self.escapes, v - 255);
-        }
-    }
-    pub fn clear(&mut self) {
-        self.bytes.clear();
-        self.escapes.clear();
-    }
-}
-
-/// Reader for [`SmallWriter`] output.
-pub struct SmallReader<'a> {
-    bytes: &'a [u8],
-    pos: usize,
-    escapes: Cursor<'a>,
-    what: &'static str,
-}
-
-impl<'a> SmallReader<'a> {
-    pub fn new(bytes: &'a [u8], escapes: &'a [u8], what: &'static str) -> Self {
-        Self {
-            bytes,
-            pos: 0,
-            escapes: Cursor::new(escapes),
-            what,
-        }
-    }
-    #[inline(always)]
-    pub fn get(&mut self) -> Result<u64> {
-        match self.bytes.get(self.pos) {
-            Some(&b) if b < 255 => {
-                self.pos += 1;
-                Ok(u64::from(b))
-            }
-            _ => self.get_slow(),
-        }
-    }
-
-    #[cold]
-    #[inline(never)]
-    fn get_slow(&mut self) -> Result<u64> {
-        let b = *self.bytes.get(self.pos).ok_or_else(|| short(self.what))?;
-        self.pos += 1;
-        debug_assert_eq!(b, 255);
-        Ok(self.escapes.varint()? + 255)
-    }
-    /// True when every byte and escape was consumed (a frame with left-over bytes is corrupt).
-    pub fn finished(&self) -> bool {
-        self.pos == self.bytes.len() && self.escapes.is_empty()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -202,18 +136,6 @@ mod tests {
         }
         assert!(c.is_empty());
         assert!(Cursor::new(&[0x80]).varint().is_err());
-    }
-
-    #[test]
-    fn small_roundtrip() {
-        let mut w = SmallWriter::default();
-        let vals = [0u64, 254, 255, 256, 100_000];
-        vals.iter().for_each(|&v| w.put(v));
-        let mut r = SmallReader::new(&w.bytes, &w.escapes, "test");
-        for &v in &vals {
-            assert_eq!(r.get().unwrap(), v);
-        }
-        assert!(r.finished());
     }
 }
 

@@ -12,7 +12,7 @@
 use super::bytes::{put_stream, put_varint, Cursor, NumReader, NumWriter};
 use super::Codec;
 use crate::error::{Error, Result};
-use crate::record::Record;
+use crate::record::{supervised_labels, Record};
 
 /// The id table of a shard: ids in decreasing order of frequency. Rank `r < M` is the id
 /// `id_of_rank[r]`; any other id `x` has rank `M + x`.
@@ -152,12 +152,7 @@ pub(super) fn encode_rows(
         s.gen = 0;
     }
     let mut full = true;
-    let mut sup_t = rec
-        .labels
-        .iter()
-        .enumerate()
-        .skip(1)
-        .filter(|(_, &l)| l != crate::record::IGNORE_INDEX);
+    let mut row_labels = supervised_labels(&rec.labels);
     for r in 0..rec.n_supervised() {
         let ids = &rec.topk_ids[r * k..(r + 1) * k];
         let lps = &rec.topk_logprobs[r * k..(r + 1) * k];
@@ -175,7 +170,7 @@ pub(super) fn encode_rows(
         for (j, &id) in ids[..n].iter().enumerate() {
             s.stamp[id as usize] = (gen << 8) | j as u32;
         }
-        let label = rec.labels[sup_t.next().expect("rows match supervised positions").0];
+        let label = row_labels.next().expect("rows match supervised positions");
         let label_st = s.stamp[label as usize];
         let label_in = label_st >> 8 == gen;
         s.row_flags.push(u8::from(label_in));
@@ -319,18 +314,12 @@ pub(super) fn decode_rows(
     }
     let mut mask_pos = 0usize;
     let mut prev_n = 0usize;
-    let mut sup_t = rec
-        .labels
-        .iter()
-        .enumerate()
-        .skip(1)
-        .filter(|(_, &l)| l != crate::record::IGNORE_INDEX);
+    let mut row_labels = supervised_labels(&rec.labels);
     for r in 0..s {
         let n = if full { k } else { nvalid.count("nvalid", k)? };
-        let label = rec.labels[sup_t
+        let label = row_labels
             .next()
-            .ok_or_else(|| Error::corrupt("more rows than supervised labels"))?
-            .0];
+            .ok_or_else(|| Error::corrupt("more rows than supervised labels"))?;
         let label_in = match row_flags[r] {
             0 => false,
             1 => true,

@@ -191,11 +191,7 @@ impl Codec {
             )));
         }
         let (input_ids, labels) = get_tokens(&mut c, t, self.vocab_size)?;
-        let sup = labels
-            .iter()
-            .skip(1)
-            .filter(|&&l| l != IGNORE_INDEX)
-            .count();
+        let sup = crate::record::count_supervised(&labels);
         if sup != s {
             return Err(Error::corrupt(format!(
                 "labels mark {sup} supervised positions but the frame has {s} rows"
