@@ -24,6 +24,7 @@ _EXPORTS: dict[str, str] = {
     "TeacherCache": "target_sft.cache",
     "CacheRecord": "target_sft.cache",
     "CacheInfo": "target_sft.cache",
+    "CacheSample": "target_sft.cache",
     # errors
     "CacheError": "target_sft.errors",
     "CacheInputError": "target_sft.errors",
@@ -49,6 +50,7 @@ __all__ = [
     "CacheKeyError",
     "CacheMismatchError",
     "CacheRecord",
+    "CacheSample",
     "CacheVersionError",
     "CacheWriter",
     "QTargetLoss",
@@ -73,7 +75,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers only
-    from target_sft.cache import CacheInfo, CacheRecord, CacheWriter, TeacherCache
+    from target_sft.cache import CacheInfo, CacheRecord, CacheSample, CacheWriter, TeacherCache
     from target_sft.errors import (
         CacheCorruptionError,
         CacheError,

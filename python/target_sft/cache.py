@@ -30,7 +30,14 @@ from target_sft.errors import CacheInputError
 IGNORE_INDEX = -100
 Key = int | str
 
-__all__ = ["IGNORE_INDEX", "CacheInfo", "CacheRecord", "CacheWriter", "TeacherCache"]
+__all__ = [
+    "IGNORE_INDEX",
+    "CacheInfo",
+    "CacheRecord",
+    "CacheSample",
+    "CacheWriter",
+    "TeacherCache",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -383,3 +390,23 @@ class TeacherCache:
             f"TeacherCache({str(self.path)!r}, records={i.records}, top_k={i.top_k}, "
             f"codec={i.codec!r}, bytes_per_token={i.bytes_per_token:.1f})"
         )
+
+
+@dataclass(frozen=True, slots=True)
+class CacheSample:
+    """A reference to one record of a cache: what the datasets yield and the collator batches.
+
+    Holding a reference instead of decoded arrays lets the collator decode a whole batch in one
+    native call, in parallel. It pickles as (cache path, position).
+    """
+
+    cache: TeacherCache
+    position: int
+
+    @property
+    def key(self) -> Key:
+        return self.cache.key_at(self.position)
+
+    def record(self) -> CacheRecord:
+        """Decode the record (one native call)."""
+        return self.cache.record_at(self.position)
