@@ -19,6 +19,8 @@ def stub_api() -> dict[str, set[str]]:
             api[node.name] = {n.name for n in node.body if isinstance(n, ast.FunctionDef)}
         elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
             api[""].add(node.target.id)
+        elif isinstance(node, ast.FunctionDef):
+            api[""].add(node.name)
     return api
 
 
@@ -27,6 +29,12 @@ def test_stub_lists_exactly_the_module_api():
     runtime_classes = {n for n, v in vars(core).items() if inspect.isclass(v)}
     assert runtime_classes == set(api) - {""}
     assert api[""] <= set(vars(core))
+    runtime_functions = {
+        n
+        for n, v in vars(core).items()
+        if callable(v) and not inspect.isclass(v) and not n.startswith("_")
+    }
+    assert runtime_functions == {n for n in api[""] if callable(getattr(core, n))}
     for cls in runtime_classes:
         runtime = {
             n

@@ -3,6 +3,7 @@
 Three parts, each one import away:
 
 * the teacher cache (``CacheWriter``, ``TeacherCache``; Rust core in ``target_sft._core``),
+* building one from a teacher model (``build_teacher_cache``; needs torch and transformers),
 * the Q-target loss library (``target_sft_loss``, ``QTargetLoss``, ``induced_target``; pure PyTorch),
 * the command line (``target-sft``, :mod:`target_sft.cli`).
 
@@ -25,7 +26,11 @@ _EXPORTS: dict[str, str] = {
     "CacheRecord": "target_sft.cache",
     "CacheInfo": "target_sft.cache",
     "CacheSample": "target_sft.cache",
+    # building a cache from a teacher
+    "build_teacher_cache": "target_sft.build",
+    "BuildResult": "target_sft.build",
     # errors
+    "BuildError": "target_sft.errors",
     "CacheError": "target_sft.errors",
     "CacheInputError": "target_sft.errors",
     "CacheFormatError": "target_sft.errors",
@@ -41,6 +46,8 @@ _EXPORTS: dict[str, str] = {
 }
 
 __all__ = [
+    "BuildError",
+    "BuildResult",
     "CacheCorruptionError",
     "CacheError",
     "CacheFormatError",
@@ -56,6 +63,7 @@ __all__ = [
     "QTargetLoss",
     "TeacherCache",
     "__version__",
+    "build_teacher_cache",
     "induced_target",
     "target_sft_loss",
 ]
@@ -75,8 +83,10 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers only
+    from target_sft.build import BuildResult, build_teacher_cache
     from target_sft.cache import CacheInfo, CacheRecord, CacheSample, CacheWriter, TeacherCache
     from target_sft.errors import (
+        BuildError,
         CacheCorruptionError,
         CacheError,
         CacheFormatError,

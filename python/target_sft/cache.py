@@ -37,6 +37,7 @@ __all__ = [
     "CacheSample",
     "CacheWriter",
     "TeacherCache",
+    "merge_manifests",
 ]
 
 
@@ -190,6 +191,10 @@ class CacheWriter:
         threads: encoder threads (0 = one per core).
         zstd_level: zstd compression level.
         shard_prefix: shard files are ``{prefix}-{n:06}.safetensors`` (one prefix per rank).
+        manifest_name: the manifest file this writer keeps. Several writers filling one directory
+            (one per rank) each keep their own (``manifest.rank00003.json``) and
+            :func:`merge_manifests` joins them into ``manifest.json``; in append mode a writer
+            adopts only orphan shards carrying its own prefix.
         prior_records: (compact) records buffered to learn the id-frequency table.
         compact_sqrt_step, compact_tail_step, compact_floor: (compact) the codebook's steps.
 
@@ -214,6 +219,7 @@ class CacheWriter:
         threads: int = 0,
         zstd_level: int = 3,
         shard_prefix: str = "shard",
+        manifest_name: str = "manifest.json",
         prior_records: int = 64,
         compact_sqrt_step: float = 2.5e-3,
         compact_tail_step: float = 2.5,
@@ -237,6 +243,7 @@ class CacheWriter:
             tokenizer_json=json.dumps(tokenizer or {}, sort_keys=True),
             teacher_json=json.dumps(teacher or {}, sort_keys=True),
             shard_prefix=shard_prefix,
+            manifest_name=manifest_name,
             prior_records=int(prior_records),
             append=mode == "append",
             sqrt_step=float(compact_sqrt_step),
@@ -289,6 +296,10 @@ class CacheWriter:
             self._w.num_records if self._w is not None else (self.info.records if self.info else 0)
         )
 
+    @property
+    def closed(self) -> bool:
+        return self._w is None
+
     def close(self, complete: bool = True) -> CacheInfo:
         """Commit the remaining records and write the final manifest."""
         m = json.loads(self._writer().close(complete))
@@ -309,6 +320,16 @@ class CacheWriter:
                 self.close(complete=False)
             except Exception:
                 self._w = None  # the original exception is the one to report
+
+
+def merge_manifests(
+    path: str | os.PathLike[str], parts: Sequence[str], complete: bool = True
+) -> CacheInfo:
+    """Join the per-writer manifests ``parts`` of the cache directory ``path`` (in that order)
+    into its ``manifest.json``. Every part must have the same settings (codec, top_k, vocab,
+    temperature, tokenizer, teacher), else :class:`CacheMismatchError` names the field."""
+    m = json.loads(_core.merge_manifests(str(path), list(parts), bool(complete)))
+    return CacheInfo.from_manifest(path, m)
 
 
 class TeacherCache:

@@ -5,6 +5,8 @@ Verbs (one function each, below):
 * ``target-sft cache inspect DIR`` — what a cache holds (manifest, sizes, a sample record).
 * ``target-sft cache verify DIR`` — check every shard checksum and decode every record; exit 1
   on the first problem, with what and where.
+* ``target-sft cache build --teacher M --data F.jsonl --out DIR`` — run a teacher over a dataset
+  and cache its top-k (:func:`target_sft.build.build_teacher_cache`; resumable, torchrun-aware).
 * ``target-sft demo`` — the main job. Until the end-to-end demo lands it builds a small cache from
   generated teacher data (:mod:`target_sft.synthetic`) and inspects it.
 """
@@ -107,6 +109,36 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build(args: argparse.Namespace) -> int:
+    """Build a cache from a teacher and a JSONL file (under torchrun: on every rank)."""
+    from target_sft.build import JsonlDataset, _load_tokenizer, build_teacher_cache
+
+    tok = _load_tokenizer(args.teacher, args.tokenizer)
+    result = build_teacher_cache(
+        args.teacher,
+        JsonlDataset(args.data, tok),
+        args.out,
+        top_k=args.top_k,
+        temperature=args.temperature,
+        codec=args.codec,
+        batch_tokens=args.batch_tokens,
+        max_batch_size=args.max_batch_size,
+        window=args.window,
+        tokenizer=tok,
+        dtype=args.dtype,
+        device=args.device,
+        shard_size=args.shard_size,
+        progress=not args.quiet,
+    )
+    if result.stats.rank == 0:
+        i = result.info
+        print(
+            f"OK: {args.out}: {i.records:,} records, {i.supervised_tokens:,} supervised tokens, "
+            f"{i.bytes_per_token:.1f} bytes/token, {len(i.shards)} shard(s)"
+        )
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Build a cache from generated teacher output, read it back, verify and inspect it."""
     from tqdm import tqdm
@@ -162,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"target-sft {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    cache = sub.add_parser("cache", help="inspect or verify a teacher cache")
+    cache = sub.add_parser("cache", help="build, inspect or verify a teacher cache")
     csub = cache.add_subparsers(dest="verb", required=True)
     ins = csub.add_parser("inspect", help="print what a cache holds")
     ins.add_argument("path", help="cache directory")
@@ -175,6 +207,30 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("path", help="cache directory")
     ver.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     ver.set_defaults(func=cmd_verify)
+
+    bld = csub.add_parser(
+        "build",
+        help="cache a teacher's top-k log-probs for a JSONL dataset (resumable; torchrun-aware)",
+        description="Run a Hugging Face causal LM over a JSONL file (input_ids/labels, or "
+        "prompt/response text and a tokenizer) and cache its top-k log-probs. Re-running the "
+        "same command resumes an interrupted build. Under torchrun (--no-python target-sft ...) "
+        "every rank builds its share and rank 0 writes the manifest.",
+    )
+    bld.add_argument("--teacher", required=True, help="model directory or hub name")
+    bld.add_argument("--data", required=True, help="JSONL file")
+    bld.add_argument("--out", required=True, help="cache directory")
+    bld.add_argument("--top-k", type=int, default=64)
+    bld.add_argument("--temperature", type=float, default=1.0)
+    bld.add_argument("--codec", choices=["compact", "exact"], default="compact")
+    bld.add_argument("--batch-tokens", type=int, default=16_384, help="padded tokens per batch")
+    bld.add_argument("--max-batch-size", type=int, default=256)
+    bld.add_argument("--window", type=int, default=4096, help="samples per planning window")
+    bld.add_argument("--tokenizer", help="tokenizer directory (default: the teacher's)")
+    bld.add_argument("--dtype", help="bfloat16, float16 or float32 (default: bf16 on GPU)")
+    bld.add_argument("--device", help="e.g. cuda:0 or cpu (default: this rank's GPU, else CPU)")
+    bld.add_argument("--shard-size", default="256MiB")
+    bld.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    bld.set_defaults(func=cmd_build)
 
     demo = sub.add_parser(
         "demo", help="the main job: build, verify and inspect a cache from generated data"

@@ -43,7 +43,12 @@ class CacheIOError(CacheError, OSError):
     """An operating-system I/O failure while reading or writing the cache."""
 
 
+class BuildError(CacheError, RuntimeError):
+    """A rank of a multi-rank cache build failed (the message names it); re-running resumes."""
+
+
 __all__ = [
+    "BuildError",
     "CacheCorruptionError",
     "CacheError",
     "CacheFormatError",

@@ -50,13 +50,18 @@ pub struct Manifest {
 
 impl Manifest {
     pub fn load(dir: &Path) -> Result<Self> {
-        let path = dir.join(MANIFEST_NAME);
+        Self::load_named(dir, MANIFEST_NAME)
+    }
+
+    /// Load the manifest file `name` of `dir` (a multi-writer build keeps one per writer).
+    pub fn load_named(dir: &Path, name: &str) -> Result<Self> {
+        let path = dir.join(name);
         let bytes = std::fs::read(&path).map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
                 Error::new(
                     ErrorKind::Format,
                     format!(
-                        "{} has no {MANIFEST_NAME}: it is not a target-sft cache (or its writer died before the first shard was committed)",
+                        "{} has no {name}: it is not a target-sft cache (or its writer died before the first shard was committed)",
                         dir.display()
                     ),
                 )
@@ -120,9 +125,68 @@ impl Manifest {
     }
 
     pub fn store(&self, dir: &Path) -> Result<()> {
+        self.store_named(dir, MANIFEST_NAME)
+    }
+
+    pub fn store_named(&self, dir: &Path, name: &str) -> Result<()> {
         let mut bytes = serde_json::to_vec_pretty(self).expect("manifest serialises");
         bytes.push(b'\n');
-        write_atomic(&dir.join(MANIFEST_NAME), &[&bytes])
+        write_atomic(&dir.join(name), &[&bytes])
+    }
+
+    /// The settings two parts of one cache must share, as (field, value) pairs.
+    pub fn settings(&self) -> [(&'static str, Value); 7] {
+        [
+            ("codec", Value::from(self.codec.clone())),
+            ("codec_params", self.codec_params.clone()),
+            ("top_k", Value::from(self.top_k)),
+            ("vocab_size", Value::from(self.vocab_size)),
+            ("temperature", Value::from(self.temperature)),
+            ("tokenizer", self.tokenizer.clone()),
+            ("teacher", self.teacher.clone()),
+        ]
+    }
+
+    /// The first setting in which `other` differs from `self`, as an error naming it.
+    pub fn check_same_settings(&self, other: &Manifest, what: &str) -> Result<()> {
+        for ((field, ours), (_, theirs)) in self.settings().iter().zip(other.settings().iter()) {
+            if ours != theirs {
+                return Err(Error::mismatch(format!(
+                    "{what}: {field} = {theirs} differs from {ours}; all parts of one cache must be built with the same settings"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Merge the per-writer manifests `parts` of `dir` (in order) into `dir/manifest.json`:
+    /// their shards concatenated, totals recounted, `complete` as given. All parts must share
+    /// every setting and no shard may be listed twice.
+    pub fn merge(dir: &Path, parts: &[String], complete: bool) -> Result<Manifest> {
+        let Some((first, rest)) = parts.split_first() else {
+            return Err(Error::input("merge needs at least one manifest"));
+        };
+        let mut merged = Self::load_named(dir, first)?;
+        let mut files: std::collections::HashSet<String> =
+            merged.shards.iter().map(|s| s.file.clone()).collect();
+        for name in rest {
+            let part = Self::load_named(dir, name)?;
+            merged.check_same_settings(&part, &format!("{}", dir.join(name).display()))?;
+            for s in part.shards {
+                if !files.insert(s.file.clone()) {
+                    return Err(Error::corrupt(format!(
+                        "{}: shard {} is listed by two writers' manifests",
+                        dir.display(),
+                        s.file
+                    )));
+                }
+                merged.shards.push(s);
+            }
+        }
+        merged.complete = complete;
+        merged.recount();
+        merged.store(dir)?;
+        Ok(merged)
     }
 
     pub fn recount(&mut self) {

@@ -39,6 +39,9 @@ pub struct WriterOptions {
     pub teacher: Value,
     /// Shard files are named `{prefix}-{n:06}.safetensors`.
     pub shard_prefix: String,
+    /// The manifest file this writer keeps (`manifest.json`; several writers building one
+    /// cache each keep their own, merged by [`Manifest::merge`]).
+    pub manifest_name: String,
     /// Records buffered to learn the compact codec's id table.
     pub prior_records: usize,
     /// Largest id table (the most frequent ids of the buffered records).
@@ -62,6 +65,7 @@ impl WriterOptions {
             tokenizer: Value::Object(Default::default()),
             teacher: Value::Object(Default::default()),
             shard_prefix: "shard".into(),
+            manifest_name: MANIFEST_NAME.into(),
             prior_records: 64,
             id_table_size: 8192,
             append: false,
@@ -154,6 +158,17 @@ impl CacheWriter {
                 opts.shard_prefix
             )));
         }
+        let mn = &opts.manifest_name;
+        if !(mn.starts_with("manifest")
+            && mn.ends_with(".json")
+            && mn
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)))
+        {
+            return Err(Error::input(format!(
+                "manifest_name {mn:?} must look like manifest[-_.A-Za-z0-9]*.json"
+            )));
+        }
         opts.codebook.validate()?;
         std::fs::create_dir_all(dir).map_err(|e| Error::io("cannot create", dir, e))?;
         let codec_params = match opts.codec {
@@ -181,42 +196,27 @@ impl CacheWriter {
             created_by: opts.created_by.clone(),
         };
         let mut seen = HashSet::new();
-        let has_manifest = dir.join(MANIFEST_NAME).exists();
-        let orphans = list_orphans(dir, &[])?;
-        if !opts.append && (has_manifest || !orphans.is_empty()) {
+        let has_manifest = dir.join(&opts.manifest_name).exists();
+        let any_shard = !list_orphans(dir, &[], None)?.is_empty();
+        if !opts.append && (has_manifest || any_shard || dir.join(MANIFEST_NAME).exists()) {
             return Err(Error::input(format!(
                 "{} already holds a cache; pass mode=\"append\" to add records to it, or choose an empty directory",
                 dir.display()
             )));
         }
         if has_manifest {
-            let old = Manifest::load(dir)?;
-            compare(
-                "codec",
-                &Value::from(old.codec.clone()),
-                &Value::from(base.codec.clone()),
-            )?;
-            compare("codec_params", &old.codec_params, &base.codec_params)?;
-            compare("top_k", &Value::from(old.top_k), &Value::from(base.top_k))?;
-            compare(
-                "vocab_size",
-                &Value::from(old.vocab_size),
-                &Value::from(base.vocab_size),
-            )?;
-            compare(
-                "temperature",
-                &Value::from(old.temperature),
-                &Value::from(base.temperature),
-            )?;
-            compare("tokenizer", &old.tokenizer, &base.tokenizer)?;
-            compare("teacher", &old.teacher, &base.teacher)?;
+            let old = Manifest::load_named(dir, &opts.manifest_name)?;
+            for ((field, cached), (_, ours)) in old.settings().iter().zip(base.settings().iter()) {
+                compare(field, cached, ours)?;
+            }
             base.shards = old.shards;
             base.created_by = old.created_by;
         }
         // Remove temp files of dead writers, adopt shards committed after the last manifest.
-        remove_stale_tmp(dir)?;
+        remove_stale_tmp(dir, &opts.shard_prefix, &opts.manifest_name)?;
         let known: Vec<String> = base.shards.iter().map(|s| s.file.clone()).collect();
-        for file in list_orphans(dir, &known)? {
+        // Only shards with this writer's prefix: other writers of a multi-writer build own theirs.
+        for file in list_orphans(dir, &known, Some(&opts.shard_prefix))? {
             let entry = adopt(dir, &file, &base)?;
             base.shards.push(entry);
         }
@@ -234,7 +234,7 @@ impl CacheWriter {
             .max()
             .map_or(0, |n| n + 1);
         if !base.shards.is_empty() {
-            base.store(dir)?;
+            base.store_named(dir, &opts.manifest_name)?;
         }
         let mut w = Self {
             dir: dir.to_path_buf(),
@@ -371,15 +371,22 @@ impl CacheWriter {
         drop(done_tx);
         let committer = {
             let (dir, base, err) = (self.dir.clone(), self.base.clone(), self.error.clone());
-            let (prefix, shard_bytes, next) = (
+            let (prefix, manifest_name, shard_bytes, next) = (
                 self.opts.shard_prefix.clone(),
+                self.opts.manifest_name.clone(),
                 self.opts.shard_bytes,
                 self.next_shard,
             );
             std::thread::Builder::new()
                 .name("tsft-commit".into())
                 .spawn(move || {
-                    let r = commit_loop(done_rx, &dir, base, &codec, &prefix, shard_bytes, next);
+                    let target = CommitTarget {
+                        dir: &dir,
+                        prefix: &prefix,
+                        manifest_name: &manifest_name,
+                        shard_bytes,
+                    };
+                    let r = commit_loop(done_rx, &target, base, &codec, next);
                     if let Err(e) = &r {
                         first_error(&err, e.clone());
                     }
@@ -428,7 +435,7 @@ impl CacheWriter {
             }
         };
         m.complete = complete;
-        m.store(&self.dir)?;
+        m.store_named(&self.dir, &self.opts.manifest_name)?;
         Ok(m)
     }
 }
@@ -466,13 +473,19 @@ fn encoder_loop(rx: Receiver<Job>, tx: Sender<Done>, codec: &Codec, err: &Mutex<
     }
 }
 
+/// Where and how the committer writes shards.
+struct CommitTarget<'a> {
+    dir: &'a Path,
+    prefix: &'a str,
+    manifest_name: &'a str,
+    shard_bytes: u64,
+}
+
 fn commit_loop(
     rx: Receiver<Done>,
-    dir: &Path,
+    t: &CommitTarget<'_>,
     mut manifest: Manifest,
     codec: &Codec,
-    prefix: &str,
-    shard_bytes: u64,
     mut next_shard: u64,
 ) -> Result<Manifest> {
     let mut reorder: BTreeMap<u64, EncodedRecord> = BTreeMap::new();
@@ -480,19 +493,19 @@ fn commit_loop(
     let mut shard = ShardBuilder::default();
     let commit =
         |shard: ShardBuilder, manifest: &mut Manifest, next_shard: &mut u64| -> Result<()> {
-            let file = format!("{prefix}-{:06}.safetensors", *next_shard);
+            let file = format!("{}-{:06}.safetensors", t.prefix, *next_shard);
             *next_shard += 1;
-            let entry = shard.commit(dir, &file, codec)?;
+            let entry = shard.commit(t.dir, &file, codec)?;
             manifest.shards.push(entry);
             manifest.recount();
-            manifest.store(dir)
+            manifest.store_named(t.dir, t.manifest_name)
         };
     for (seq, rec) in rx {
         reorder.insert(seq, rec);
         while let Some(rec) = reorder.remove(&want) {
             want += 1;
             shard.push(rec);
-            if shard.payload_bytes() as u64 >= shard_bytes {
+            if shard.payload_bytes() as u64 >= t.shard_bytes {
                 commit(std::mem::take(&mut shard), &mut manifest, &mut next_shard)?;
             }
         }
@@ -517,7 +530,9 @@ fn shard_number(file: &str, prefix: &str) -> Option<u64> {
         .ok()
 }
 
-fn list_orphans(dir: &Path, known: &[String]) -> Result<Vec<String>> {
+/// Shard files of `dir` not in `known` (only those named `{prefix}-NNNNNN.safetensors` when a
+/// prefix is given).
+fn list_orphans(dir: &Path, known: &[String], prefix: Option<&str>) -> Result<Vec<String>> {
     let mut out = Vec::new();
     let rd = match std::fs::read_dir(dir) {
         Ok(rd) => rd,
@@ -527,7 +542,12 @@ fn list_orphans(dir: &Path, known: &[String]) -> Result<Vec<String>> {
     for ent in rd {
         let ent = ent.map_err(|e| Error::io("cannot list", dir, e))?;
         let name = ent.file_name().to_string_lossy().into_owned();
-        if name.ends_with(".safetensors") && !name.starts_with('.') && !known.contains(&name) {
+        let ours = prefix.is_none_or(|p| shard_number(&name, p).is_some());
+        if name.ends_with(".safetensors")
+            && !name.starts_with('.')
+            && !known.contains(&name)
+            && ours
+        {
             out.push(name);
         }
     }
@@ -535,12 +555,20 @@ fn list_orphans(dir: &Path, known: &[String]) -> Result<Vec<String>> {
     Ok(out)
 }
 
-fn remove_stale_tmp(dir: &Path) -> Result<()> {
+/// Delete the temp files (`.tmp-{pid}-{name}`) a dead writer left for this writer's own files:
+/// its shards (`{prefix}-…`) and its manifest. Other writers of the same directory (the other
+/// ranks of a build) may be writing theirs right now.
+fn remove_stale_tmp(dir: &Path, prefix: &str, manifest_name: &str) -> Result<()> {
     for ent in std::fs::read_dir(dir)
         .map_err(|e| Error::io("cannot list", dir, e))?
         .flatten()
     {
-        if ent.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
+        let file = ent.file_name().to_string_lossy().into_owned();
+        let Some(rest) = file.strip_prefix(TMP_PREFIX) else {
+            continue;
+        };
+        let name = rest.split_once('-').map_or("", |(_pid, name)| name);
+        if name == manifest_name || shard_number(name, prefix).is_some() {
             let _ = std::fs::remove_file(ent.path());
         }
     }

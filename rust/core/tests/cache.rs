@@ -5,7 +5,7 @@ use std::path::Path;
 use common::{record, Rng};
 use target_sft_core::codec::{Codebook, CodebookParams};
 use target_sft_core::{
-    CacheWriter, CodecKind, ErrorKind, Key, Record, TeacherCache, WriterOptions,
+    CacheWriter, CodecKind, ErrorKind, Key, Manifest, Record, TeacherCache, WriterOptions,
 };
 
 fn opts(codec: CodecKind, k: usize, vocab: usize) -> WriterOptions {
@@ -268,6 +268,59 @@ fn append_adopts_orphans_and_checks_settings() {
             r.topk_ids
         );
     }
+}
+
+#[test]
+fn writers_with_their_own_prefix_and_manifest_share_a_directory_and_merge() {
+    let dir = tempdir("ranks");
+    let recs = records(40, 1000, 8, 11);
+    let rank_opts = |r: usize| {
+        let mut o = opts(CodecKind::Compact, 8, 1000);
+        o.append = true;
+        o.shard_prefix = format!("rank{r:05}-of-00002");
+        o.manifest_name = format!("manifest.rank{r:05}-of-00002.json");
+        o.shard_bytes = 1; // one shard per record
+        o
+    };
+    let parts: Vec<String> = (0..2).map(|r| rank_opts(r).manifest_name).collect();
+    write(&dir, rank_opts(0), &recs[..20]);
+    // rank 1 starts while a temp file of rank 0 is in flight: it must neither delete it nor
+    // adopt rank 0's shards
+    let in_flight = dir.join(".tmp-7-rank00000-of-00002-000099.safetensors");
+    std::fs::write(&in_flight, b"being written").unwrap();
+    let stale = dir.join(".tmp-8-rank00001-of-00002-000005.safetensors");
+    std::fs::write(&stale, b"dead").unwrap();
+    let mut w1 = CacheWriter::create(&dir, rank_opts(1)).unwrap();
+    assert_eq!(w1.num_records(), 0);
+    assert!(in_flight.exists() && !stale.exists());
+    for r in &recs[20..] {
+        w1.add(r.clone()).unwrap();
+    }
+    w1.close().unwrap();
+    assert!(
+        !dir.join("manifest.json").exists(),
+        "writers with their own manifest never write manifest.json"
+    );
+    let m = Manifest::merge(&dir, &parts, true).unwrap();
+    assert_eq!((m.num_records, m.shards.len(), m.complete), (40, 40, true));
+    assert!(
+        m.shards[0].file.starts_with("rank00000") && m.shards[39].file.starts_with("rank00001")
+    );
+    let c = TeacherCache::open(&dir).unwrap();
+    for (i, r) in recs.iter().enumerate() {
+        assert_eq!(c.position(&r.key).unwrap(), i as u64);
+    }
+    // a part with other settings is refused, naming the field
+    let mut odd = rank_opts(2);
+    odd.temperature = 2.0;
+    write(&dir, odd.clone(), &records(3, 1000, 8, 12));
+    let e = Manifest::merge(&dir, &[parts[0].clone(), odd.manifest_name], true).unwrap_err();
+    assert!(e.message.contains("temperature"), "{}", e.message);
+    let e = Manifest::merge(&dir, &[parts[0].clone(), parts[0].clone()], true).unwrap_err();
+    assert!(e.message.contains("listed by two"), "{}", e.message);
+    let mut bad = opts(CodecKind::Compact, 8, 1000);
+    bad.manifest_name = "../manifest.json".into();
+    assert!(CacheWriter::create(&dir, bad).is_err());
 }
 
 fn tempdir(name: &str) -> std::path::PathBuf {

@@ -132,7 +132,8 @@ struct PyCacheWriter {
 impl PyCacheWriter {
     #[new]
     #[pyo3(signature = (path, *, top_k, vocab_size, codec, zstd_level, shard_bytes, threads, temperature,
-        tokenizer_json, teacher_json, shard_prefix, prior_records, append, sqrt_step, tail_step, floor))]
+        tokenizer_json, teacher_json, shard_prefix, prior_records, append, sqrt_step, tail_step, floor,
+        manifest_name=core::manifest::MANIFEST_NAME.to_string()))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -152,6 +153,7 @@ impl PyCacheWriter {
         sqrt_step: f64,
         tail_step: f64,
         floor: f64,
+        manifest_name: String,
     ) -> PyResult<Self> {
         let parse = |what: &str, s: &str| {
             serde_json::from_str(s)
@@ -166,6 +168,7 @@ impl PyCacheWriter {
         opts.tokenizer = parse("tokenizer", tokenizer_json)?;
         opts.teacher = parse("teacher", teacher_json)?;
         opts.shard_prefix = shard_prefix;
+        opts.manifest_name = manifest_name;
         opts.prior_records = prior_records;
         opts.append = append;
         opts.codebook = core::CodebookParams {
@@ -383,11 +386,27 @@ impl PyTeacherCache {
     }
 }
 
+/// Merge the per-writer manifests `parts` of the cache at `path` into its `manifest.json`;
+/// returns the merged manifest as JSON.
+#[pyfunction]
+fn merge_manifests(
+    py: Python<'_>,
+    path: PathBuf,
+    parts: Vec<String>,
+    complete: bool,
+) -> PyResult<String> {
+    let m = py
+        .detach(|| core::Manifest::merge(&path, &parts, complete))
+        .map_err(err)?;
+    Ok(serde_json::to_string(&m).expect("manifest serialises"))
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("FORMAT_VERSION", core::manifest::FORMAT_VERSION)?;
     m.add_class::<PyCacheWriter>()?;
     m.add_class::<PyTeacherCache>()?;
+    m.add_function(wrap_pyfunction!(merge_manifests, m)?)?;
     Ok(())
 }

@@ -1,0 +1,122 @@
+"""Shared by the cache-builder tests and their torchrun worker (tests/build_worker.py): a tiny
+random Llama saved with ``save_pretrained``, a tiny word-level tokenizer with a chat template,
+generated samples, and a float64 reference for what the cache must hold."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+VOCAB = 1000
+
+
+def save_tiny_llama(path: Path, seed: int = 0, vocab: int = VOCAB, tokenizer: bool = True) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(path)
+    if tokenizer:
+        save_tiny_tokenizer(path, vocab)
+    return path
+
+
+def save_tiny_tokenizer(path: Path, vocab: int = VOCAB) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "<user>": 4, "<assistant>": 5}
+    for i in range(len(words), vocab):
+        words[f"w{i}"] = i
+    tk = Tokenizer(models.WordLevel(vocab=words, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+    )
+    fast.chat_template = (
+        "{% for m in messages %}{{ '<' + m['role'] + '> ' + m['content'] + ' ' }}"
+        "{% if m['role'] == 'assistant' %}{{ '</s> ' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<assistant> ' }}{% endif %}"
+    )
+    fast.save_pretrained(path)
+
+
+def make_samples(n: int, seed: int = 0, vocab: int = VOCAB, max_len: int = 40) -> list[dict]:
+    """Samples of varied length with a masked prompt; one of length 1 and one with no
+    supervised position, so the edge cases are always in the data."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        t = int(rng.integers(2, max_len))
+        ids = rng.integers(6, vocab, t)
+        labels = ids.copy()
+        labels[: int(rng.integers(0, t))] = -100
+        if i % 7 == 3:  # a noisy demonstration: a label that is not the next input token
+            labels[-1] = int(rng.integers(6, vocab))
+        out.append({"id": f"s{i:04d}", "input_ids": ids.tolist(), "labels": labels.tolist()})
+    if n >= 2:
+        out[0]["input_ids"], out[0]["labels"] = [7], [7]
+        out[1]["labels"] = [-100] * len(out[1]["input_ids"])
+    return out
+
+
+def write_jsonl(path: Path, samples: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(s) + "\n" for s in samples))
+    return path
+
+
+def reference_logprobs(model: Any, sample: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(positions t of the rows, float64 log-softmax [S, V] of the logits predicting them),
+    from one unbatched, unpadded forward pass."""
+    ids = torch.tensor([sample["input_ids"]])
+    with torch.no_grad():
+        logits = model(ids).logits[0].double()
+    lp = torch.log_softmax(logits, -1).numpy()
+    labels = np.asarray(sample["labels"])
+    pos = np.flatnonzero(labels[1:] != -100) + 1
+    return pos, lp[pos - 1]
+
+
+def canonical_rows(rec: Any) -> tuple[np.ndarray, np.ndarray]:
+    """A record's top-k rows sorted by id: the compact codec keeps each row's (id, log-prob)
+    pairs but not their order (docs/FORMAT.md §5), so equal content means equal sorted rows."""
+    order = np.argsort(rec.topk_ids, axis=1, kind="stable")
+    return (
+        np.take_along_axis(rec.topk_ids, order, 1),
+        np.take_along_axis(rec.topk_logprobs, order, 1),
+    )
+
+
+def assert_records_equal(a: Any, b: Any) -> None:
+    """Two caches hold the same records: same keys, tokens, labels, label log-probs and ranks,
+    and per row the same (id, log-prob) pairs, bit for bit."""
+    assert len(a) == len(b)
+    assert sorted(map(str, a.keys())) == sorted(map(str, b.keys()))
+    for key in a.keys():
+        ra, rb = a[key], b[key]
+        for f in ("input_ids", "labels", "label_logprobs", "label_ranks"):
+            np.testing.assert_array_equal(getattr(ra, f), getattr(rb, f), err_msg=f"{key}.{f}")
+        for x, y, f in zip(
+            canonical_rows(ra), canonical_rows(rb), ("ids", "logprobs"), strict=True
+        ):
+            np.testing.assert_array_equal(x, y, err_msg=f"{key}.topk_{f}")

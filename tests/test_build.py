@@ -1,0 +1,426 @@
+"""build_teacher_cache: a tiny random Llama saved with save_pretrained, its cache checked against a
+float64 log-softmax of unbatched forward passes; padding, batching and dtype; resume after SIGKILL;
+multi-rank builds under real torchrun processes (one node and two nodes on 127.0.0.1); the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from build_helpers import (
+    VOCAB,
+    assert_records_equal,
+    make_samples,
+    reference_logprobs,
+    save_tiny_llama,
+    write_jsonl,
+)
+from target_sft import TeacherCache
+from target_sft.build import build_teacher_cache, plan_batches
+from target_sft.errors import BuildError, CacheInputError, CacheMismatchError
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+K = 8
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_llama(tmp_path_factory.mktemp("teacher") / "llama")
+
+
+@pytest.fixture(scope="module")
+def model(model_dir: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def samples() -> list[dict]:
+    return make_samples(40, seed=1)
+
+
+def build(teacher, data, out, **kw):
+    kw.setdefault("top_k", K)
+    kw.setdefault("codec", "exact")
+    kw.setdefault("progress", False)
+    return build_teacher_cache(teacher, data, out, **kw)
+
+
+def check_against_reference(cache: TeacherCache, model, samples, atol: float) -> None:
+    """Every row: the cached ids are a top-k of the reference distribution (up to ties within
+    atol), the cached log-probs equal the reference at those ids, the label's log-prob and rank
+    are the reference's."""
+    for s in samples:
+        rec = cache[s["id"]]
+        pos, ref = reference_logprobs(model, s)
+        np.testing.assert_array_equal(rec.supervised_positions, pos)
+        assert rec.topk_ids.shape == (len(pos), K)
+        if not len(pos):
+            continue
+        got = np.take_along_axis(ref, rec.topk_ids.astype(np.int64), 1)
+        np.testing.assert_allclose(rec.topk_logprobs, got, atol=atol, rtol=0)
+        assert np.all(np.diff(rec.topk_logprobs, axis=1) <= 0)  # sorted, best first
+        outside = ref.copy()
+        np.put_along_axis(outside, rec.topk_ids.astype(np.int64), -np.inf, 1)
+        assert np.all(rec.topk_logprobs[:, -1] >= outside.max(1) - atol)
+        lab = np.asarray(s["labels"])[pos]
+        ref_lab = ref[np.arange(len(pos)), lab]
+        np.testing.assert_allclose(rec.label_logprobs, ref_lab, atol=atol, rtol=0)
+        lo = (ref > ref_lab[:, None] + atol).sum(1)
+        hi = (ref > ref_lab[:, None] - atol).sum(1)
+        assert np.all((lo <= rec.label_ranks) & (rec.label_ranks <= hi))
+
+
+def test_cache_matches_float64_log_softmax(model_dir, model, samples, tmp_path):
+    res = build(model_dir, samples, tmp_path / "c", batch_tokens=200, window=16)
+    cache = TeacherCache(tmp_path / "c")
+    assert res.info.complete and res.info.records == len(samples) == len(cache)
+    assert res.stats.records_added == len(samples) and res.stats.batches > 3
+    check_against_reference(cache, model, samples, atol=2e-5)
+    teacher = cache.info.teacher
+    assert teacher["name"] == str(model_dir) and teacher["dtype"] == "float32"
+    assert len(teacher["config_hash"]) == 32 and len(teacher["weights_hash"]) == 32
+    assert cache.info.tokenizer["size"] == VOCAB and len(cache.info.tokenizer["fingerprint"]) == 32
+    assert cache.verify() == len(samples)
+
+
+def test_temperature_scales_logits(model_dir, model, samples, tmp_path):
+    build(model_dir, samples[:10], tmp_path / "c", temperature=2.0)
+    cache = TeacherCache(tmp_path / "c")
+    assert cache.info.temperature == 2.0
+    s = samples[5]
+    rec = cache[s["id"]]
+    with torch.no_grad():
+        logits = model(torch.tensor([s["input_ids"]])).logits[0].double() / 2.0
+    ref = torch.log_softmax(logits, -1).numpy()[rec.supervised_positions - 1]
+    got = np.take_along_axis(ref, rec.topk_ids.astype(np.int64), 1)
+    np.testing.assert_allclose(rec.topk_logprobs, got, atol=2e-5, rtol=0)
+
+
+def test_padding_side_and_batch_composition_do_not_change_records(model_dir, samples, tmp_path):
+    build(model_dir, samples, tmp_path / "a", batch_tokens=4096, window=64)
+    build(model_dir, samples, tmp_path / "b", batch_tokens=40, window=5, padding_side="left")
+    a, b = TeacherCache(tmp_path / "a"), TeacherCache(tmp_path / "b")
+    for s in samples:
+        ra, rb = a[s["id"]], b[s["id"]]
+        np.testing.assert_array_equal(ra.labels, rb.labels)
+        np.testing.assert_allclose(ra.topk_logprobs, rb.topk_logprobs, atol=2e-5, rtol=0)
+        np.testing.assert_allclose(ra.label_logprobs, rb.label_logprobs, atol=2e-5, rtol=0)
+        # ids agree except where two log-probs are tied within float noise
+        differ = ra.topk_ids != rb.topk_ids
+        assert np.all(np.abs(ra.topk_logprobs[differ] - rb.topk_logprobs[differ]) < 2e-5)
+
+
+def test_compact_cache_is_the_quantised_exact_cache(model_dir, samples, tmp_path):
+    build(model_dir, samples, tmp_path / "x", codec="exact")
+    build(model_dir, samples, tmp_path / "c", codec="compact")
+    x, c = TeacherCache(tmp_path / "x"), TeacherCache(tmp_path / "c")
+    from safetensors.numpy import load_file
+
+    levels = load_file(str(next((tmp_path / "c").glob("*.safetensors"))))["codebook"]
+    for s in samples:
+        rx, rc = x[s["id"]], c[s["id"]]
+        np.testing.assert_array_equal(rx.label_ranks, rc.label_ranks)
+        # the compact codec keeps each row's (id, value) pairs, not their order
+        ox, oc = np.argsort(rx.topk_ids, 1), np.argsort(rc.topk_ids, 1)
+        np.testing.assert_array_equal(
+            np.take_along_axis(rx.topk_ids, ox, 1), np.take_along_axis(rc.topk_ids, oc, 1)
+        )
+        pairs = [
+            (
+                np.take_along_axis(rx.topk_logprobs, ox, 1),
+                np.take_along_axis(rc.topk_logprobs, oc, 1),
+            ),
+            (rx.label_logprobs, rc.label_logprobs),
+        ]
+        for v_exact, v_comp in pairs:
+            nearest = levels[np.abs(v_exact[..., None] - levels).argmin(-1)]
+            tie = np.isclose(np.abs(v_exact - nearest), np.abs(v_exact - v_comp), atol=1e-6)
+            assert np.all((v_comp == nearest) | tie)
+
+
+def test_bf16_teacher_on_cpu(model_dir, samples, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    build(model_dir, samples[:12], tmp_path / "c", dtype="bfloat16")
+    cache = TeacherCache(tmp_path / "c")
+    assert cache.info.teacher["dtype"] == "bfloat16"
+    bf16 = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    check_against_reference(cache, bf16, samples[2:12], atol=0.05)
+
+
+def test_model_object_and_plain_callable_teacher(model, samples, tmp_path):
+    build(model, samples[:10], tmp_path / "m")
+    emb = torch.randn(VOCAB, VOCAB, generator=torch.Generator().manual_seed(3))
+
+    def bigram(input_ids, attention_mask=None):
+        return emb[input_ids]  # logits of a bigram teacher: [B, T, V]
+
+    build(bigram, samples[:10], tmp_path / "f")
+    f = TeacherCache(tmp_path / "f")
+    assert f.info.teacher["kind"] == "callable" and f.info.tokenizer == {}
+    for s in samples[2:10]:
+        rec = f[s["id"]]
+        ref = torch.log_softmax(emb.double(), -1).numpy()[
+            np.asarray(s["input_ids"])[rec.supervised_positions - 1]
+        ]
+        np.testing.assert_allclose(
+            rec.topk_logprobs, np.sort(ref, 1)[:, ::-1][:, :K], atol=1e-5, rtol=0
+        )
+
+
+def test_keys_default_to_the_index_and_labels_to_the_inputs(model_dir, tmp_path):
+    data = [{"input_ids": list(range(10 + i, 20 + i))} for i in range(5)]
+    build(model_dir, data, tmp_path / "c")
+    cache = TeacherCache(tmp_path / "c")
+    assert sorted(cache.keys()) == [0, 1, 2, 3, 4]
+    rec = cache[3]
+    np.testing.assert_array_equal(rec.labels, np.arange(13, 23))
+    assert rec.n_supervised == 9
+
+
+def test_plan_batches_respects_the_token_budget():
+    lengths = [5, 30, 7, 7, 100, 3, 12, 30]
+    plan = plan_batches(lengths, batch_tokens=40, max_batch_size=3)
+    assert sorted(i for b in plan for i in b) == list(range(len(lengths)))
+    for b in plan:
+        assert len(b) <= 3
+        assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 40
+    assert plan == [[5, 0, 2], [3, 6], [1], [7], [4]]
+
+
+@pytest.mark.parametrize(
+    "item, message",
+    [
+        ({"input_ids": [5, 6], "labels": [5]}, "labels has 1 entries but input_ids has 2"),
+        ({"input_ids": [5, -6]}, "negative id -6"),
+        ({"input_ids": [5, 6], "labels": [5, -7]}, "labels[1] = -7"),
+        ({"input_ids": [5, 6], "labels": [5, VOCAB + 5]}, f"label {VOCAB + 5} is outside"),
+        ({"tokens": [5, 6]}, "has no 'input_ids'"),
+        ({"input_ids": [5, 6], "id": 1.5}, "must be an int or a str"),
+        ({"input_ids": []}, "input_ids is empty"),
+        ({"input_ids": [[5, 6]]}, "must be a 1-D sequence"),
+    ],
+)
+def test_bad_items_are_named(model, tmp_path, item, message):
+    data = [{"input_ids": [8, 9, 10]}] * 2 + [item]
+    data = [dict(d, id=i) if "id" not in d else d for i, d in enumerate(data)]
+    with pytest.raises(CacheInputError) as e:
+        build(model, data, tmp_path / "c")
+    assert message in str(e.value) and "dataset item 2" in str(e.value)
+
+
+def test_refuses_to_resume_with_another_teacher_or_setting(model_dir, samples, tmp_path):
+    build(model_dir, samples[:6], tmp_path / "c")
+    other = save_tiny_llama(tmp_path / "other", seed=7)
+    with pytest.raises(CacheMismatchError, match="teacher"):
+        build(other, samples, tmp_path / "c")
+    with pytest.raises(CacheMismatchError, match="top_k"):
+        build(model_dir, samples, tmp_path / "c", top_k=K + 1)
+    with pytest.raises(CacheInputError, match="MASTER_ADDR is not set; launch with torchrun"):
+        build(model_dir, samples, tmp_path / "c", rank=0, world_size=2)
+
+
+def test_rerun_of_a_finished_build_adds_nothing(model_dir, samples, tmp_path):
+    build(model_dir, samples, tmp_path / "c")
+    before = (tmp_path / "c" / "manifest.json").read_text()
+    res = build(model_dir, samples, tmp_path / "c")
+    assert res.stats.records_added == 0 and res.stats.records_skipped == len(samples)
+    assert res.stats.batches == 0  # no teacher pass at all
+    assert (tmp_path / "c" / "manifest.json").read_text() == before
+    more = make_samples(50, seed=9)[40:]
+    for s in more:
+        s["id"] = "new-" + s["id"]
+    res = build(model_dir, samples + more, tmp_path / "c")
+    assert res.stats.records_added == 10 and res.info.records == 50
+
+
+KILL_SCRIPT = """
+import json, sys
+from target_sft.build import build_teacher_cache
+data = json.load(open(sys.argv[2]))
+def on_batch(stats):
+    print("BATCH", stats.batches, flush=True)
+build_teacher_cache(sys.argv[1], data, sys.argv[3], top_k=8, codec="compact", window=16,
+                    batch_tokens=96, shard_size=2048, progress=False, on_batch=on_batch)
+print("DONE", flush=True)
+"""
+
+
+def test_resume_after_sigkill_equals_an_uninterrupted_build(model_dir, tmp_path):
+    samples = make_samples(120, seed=4)
+    (tmp_path / "data.json").write_text(json.dumps(samples))
+    run = [sys.executable, "-c", KILL_SCRIPT, str(model_dir), str(tmp_path / "data.json")]
+    ref = subprocess.run([*run, str(tmp_path / "ref")], capture_output=True, text=True)
+    assert ref.returncode == 0 and "DONE" in ref.stdout, ref.stderr
+    n_batches = ref.stdout.count("BATCH")
+    assert n_batches > 10
+    for kill_after in (1, n_batches // 2):
+        out = tmp_path / f"killed{kill_after}"
+        child = subprocess.Popen([*run, str(out)], stdout=subprocess.PIPE, text=True)
+        for line in child.stdout:
+            if line.startswith("BATCH") and int(line.split()[1]) >= kill_after:
+                child.send_signal(signal.SIGKILL)
+                break
+        child.wait()
+        assert child.returncode == -signal.SIGKILL
+        assert not (out / "manifest.json").exists()  # the merged manifest comes only at the end
+        done = subprocess.run([*run, str(out)], capture_output=True, text=True)
+        assert done.returncode == 0 and "DONE" in done.stdout, done.stderr
+        assert_records_equal(TeacherCache(out), TeacherCache(tmp_path / "ref"))
+        assert TeacherCache(out).verify() == len(samples)
+    # a kill halfway must have left committed shards that the resumed run kept
+    part = json.loads((out / "manifest.rank00000-of-00001.json").read_text())
+    assert len(part["shards"]) > 1
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args: str, nproc: int = 2, extra: tuple[str, ...] = ()) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE))
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nproc}",
+        *extra,
+        str(HERE / "build_worker.py"),
+        *args,
+    ]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def single_rank_reference(model_dir: Path, samples: list[dict], out: Path) -> TeacherCache:
+    torch.set_num_threads(1)  # the torchrun workers run one thread each
+    try:
+        build(model_dir, samples, out, window=8, batch_tokens=256)
+    finally:
+        torch.set_num_threads(os.cpu_count() or 1)
+    return TeacherCache(out)
+
+
+def test_torchrun_two_ranks_build_the_same_cache(model_dir, samples, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", samples)
+    p = torchrun(
+        "--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "c"),
+        extra=("--master-port", str(free_port())),
+    )  # fmt: skip
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    added = sorted(int(line.split()[3]) for line in out.splitlines() if line.startswith("RANK"))
+    assert len(added) == 2 and sum(added) == len(samples) and min(added) > 0
+    files = sorted(f.name for f in (tmp_path / "c").iterdir())
+    assert "manifest.rank00000-of-00002.json" in files
+    assert "manifest.rank00001-of-00002.json" in files
+    cache = TeacherCache(tmp_path / "c")
+    assert cache.info.complete and len(cache) == len(samples)
+    # the plan does not depend on the world size: the same bits as a single-rank build
+    assert_records_equal(cache, single_rank_reference(model_dir, samples, tmp_path / "ref"))
+    with pytest.raises(CacheInputError, match="started with world_size = 2; resume it with 2"):
+        build(model_dir, samples, tmp_path / "c")
+
+
+def test_torchrun_two_nodes_on_localhost(model_dir, samples, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", samples)
+    port = str(free_port())
+    args = ("--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "c"))
+    nodes = [
+        torchrun(
+            *args,
+            nproc=1,
+            extra=(
+                "--nnodes=2",
+                f"--node-rank={n}",
+                "--master-addr=127.0.0.1",
+                f"--master-port={port}",
+            ),
+        )
+        for n in (0, 1)
+    ]
+    for p in nodes:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    cache = TeacherCache(tmp_path / "c")
+    assert cache.info.complete and len(cache) == len(samples)
+    assert_records_equal(cache, single_rank_reference(model_dir, samples, tmp_path / "ref"))
+
+
+def test_a_failing_rank_fails_the_build_and_a_rerun_resumes(model_dir, samples, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", samples)
+    args = ("--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "c"))
+    p = torchrun(*args, "--fail-rank", "1", extra=("--master-port", str(free_port())))
+    _, err = p.communicate(timeout=300)
+    assert p.returncode != 0
+    assert "rank 1: RuntimeError: injected failure at item 24" in err
+    assert BuildError.__name__ in err  # rank 0 raised too, naming the failed rank
+    assert not (tmp_path / "c" / "manifest.json").exists()
+    kept = json.loads((tmp_path / "c" / "manifest.rank00001-of-00002.json").read_text())
+    assert kept["num_records"] > 0 and not kept["complete"]
+    p = torchrun(*args, extra=("--master-port", str(free_port())))
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    cache = TeacherCache(tmp_path / "c")
+    assert cache.info.complete and len(cache) == len(samples)
+    assert_records_equal(cache, single_rank_reference(model_dir, samples, tmp_path / "ref"))
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).with_name("target-sft")
+    return subprocess.run([str(exe), *args], capture_output=True, text=True)
+
+
+def test_cli_build_from_token_ids(model_dir, model, samples, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", samples)
+    r = cli("cache", "build", "--teacher", str(model_dir), "--data", str(data),
+            "--out", str(tmp_path / "c"), "--top-k", str(K), "--codec", "exact", "-q")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert f"OK: {tmp_path / 'c'}: {len(samples)} records" in r.stdout
+    check_against_reference(TeacherCache(tmp_path / "c"), model, samples[:8], atol=2e-5)
+
+
+def test_cli_build_from_prompt_response_text_with_the_chat_template(model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    rows = [
+        {"prompt": "w10 w11 w12", "response": "w20 w21"},
+        {"id": "x", "prompt": "w13", "response": "w22 w23 w24"},
+    ]
+    data = write_jsonl(tmp_path / "t.jsonl", rows)
+    r = cli("cache", "build", "--teacher", str(model_dir), "--data", str(data),
+            "--out", str(tmp_path / "c"), "--top-k", str(K), "-q")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    cache = TeacherCache(tmp_path / "c")
+    rec = cache["x"]
+    want = tok.apply_chat_template(
+        [{"role": "user", "content": "w13"}, {"role": "assistant", "content": "w22 w23 w24"}]
+    )
+    want = list(want["input_ids"] if hasattr(want, "keys") else want)
+    assert rec.input_ids.tolist() == want
+    assert tok.convert_ids_to_tokens(rec.labels[rec.labels >= 0].tolist()) == [
+        "w22", "w23", "w24", "</s>",
+    ]  # fmt: skip
+    assert sorted(cache.keys(), key=str) == [0, "x"]
+
+
+def test_cli_build_reports_bad_lines(model_dir, tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"input_ids": [5, 6]}\n{"text": "hello"}\n')
+    r = cli("cache", "build", "--teacher", str(model_dir), "--data", str(tmp_path / "bad.jsonl"),
+            "--out", str(tmp_path / "c"), "-q")  # fmt: skip
+    assert r.returncode == 1
+    assert "bad.jsonl:2: a line needs 'input_ids'" in r.stderr
