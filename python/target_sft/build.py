@@ -348,7 +348,13 @@ class _Runner:
         self.pass_use_cache = "use_cache" in sig
         self.vocab_size: int | None = None
 
-    def _logits(self, ids: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    def _logits(
+        self, ids: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor, batch: _Batch
+    ) -> torch.Tensor:
+        """Logits ``[n, V]`` of the batch's supervised rows, in row order. Nothing here waits
+        for the device (sizes come from the host), so the host can work while it runs."""
+        import torch
+
         kwargs: dict[str, Any] = {}
         if self.pass_mask:
             kwargs["attention_mask"] = mask
@@ -362,11 +368,12 @@ class _Runner:
         logits = getattr(out, "logits", out)
         if isinstance(logits, (tuple, list)):
             logits = logits[0]
-        n = int(keep.sum())
+        n = batch.n_rows
         if logits.dim() == 2 and logits.shape[0] == n:
             return logits
         if logits.dim() == 3 and logits.shape[:2] == keep.shape:
-            return logits[keep]
+            flat = torch.from_numpy(np.flatnonzero(batch.keep)).to(logits.device)
+            return logits.reshape(-1, logits.shape[-1]).index_select(0, flat)
         raise CacheInputError(
             f"the teacher returned logits of shape {tuple(logits.shape)} for input_ids of shape "
             f"{tuple(ids.shape)}; expected [batch, length, vocab]"
@@ -395,7 +402,7 @@ class _Runner:
             start.record()
         with torch.inference_mode():
             if n:
-                logits = self._logits(ids, mask, keep)
+                logits = self._logits(ids, mask, keep, batch)
                 v = int(logits.shape[-1])
                 if self.vocab_size is None:
                     self.vocab_size = v
