@@ -291,15 +291,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(*args: str, nproc: int = 2, extra: tuple[str, ...] = ()) -> subprocess.Popen:
+def torchrun(
+    *args: str, nproc: int = 2, extra: tuple[str, ...] = (), cli: bool = False
+) -> subprocess.Popen:
+    """torchrun of tests/build_worker.py (the Python API), or of ``target-sft cache build``
+    through ``--no-python`` when ``cli``."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE))
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    target = ["--no-python", "target-sft"] if cli else [str(HERE / "build_worker.py")]
     cmd = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         f"--nproc-per-node={nproc}",
         *extra,
-        str(HERE / "build_worker.py"),
+        *target,
         *args,
     ]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -338,11 +344,15 @@ def test_torchrun_two_ranks_build_the_same_cache(model_dir, samples, tmp_path):
 def test_torchrun_two_nodes_on_localhost(model_dir, samples, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", samples)
     port = str(free_port())
-    args = ("--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "c"))
+    # the CLI under torchrun, as the README shows it, with the settings of build_worker.py
+    args = ("cache", "build", "--teacher", str(model_dir), "--data", str(data),
+            "--out", str(tmp_path / "c"), "--top-k", str(K), "--codec", "exact",
+            "--window", "8", "--batch-tokens", "256", "-q")  # fmt: skip
     nodes = [
         torchrun(
             *args,
             nproc=1,
+            cli=True,
             extra=(
                 "--nnodes=2",
                 f"--node-rank={n}",
