@@ -25,6 +25,8 @@ _EXPORTS: dict[str, str] = {
     "CacheRecord": "target_sft.cache",
     "CacheInfo": "target_sft.cache",
     "CacheSample": "target_sft.cache",
+    # streaming
+    "StreamingTeacherDataset": "target_sft.streaming",
     # errors
     "CacheError": "target_sft.errors",
     "CacheInputError": "target_sft.errors",
@@ -54,6 +56,7 @@ __all__ = [
     "CacheVersionError",
     "CacheWriter",
     "QTargetLoss",
+    "StreamingTeacherDataset",
     "TeacherCache",
     "__version__",
     "induced_target",
@@ -87,3 +90,4 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers only
         CacheVersionError,
     )
     from target_sft.losses import QTargetLoss, induced_target, target_sft_loss
+    from target_sft.streaming import StreamingTeacherDataset
