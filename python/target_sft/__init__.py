@@ -29,6 +29,8 @@ _EXPORTS: dict[str, str] = {
     # building a cache from a teacher
     "build_teacher_cache": "target_sft.build",
     "BuildResult": "target_sft.build",
+    # streaming
+    "StreamingTeacherDataset": "target_sft.streaming",
     # errors
     "BuildError": "target_sft.errors",
     "CacheError": "target_sft.errors",
@@ -61,6 +63,7 @@ __all__ = [
     "CacheVersionError",
     "CacheWriter",
     "QTargetLoss",
+    "StreamingTeacherDataset",
     "TeacherCache",
     "__version__",
     "build_teacher_cache",
@@ -97,3 +100,4 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers only
         CacheVersionError,
     )
     from target_sft.losses import QTargetLoss, induced_target, target_sft_loss
+    from target_sft.streaming import StreamingTeacherDataset
