@@ -45,6 +45,7 @@ _EXPORTS: dict[str, str] = {
     "target_sft_loss": "target_sft.losses",
     "QTargetLoss": "target_sft.losses",
     "induced_target": "target_sft.losses",
+    "fused_linear_target_sft_loss": "target_sft.kernels",
 }
 
 __all__ = [
@@ -67,6 +68,7 @@ __all__ = [
     "TeacherCache",
     "__version__",
     "build_teacher_cache",
+    "fused_linear_target_sft_loss",
     "induced_target",
     "target_sft_loss",
 ]
@@ -99,5 +101,6 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers only
         CacheMismatchError,
         CacheVersionError,
     )
+    from target_sft.kernels import fused_linear_target_sft_loss
     from target_sft.losses import QTargetLoss, induced_target, target_sft_loss
     from target_sft.streaming import StreamingTeacherDataset

@@ -233,6 +233,15 @@ class GradPlan:
     uniform_mass: Tensor | None = None
     dense: list[tuple[DenseTerm, Tensor]] = field(default_factory=list)
     chunk_elements: int | None = None
+    #: which sweep computes the gradient: ``"torch"`` (:func:`logit_grad`) or ``"triton"``
+    #: (:func:`target_sft.kernels.triton_logits.logit_grad_triton`, which also needs the fields below)
+    impl: str = "torch"
+    #: Triton only: float32 logits at ``[label, support...]`` from the forward, ``[N, 1 (+K)]``
+    z_sparse: Tensor | None = None
+    #: Triton only: which support entries are real (not ``-1`` padding), ``[N, K]``
+    support_valid: Tensor | None = None
+    #: Triton only: write the gradient into the logits buffer (the logits are consumed)
+    inplace: bool = False
 
 
 @torch.no_grad()
@@ -297,4 +306,9 @@ class QTargetFunction(torch.autograd.Function):
         (z,) = ctx.saved_tensors  # type: ignore[attr-defined]
         if not ctx.needs_input_grad[0]:  # type: ignore[attr-defined]
             return None, None, None
-        return logit_grad(z, ctx.plan, grad_values), None, None  # type: ignore[attr-defined]
+        plan: GradPlan = ctx.plan  # type: ignore[attr-defined]
+        if plan.impl == "triton":
+            from ..kernels.triton_logits import logit_grad_triton
+
+            return logit_grad_triton(z, plan, grad_values, inplace=plan.inplace), None, None
+        return logit_grad(z, plan, grad_values), None, None

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..kernels._dispatch import check_impl, resolve_impl
 from ._inputs import FlatBatch, prepare
 from ._kernel import GradPlan, QTargetFunction, StatRequest, row_stats
 from ._validate import check_logits, check_num_items, check_reduction, first_index, fmt_index
@@ -114,6 +115,11 @@ class QTargetLoss(nn.Module):
         chunk_elements: rows × V processed at once (bounds the temporaries); ``None`` picks
             2^20 on CPU (cache-sized) and 2^26 on CUDA.
         check_inputs: run the value checks (ranges, NaNs, duplicates); they sync with the device.
+        impl: ``"auto"`` (Triton kernels for CUDA logits when the loss is supported, else the
+            PyTorch reference), ``"torch"`` or ``"triton"`` (see ``docs/KERNELS.md``).
+        inplace_grad: with the Triton kernels, write the logit gradient into the logits buffer
+            (no second ``N × V`` buffer; the logits are overwritten during the backward, so they
+            must not be used afterwards). Ignored by the PyTorch reference.
 
     Call with ``(logits, labels, *, teacher_ids=None, teacher_logprobs=None, token_weights=None,
     sequence_weights=None, sequence_ids=None, ref_logprobs=None, old_logprobs=None,
@@ -135,6 +141,8 @@ class QTargetLoss(nn.Module):
         reduction: str = "mean",
         chunk_elements: int | None = None,
         check_inputs: bool = True,
+        impl: str = "auto",
+        inplace_grad: bool = False,
     ) -> None:
         super().__init__()
         self.gamma: Trust = gamma if isinstance(gamma, Trust) else ConstantTrust(float(gamma))
@@ -147,6 +155,8 @@ class QTargetLoss(nn.Module):
             raise ValueError(f"chunk_elements = {chunk_elements} must be >= 1")
         self.chunk_elements = None if chunk_elements is None else int(chunk_elements)
         self.check_inputs = bool(check_inputs)
+        self.impl = check_impl(impl)
+        self.inplace_grad = bool(inplace_grad)
 
     # ----------------------------------------------------------------- hooks for the presets
     def _gamma_and_scale(self, ctx: TokenContext) -> tuple[Tensor, Tensor]:
@@ -187,12 +197,32 @@ class QTargetLoss(nn.Module):
             **inputs,
         )
 
-    def _stats(self, batch: FlatBatch) -> TokenContext:
-        request = self.gamma.request() | self._value_request()
+    def _request(self) -> StatRequest:
+        return self.gamma.request() | self._value_request()
+
+    def _resolve_impl(self, z: Tensor) -> str:
+        """``"torch"`` or ``"triton"`` for these logits (rules in ``docs/KERNELS.md``)."""
+        if self.impl == "torch":
+            return "torch"
+        if z.dtype == torch.float64:
+            if self.impl == "triton":
+                raise ValueError("impl='triton' takes float32/bf16/fp16 logits, not float64")
+            return "torch"
+        return resolve_impl(self.impl, z.device, self._request() | self.residual.request())
+
+    def _stats(self, batch: FlatBatch, impl: str = "torch") -> TokenContext:
+        request = self._request()
         support = None
         if batch.teacher_ids is not None:
             support, _ = batch.support()
-        stats = row_stats(batch.logits, batch.safe_labels, support, request, self.chunk_elements)
+        if impl == "triton":
+            from ..kernels.triton_logits import row_stats_triton
+
+            stats = row_stats_triton(batch.logits, batch.safe_labels, support, request)
+        else:
+            stats = row_stats(
+                batch.logits, batch.safe_labels, support, request, self.chunk_elements
+            )
         if self.check_inputs:
             _check_rows_finite(batch, stats.lse)
         return TokenContext(batch=batch, stats=stats)
@@ -248,18 +278,22 @@ class QTargetLoss(nn.Module):
         # The [N, V] view that autograd sees is taken with grad mode on (a copy only if the
         # logits are not viewable, e.g. a non-contiguous slice); the sweeps use its detached alias.
         z2d = logits.reshape(-1, logits.shape[-1])
+        impl = self._resolve_impl(logits)
         with torch.no_grad():
             batch = self._prepare(logits, labels, inputs, flat_logits=z2d.detach())
-            ctx = self._stats(batch)
+            ctx = self._stats(batch, impl)
             target = self._target(ctx)
             value = self._value(ctx, target)
             value = torch.where(batch.mask, value, torch.zeros_like(value))
             plan = _plan(ctx, target, self.chunk_elements)
+            if impl == "triton":
+                _triton_plan(plan, ctx, inplace=self.inplace_grad)
         per_row = QTargetFunction.apply(z2d, value, plan)
         return reduce_loss(per_row, batch, red, num_items_in_batch)
 
     def extra_repr(self) -> str:
-        return f"gamma={self.gamma!r}, residual={self.residual!r}, reduction={self.reduction!r}"
+        text = f"gamma={self.gamma!r}, residual={self.residual!r}, reduction={self.reduction!r}"
+        return text if self.impl == "auto" else f"{text}, impl={self.impl!r}"
 
     def describe(self) -> str:
         """``"γ = …, π̃ = …"``."""
@@ -327,6 +361,21 @@ def support_ce(ctx: TokenContext, mass: Tensor) -> Tensor:
     assert zs is not None
     nll = ctx.stats.lse[:, None] - zs
     return torch.where(mass != 0, mass * nll, torch.zeros_like(mass)).sum(-1)
+
+
+def _triton_plan(plan: GradPlan, ctx: TokenContext, *, inplace: bool) -> None:
+    """Add what the Triton backward needs: the float32 logits gathered at ``[y, S...]``."""
+    st = ctx.stats
+    plan.impl = "triton"
+    plan.inplace = inplace
+    if plan.support is not None:
+        assert st.z_support is not None
+        plan.z_sparse = torch.cat([st.z_label[:, None], st.z_support], dim=1).contiguous()
+        ids = ctx.batch.teacher_ids
+        assert ids is not None
+        plan.support_valid = ids >= 0
+    else:
+        plan.z_sparse = st.z_label[:, None].contiguous()
 
 
 def _plan(ctx: TokenContext, target: QTarget, chunk_elements: int | None) -> GradPlan:

@@ -22,6 +22,8 @@ def target_sft_loss(
     num_items_in_batch: int | float | Tensor | None = None,
     chunk_elements: int | None = None,
     check_inputs: bool = True,
+    impl: str = "auto",
+    inplace_grad: bool = False,
 ) -> Tensor:
     """TARGET-SFT loss ``CE(Q_t, π_θ)`` with ``Q_t = p_y δ_{y_t} + (1 − p_y) π̃_t`` held fixed.
 
@@ -51,6 +53,11 @@ def target_sft_loss(
             0-dim tensor (used without a host sync).
         chunk_elements: rows × V processed at once (``None``: 2^20 on CPU, 2^26 on CUDA).
         check_inputs: run the value checks (one device sync each).
+        impl: ``"auto"`` (the Triton kernel for CUDA logits, the PyTorch reference elsewhere),
+            ``"torch"`` or ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``); see
+            ``docs/KERNELS.md``.
+        inplace_grad: with the Triton kernel, write the gradient into the logits buffer (the
+            logits are overwritten by the backward and must not be used afterwards).
 
     Returns:
         The loss (0-dim, or per position with ``reduction="none"``), float32 (float64 for float64
@@ -68,6 +75,8 @@ def target_sft_loss(
         reduction=reduction,
         chunk_elements=chunk_elements,
         check_inputs=check_inputs,
+        impl=impl,
+        inplace_grad=inplace_grad,
     )
     return loss(
         logits,
