@@ -25,6 +25,10 @@ _EXPORTS: dict[str, str] = {
     "CacheRecord": "target_sft.cache",
     "CacheInfo": "target_sft.cache",
     "CacheSample": "target_sft.cache",
+    # batches
+    "build_batch": "target_sft.collate",
+    "TargetSFTCollator": "target_sft.collate",
+    "TeacherCacheDataset": "target_sft.collate",
     # errors
     "CacheError": "target_sft.errors",
     "CacheInputError": "target_sft.errors",
@@ -54,8 +58,11 @@ __all__ = [
     "CacheVersionError",
     "CacheWriter",
     "QTargetLoss",
+    "TargetSFTCollator",
     "TeacherCache",
+    "TeacherCacheDataset",
     "__version__",
+    "build_batch",
     "induced_target",
     "target_sft_loss",
 ]
@@ -76,6 +83,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers only
     from target_sft.cache import CacheInfo, CacheRecord, CacheSample, CacheWriter, TeacherCache
+    from target_sft.collate import TargetSFTCollator, TeacherCacheDataset, build_batch
     from target_sft.errors import (
         CacheCorruptionError,
         CacheError,

@@ -3,6 +3,8 @@
 //! Heavy work runs with the GIL released (`py.detach`). Core errors become the Python classes
 //! of `target_sft.errors` (one family under `CacheError`), looked up by kind.
 
+mod batch;
+
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -389,5 +391,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("FORMAT_VERSION", core::manifest::FORMAT_VERSION)?;
     m.add_class::<PyCacheWriter>()?;
     m.add_class::<PyTeacherCache>()?;
+    batch::register(m)?;
     Ok(())
 }
