@@ -31,6 +31,10 @@ _EXPORTS: dict[str, str] = {
     "BuildResult": "target_sft.build",
     # streaming
     "StreamingTeacherDataset": "target_sft.streaming",
+    # batches
+    "build_batch": "target_sft.collate",
+    "TargetSFTCollator": "target_sft.collate",
+    "TeacherCacheDataset": "target_sft.collate",
     # errors
     "BuildError": "target_sft.errors",
     "CacheError": "target_sft.errors",
@@ -65,8 +69,11 @@ __all__ = [
     "CacheWriter",
     "QTargetLoss",
     "StreamingTeacherDataset",
+    "TargetSFTCollator",
     "TeacherCache",
+    "TeacherCacheDataset",
     "__version__",
+    "build_batch",
     "build_teacher_cache",
     "fused_linear_target_sft_loss",
     "induced_target",
@@ -90,6 +97,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # pragma: no cover - for type checkers only
     from target_sft.build import BuildResult, build_teacher_cache
     from target_sft.cache import CacheInfo, CacheRecord, CacheSample, CacheWriter, TeacherCache
+    from target_sft.collate import TargetSFTCollator, TeacherCacheDataset, build_batch
     from target_sft.errors import (
         BuildError,
         CacheCorruptionError,

@@ -71,3 +71,19 @@ class TeacherCache:
     def verify(self, progress: Callable[[int, int], Any] | None = None) -> int: ...
 
 def merge_manifests(path: str, parts: list[str], complete: bool) -> str: ...
+
+# rust/python/src/batch.rs; items are (TeacherCache, position[, input_ids]) or RawRecord tuples
+def build_batch(
+    items: list[tuple[Any, ...]],
+    *,
+    packing: bool = False,
+    max_length: int | None = None,
+    pad_to_max_length: bool = False,
+    pad_to_multiple_of: int = 1,
+    pad_token_id: int = 0,
+    label_in_support: bool = False,
+    threads: int = 0,
+    out: dict[str, npt.NDArray[Any]]
+    | Callable[[str, tuple[int, ...], str], npt.NDArray[Any]]
+    | None = None,
+) -> dict[str, Any]: ...

@@ -3,6 +3,7 @@
 //! This crate has no Python dependency; `target_sft._core` (crate `target-sft-python`) is a thin
 //! binding over it. The byte-level format is specified in `docs/FORMAT.md`.
 
+pub mod batch;
 pub mod cache;
 pub mod codec;
 pub mod container;
@@ -14,6 +15,7 @@ pub mod record;
 pub mod shard;
 pub mod writer;
 
+pub use batch::{BatchBuffers, BatchOptions, BatchPlan, RecordView, Source};
 pub use cache::TeacherCache;
 pub use codec::{CodebookParams, CodecKind};
 pub use error::{Error, ErrorKind, Result};

@@ -3,6 +3,8 @@
 //! Heavy work runs with the GIL released (`py.detach`). Core errors become the Python classes
 //! of `target_sft.errors` (one family under `CacheError`), looked up by kind.
 
+mod batch;
+
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -408,5 +410,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyCacheWriter>()?;
     m.add_class::<PyTeacherCache>()?;
     m.add_function(wrap_pyfunction!(merge_manifests, m)?)?;
+    batch::register(m)?;
     Ok(())
 }

@@ -109,13 +109,58 @@ impl<'a> Cursor<'a> {
     }
     /// `n` words stored as 4 byte planes.
     pub fn planes_u32(&mut self, n: usize, what: &str, out: &mut Vec<u32>) -> Result<()> {
+        let p = self.planes(n, what)?;
+        out.clear();
+        out.extend((0..n).map(|i| p.get(i)));
+        Ok(())
+    }
+    /// `n` int32 words stored as 4 byte planes.
+    pub fn planes_i32(&mut self, n: usize, what: &str, out: &mut Vec<i32>) -> Result<()> {
+        let p = self.planes(n, what)?;
+        out.clear();
+        out.extend((0..n).map(|i| p.get(i) as i32));
+        Ok(())
+    }
+    /// `n` words stored as 4 byte planes, for random access.
+    pub fn planes(&mut self, n: usize, what: &str) -> Result<Planes<'a>> {
         let bytes = self.take(n.checked_mul(4).ok_or_else(|| short(what))?, what)?;
         let (p0, rest) = bytes.split_at(n);
         let (p1, rest) = rest.split_at(n);
         let (p2, p3) = rest.split_at(n);
-        out.clear();
-        out.extend((0..n).map(|i| u32::from_le_bytes([p0[i], p1[i], p2[i], p3[i]])));
-        Ok(())
+        Ok(Planes { p0, p1, p2, p3 })
+    }
+}
+
+/// `n` 4-byte words stored as 4 byte planes (least significant plane first).
+#[derive(Clone, Copy)]
+pub struct Planes<'a> {
+    p0: &'a [u8],
+    p1: &'a [u8],
+    p2: &'a [u8],
+    p3: &'a [u8],
+}
+
+impl Planes<'_> {
+    pub fn len(&self) -> usize {
+        self.p0.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.p0.is_empty()
+    }
+    /// Word `i` (panics past the end).
+    #[inline(always)]
+    pub fn get(&self, i: usize) -> u32 {
+        u32::from_le_bytes([self.p0[i], self.p1[i], self.p2[i], self.p3[i]])
+    }
+    /// `out[i] = f(word start + i)` for every slot of `out`.
+    #[inline]
+    pub fn map_into<T>(&self, start: usize, out: &mut [T], f: impl Fn(u32) -> T) {
+        let n = out.len();
+        let (p0, p1) = (&self.p0[start..start + n], &self.p1[start..start + n]);
+        let (p2, p3) = (&self.p2[start..start + n], &self.p3[start..start + n]);
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = f(u32::from_le_bytes([p0[i], p1[i], p2[i], p3[i]]));
+        }
     }
 }
 

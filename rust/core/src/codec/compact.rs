@@ -10,7 +10,7 @@
 //! documented error; escaped values are stored exactly.
 
 use super::bytes::{put_stream, put_varint, Cursor, NumReader, NumWriter};
-use super::Codec;
+use super::{Codec, RowSink};
 use crate::error::{Error, Result};
 use crate::record::{supervised_labels, Record};
 
@@ -257,11 +257,16 @@ pub(super) fn encode_rows(
     Ok(())
 }
 
-pub(super) fn decode_rows(
+/// Decode the first `rows` of the `s` rows into `sink`. `labels` are the record's labels (the
+/// label of row `r` is the `r`-th supervised one). With `rows < s` decoding stops after row
+/// `rows - 1` and the streams' left-over check is skipped.
+pub(super) fn decode_rows<S: RowSink>(
     codec: &Codec,
     c: &mut Cursor<'_>,
-    rec: &mut Record,
+    labels: &[i32],
     s: usize,
+    rows: usize,
+    sink: &mut S,
 ) -> Result<()> {
     let (cb, table, k) = parts(codec);
     let esc = u64::from(cb.escape());
@@ -288,10 +293,6 @@ pub(super) fn decode_rows(
             row_flags.len()
         )));
     }
-    let mut ids = vec![-1i32; s * k];
-    let mut lps = vec![f32::NEG_INFINITY; s * k];
-    let mut label_lps = Vec::with_capacity(s);
-    let mut label_ranks = Vec::with_capacity(s);
     let levels = &cb.levels;
     #[inline(always)]
     fn value(levels: &[f32], esc: u64, code: u64, exact: &mut Cursor<'_>) -> Result<f32> {
@@ -314,19 +315,19 @@ pub(super) fn decode_rows(
     }
     let mut mask_pos = 0usize;
     let mut prev_n = 0usize;
-    let mut row_labels = supervised_labels(&rec.labels);
-    for r in 0..s {
+    let mut row_labels = supervised_labels(labels);
+    for (r, &flag) in row_flags[..rows].iter().enumerate() {
         let n = if full { k } else { nvalid.count("nvalid", k)? };
         let label = row_labels
             .next()
             .ok_or_else(|| Error::corrupt("more rows than supervised labels"))?;
-        let label_in = match row_flags[r] {
+        let label_in = match flag {
             0 => false,
             1 => true,
             f => return Err(Error::corrupt(format!("row {r}: unknown row flags {f}"))),
         };
-        let (done, rest) = ids.split_at_mut(r * k);
-        let row_ids = &mut rest[..n];
+        let (prev, row_ids_k, row_lps_k) = sink.row(r);
+        let row_ids = &mut row_ids_k[..n];
         let mut i = 0usize;
         if label_in {
             if n == 0 {
@@ -338,7 +339,7 @@ pub(super) fn decode_rows(
             i = 1;
         }
         if r > 0 {
-            let prev = &done[(r - 1) * k..(r - 1) * k + prev_n];
+            let prev = &prev[..prev_n];
             let nbytes = prev_n.div_ceil(8);
             let mask = share_mask
                 .get(mask_pos..mask_pos + nbytes)
@@ -376,35 +377,32 @@ pub(super) fn decode_rows(
                 }
             };
         }
+        row_ids_k[n..].fill(-1);
         let lq = label_values.get()?;
         let label_lp = value(levels, esc, esc.wrapping_sub(lq), &mut exact)?;
-        label_lps.push(label_lp);
-        let row_lps = &mut lps[r * k..r * k + n];
+        let (row_lps, pad) = row_lps_k.split_at_mut(n);
+        pad.fill(f32::NEG_INFINITY);
         if label_in {
             row_lps[0] = label_lp;
         }
         for v in row_lps[usize::from(label_in)..].iter_mut() {
             *v = value(levels, esc, values.get()?, &mut exact)?;
         }
-        label_ranks.push(
-            i32::try_from(label_rank.varint()?)
-                .map_err(|_| Error::corrupt("label rank overflows int32"))?,
-        );
+        let rank = i32::try_from(label_rank.varint()?)
+            .map_err(|_| Error::corrupt("label rank overflows int32"))?;
+        sink.label(r, label_lp, rank);
         prev_n = n;
     }
-    if mask_pos != share_mask.len()
-        || !ranks.finished()
-        || !values.finished()
-        || !nvalid.is_empty()
-        || !label_values.finished()
-        || !label_rank.is_empty()
-        || !exact.is_empty()
+    if rows == s
+        && (mask_pos != share_mask.len()
+            || !ranks.finished()
+            || !values.finished()
+            || !nvalid.is_empty()
+            || !label_values.finished()
+            || !label_rank.is_empty()
+            || !exact.is_empty())
     {
         return Err(Error::corrupt("a compact stream has bytes left over"));
     }
-    rec.topk_ids = ids;
-    rec.topk_logprobs = lps;
-    rec.label_logprobs = label_lps;
-    rec.label_ranks = label_ranks;
     Ok(())
 }

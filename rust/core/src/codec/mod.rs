@@ -64,8 +64,70 @@ pub struct EncodeScratch {
 }
 
 thread_local! {
-    static DCTX: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
-    static RAW: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    static SCRATCH: RefCell<DecodeScratch> = RefCell::new(DecodeScratch::default());
+}
+
+/// Reusable buffers of one decoding thread: a zstd context and the decompressed frame.
+#[derive(Default)]
+pub struct DecodeScratch {
+    dctx: Option<zstd::bulk::Decompressor<'static>>,
+    raw: Vec<u8>,
+}
+
+impl DecodeScratch {
+    /// Run `f` with this thread's decode scratch (one per thread, kept across calls).
+    pub fn with_thread_local<R>(f: impl FnOnce(&mut DecodeScratch) -> R) -> R {
+        SCRATCH.with(|s| f(&mut s.borrow_mut()))
+    }
+}
+
+/// Where a decoder writes teacher rows. Lets a caller decode straight into its own buffers: a
+/// [`Record`]'s vectors, or the rows of a batch tensor (`crate::batch`).
+pub trait RowSink {
+    /// The slots of row `r` (`k` ids and `k` log-probs, all of which the decoder writes, padding
+    /// included) and the ids of row `r - 1` as written (empty for `r = 0`). Rows are requested in
+    /// increasing order; the exact codec makes two passes (ids, then log-probs).
+    fn row(&mut self, r: usize) -> (&[i32], &mut [i32], &mut [f32]);
+    /// Row `r`'s label log-prob and rank, once the row's ids and log-probs are written.
+    fn label(&mut self, r: usize, logprob: f32, rank: i32);
+}
+
+/// A [`RowSink`] over `Record`-style row-major vectors of `s * k` entries.
+struct VecRows<'a> {
+    k: usize,
+    ids: &'a mut [i32],
+    lps: &'a mut [f32],
+    label_lps: &'a mut [f32],
+    label_ranks: &'a mut [i32],
+}
+
+impl RowSink for VecRows<'_> {
+    #[inline]
+    fn row(&mut self, r: usize) -> (&[i32], &mut [i32], &mut [f32]) {
+        let k = self.k;
+        let (done, rest) = self.ids.split_at_mut(r * k);
+        let prev = if r == 0 {
+            &[][..]
+        } else {
+            &done[(r - 1) * k..]
+        };
+        (prev, &mut rest[..k], &mut self.lps[r * k..(r + 1) * k])
+    }
+    #[inline]
+    fn label(&mut self, r: usize, logprob: f32, rank: i32) {
+        self.label_lps[r] = logprob;
+        self.label_ranks[r] = rank;
+    }
+}
+
+/// One frame being decoded: its header is checked; the tokens section, then the rows section,
+/// are read with [`Frame::tokens`] and [`Frame::rows`].
+pub struct Frame<'a> {
+    codec: &'a Codec,
+    c: Cursor<'a>,
+    t: usize,
+    s: usize,
+    tokens_read: bool,
 }
 
 impl Codec {
@@ -132,8 +194,15 @@ impl Codec {
             .saturating_add(64)
     }
 
-    /// Decode one frame. `n_tokens`/`n_sup` come from the shard index and are cross-checked.
-    pub fn decode(&self, frame: &[u8], key: Key, n_tokens: usize, n_sup: usize) -> Result<Record> {
+    /// Decompress `frame` into `scratch` and check its header. `n_tokens`/`n_sup` come from the
+    /// shard index and are cross-checked.
+    pub fn open_frame<'a>(
+        &'a self,
+        frame: &[u8],
+        n_tokens: usize,
+        n_sup: usize,
+        scratch: &'a mut DecodeScratch,
+    ) -> Result<Frame<'a>> {
         let cap = self.max_raw_size(n_tokens, n_sup);
         let size = match zstd::zstd_safe::get_frame_content_size(frame) {
             Ok(Some(n)) if n as usize <= cap => n as usize,
@@ -144,38 +213,31 @@ impl Codec {
             }
             _ => return Err(Error::corrupt("payload bytes are not a zstd frame with a content size")),
         };
-        DCTX.with(|d| {
-            RAW.with(|r| {
-                let mut d = d.borrow_mut();
-                if d.is_none() {
-                    *d = Some(
-                        zstd::bulk::Decompressor::new()
-                            .map_err(|e| Error::corrupt(format!("zstd: {e}")))?,
-                    );
-                }
-                let mut raw = r.borrow_mut();
-                raw.clear();
-                raw.reserve(size);
-                let got = d
-                    .as_mut()
-                    .unwrap()
-                    .decompress_to_buffer(frame, &mut *raw)
-                    .map_err(|e| {
-                        Error::corrupt(format!(
-                            "zstd frame does not decode ({e}); the payload is damaged"
-                        ))
-                    })?;
-                if got != size {
-                    return Err(Error::corrupt(
-                        "zstd frame decoded to a different size than it declares",
-                    ));
-                }
-                self.decode_raw(&raw, key, n_tokens, n_sup)
-            })
-        })
-    }
-
-    fn decode_raw(&self, raw: &[u8], key: Key, n_tokens: usize, n_sup: usize) -> Result<Record> {
+        if scratch.dctx.is_none() {
+            scratch.dctx = Some(
+                zstd::bulk::Decompressor::new()
+                    .map_err(|e| Error::corrupt(format!("zstd: {e}")))?,
+            );
+        }
+        let raw = &mut scratch.raw;
+        raw.clear();
+        raw.reserve(size);
+        let got = scratch
+            .dctx
+            .as_mut()
+            .expect("just set")
+            .decompress_to_buffer(frame, raw)
+            .map_err(|e| {
+                Error::corrupt(format!(
+                    "zstd frame does not decode ({e}); the payload is damaged"
+                ))
+            })?;
+        if got != size {
+            return Err(Error::corrupt(
+                "zstd frame decoded to a different size than it declares",
+            ));
+        }
+        let raw: &'a [u8] = &scratch.raw;
         let mut c = Cursor::new(raw);
         let t = c.count("n_tokens", usize::MAX)?;
         let s = c.count("n_supervised", usize::MAX)?;
@@ -190,32 +252,90 @@ impl Codec {
                 "frame holds {t} tokens / {s} supervised rows but the shard index says {n_tokens} / {n_sup}"
             )));
         }
-        let (input_ids, labels) = get_tokens(&mut c, t, self.vocab_size)?;
-        let sup = crate::record::count_supervised(&labels);
-        if sup != s {
-            return Err(Error::corrupt(format!(
-                "labels mark {sup} supervised positions but the frame has {s} rows"
-            )));
-        }
-        let mut rec = Record {
-            key,
+        Ok(Frame {
+            codec: self,
+            c,
+            t,
+            s,
+            tokens_read: false,
+        })
+    }
+
+    /// Decode one frame into a [`Record`].
+    pub fn decode(&self, frame: &[u8], key: Key, n_tokens: usize, n_sup: usize) -> Result<Record> {
+        DecodeScratch::with_thread_local(|scratch| {
+            let mut f = self.open_frame(frame, n_tokens, n_sup, scratch)?;
+            let (k, s) = (self.top_k, n_sup);
+            let mut rec = Record {
+                key,
+                input_ids: Vec::new(),
+                labels: Vec::new(),
+                topk_ids: vec![0; s * k],
+                topk_logprobs: vec![0.0; s * k],
+                label_logprobs: vec![0.0; s],
+                label_ranks: vec![0; s],
+            };
+            f.tokens(&mut rec.input_ids, &mut rec.labels)?;
+            let mut sink = VecRows {
+                k,
+                ids: &mut rec.topk_ids,
+                lps: &mut rec.topk_logprobs,
+                label_lps: &mut rec.label_logprobs,
+                label_ranks: &mut rec.label_ranks,
+            };
+            f.rows(&rec.labels, s, &mut sink)?;
+            Ok(rec)
+        })
+    }
+}
+
+impl Frame<'_> {
+    pub fn n_tokens(&self) -> usize {
+        self.t
+    }
+    pub fn n_supervised(&self) -> usize {
+        self.s
+    }
+
+    /// Decode the tokens section into `input_ids` and `labels` (cleared first).
+    pub fn tokens(&mut self, input_ids: &mut Vec<i32>, labels: &mut Vec<i32>) -> Result<()> {
+        get_tokens(
+            &mut self.c,
+            self.t,
+            self.codec.vocab_size,
             input_ids,
             labels,
-            topk_ids: Vec::new(),
-            topk_logprobs: Vec::new(),
-            label_logprobs: Vec::new(),
-            label_ranks: Vec::new(),
-        };
-        match self.kind {
-            CodecKind::Exact => exact::decode_rows(self, &mut c, &mut rec, s)?,
-            CodecKind::Compact => compact::decode_rows(self, &mut c, &mut rec, s)?,
+        )?;
+        let sup = crate::record::count_supervised(labels);
+        if sup != self.s {
+            return Err(Error::corrupt(format!(
+                "labels mark {sup} supervised positions but the frame has {} rows",
+                self.s
+            )));
         }
-        if !c.is_empty() {
+        self.tokens_read = true;
+        Ok(())
+    }
+
+    /// Decode the rows section after [`Frame::tokens`] (`labels` are the labels it produced):
+    /// the first `rows` rows go to `sink`. With `rows = n_supervised` the whole frame is read and
+    /// checked to the last byte; with fewer, decoding stops early (a truncated sample: the frame's
+    /// zstd checksum has still covered every byte).
+    pub fn rows<S: RowSink>(mut self, labels: &[i32], rows: usize, sink: &mut S) -> Result<()> {
+        assert!(self.tokens_read, "Frame::rows before Frame::tokens");
+        assert!(rows <= self.s, "more rows requested than the frame holds");
+        match self.codec.kind {
+            CodecKind::Exact => exact::decode_rows(self.codec, &mut self.c, self.s, rows, sink)?,
+            CodecKind::Compact => {
+                compact::decode_rows(self.codec, &mut self.c, labels, self.s, rows, sink)?
+            }
+        }
+        if rows == self.s && !self.c.is_empty() {
             return Err(Error::corrupt(
                 "frame has bytes left over after the last section",
             ));
         }
-        Ok(rec)
+        Ok(())
     }
 }
 
@@ -243,25 +363,29 @@ fn put_tokens(raw: &mut Vec<u8>, input_ids: &[i32], labels: &[i32]) {
     }
 }
 
-fn get_tokens(c: &mut Cursor<'_>, t: usize, vocab: usize) -> Result<(Vec<i32>, Vec<i32>)> {
-    let mut words = Vec::new();
-    c.planes_u32(t, "input_ids", &mut words)?;
-    if let Some(&bad) = words.iter().find(|&&w| w as usize >= vocab) {
+fn get_tokens(
+    c: &mut Cursor<'_>,
+    t: usize,
+    vocab: usize,
+    input_ids: &mut Vec<i32>,
+    labels: &mut Vec<i32>,
+) -> Result<()> {
+    c.planes_i32(t, "input_ids", input_ids)?;
+    if let Some(&bad) = input_ids.iter().find(|&&w| w as u32 as usize >= vocab) {
         return Err(Error::corrupt(format!(
-            "decoded token id {bad} is outside the vocabulary"
+            "decoded token id {} is outside the vocabulary",
+            bad as u32
         )));
     }
-    let input_ids: Vec<i32> = words.iter().map(|&w| w as i32).collect();
     let mask = c.take(t.div_ceil(8), "the supervision mask")?;
-    let mut labels: Vec<i32> = (0..t)
-        .map(|i| {
-            if mask[i / 8] >> (i % 8) & 1 == 1 {
-                input_ids[i]
-            } else {
-                IGNORE_INDEX
-            }
-        })
-        .collect();
+    labels.clear();
+    labels.extend(input_ids.iter().enumerate().map(|(i, &x)| {
+        if mask[i / 8] >> (i % 8) & 1 == 1 {
+            x
+        } else {
+            IGNORE_INDEX
+        }
+    }));
     let n_exc = c.count("label exception count", t)?;
     for _ in 0..n_exc {
         let pos = c.count("label exception position", t.saturating_sub(1))?;
@@ -273,5 +397,5 @@ fn get_tokens(c: &mut Cursor<'_>, t: usize, vocab: usize) -> Result<(Vec<i32>, V
         }
         labels[pos] = v as i32;
     }
-    Ok((input_ids, labels))
+    Ok(())
 }

@@ -1,0 +1,379 @@
+"""Training batches from the teacher cache: :func:`build_batch`, :class:`TargetSFTCollator` (a
+``collate_fn`` for ``torch.utils.data.DataLoader``) and :class:`TeacherCacheDataset`.
+
+A whole batch is built by one native call: with the GIL released, in parallel over samples, each
+cached record is decoded straight into its place in the output arrays. The layout (padded or
+packed rows, HF label convention, teacher tensors aligned with ``labels``) is specified in
+``docs/DATA.md``; the outputs plug into :func:`target_sft.target_sft_loss` as they are::
+
+    ds = TeacherCacheDataset(cache)
+    collate = TargetSFTCollator(cache, pad_token_id=tok.pad_token_id, max_length=4096)
+    for batch in DataLoader(ds, batch_size=16, shuffle=True, num_workers=4, collate_fn=collate):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = target_sft_loss(logits, batch["labels"], batch["teacher_ids"],
+                               batch["teacher_logprobs"], eta=0.5)
+
+This module imports torch only when a collator returns tensors; :func:`build_batch` needs numpy.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
+
+import numpy as np
+
+from target_sft import _core
+from target_sft.cache import CacheRecord, CacheSample, Key, TeacherCache, _as_int32
+from target_sft.errors import CacheInputError, CacheKeyError
+
+__all__ = ["TargetSFTCollator", "TeacherCacheDataset", "build_batch"]
+
+_ALIGN = 64  # byte alignment of each output inside a shared-memory slot
+
+BatchItem = CacheSample | CacheRecord | Key | Mapping[str, Any]
+"""What a batch is built from: a :class:`CacheSample`, a key of the collator's cache, a dict
+with ``"key"`` (and optionally ``"input_ids"``, checked against the record), or a
+:class:`CacheRecord` already read."""
+
+OutBuffers = Mapping[str, np.ndarray] | Callable[[str, tuple[int, ...], str], np.ndarray]
+
+
+def _describe(item: object) -> str:
+    text = repr(item)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _native_item(i: int, item: Any, cache: TeacherCache | None) -> tuple[Any, ...]:
+    """Turn one batch item into the tuple ``_core.build_batch`` takes."""
+    if isinstance(item, CacheSample):
+        return (item.cache._c, item.position)
+    if isinstance(item, CacheRecord):
+        return (
+            item.key,
+            item.input_ids,
+            item.labels,
+            item.topk_ids,
+            item.topk_logprobs,
+            item.label_logprobs,
+            item.label_ranks,
+        )
+    input_ids = None
+    if isinstance(item, Mapping):
+        if "key" not in item:
+            raise CacheInputError(
+                f"batch item {i} is a dict without a 'key' entry (keys: {sorted(map(str, item))}); "
+                "a dict item must carry the cache key of its sample"
+            )
+        key = item["key"]
+        if item.get("input_ids") is not None:
+            input_ids = _as_int32(f"batch item {i}: input_ids", item["input_ids"])
+            if input_ids.ndim != 1:
+                raise CacheInputError(
+                    f"batch item {i} (key {key!r}): input_ids must be 1-D, got shape "
+                    f"{input_ids.shape}"
+                )
+    else:
+        key = item
+    if isinstance(key, np.integer):
+        key = int(key)
+    if isinstance(key, bool) or not isinstance(key, (int, str)):
+        raise TypeError(
+            f"batch item {i} is a {type(item).__name__} ({_describe(item)}); expected a "
+            "CacheSample, a CacheRecord, a cache key (int or str) or a dict with 'key'"
+        )
+    if cache is None:
+        raise CacheInputError(
+            f"batch item {i} is the key {key!r} but no cache was given to look it up in; pass "
+            "cache=... (or yield CacheSample objects, e.g. from TeacherCacheDataset)"
+        )
+    try:
+        position = cache.position(key)
+    except CacheKeyError as e:
+        raise CacheKeyError(f"batch item {i}: {e}") from None
+    return (cache._c, position) if input_ids is None else (cache._c, position, input_ids)
+
+
+def _options(
+    padding: str, max_length: int | None, pad_to_multiple_of: int | None, packing: bool
+) -> dict[str, Any]:
+    if padding not in ("longest", "max_length"):
+        raise CacheInputError(f'padding must be "longest" or "max_length", got {padding!r}')
+    if max_length is not None and (isinstance(max_length, bool) or int(max_length) < 1):
+        raise CacheInputError(f"max_length must be a positive int or None, got {max_length!r}")
+    if pad_to_multiple_of is not None and int(pad_to_multiple_of) < 1:
+        raise CacheInputError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of!r}")
+    if packing and max_length is None:
+        raise CacheInputError(
+            "packing=True needs max_length: samples are packed into rows of max_length tokens"
+        )
+    if padding == "max_length" and max_length is None:
+        raise CacheInputError('padding="max_length" needs max_length')
+    return {
+        "packing": bool(packing),
+        "max_length": None if max_length is None else int(max_length),
+        "pad_to_max_length": padding == "max_length",
+        "pad_to_multiple_of": 1 if pad_to_multiple_of is None else int(pad_to_multiple_of),
+    }
+
+
+def build_batch(
+    items: Sequence[BatchItem],
+    *,
+    cache: TeacherCache | None = None,
+    pad_token_id: int = 0,
+    max_length: int | None = None,
+    packing: bool = False,
+    padding: Literal["longest", "max_length"] = "longest",
+    pad_to_multiple_of: int | None = None,
+    label_in_support: bool = False,
+    threads: int = 0,
+    out: OutBuffers | None = None,
+) -> dict[str, Any]:
+    """Build one training batch (numpy arrays) in a single native call.
+
+    Args:
+        items: the samples (see :data:`BatchItem`); they may come from several caches.
+        cache: where int/str keys and dict items are looked up.
+        pad_token_id: ``input_ids`` value at padding positions.
+        max_length: truncate longer samples to this many tokens (their teacher rows with them);
+            with ``packing``, the capacity of a row.
+        packing: pack several samples per row (greedy first-fit in the given order) instead of
+            one sample per row.
+        padding: ``"longest"`` (the longest row) or ``"max_length"`` (fixed shape).
+        pad_to_multiple_of: round the row length up to a multiple of this (e.g. 8 or 64).
+        label_in_support: add a teacher column holding the label token and its cached log-prob
+            where the label is outside the row's top-k (``-1``/``-inf`` elsewhere).
+        threads: decoding threads (0: all cores, 1: the calling thread only).
+        out: where to write: a dict ``name → array`` of buffers (e.g. pinned memory: pass
+            ``tensor.numpy()``), each C-contiguous with the right dtype and at least as many
+            elements as the output (its first elements are filled and returned as a view), or a
+            callable ``(name, shape, dtype name) → array`` (dtype names are
+            ``"int64"``, ``"int32"``, ``"float32"``). Names not given are
+            allocated.
+
+    Returns:
+        ``input_ids`` int64 ``[B, L]``, ``labels`` int64 ``[B, L]`` (-100 where unsupervised),
+        ``teacher_ids`` int32 ``[B, L, W]`` (-1 padding), ``teacher_logprobs`` float32
+        ``[B, L, W]`` (-inf padding), ``W = K`` (``K + 1`` with ``label_in_support``); padded:
+        ``attention_mask`` int64 ``[B, L]``; packed: ``position_ids`` int64 ``[B, L]``,
+        ``cu_seqlens`` int32 ``[segments + 1]`` and ``max_seqlen`` (int). See docs/DATA.md.
+
+    Raises:
+        CacheInputError: bad options or items, output buffers too small or of the wrong dtype.
+        CacheKeyError: a key or position not in its cache.
+        CacheMismatchError: ``input_ids`` given with a key differ from the cached tokens;
+            caches with different ``top_k`` or vocabularies in one batch.
+        CacheCorruptionError: a record that does not decode.
+        TypeError: an item of an unsupported type.
+    """
+    opts = _options(padding, max_length, pad_to_multiple_of, packing)
+    if not isinstance(items, Sequence) or isinstance(items, (str, bytes)):
+        raise TypeError(f"items must be a sequence of samples, got {type(items).__name__}")
+    if len(items) == 0:
+        raise CacheInputError("build_batch needs at least one sample")
+    native = [_native_item(i, item, cache) for i, item in enumerate(items)]
+    return _core.build_batch(
+        native,
+        pad_token_id=int(pad_token_id),
+        label_in_support=bool(label_in_support),
+        threads=int(threads),
+        out=out,
+        **opts,
+    )
+
+
+class TargetSFTCollator:
+    """A ``collate_fn`` for ``torch.utils.data.DataLoader`` that builds Target-SFT batches.
+
+    Args:
+        cache: the cache that int/str keys and dict items are looked up in (a
+            :class:`TeacherCache` or its path). May be ``None`` when every item is a
+            :class:`CacheSample` or a :class:`CacheRecord`.
+        pad_token_id: ``input_ids`` value at padding positions (the tokenizer's pad token).
+        max_length: truncate samples to this many tokens; with ``packing``, the row capacity.
+        packing: pack samples into rows of ``max_length`` (greedy first-fit, in batch order);
+            adds ``position_ids``, ``cu_seqlens`` and ``max_seqlen`` and drops
+            ``attention_mask`` (a ``[B, L]`` mask cannot express sample boundaries).
+        padding: ``"longest"`` or ``"max_length"`` (fixed shapes, e.g. for ``torch.compile``).
+        pad_to_multiple_of: round the row length up to a multiple of this (8 or 64 for tensor
+            cores).
+        label_in_support: one more teacher column with the label where it is outside the
+            top-k (see docs/DATA.md).
+        return_tensors: ``"pt"`` (torch tensors sharing the arrays' memory) or ``"np"``.
+        threads: decoding threads per call; ``None`` picks 1 inside a DataLoader worker (the
+            workers are the parallelism) and all cores in the main process.
+        shared_memory_slots: inside a DataLoader worker, batches are written into slots of
+            shared memory (what torch sends to the main process), each reused once the
+            receiving process has dropped every tensor of the batch it held; at most this many
+            slots per worker, each the size of a batch (0: ordinary memory, which torch copies
+            into new shared memory for every batch). See ``target_sft/_shm.py``.
+
+    Items may be :class:`CacheSample` objects (what :class:`TeacherCacheDataset` and the
+    streaming datasets yield), keys, dicts with ``"key"`` and optionally ``"input_ids"`` (then the
+    tokens are checked against the record's hash: :class:`CacheMismatchError` names the key),
+    or :class:`CacheRecord` objects. Inside a DataLoader worker the tensors are written into
+    recycled shared memory, so handing the batch to the main process copies nothing and faults in
+    no new pages.
+    """
+
+    def __init__(
+        self,
+        cache: TeacherCache | str | os.PathLike[str] | None = None,
+        *,
+        pad_token_id: int,
+        max_length: int | None = None,
+        packing: bool = False,
+        padding: Literal["longest", "max_length"] = "longest",
+        pad_to_multiple_of: int | None = None,
+        label_in_support: bool = False,
+        return_tensors: Literal["pt", "np"] = "pt",
+        threads: int | None = None,
+        shared_memory_slots: int = 8,
+    ) -> None:
+        if cache is not None and not isinstance(cache, TeacherCache):
+            cache = TeacherCache(cache)
+        if return_tensors not in ("pt", "np"):
+            raise CacheInputError(f'return_tensors must be "pt" or "np", got {return_tensors!r}')
+        if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, (int, np.integer)):
+            raise CacheInputError(f"pad_token_id must be an int, got {pad_token_id!r}")
+        if threads is not None and int(threads) < 0:
+            raise CacheInputError(f"threads must be >= 0 or None, got {threads!r}")
+        if int(shared_memory_slots) < 0:
+            raise CacheInputError(f"shared_memory_slots must be >= 0, got {shared_memory_slots!r}")
+        self.cache = cache
+        self.pad_token_id = int(pad_token_id)
+        self.max_length = max_length
+        self.packing = bool(packing)
+        self.padding = padding
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.label_in_support = bool(label_in_support)
+        self.return_tensors = return_tensors
+        self.threads = threads
+        self.shared_memory_slots = int(shared_memory_slots)
+        # validate now, not on the first batch in a worker
+        self._opts = _options(padding, max_length, pad_to_multiple_of, self.packing)
+
+    def __call__(self, items: Sequence[BatchItem]) -> dict[str, Any]:
+        """Collate a list of items into a batch (dict of tensors, see :func:`build_batch`)."""
+        in_worker = _in_torch_worker()
+        threads = self.threads
+        if threads is None:
+            threads = 1 if in_worker else 0
+        kw = {
+            "cache": self.cache,
+            "pad_token_id": self.pad_token_id,
+            "max_length": self.max_length,
+            "packing": self.packing,
+            "padding": self.padding,
+            "pad_to_multiple_of": self.pad_to_multiple_of,
+            "label_in_support": self.label_in_support,
+            "threads": threads,
+        }
+        if self.return_tensors == "np":
+            return build_batch(items, **kw)
+        import torch
+
+        slot = None
+        if in_worker:
+            # In a DataLoader worker: write into recycled shared memory (how torch hands tensors
+            # to the main process), see target_sft/_shm.py.
+            from target_sft import _shm
+
+            pool = _shm.worker_pool(self.shared_memory_slots)
+            slot = pool.acquire()
+        if slot is None:
+            # Main process, or no free slot: ordinary memory. (In a worker torch then copies
+            # the batch into new shared memory when sending it, in the queue's feeder thread;
+            # measured faster than writing into new shared memory directly.)
+            batch = build_batch(items, **kw)
+            return {
+                k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()
+            }
+        tensors: dict[str, Any] = {}
+        offset = 0
+        width = self._teacher_width(items)
+
+        def alloc(name: str, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+            nonlocal offset
+            if not tensors:  # the first output: room for the whole batch in the slot
+                rows, length = shape[0], shape[1]
+                pool.reserve(slot, rows * length * (3 * 8 + 2 * 4 * width) + 5 * _ALIGN)
+            t = _shm.view(pool.slots[slot]["storage"], offset, shape, getattr(torch, dtype))
+            offset += -(-t.nbytes // _ALIGN) * _ALIGN
+            tensors[name] = t
+            return t.numpy()
+
+        try:
+            batch = build_batch(items, out=alloc, **kw)
+        except BaseException:
+            pool.abandon(slot)
+            raise
+        out = {
+            k: tensors[k]
+            if k in tensors
+            else (torch.from_numpy(v) if isinstance(v, np.ndarray) else v)
+            for k, v in batch.items()
+        }
+        return _shm.PooledBatch(out, pool, slot)
+
+    def _teacher_width(self, items: Sequence[BatchItem]) -> int:
+        """Teacher columns of the batch (an upper bound is enough: it sizes a buffer)."""
+        k = 0
+        for item in items:
+            if isinstance(item, CacheSample):
+                k = max(k, item.cache.top_k)
+            elif isinstance(item, CacheRecord):
+                k = max(k, int(item.topk_ids.shape[1]) if item.topk_ids.ndim == 2 else 0)
+            elif self.cache is not None:
+                k = max(k, self.cache.top_k)
+        return max(k, 1) + int(self.label_in_support)
+
+    def __repr__(self) -> str:
+        return (
+            f"TargetSFTCollator(cache={self.cache!r}, pad_token_id={self.pad_token_id}, "
+            f"max_length={self.max_length}, packing={self.packing}, padding={self.padding!r}, "
+            f"pad_to_multiple_of={self.pad_to_multiple_of}, "
+            f"label_in_support={self.label_in_support})"
+        )
+
+
+def _in_torch_worker() -> bool:
+    """Whether this process is a DataLoader worker (without importing torch)."""
+    mod = sys.modules.get("torch.utils.data")
+    return mod is not None and mod.get_worker_info() is not None
+
+
+class TeacherCacheDataset:
+    """A map-style dataset over every record of a cache: item ``i`` is ``CacheSample(cache, i)``.
+
+    The cache holds the token ids, so no second dataset is needed; pair it with
+    :class:`TargetSFTCollator`. The dataset holds no per-sample Python objects, so forked
+    DataLoader workers do not copy-on-write a large list; it pickles as the cache path.
+    """
+
+    def __init__(self, cache: TeacherCache | str | os.PathLike[str]) -> None:
+        self.cache = cache if isinstance(cache, TeacherCache) else TeacherCache(cache)
+        self._len = len(self.cache)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, index: int) -> CacheSample:
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+            raise TypeError(f"index must be an int, got {type(index).__name__}")
+        i = int(index)
+        if i < 0:
+            i += self._len
+        if not 0 <= i < self._len:
+            raise IndexError(f"index {int(index)} is out of range for {self._len} records")
+        return CacheSample(self.cache, i)
+
+    def __getitems__(self, indices: Sequence[int]) -> list[CacheSample]:
+        """Batched fetch (used by ``DataLoader`` when present)."""
+        return [self[i] for i in indices]
+
+    def __repr__(self) -> str:
+        return f"TeacherCacheDataset({self.cache!r})"

@@ -1,0 +1,303 @@
+//! The batch builder: decoding straight into the batch (cached sources) gives exactly the batch
+//! built from the same records decoded into `Record`s first; the layout follows docs/DATA.md.
+mod common;
+
+use common::{record, Rng};
+use target_sft_core::{
+    BatchBuffers, BatchOptions, BatchPlan, CacheWriter, CodecKind, ErrorKind, Key, Record,
+    RecordView, Source, TeacherCache, WriterOptions,
+};
+
+const K: usize = 8;
+const V: usize = 500;
+
+fn cache(name: &str, codec: CodecKind, n: usize, seed: u64) -> (TeacherCache, Vec<Record>) {
+    let dir = std::env::temp_dir().join(format!("tsft-batch-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut o = WriterOptions::new(K, V);
+    o.codec = codec;
+    o.shard_bytes = 2048;
+    o.prior_records = 2;
+    let mut rng = Rng::new(seed);
+    let recs: Vec<Record> = (0..n)
+        .map(|i| {
+            let t = [1, 2, 5, 17, 30, 44][i % 6] + rng.below(3) as usize;
+            record(&mut rng, Key::Int(i as i64), V, K, t)
+        })
+        .collect();
+    let mut w = CacheWriter::create(&dir, o).unwrap();
+    for r in &recs {
+        w.add(r.clone()).unwrap();
+    }
+    w.close().unwrap();
+    (TeacherCache::open(&dir).unwrap(), recs)
+}
+
+#[derive(Debug, PartialEq)]
+struct Batch {
+    rows: usize,
+    len: usize,
+    ids: Vec<i64>,
+    side: Vec<i64>,
+    labels: Vec<i64>,
+    tids: Vec<i32>,
+    tlps: Vec<u32>,
+    cu: Vec<i32>,
+    supervised: usize,
+}
+
+fn build(sources: &[Source<'_>], opts: &BatchOptions, parallel: bool) -> Batch {
+    let plan = BatchPlan::new(sources, opts).unwrap();
+    let (n, nt) = (plan.tokens(), plan.teacher_elements());
+    // garbage everywhere: every element must be written
+    let (mut ids, mut side, mut labels) = (vec![7i64; n], vec![7i64; n], vec![7i64; n]);
+    let (mut tids, mut tlps) = (vec![7i32; nt], vec![7.0f32; nt]);
+    let (mask, pos) = if opts.packing {
+        (None, Some(&mut side[..]))
+    } else {
+        (Some(&mut side[..]), None)
+    };
+    let out = BatchBuffers {
+        input_ids: &mut ids,
+        attention_mask: mask,
+        labels: &mut labels,
+        position_ids: pos,
+        teacher_ids: &mut tids,
+        teacher_logprobs: &mut tlps,
+    };
+    let supervised = if parallel {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap()
+            .install(|| plan.fill(sources, out, true))
+    } else {
+        plan.fill(sources, out, false)
+    }
+    .unwrap();
+    Batch {
+        rows: plan.rows,
+        len: plan.len,
+        ids,
+        side,
+        labels,
+        tids,
+        tlps: tlps.iter().map(|x| x.to_bits()).collect(),
+        cu: plan.cu_seqlens.clone(),
+        supervised,
+    }
+}
+
+fn views(recs: &[Record]) -> Vec<Source<'_>> {
+    recs.iter()
+        .map(|r| {
+            Source::Decoded(RecordView {
+                key: r.key.clone(),
+                input_ids: &r.input_ids,
+                labels: &r.labels,
+                topk_ids: &r.topk_ids,
+                topk_logprobs: &r.topk_logprobs,
+                label_logprobs: &r.label_logprobs,
+                top_k: K,
+            })
+        })
+        .collect()
+}
+
+fn layouts() -> Vec<BatchOptions> {
+    let mut out = Vec::new();
+    for label_in_support in [false, true] {
+        let base = BatchOptions {
+            label_in_support,
+            pad_token_id: 3,
+            ..Default::default()
+        };
+        out.push(base.clone());
+        out.push(BatchOptions {
+            pad_to_multiple_of: 8,
+            max_length: Some(20),
+            ..base.clone()
+        });
+        out.push(BatchOptions {
+            packing: true,
+            max_length: Some(50),
+            ..base.clone()
+        });
+        out.push(BatchOptions {
+            packing: true,
+            max_length: Some(24),
+            pad_to_max_length: true,
+            pad_to_multiple_of: 16,
+            ..base
+        });
+    }
+    out
+}
+
+#[test]
+fn direct_decoding_equals_the_record_round_trip() {
+    for (name, codec) in [("exact", CodecKind::Exact), ("compact", CodecKind::Compact)] {
+        let (c, _) = cache(name, codec, 18, 7);
+        assert!(c.num_shards() > 1);
+        let order: Vec<u64> = (0..c.len()).rev().collect();
+        let decoded: Vec<Record> = order.iter().map(|&p| c.get_at(p).unwrap()).collect();
+        let cached: Vec<Source<'_>> = order
+            .iter()
+            .map(|&p| Source::Cached {
+                cache: &c,
+                position: p,
+                input_ids: None,
+            })
+            .collect();
+        for opts in layouts() {
+            let want = build(&views(&decoded), &opts, false);
+            assert_eq!(build(&cached, &opts, false), want, "{name} {opts:?}");
+            assert_eq!(
+                build(&cached, &opts, true),
+                want,
+                "{name} {opts:?} parallel"
+            );
+        }
+    }
+}
+
+#[test]
+fn padded_layout_aligns_teacher_rows_with_labels() {
+    let (_, recs) = cache("align", CodecKind::Exact, 6, 3);
+    let opts = BatchOptions {
+        label_in_support: true,
+        ..Default::default()
+    };
+    let b = build(&views(&recs), &opts, false);
+    let w = K + 1;
+    let mut supervised = 0;
+    for (i, r) in recs.iter().enumerate() {
+        let mut row = 0;
+        for t in 0..b.len {
+            let at = i * b.len + t;
+            let label = if t == 0 || t >= r.labels.len() {
+                -100
+            } else {
+                r.labels[t]
+            };
+            assert_eq!(b.labels[at], i64::from(label));
+            let tids = &b.tids[at * w..(at + 1) * w];
+            if label == -100 {
+                assert!(tids.iter().all(|&x| x == -1));
+                continue;
+            }
+            // teacher row `row` of the record sits at the position of its label
+            assert_eq!(&tids[..K], &r.topk_ids[row * K..(row + 1) * K]);
+            let outside = !r.topk_ids[row * K..(row + 1) * K].contains(&label);
+            assert_eq!(tids[K], if outside { label } else { -1 });
+            if outside {
+                assert_eq!(b.tlps[at * w + K], r.label_logprobs[row].to_bits());
+            }
+            row += 1;
+            supervised += 1;
+        }
+        assert_eq!(row, r.n_supervised());
+    }
+    assert_eq!(b.supervised, supervised);
+}
+
+#[test]
+fn packing_is_greedy_first_fit_with_segments_for_padding() {
+    let (_, recs) = cache("pack", CodecKind::Exact, 6, 5);
+    let opts = BatchOptions {
+        packing: true,
+        max_length: Some(48),
+        pad_to_multiple_of: 8,
+        ..Default::default()
+    };
+    let sources = views(&recs);
+    let plan = BatchPlan::new(&sources, &opts).unwrap();
+    let lens: Vec<usize> = recs.iter().map(|r| r.n_tokens().min(48)).collect();
+    let mut fill: Vec<usize> = Vec::new();
+    for (item, &n) in lens.iter().enumerate() {
+        let row = fill.iter().position(|&f| f + n <= 48).unwrap_or_else(|| {
+            fill.push(0);
+            fill.len() - 1
+        });
+        let p = plan.placements.iter().find(|p| p.item == item).unwrap();
+        assert_eq!((p.row, p.offset, p.len), (row, fill[row], n));
+        fill[row] += n;
+    }
+    assert_eq!(plan.rows, fill.len());
+    assert_eq!(plan.len, fill.iter().max().unwrap().next_multiple_of(8));
+    let flat = (plan.rows * plan.len) as i32;
+    assert_eq!(*plan.cu_seqlens.last().unwrap(), flat);
+    assert!(plan.cu_seqlens.windows(2).all(|w| w[0] < w[1]));
+    let b = build(&sources, &opts, false);
+    for &start in &b.cu[..b.cu.len() - 1] {
+        assert_eq!(
+            b.side[start as usize], 0,
+            "position ids restart at every segment"
+        );
+        assert_eq!(b.labels[start as usize], -100, "no label across a boundary");
+    }
+}
+
+#[test]
+fn bad_inputs_are_errors_naming_the_item() {
+    let (c, recs) = cache("errors", CodecKind::Compact, 4, 9);
+    let opts = BatchOptions::default();
+    let err = |sources: &[Source<'_>], opts: &BatchOptions| match BatchPlan::new(sources, opts) {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => e,
+    };
+    assert_eq!(err(&[], &opts).kind, ErrorKind::Input);
+    let e = err(
+        &[
+            Source::Cached {
+                cache: &c,
+                position: 0,
+                input_ids: None,
+            },
+            Source::Cached {
+                cache: &c,
+                position: 99,
+                input_ids: None,
+            },
+        ],
+        &opts,
+    );
+    assert_eq!(e.kind, ErrorKind::KeyNotFound);
+    assert!(e.message.starts_with("batch item 1: position 99"), "{e}");
+    let wrong = vec![1i32; recs[2].n_tokens()];
+    let e = err(
+        &[Source::Cached {
+            cache: &c,
+            position: 2,
+            input_ids: Some(&wrong),
+        }],
+        &opts,
+    );
+    assert_eq!(e.kind, ErrorKind::Mismatch);
+    assert!(
+        e.message.starts_with("batch item 0 (key 2): the token ids"),
+        "{e}"
+    );
+    let with_rows = recs.iter().position(|r| r.n_supervised() > 0).unwrap();
+    let mut v = views(&recs[with_rows..with_rows + 1]);
+    if let Source::Decoded(r) = &mut v[0] {
+        r.top_k = 4;
+    }
+    assert_eq!(err(&v, &opts).kind, ErrorKind::Input);
+    for bad in [
+        BatchOptions {
+            packing: true,
+            ..Default::default()
+        },
+        BatchOptions {
+            pad_to_multiple_of: 0,
+            ..Default::default()
+        },
+        BatchOptions {
+            max_length: Some(0),
+            ..Default::default()
+        },
+    ] {
+        assert_eq!(err(&views(&recs), &bad).kind, ErrorKind::Input);
+    }
+}
