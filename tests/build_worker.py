@@ -57,7 +57,10 @@ def main() -> None:
         batch_tokens=args.batch_tokens,
         progress=False,
     )
-    print(f"RANK {res.stats.rank} ADDED {res.stats.records_added} TOTAL {res.info.records}")
+    print(
+        f"RANK {res.stats.rank} ADDED {res.stats.records_added} TOTAL {res.info.records}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":
