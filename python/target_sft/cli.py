@@ -7,8 +7,7 @@ Verbs (one function each, below):
   on the first problem, with what and where.
 * ``target-sft cache build --teacher M --data F.jsonl --out DIR`` — run a teacher over a dataset
   and cache its top-k (:func:`target_sft.build.build_teacher_cache`; resumable, torchrun-aware).
-* ``target-sft demo`` — the main job. Until the end-to-end demo lands it builds a small cache from
-  generated teacher data (:mod:`target_sft.synthetic`) and inspects it.
+* ``target-sft demo [--quick]`` — the main job, end to end (:mod:`target_sft.demo.run`).
 """
 
 from __future__ import annotations
@@ -140,52 +139,14 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Build a cache from generated teacher output, read it back, verify and inspect it."""
-    from tqdm import tqdm
+    """The main job: teacher, cache, streaming, five training methods, table and report."""
+    from target_sft.demo.run import DemoConfig, run_demo
 
-    from target_sft.cache import CacheWriter, TeacherCache
-    from target_sft.synthetic import generate_records
-
+    cfg = DemoConfig.quick() if args.quick else DemoConfig()
+    if args.seeds is not None:
+        cfg.seeds = args.seeds
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="target-sft-demo-"))
-    print(f"[demo] writing a {args.codec} cache of {args.records} generated records to {out}")
-    t0 = time.perf_counter()
-    teacher = {
-        "name": "synthetic-zipf-teacher",
-        "revision": "v1",
-        "config_hash": "none",
-        "dtype": "float32",
-    }
-    with CacheWriter(
-        out,
-        top_k=args.top_k,
-        vocab_size=args.vocab_size,
-        codec=args.codec,
-        teacher=teacher,
-        tokenizer={"fingerprint": f"synthetic-{args.vocab_size}"},
-        mode="append" if args.append else "create",
-    ) as w:
-        for rec in tqdm(
-            generate_records(
-                args.records, vocab_size=args.vocab_size, top_k=args.top_k, seed=args.seed
-            ),
-            total=args.records,
-            unit="rec",
-            desc="build",
-        ):
-            w.add(
-                rec.key,
-                rec.input_ids,
-                rec.labels,
-                rec.topk_ids,
-                rec.topk_logprobs,
-                rec.label_logprobs,
-                rec.label_ranks,
-            )
-    dt = time.perf_counter() - t0
-    cache = TeacherCache(out)
-    print(f"[demo] built in {dt:.1f} s (generation included); verifying")
-    cache.verify()
-    print(inspect_text(out))
+    run_demo(out, cfg, report=not args.no_report)
     return 0
 
 
@@ -233,15 +194,17 @@ def build_parser() -> argparse.ArgumentParser:
     bld.set_defaults(func=cmd_build)
 
     demo = sub.add_parser(
-        "demo", help="the main job: build, verify and inspect a cache from generated data"
+        "demo",
+        help="the main job: train a teacher, cache it, fine-tune a student five ways, report",
+        description="End to end on CPU: a sorting task with imperfect demonstrations, a teacher "
+        "trained from scratch, its top-64 cache (build_teacher_cache), and Base / SFT / SFT(p) / "
+        "Distill / TARGET-SFT fine-tuning through StreamingTeacherDataset + TargetSFTCollator, "
+        "with a results table and a report folder (the paper's figures).",
     )
-    demo.add_argument("--out", help="cache directory (default: a new temporary directory)")
-    demo.add_argument("--records", type=int, default=64)
-    demo.add_argument("--vocab-size", type=int, default=151_936)
-    demo.add_argument("--top-k", type=int, default=64)
-    demo.add_argument("--codec", choices=["compact", "exact"], default="compact")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--append", action="store_true", help="add to an existing cache")
+    demo.add_argument("--quick", action="store_true", help="a smaller run (about 2 minutes)")
+    demo.add_argument("--out", help="output directory (default: a new temporary directory)")
+    demo.add_argument("--seeds", type=int, help="seeds per method (default 3)")
+    demo.add_argument("--no-report", action="store_true", help="skip the report folder")
     demo.set_defaults(func=cmd_demo)
     return p
 
