@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -56,17 +55,3 @@ def test_errors_exit_nonzero(tmp_path):
     p = run("cache", "inspect", str(tmp_path))
     assert p.returncode == 1 and "not a target-sft cache" in p.stderr
     assert run("cache").returncode == 2
-
-
-def test_demo_builds_and_inspects(tmp_path):
-    env = {**os.environ, "TQDM_DISABLE": "1"}
-    p = subprocess.run(
-        [str(SCRIPT), "demo", "--records", "6", "--out", str(tmp_path / "d")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
-    assert p.returncode == 0, p.stderr
-    assert "records        6" in p.stdout and "codec          compact" in p.stdout
-    assert "bytes/token" in p.stdout
