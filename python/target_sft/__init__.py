@@ -50,6 +50,8 @@ _EXPORTS: dict[str, str] = {
     "QTargetLoss": "target_sft.losses",
     "induced_target": "target_sft.losses",
     "fused_linear_target_sft_loss": "target_sft.kernels",
+    # report
+    "write_report": "target_sft.report",
 }
 
 __all__ = [
@@ -78,6 +80,7 @@ __all__ = [
     "fused_linear_target_sft_loss",
     "induced_target",
     "target_sft_loss",
+    "write_report",
 ]
 
 
@@ -111,4 +114,5 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers only
     )
     from target_sft.kernels import fused_linear_target_sft_loss
     from target_sft.losses import QTargetLoss, induced_target, target_sft_loss
+    from target_sft.report import write_report
     from target_sft.streaming import StreamingTeacherDataset

@@ -7,6 +7,8 @@ Verbs (one function each, below):
   on the first problem, with what and where.
 * ``target-sft cache build --teacher M --data F.jsonl --out DIR`` — run a teacher over a dataset
   and cache its top-k (:func:`target_sft.build.build_teacher_cache`; resumable, torchrun-aware).
+* ``target-sft plot --cache DIR --model CKPT --out DIR`` — the paper's figures for a cache and a
+  student checkpoint (:func:`target_sft.report.write_report`; ``docs/REPORT.md``).
 * ``target-sft demo [--quick]`` — the main job, end to end (:mod:`target_sft.demo.run`).
 """
 
@@ -138,6 +140,77 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    """Write the report (Figures 3 and 4, the rescue/filter HTML, an index) for a cache and a
+    student checkpoint."""
+    from target_sft.cache import TeacherCache
+    from target_sft.report import DEFAULT_PRESETS, parse_preset_spec, write_report
+
+    def fail(msg: str) -> int:
+        print(f"target-sft: error: {msg}", file=sys.stderr)
+        return 1
+
+    if not Path(args.cache).is_dir():
+        return fail(f"--cache {args.cache}: no such directory")
+    if not Path(args.model).exists():
+        return fail(f"--model {args.model}: no such checkpoint directory")
+    if args.tokenizer and not Path(args.tokenizer).exists():
+        return fail(f"--tokenizer {args.tokenizer}: no such directory")
+    presets = args.presets or list(DEFAULT_PRESETS)
+    try:
+        from target_sft.losses import PRESETS
+
+        for spec in presets:
+            name, _ = parse_preset_spec(spec)
+            if name not in PRESETS:
+                return fail(f"--presets: unknown preset {spec!r}; choose from {sorted(PRESETS)}")
+    except ValueError as e:
+        return fail(f"--presets: {e}")
+    histories = None
+    if args.histories:
+        try:
+            histories = json.loads(Path(args.histories).read_text())
+        except (OSError, ValueError) as e:
+            return fail(f"--histories {args.histories}: {e}")
+    table = None
+    if args.table:
+        try:
+            table = Path(args.table).read_text()
+        except OSError as e:
+            return fail(f"--table {args.table}: {e}")
+    cache = TeacherCache(args.cache)  # a CacheError (not a cache, …) is reported by main()
+    from target_sft.build import load_teacher
+
+    try:
+        model = load_teacher(args.model, dtype=args.dtype, device=args.device)
+    except (OSError, ValueError) as e:
+        return fail(f"--model {args.model}: cannot load a causal LM from it: {e}")
+    t0 = time.perf_counter()
+    try:
+        paths = write_report(
+            args.out,
+            cache=cache,
+            model=model,
+            tokenizer=args.tokenizer,  # None: the model directory's tokenizer, if any
+            histories=histories,
+            table_markdown=table,
+            max_records=args.records,
+            presets=presets,
+            batch_size=args.batch_size,
+            device=args.device,
+            html_records=args.html_records,
+            bins=args.bins,
+            scale=args.scale,
+            progress=not args.quiet,
+        )
+    except (OSError, ValueError) as e:
+        return fail(str(e))
+    print(f"OK: report in {args.out} ({time.perf_counter() - t0:.1f} s)")
+    for name, path in paths.items():
+        print(f"  {name:16s} {path}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job: teacher, cache, streaming, five training methods, table and report."""
     from target_sft.demo.run import DemoConfig, run_demo
@@ -192,6 +265,35 @@ def build_parser() -> argparse.ArgumentParser:
     bld.add_argument("--shard-size", default="256MiB")
     bld.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     bld.set_defaults(func=cmd_build)
+
+    plot = sub.add_parser(
+        "plot",
+        help="the paper's figures for a cache and a student checkpoint (docs/REPORT.md)",
+        description="Write Figure 3 (induced targets per loss), Figure 4 (P(p_T | p_θ) on the "
+        "observed tokens), the Appendix G rescue/filter HTML, optional training curves and an "
+        "index.html/README.md into --out.",
+    )
+    plot.add_argument("--cache", required=True, help="teacher cache directory")
+    plot.add_argument("--model", required=True, help="student checkpoint directory")
+    plot.add_argument("--tokenizer", help="tokenizer directory (default: the model's, if any)")
+    plot.add_argument("--out", required=True, help="output directory")
+    plot.add_argument("--records", type=int, default=256, help="records for the student pass")
+    plot.add_argument(
+        "--presets",
+        nargs="+",
+        metavar="SPEC",
+        help="Figure 3's losses: NAME or NAME:key=value,... (default: a set of Table 5 rows)",
+    )
+    plot.add_argument("--html-records", type=int, default=3, help="trajectories in the HTML")
+    plot.add_argument("--bins", type=int, default=20, help="Figure 4 bins per axis")
+    plot.add_argument("--scale", choices=["linear", "log"], default="linear")
+    plot.add_argument("--histories", help='JSON file {"method": [[loss per step] per seed]}')
+    plot.add_argument("--table", help="a Markdown results table to include")
+    plot.add_argument("--batch-size", type=int, default=4, help="records per forward pass")
+    plot.add_argument("--device", help="e.g. cuda:0 or cpu (default: GPU if available)")
+    plot.add_argument("--dtype", help="bfloat16, float16 or float32 (default: bf16 on GPU)")
+    plot.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    plot.set_defaults(func=cmd_plot)
 
     demo = sub.add_parser(
         "demo",

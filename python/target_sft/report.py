@@ -1,0 +1,1128 @@
+"""The report: the paper's figures for any teacher cache and student checkpoint.
+
+* :func:`plot_induced_targets` — Figure 3: the induced target ``Q`` (Eq. 6) of each loss on the
+  observed token and on another token, as a function of the model probability ``p_y``.
+* :func:`observed_token_stats` — ``(p_θ(y_t), p_T(y_t))`` on every supervised token of some cache
+  records: ``p_T`` from the cache, ``p_θ`` from one forward pass of the student.
+* :func:`plot_teacher_given_student` — Figure 4: the heatmap ``P(p_T | p_θ)`` (columns normalised
+  per ``p_θ`` bin) with the paper's four quadrants.
+* :func:`rescue_filter_html` — Appendix G: trajectories with each supervised token coloured
+  *rescue* (student low, teacher high) or *filter* (both low), with a tooltip per token; one
+  self-contained HTML file.
+* :func:`plot_loss_curves` — training curves per method, mean ± one standard deviation over seeds.
+* :func:`write_report` — all of the above into one directory with an ``index.html`` and a
+  ``README.md``; what ``target-sft plot`` and the demo call.
+
+Every plotting function writes one file and returns a small dataclass holding its ``path`` and
+the numbers drawn, so that they can be checked. Figures are drawn with matplotlib's Agg canvas
+(no display, no pyplot global state); matplotlib and torch are imported only when needed.
+``docs/REPORT.md`` explains how to read each figure.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from target_sft.cache import Key, TeacherCache
+
+__all__ = [
+    "DEFAULT_PRESETS",
+    "DEFAULT_TEACHER",
+    "InducedTargets",
+    "LossCurves",
+    "ObservedTokenStats",
+    "RescueFilterView",
+    "TeacherGivenStudent",
+    "classify_tokens",
+    "observed_token_stats",
+    "parse_preset_spec",
+    "plot_induced_targets",
+    "plot_loss_curves",
+    "plot_teacher_given_student",
+    "rescue_filter_html",
+    "teacher_given_student_matrix",
+    "write_report",
+]
+
+PathLike = str | os.PathLike[str]
+
+#: Figure 3's losses: ``"name"`` or ``"name:key=value,key=value"`` (a :func:`get_preset` name and
+#: its keyword arguments).
+DEFAULT_PRESETS: tuple[str, ...] = (
+    "sft",
+    "dft",
+    "beyond_log:alpha=0.5",
+    "profit",
+    "eaft",
+    "label_smoothing",
+    "kd",
+    "hybrid_kd",
+    "target_sft:eta=0.2",
+    "target_sft:eta=0.5",
+    "target_sft:eta=1.0",
+)
+
+#: The illustrative teacher of Figure 3 (vocabulary of 8; token 0 = the observed token y, token 1
+#: = the plotted other token k): the teacher prefers the alternative k (0.5) over y (0.3) and
+#: spreads 0.2 evenly over the six remaining tokens.
+DEFAULT_TEACHER: tuple[float, ...] = (0.3, 0.5) + (0.2 / 6,) * 6
+
+_PRETTY = {
+    "sft": "SFT",
+    "dft": "DFT (= p-loss)",
+    "beyond_log": "Beyond-log",
+    "profit": "ProFiT",
+    "eaft": "EAFT",
+    "iw_sft": "iw-SFT",
+    "cft": "CFT",
+    "label_smoothing": "Label smoothing",
+    "sft_kl": "SFT+KL",
+    "asft": "ASFT",
+    "proximal_sft": "Proximal SFT",
+    "gem": "GEM",
+    "kd": "KD",
+    "hybrid_kd": "Hybrid KD",
+    "target_sft": "TARGET-SFT",
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+
+def _figure(figsize: tuple[float, float], dpi: int) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize, dpi=dpi)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Any, path: PathLike, dpi: int) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(p, dpi=dpi)  # no bbox_inches: the PNG is exactly figsize × dpi pixels
+    return p
+
+
+def _parse_value(v: str) -> Any:
+    low = v.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
+
+
+def parse_preset_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"target_sft:eta=0.5"`` → ``("target_sft", {"eta": 0.5})`` (``-`` in names = ``_``)."""
+    name, _, rest = spec.partition(":")
+    name = name.strip().lower().replace("-", "_")
+    kwargs: dict[str, Any] = {}
+    for part in filter(None, (s.strip() for s in rest.split(","))):
+        k, eq, v = part.partition("=")
+        if not eq or not k.strip():
+            raise ValueError(f"bad preset spec {spec!r}: expected name:key=value,key=value")
+        kwargs[k.strip()] = _parse_value(v.strip())
+    return name, kwargs
+
+
+def _preset_label(name: str, kwargs: Mapping[str, Any]) -> str:
+    base = _PRETTY.get(name, name)
+    if not kwargs:
+        return base
+    sym = {"eta": "η", "alpha": "α", "tau": "τ", "epsilon": "ε", "lam": "λ", "beta": "β"}
+    inner = ", ".join(f"{sym.get(k, k)}={v:g}" if isinstance(v, float) else f"{sym.get(k, k)}={v}"
+                      for k, v in kwargs.items())  # fmt: skip
+    return f"{base} ({inner})"
+
+
+# ----------------------------------------------------------------------------------------------
+# Figure 3
+
+
+@dataclass(frozen=True)
+class InducedTargets:
+    """What :func:`plot_induced_targets` drew: per preset label, ``q_y[label]`` (Q on the
+    observed token) and ``q_other[label]`` (Q on the other token k), both ``[M]`` over ``p_y``;
+    ``p_other`` is the model's own probability of k (``(1 − p_y)/(V − 1)``)."""
+
+    path: Path
+    p_y: npt.NDArray[np.float64]
+    p_other: npt.NDArray[np.float64]
+    q_y: dict[str, npt.NDArray[np.float64]]
+    q_other: dict[str, npt.NDArray[np.float64]]
+    teacher: npt.NDArray[np.float64]
+    specs: dict[str, str]
+
+
+def plot_induced_targets(
+    path: PathLike,
+    presets: Sequence[str] = DEFAULT_PRESETS,
+    *,
+    p_y: Sequence[float] | npt.ArrayLike | None = None,
+    teacher: Sequence[float] | npt.ArrayLike = DEFAULT_TEACHER,
+    figsize: tuple[float, float] = (13.0, 5.0),
+    dpi: int = 100,
+) -> InducedTargets:
+    """Figure 3: the induced target of each preset against the model probability ``p_y``.
+
+    The model distribution puts ``p_y`` on the observed token y (token 0) and spreads ``1 − p_y``
+    evenly over the ``V − 1`` others (``V = len(teacher)``, 8 by default); the right panel shows
+    token k = 1. Presets whose residual needs a teacher (KD, Hybrid KD, TARGET-SFT, SFT+KL, ASFT)
+    see ``teacher`` as a full-vocabulary teacher (default :data:`DEFAULT_TEACHER`: the teacher
+    prefers k). Values come from :func:`target_sft.losses.induced_target_curve` (Eq. 6).
+
+    Args:
+        path: the PNG to write (``figsize × dpi`` pixels).
+        presets: ``"name"`` or ``"name:key=value,..."`` per line (see :data:`DEFAULT_PRESETS`).
+        p_y: the sweep (default: 199 points in ``[0.005, 0.995]``).
+        teacher: the illustrative teacher distribution ``[V]``.
+    """
+    import torch
+
+    from target_sft.losses import get_preset, induced_target_curve
+
+    tp = torch.as_tensor(np.asarray(teacher, dtype=np.float64))
+    if tp.ndim != 1 or tp.numel() < 2 or bool((tp < 0).any()) or float(tp.sum()) <= 0:
+        raise ValueError("teacher must be a non-negative distribution over at least 2 tokens")
+    tp = tp / tp.sum()
+    v = tp.numel()
+    sweep = (
+        torch.linspace(0.005, 0.995, 199, dtype=torch.float64)
+        if p_y is None
+        else torch.as_tensor(np.asarray(p_y, dtype=np.float64)).reshape(-1)
+    )
+    m = sweep.numel()
+    q_y: dict[str, np.ndarray] = {}
+    q_other: dict[str, np.ndarray] = {}
+    specs: dict[str, str] = {}
+    p_other = None
+    for spec in presets:
+        name, kw = parse_preset_spec(spec)
+        loss = get_preset(name, **kw)
+        extra: dict[str, Any] = {}
+        if name == "cft":
+            extra["token_weights"] = torch.full((m,), float(kw.get("weight", 0.5)))
+        if name == "proximal_sft":  # π_old(y) = the current p_y: ratio 1
+            extra["old_logprobs"] = torch.log(sweep)
+        if name == "iw_sft":  # π_ref = the current model: weight 1
+            extra["ref_logprobs"] = torch.log(sweep)
+        needs_teacher = bool(getattr(getattr(loss, "residual", None), "needs_teacher", False))
+        curve = induced_target_curve(
+            loss,
+            sweep,
+            vocab_size=v,
+            label=0,
+            other=1,
+            teacher_probs=tp if needs_teacher else None,
+            **extra,
+        )
+        label = _preset_label(name, kw)
+        q_y[label] = curve.q_y.numpy().copy()
+        q_other[label] = curve.q_other.numpy().copy()
+        specs[label] = spec
+        p_other = curve.p_other.numpy().copy()
+    if p_other is None:
+        p_other = ((1.0 - sweep) / (v - 1)).numpy()
+    x = sweep.numpy()
+
+    fig = _figure(figsize, dpi)
+    ax1, ax2 = fig.subplots(1, 2)
+    fig.subplots_adjust(left=0.06, right=0.78, bottom=0.11, top=0.88, wspace=0.22)
+    ax1.plot(x, x, color="0.6", ls=":", lw=1.2, label="Q = p (no update)")
+    ax2.plot(x, p_other, color="0.6", ls=":", lw=1.2)
+    colors = [
+        "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b",
+        "#e377c2", "#7f7f7f", "#bcbd22", "#17becf", "#393b79", "#637939",
+    ]  # fmt: skip
+    styles = ["-", "--", "-.", (0, (5, 1, 1, 1))]
+    for i, label in enumerate(q_y):
+        kw = dict(color=colors[i % len(colors)], ls=styles[(i // len(colors)) % 4], lw=1.8)
+        if specs[label].startswith("target_sft"):
+            kw["lw"] = 2.4
+        ax1.plot(x, q_y[label], label=label, **kw)
+        ax2.plot(x, q_other[label], **kw)
+    ax1.set_title("Observed token y:  Q(y)")
+    ax2.set_title("Another token k:  Q(k)   (dotted: the model's p_k)")
+    for ax in (ax1, ax2):
+        ax.set_xlabel("model probability of the observed token  p_y")
+        ax.set_xlim(0, 1)
+        ax.grid(alpha=0.3)
+    ax1.set_ylabel("induced target  Q = p − ∂L/∂z")
+    ax1.set_ylim(-0.02, 1.02)
+    handles, labels = ax1.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(0.79, 0.5), fontsize=9)
+    t = ", ".join(f"{float(a):.3g}" for a in tp[:3])
+    fig.suptitle(
+        f"Figure 3 · induced targets (V = {v}; teacher presets use π_T = [{t}, …], "
+        f"π_T(y) = {float(tp[0]):.2g}, π_T(k) = {float(tp[1]):.2g})",
+        fontsize=11,
+    )
+    out = _save(fig, path, dpi)
+    return InducedTargets(
+        path=out,
+        p_y=x,
+        p_other=np.asarray(p_other, dtype=np.float64),
+        q_y=q_y,
+        q_other=q_other,
+        teacher=tp.numpy(),
+        specs=specs,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# observed-token statistics
+
+
+@dataclass(frozen=True)
+class ObservedTokenStats:
+    """``p_θ(y_t)`` and ``p_T(y_t)`` on every supervised token of some records.
+
+    Token ``i`` belongs to record ``record[i]`` (an index into ``keys``), sits at position
+    ``position[i]`` of its ``input_ids``/``labels`` and has label ``label[i]``; the tokens of
+    record ``r`` are ``offsets[r]:offsets[r + 1]`` (in position order, the cache's row order).
+    """
+
+    keys: list[Key]
+    p_student: npt.NDArray[np.float64]
+    p_teacher: npt.NDArray[np.float64]
+    record: npt.NDArray[np.int64]
+    position: npt.NDArray[np.int64]
+    label: npt.NDArray[np.int64]
+    offsets: npt.NDArray[np.int64]
+
+    def __len__(self) -> int:
+        return int(self.p_student.shape[0])
+
+    def for_record(self, r: int) -> slice:
+        return slice(int(self.offsets[r]), int(self.offsets[r + 1]))
+
+    @classmethod
+    def from_arrays(
+        cls,
+        keys: Sequence[Key],
+        per_record_p_student: Sequence[npt.ArrayLike],
+        records: Sequence[Any],
+    ) -> ObservedTokenStats:
+        """Assemble from per-record ``p_θ`` arrays (row order of the cache) and the records."""
+        ps, pt, rec, pos, lab, offs = [], [], [], [], [], [0]
+        for r, (p, cr) in enumerate(zip(per_record_p_student, records, strict=True)):
+            p = np.asarray(p, dtype=np.float64).reshape(-1)
+            positions = cr.supervised_positions
+            if p.shape[0] != positions.shape[0]:
+                raise ValueError(
+                    f"record {cr.key!r}: {p.shape[0]} student probabilities for "
+                    f"{positions.shape[0]} supervised tokens"
+                )
+            ps.append(p)
+            pt.append(np.exp(cr.label_logprobs.astype(np.float64)))
+            rec.append(np.full(p.shape[0], r, dtype=np.int64))
+            pos.append(positions.astype(np.int64))
+            lab.append(cr.labels[positions].astype(np.int64))
+            offs.append(offs[-1] + p.shape[0])
+
+        def cat(xs: list[np.ndarray], dt: Any) -> np.ndarray:
+            return np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)
+
+        return cls(
+            keys=list(keys),
+            p_student=cat(ps, np.float64),
+            p_teacher=cat(pt, np.float64),
+            record=cat(rec, np.int64),
+            position=cat(pos, np.int64),
+            label=cat(lab, np.int64),
+            offsets=np.asarray(offs, dtype=np.int64),
+        )
+
+
+def _open_cache(cache: TeacherCache | PathLike) -> TeacherCache:
+    return cache if isinstance(cache, TeacherCache) else TeacherCache(cache)
+
+
+def _select_keys(cache: TeacherCache, keys: Iterable[Key] | None, max_records: int | None) -> list:
+    if keys is None:
+        n = len(cache) if max_records is None else min(len(cache), max(0, int(max_records)))
+        return [cache.key_at(i) for i in range(n)]
+    out = list(keys)
+    return out if max_records is None else out[: max(0, int(max_records))]
+
+
+def _load_model(model: Any, device: str | None, dtype: Any) -> Any:
+    if isinstance(model, (str, os.PathLike)):
+        from target_sft.build import load_teacher
+
+        return load_teacher(model, dtype=dtype, device=device)
+    if hasattr(model, "eval"):
+        model.eval()
+    return model
+
+
+def _model_device(model: Any, device: str | None) -> Any:
+    import torch
+
+    if device is not None:
+        return torch.device(device)
+    try:
+        return next(model.parameters()).device
+    except (AttributeError, StopIteration, TypeError):
+        return torch.device("cpu")
+
+
+def _label_logprobs(logits: Any, rows: Any, labels: Any, chunk_elements: int = 1 << 24) -> Any:
+    """log softmax(logits[rows])[labels] in float64, a few rows at a time."""
+    import torch
+
+    v = logits.shape[-1]
+    step = max(1, chunk_elements // max(v, 1))
+    out = []
+    for s in range(0, rows.shape[0], step):
+        z = logits[rows[s : s + step]].to(torch.float64)
+        lab = labels[s : s + step]
+        out.append(z.gather(1, lab[:, None])[:, 0] - torch.logsumexp(z, dim=-1))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+
+def observed_token_stats(
+    cache: TeacherCache | PathLike,
+    model: Any,
+    keys: Iterable[Key] | None = None,
+    *,
+    max_records: int | None = 256,
+    batch_size: int = 4,
+    device: str | None = None,
+    dtype: Any = None,
+    progress: bool | None = False,
+) -> ObservedTokenStats:
+    """``(p_θ(y_t), p_T(y_t))`` on the supervised tokens of ``keys`` (Figure 4's data).
+
+    ``p_T(y_t) = exp(label_logprobs)`` from the cache (the teacher's full-vocabulary log-prob of
+    the label, at the cache's temperature). ``p_θ(y_t)`` is the softmax of the student's logits at
+    position ``t − 1`` (which predict ``labels[t]``), taken in float64 from one forward pass over
+    the record's ``input_ids``; records are batched ``batch_size`` at a time, right-padded with an
+    attention mask (causal attention never sees the padding).
+
+    Args:
+        cache: a :class:`TeacherCache` or its directory.
+        model: a ``transformers`` causal LM, a checkpoint directory (loaded with
+            ``AutoModelForCausalLM``: float32 on CPU, bfloat16 on GPU unless ``dtype`` is given),
+            or a callable ``f(input_ids=..., attention_mask=...)`` returning logits or ``.logits``.
+        keys: the records (default: the first ``max_records`` in cache order).
+        max_records: cap on the number of records (``None``: all).
+        batch_size: records per forward pass (the ``[B, T, V]`` logits are materialised).
+        device: where to run (default: a loaded model's device; the model's parameters' device).
+        progress: a tqdm bar over records (``None``: tqdm's default).
+    """
+    import torch
+
+    c = _open_cache(cache)
+    ks = _select_keys(c, keys, max_records)
+    if batch_size < 1:
+        raise ValueError(f"batch_size = {batch_size} must be at least 1")
+    m = _load_model(model, device, dtype)
+    dev = _model_device(m, device)
+    records = [c[k] for k in ks]
+    per_record: list[np.ndarray] = [np.zeros(0)] * len(records)
+    todo = [i for i, r in enumerate(records) if r.n_supervised > 0]
+    from tqdm import tqdm
+
+    disable = None if progress is None else not progress
+    with torch.no_grad(), tqdm(total=len(todo), unit="rec", desc="student", disable=disable) as bar:
+        for s in range(0, len(todo), batch_size):
+            idx = todo[s : s + batch_size]
+            length = max(records[i].n_tokens for i in idx)
+            ids = torch.zeros(len(idx), length, dtype=torch.long)
+            mask = torch.zeros(len(idx), length, dtype=torch.long)
+            for b, i in enumerate(idx):
+                t = records[i].n_tokens
+                ids[b, :t] = torch.from_numpy(records[i].input_ids.astype(np.int64))
+                mask[b, :t] = 1
+            out = m(input_ids=ids.to(dev), attention_mask=mask.to(dev))
+            logits = getattr(out, "logits", out)
+            if isinstance(logits, (tuple, list)):
+                logits = logits[0]
+            vocab = int(logits.shape[-1])
+            for b, i in enumerate(idx):
+                r = records[i]
+                pos = r.supervised_positions
+                lab = r.labels[pos].astype(np.int64)
+                if lab.size and (lab.max() >= vocab or lab.min() < 0):
+                    bad = int(lab[np.argmax((lab >= vocab) | (lab < 0))])
+                    raise ValueError(
+                        f"record {r.key!r}: label {bad} is outside the model's vocabulary "
+                        f"[0, {vocab}); is this the checkpoint the cache was built for?"
+                    )
+                lp = _label_logprobs(
+                    logits[b],
+                    torch.from_numpy(pos - 1).to(logits.device),
+                    torch.from_numpy(lab).to(logits.device),
+                )
+                per_record[i] = torch.exp(lp).cpu().numpy()
+            bar.update(len(idx))
+    return ObservedTokenStats.from_arrays(ks, per_record, records)
+
+
+# ----------------------------------------------------------------------------------------------
+# Figure 4
+
+
+@dataclass(frozen=True)
+class TeacherGivenStudent:
+    """Figure 4's numbers. ``matrix[i, j] = P(p_T ∈ teacher bin i | p_θ ∈ student bin j)``
+    (columns sum to 1 where ``counts[:, j].sum() > 0``, else 0); ``counts`` the raw 2-D histogram;
+    ``quadrants`` the token counts per quadrant (split at ``split``)."""
+
+    path: Path
+    matrix: npt.NDArray[np.float64]
+    counts: npt.NDArray[np.int64]
+    student_edges: npt.NDArray[np.float64]
+    teacher_edges: npt.NDArray[np.float64]
+    quadrants: dict[str, int]
+    split: float
+    n_tokens: int
+
+
+def _edges(bins: int | Sequence[float], scale: str, min_p: float) -> np.ndarray:
+    if not isinstance(bins, (int, np.integer)):
+        e = np.asarray(bins, dtype=np.float64)
+        if e.ndim != 1 or e.size < 2 or bool(np.any(np.diff(e) <= 0)):
+            raise ValueError("bin edges must be a strictly increasing sequence of 2+ numbers")
+        return e
+    if bins < 1:
+        raise ValueError(f"bins = {bins} must be at least 1")
+    if scale == "linear":
+        return np.linspace(0.0, 1.0, int(bins) + 1)
+    if scale == "log":
+        if not 0 < min_p < 1:
+            raise ValueError(f"min_p = {min_p} must lie in (0, 1)")
+        return np.logspace(math.log10(min_p), 0.0, int(bins) + 1)
+    raise ValueError(f'scale must be "linear" or "log", got {scale!r}')
+
+
+def _bin_index(x: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Bin ``i`` holds ``edges[i] <= x < edges[i + 1]``; the last bin also holds its right edge;
+    values outside the edges go to the first/last bin."""
+    i = np.searchsorted(edges, x, side="right") - 1
+    return np.clip(i, 0, edges.size - 2)
+
+
+def teacher_given_student_matrix(
+    p_student: npt.ArrayLike,
+    p_teacher: npt.ArrayLike,
+    student_edges: npt.ArrayLike,
+    teacher_edges: npt.ArrayLike,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(P(p_T bin | p_θ bin), counts)``, both ``[n_teacher_bins, n_student_bins]``."""
+    ps = np.asarray(p_student, dtype=np.float64).reshape(-1)
+    pt = np.asarray(p_teacher, dtype=np.float64).reshape(-1)
+    if ps.shape != pt.shape:
+        raise ValueError(f"p_student has {ps.size} values but p_teacher has {pt.size}")
+    se, te = np.asarray(student_edges, np.float64), np.asarray(teacher_edges, np.float64)
+    counts = np.zeros((te.size - 1, se.size - 1), dtype=np.int64)
+    np.add.at(counts, (_bin_index(pt, te), _bin_index(ps, se)), 1)
+    col = counts.sum(axis=0, keepdims=True)
+    matrix = np.divide(counts, col, out=np.zeros(counts.shape, np.float64), where=col > 0)
+    return matrix, counts
+
+
+def plot_teacher_given_student(
+    path: PathLike,
+    p_student: npt.ArrayLike,
+    p_teacher: npt.ArrayLike,
+    bins: int | Sequence[float] = 20,
+    *,
+    scale: str = "linear",
+    min_p: float = 1e-4,
+    split: float = 0.5,
+    title: str | None = None,
+    figsize: tuple[float, float] = (7.0, 6.0),
+    dpi: int = 100,
+) -> TeacherGivenStudent:
+    """Figure 4: heatmap of ``P(p_T | p_θ)`` on the observed tokens, one column per ``p_θ`` bin.
+
+    Args:
+        path: the PNG to write.
+        p_student, p_teacher: ``p_θ(y_t)`` and ``p_T(y_t)`` (e.g. from :func:`observed_token_stats`).
+        bins: the number of bins per axis, or explicit edges (used for both axes).
+        scale: ``"linear"`` (the paper's: equal bins on ``[0, 1]``) or ``"log"`` (log-spaced from
+            ``min_p`` to 1; smaller values fall into the first bin).
+        split: where the quadrant lines are drawn (Q1 high p_T / low p_θ, Q2 both low, Q3 both
+            high, Q4 high p_θ / low p_T; "high" = ``>= split``).
+    """
+    edges = _edges(bins, scale, min_p)
+    ps = np.asarray(p_student, dtype=np.float64).reshape(-1)
+    pt = np.asarray(p_teacher, dtype=np.float64).reshape(-1)
+    matrix, counts = teacher_given_student_matrix(ps, pt, edges, edges)
+    hs, ht = ps >= split, pt >= split
+    quadrants = {
+        "Q1": int(np.sum(~hs & ht)),
+        "Q2": int(np.sum(~hs & ~ht)),
+        "Q3": int(np.sum(hs & ht)),
+        "Q4": int(np.sum(hs & ~ht)),
+    }
+
+    fig = _figure(figsize, dpi)
+    ax = fig.add_subplot(1, 1, 1)
+    fig.subplots_adjust(left=0.12, right=0.95, bottom=0.1, top=0.9)
+    shown = np.where(counts.sum(0, keepdims=True) > 0, matrix, np.nan)
+    mesh = ax.pcolormesh(edges, edges, shown, cmap="viridis", vmin=0.0, shading="flat")
+    fig.colorbar(mesh, ax=ax, label="P(p_T bin | p_θ bin)")
+    if scale == "log" and isinstance(bins, (int, np.integer)):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+    lo, hi = edges[0], edges[-1]
+    ax.plot([lo, hi], [lo, hi], color="white", ls="--", lw=1, alpha=0.8)
+    if lo < split < hi:
+        ax.axvline(split, color="white", lw=1.2)
+        ax.axhline(split, color="white", lw=1.2)
+        geo = (lambda a, b: math.sqrt(a * b)) if scale == "log" else (lambda a, b: (a + b) / 2)
+        xl, xh = geo(lo, split), geo(split, hi)
+        for q, (x, y) in {"Q1": (xl, xh), "Q2": (xl, xl), "Q3": (xh, xh), "Q4": (xh, xl)}.items():
+            ax.text(
+                x, y, f"{q}\n{quadrants[q]:,}", color="white", ha="center", va="center",
+                fontsize=11, fontweight="bold",
+                bbox={"facecolor": "black", "alpha": 0.35, "lw": 0},
+            )  # fmt: skip
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
+    ax.set_xlabel("student  p_θ(y_t)")
+    ax.set_ylabel("teacher  p_T(y_t)")
+    ax.set_title(title or f"Figure 4 · P(p_T | p_θ) on {ps.size:,} observed tokens")
+    out = _save(fig, path, dpi)
+    return TeacherGivenStudent(
+        path=out,
+        matrix=matrix,
+        counts=counts,
+        student_edges=edges,
+        teacher_edges=edges,
+        quadrants=quadrants,
+        split=float(split),
+        n_tokens=int(ps.size),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Appendix G: rescue / filter tokens
+
+RESCUE, FILTER, OTHER = "rescue", "filter", "other"
+
+
+def classify_tokens(
+    p_student: npt.ArrayLike,
+    p_teacher: npt.ArrayLike,
+    *,
+    student_low: float = 0.5,
+    teacher_high: float = 0.5,
+    teacher_low: float = 0.5,
+) -> npt.NDArray[np.str_]:
+    """Appendix G's categories (Figure 4's quadrants Q1 and Q2):
+
+    * ``"rescue"``: ``p_θ < student_low`` and ``p_T >= teacher_high`` (the student underweights a
+      token the teacher supports: TARGET-SFT's residual pushes mass back onto it);
+    * ``"filter"``: ``p_θ < student_low`` and ``p_T < teacher_low`` (both doubt the label:
+      TARGET-SFT's ``γ = p_θ`` is small and the teacher residual takes the mass);
+    * ``"other"``: everything else.
+
+    The paper gives no numbers; the defaults split at 0.5, where Figure 4's quadrant lines are.
+    """
+    ps = np.asarray(p_student, dtype=np.float64)
+    pt = np.asarray(p_teacher, dtype=np.float64)
+    if teacher_low > teacher_high:
+        raise ValueError(f"teacher_low = {teacher_low} must be <= teacher_high = {teacher_high}")
+    low = ps < student_low
+    out = np.full(ps.shape, OTHER, dtype="<U6")
+    out[low & (pt >= teacher_high)] = RESCUE
+    out[low & (pt < teacher_low)] = FILTER
+    return out
+
+
+def _decoder(tokenizer_or_decode: Any) -> Callable[[int], str]:
+    if tokenizer_or_decode is None:
+        return lambda i: f"[{i}]"
+    if hasattr(tokenizer_or_decode, "decode"):
+        tok = tokenizer_or_decode
+
+        def dec(i: int) -> str:
+            try:
+                return str(tok.decode([int(i)], clean_up_tokenization_spaces=False))
+            except TypeError:  # tokenizers without that keyword
+                return str(tok.decode([int(i)]))
+
+        return dec
+    if callable(tokenizer_or_decode):
+        return lambda i: str(tokenizer_or_decode(int(i)))
+    raise TypeError("tokenizer_or_decode must be a tokenizer (with .decode), a callable or None")
+
+
+def _visible(s: str) -> str:
+    if s == "":
+        return "∅"
+    return s.replace("\n", "↵\n")
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em auto;max-width:70em;
+color:#222;line-height:1.5}
+h1{font-size:1.4em}h2{font-size:1.05em;margin:0 0 .4em}
+.traj{border:1px solid #ddd;border-radius:6px;padding:1em;margin:1.2em 0}
+.text{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.92em;white-space:pre-wrap;
+word-break:break-word}
+.tok{border-radius:3px;padding:0 1px;margin:0 1px 0 0;border-bottom:1px solid #ccc;cursor:help}
+.ctx{color:#999;border-bottom:none;cursor:default}
+.rescue{background:#b7e4c7;border-bottom:2px solid #2d6a4f}
+.filter{background:#ffccd5;border-bottom:2px solid #c9184a}
+.other{background:transparent}
+.legend span.tok{display:inline-block;padding:0 .5em;margin-right:.4em}
+.counts{color:#555;font-size:.9em}
+.label{font-size:.75em;letter-spacing:.15em;color:#888;text-transform:uppercase;margin-top:.6em}
+table{border-collapse:collapse}td,th{padding:.1em .6em;text-align:left}
+"""
+
+
+@dataclass(frozen=True)
+class RescueFilterView:
+    """What :func:`rescue_filter_html` wrote: per shown record, its categories (row order)."""
+
+    path: Path
+    keys: list[Key]
+    categories: dict[Key, list[str]]
+    counts: dict[str, int]
+    thresholds: dict[str, float] = field(default_factory=dict)
+
+
+def rescue_filter_html(
+    path: PathLike,
+    cache: TeacherCache | PathLike,
+    model: Any,
+    tokenizer_or_decode: Any,
+    keys: Iterable[Key] | None = None,
+    *,
+    student_low: float = 0.5,
+    teacher_high: float = 0.5,
+    teacher_low: float = 0.5,
+    max_records: int = 3,
+    stats: ObservedTokenStats | None = None,
+    batch_size: int = 4,
+    device: str | None = None,
+    title: str = "Rescue and filter tokens (Appendix G)",
+) -> RescueFilterView:
+    """Appendix G's view: trajectories with every supervised token coloured by category.
+
+    Each supervised token ``y_t`` (the label, decoded alone) is a span coloured *rescue* or
+    *filter* (:func:`classify_tokens`); hovering shows ``p_θ(y_t)``, ``p_T(y_t)``, the teacher's
+    rank of ``y_t`` and its top-3 tokens. Unsupervised tokens (the prompt) are shown in grey, in
+    place. One self-contained file: inline CSS, no script, every text escaped.
+
+    Args:
+        path: the HTML file to write.
+        cache: the teacher cache (or its directory).
+        model: the student (see :func:`observed_token_stats`); unused when ``stats`` covers the
+            records (then it may be ``None``).
+        tokenizer_or_decode: a tokenizer (``decode([id])``), a callable ``id -> str`` or ``None``
+            (ids are shown as ``[id]``).
+        keys: the records to show (default: the first ``max_records`` of ``stats.keys`` or of
+            the cache).
+        student_low, teacher_high, teacher_low: the thresholds of :func:`classify_tokens`.
+        stats: precomputed :class:`ObservedTokenStats` (the records are looked up in it by key).
+    """
+    c = _open_cache(cache)
+    if keys is None:
+        ks = (
+            list(stats.keys[:max_records])
+            if stats is not None
+            else _select_keys(c, None, max_records)
+        )
+    else:
+        ks = list(keys)
+    have = {k: i for i, k in enumerate(stats.keys)} if stats is not None else {}
+    missing = [k for k in ks if k not in have]
+    if missing:
+        if model is None:
+            raise ValueError(f"no student probabilities for records {missing[:5]!r} and no model")
+        extra = observed_token_stats(
+            c, model, missing, max_records=None, batch_size=batch_size, device=device
+        )
+    decode = _decoder(tokenizer_or_decode)
+    cache_text: dict[int, str] = {}
+
+    def text(i: int) -> str:
+        if i not in cache_text:
+            cache_text[i] = decode(i)
+        return cache_text[i]
+
+    sections: list[str] = []
+    cats_out: dict[Key, list[str]] = {}
+    totals = {RESCUE: 0, FILTER: 0, OTHER: 0}
+    for k in ks:
+        rec = c[k]
+        if k in have:
+            sl = stats.for_record(have[k])  # type: ignore[union-attr]
+            ps = stats.p_student[sl]  # type: ignore[union-attr]
+        else:
+            j = extra.keys.index(k)
+            ps = extra.p_student[extra.for_record(j)]
+        pos = rec.supervised_positions
+        if ps.shape[0] != pos.shape[0]:
+            raise ValueError(
+                f"record {k!r}: stats hold {ps.shape[0]} tokens, the cache {pos.shape[0]}"
+            )
+        pt = np.exp(rec.label_logprobs.astype(np.float64))
+        cats = classify_tokens(
+            ps, pt, student_low=student_low, teacher_high=teacher_high, teacher_low=teacher_low
+        )
+        cats_out[k] = [str(x) for x in cats]
+        n = {RESCUE: int(np.sum(cats == RESCUE)), FILTER: int(np.sum(cats == FILTER))}
+        for kk in (RESCUE, FILTER):
+            totals[kk] += n[kk]
+        totals[OTHER] += int(np.sum(cats == OTHER))
+        row_of = {int(t): r for r, t in enumerate(pos)}
+        parts: list[str] = []
+        for t in range(rec.n_tokens):
+            r = row_of.get(t)
+            if r is None:
+                tid = int(rec.input_ids[t])
+                parts.append(
+                    f'<span class="tok ctx" title="{html.escape(f"position {t} · id {tid} · not supervised")}">'
+                    f"{html.escape(_visible(text(tid)))}</span>"
+                )
+                continue
+            y = int(rec.labels[t])
+            order = np.argsort(-rec.topk_logprobs[r], kind="stable")[:3]
+            top = ", ".join(
+                f"{text(int(rec.topk_ids[r][j]))!r} {math.exp(float(rec.topk_logprobs[r][j])):.3f}"
+                for j in order
+                if int(rec.topk_ids[r][j]) >= 0
+            )
+            tip = (
+                f"{cats[r]} · position {t} · id {y}\n"
+                f"p_θ(y) = {ps[r]:.4f}\np_T(y) = {pt[r]:.4f} (teacher rank {int(rec.label_ranks[r])})\n"
+                f"teacher top-3: {top}"
+            )
+            parts.append(
+                f'<span class="tok {cats[r]}" data-pos="{t}" data-p-student="{ps[r]:.6g}" '
+                f'data-p-teacher="{pt[r]:.6g}" title="{html.escape(tip)}">'
+                f"{html.escape(_visible(text(y)))}</span>"
+            )
+        sections.append(
+            f'<section class="traj" data-key="{html.escape(str(k))}">'
+            f"<h2>record {html.escape(repr(k))}</h2>"
+            f'<div class="counts"><b>Rescue · {n[RESCUE]}</b> &nbsp; <b>Filter · {n[FILTER]}</b>'
+            f" &nbsp; Response · {pos.shape[0]} supervised tokens (of {rec.n_tokens})</div>"
+            f'<div class="label">trajectory</div><div class="text">{"".join(parts)}</div></section>'
+        )
+    th = {"student_low": student_low, "teacher_high": teacher_high, "teacher_low": teacher_low}
+    legend = (
+        '<p class="legend">'
+        f'<span class="tok rescue">rescue</span> p_θ(y) &lt; {student_low:g} and '
+        f"p_T(y) ≥ {teacher_high:g}: the student underweights a token the teacher supports "
+        "(TARGET-SFT's teacher residual strengthens it) &nbsp; "
+        f'<span class="tok filter">filter</span> p_θ(y) &lt; {student_low:g} and '
+        f"p_T(y) &lt; {teacher_low:g}: both doubt the label (likely noisy or non-unique; "
+        "TARGET-SFT relaxes imitation, γ = p_θ) &nbsp; "
+        '<span class="tok other">other</span> the rest &nbsp; '
+        '<span class="tok ctx">grey</span> not supervised (prompt). '
+        "Hover a token for p_θ, p_T and the teacher's top-3.</p>"
+    )
+    doc = (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"
+        f"<h1>{html.escape(title)}</h1>{legend}"
+        f'<p class="counts">{len(ks)} trajectories · rescue {totals[RESCUE]} · '
+        f"filter {totals[FILTER]} · other {totals[OTHER]}</p>"
+        + "".join(sections)
+        + "</body></html>\n"
+    )
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(doc, encoding="utf-8")
+    return RescueFilterView(path=p, keys=ks, categories=cats_out, counts=totals, thresholds=th)
+
+
+# ----------------------------------------------------------------------------------------------
+# loss curves
+
+
+@dataclass(frozen=True)
+class LossCurves:
+    """Per method: ``steps``, ``mean`` and ``std`` over seeds (each seed truncated to the shortest
+    run of that method), and the number of seeds."""
+
+    path: Path
+    steps: dict[str, npt.NDArray[np.float64]]
+    mean: dict[str, npt.NDArray[np.float64]]
+    std: dict[str, npt.NDArray[np.float64]]
+    seeds: dict[str, int]
+
+
+def _smooth(y: np.ndarray, window: int) -> np.ndarray:
+    if window <= 1 or y.shape[-1] < 2:
+        return y
+    w = min(window, y.shape[-1])
+    c = np.cumsum(np.pad(y, [(0, 0)] * (y.ndim - 1) + [(1, 0)]), axis=-1)
+    out = np.empty_like(y)
+    n = y.shape[-1]
+    for i in range(n):  # trailing moving average (shorter at the start)
+        lo = max(0, i + 1 - w)
+        out[..., i] = (c[..., i + 1] - c[..., lo]) / (i + 1 - lo)
+    return out
+
+
+def plot_loss_curves(
+    path: PathLike,
+    histories: Mapping[str, Sequence[Sequence[float]]],
+    *,
+    steps: Mapping[str, Sequence[float]] | None = None,
+    ylabel: str = "training loss",
+    xlabel: str = "step",
+    title: str | None = None,
+    smooth: int = 1,
+    log_y: bool = False,
+    figsize: tuple[float, float] = (8.0, 5.0),
+    dpi: int = 100,
+) -> LossCurves:
+    """Loss (or any metric) per method: the mean over seeds with a ± one-standard-deviation band.
+
+    Args:
+        histories: ``{method: [seed_0_values, seed_1_values, ...]}``; a method given as a flat
+            list of floats is one seed. Seeds of one method are truncated to the shortest.
+        steps: optional x values per method (default ``1..n``).
+        smooth: trailing moving-average window applied to each seed before averaging.
+        log_y: a log-scale y axis.
+    """
+    fig = _figure(figsize, dpi)
+    ax = fig.add_subplot(1, 1, 1)
+    out_steps, out_mean, out_std, out_seeds = {}, {}, {}, {}
+    for name, runs in histories.items():
+        runs_list = list(runs)
+        if runs_list and np.ndim(runs_list[0]) == 0:
+            runs_list = [runs_list]  # one seed given flat
+        runs_list = [np.asarray(r, dtype=np.float64).reshape(-1) for r in runs_list]
+        runs_list = [r for r in runs_list if r.size]
+        if not runs_list:
+            continue
+        n = min(r.size for r in runs_list)
+        y = _smooth(np.stack([r[:n] for r in runs_list]), int(smooth))
+        mean = y.mean(axis=0)
+        std = y.std(axis=0, ddof=1) if y.shape[0] > 1 else np.zeros(n)
+        x = (
+            np.asarray(steps[name], dtype=np.float64)[:n]
+            if steps is not None and name in steps
+            else np.arange(1, n + 1, dtype=np.float64)
+        )
+        (line,) = ax.plot(x, mean, lw=1.8, label=f"{name} (n={y.shape[0]})")
+        if y.shape[0] > 1:
+            ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2, lw=0)
+        out_steps[name], out_mean[name], out_std[name] = x, mean, std
+        out_seeds[name] = int(y.shape[0])
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if out_mean:
+        ax.legend(fontsize=9)
+    ax.set_title(title or f"{ylabel} per method (mean ± 1 std over seeds)")
+    fig.subplots_adjust(left=0.11, right=0.97, bottom=0.11, top=0.92)
+    p = _save(fig, path, dpi)
+    return LossCurves(path=p, steps=out_steps, mean=out_mean, std=out_std, seeds=out_seeds)
+
+
+# ----------------------------------------------------------------------------------------------
+# the whole report
+
+
+def _pick_html_keys(stats: ObservedTokenStats, n: int, **thresholds: float) -> list[Key]:
+    """The ``n`` records with the most rescue + filter tokens (ties: cache order)."""
+    if not len(stats.keys) or n <= 0:
+        return []
+    cats = classify_tokens(stats.p_student, stats.p_teacher, **thresholds)
+    hit = (cats != OTHER).astype(np.int64)
+    per = np.bincount(stats.record, weights=hit, minlength=len(stats.keys))
+    has_tokens = np.diff(stats.offsets) > 0
+    order = [int(i) for i in np.argsort(-per, kind="stable") if has_tokens[i]]
+    return [stats.keys[i] for i in order[:n]]
+
+
+def write_report(
+    out_dir: PathLike,
+    *,
+    cache: TeacherCache | PathLike,
+    model: Any,
+    tokenizer: Any = None,
+    histories: Mapping[str, Sequence[Sequence[float]]] | None = None,
+    table_markdown: str | None = None,
+    keys: Iterable[Key] | None = None,
+    max_records: int | None = 256,
+    presets: Sequence[str] = DEFAULT_PRESETS,
+    batch_size: int = 4,
+    device: str | None = None,
+    dtype: Any = None,
+    html_records: int = 3,
+    bins: int = 20,
+    scale: str = "linear",
+    student_low: float = 0.5,
+    teacher_high: float = 0.5,
+    teacher_low: float = 0.5,
+    loss_ylabel: str = "training loss",
+    progress: bool | None = False,
+    title: str = "target-sft report",
+) -> dict[str, Path]:
+    """Write every figure, the rescue/filter HTML, the observed-token data and an index.
+
+    Files in ``out_dir``: ``figure3_induced_targets.png``, ``figure4_teacher_given_student.png``,
+    ``rescue_filter.html``, ``observed_tokens.npz`` (``p_student``, ``p_teacher``, ``record``,
+    ``position``, ``label``), ``loss_curves.png`` (only with ``histories``), ``README.md`` and
+    ``index.html`` (both link everything; ``table_markdown`` is included verbatim in the README
+    and escaped in a ``<pre>`` in the HTML).
+
+    ``model`` is a causal LM or a checkpoint directory (:func:`observed_token_stats`);
+    ``tokenizer`` a tokenizer, its directory, a callable ``id -> str`` or ``None`` (then the
+    model directory's tokenizer if it has one, else ids are shown as ``[id]``); ``histories`` is
+    :func:`plot_loss_curves`' input.
+
+    Returns ``{"figure3", "figure4", "rescue_filter", "observed_tokens", "loss_curves"?,
+    "readme", "index"}`` → paths. The student pass (:func:`observed_token_stats`) runs once, on
+    ``keys`` or the first ``max_records`` records; the HTML shows the ``html_records`` records with
+    the most rescue + filter tokens.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    c = _open_cache(cache)
+    paths: dict[str, Path] = {}
+    th = {"student_low": student_low, "teacher_high": teacher_high, "teacher_low": teacher_low}
+
+    if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
+        from target_sft.build import _load_tokenizer
+
+        tokenizer = _load_tokenizer(model, tokenizer)  # None: ids are shown as [id]
+    fig3 = plot_induced_targets(out / "figure3_induced_targets.png", presets)
+    paths["figure3"] = fig3.path
+    stats = observed_token_stats(
+        c, model, keys, max_records=max_records, batch_size=batch_size, device=device,
+        dtype=dtype, progress=progress,
+    )  # fmt: skip
+    np.savez_compressed(
+        out / "observed_tokens.npz",
+        p_student=stats.p_student,
+        p_teacher=stats.p_teacher,
+        record=stats.record,
+        position=stats.position,
+        label=stats.label,
+        offsets=stats.offsets,
+        keys=np.asarray([str(k) for k in stats.keys]),
+    )
+    paths["observed_tokens"] = out / "observed_tokens.npz"
+    fig4 = plot_teacher_given_student(
+        out / "figure4_teacher_given_student.png",
+        stats.p_student,
+        stats.p_teacher,
+        bins,
+        scale=scale,
+        split=student_low,
+    )
+    paths["figure4"] = fig4.path
+    view = rescue_filter_html(
+        out / "rescue_filter.html",
+        c,
+        None,
+        tokenizer,
+        _pick_html_keys(stats, html_records, **th),
+        stats=stats,
+        **th,
+    )
+    paths["rescue_filter"] = view.path
+    curves = None
+    if histories:
+        curves = plot_loss_curves(out / "loss_curves.png", histories, ylabel=loss_ylabel)
+        paths["loss_curves"] = curves.path
+
+    n = len(stats)
+    cats = classify_tokens(stats.p_student, stats.p_teacher, **th)
+    n_rescue, n_filter = int(np.sum(cats == RESCUE)), int(np.sum(cats == FILTER))
+    mean_ps = float(stats.p_student.mean()) if n else float("nan")
+    mean_pt = float(stats.p_teacher.mean()) if n else float("nan")
+    info = c.info
+    summary = [
+        f"cache: `{info.path}` ({info.records:,} records, top-{info.top_k}, teacher "
+        f"`{json.dumps(info.teacher, sort_keys=True)}`)",
+        f"student: `{_model_name(model)}`",
+        f"observed tokens: {n:,} supervised tokens in {len(stats.keys):,} records; "
+        f"mean p_θ(y) = {mean_ps:.4f}, mean p_T(y) = {mean_pt:.4f}",
+        f"quadrants (split at {student_low:g}): "
+        + ", ".join(f"{q} {v:,}" for q, v in fig4.quadrants.items()),
+        f"rescue tokens: {n_rescue:,} ({_pct(n_rescue, n)}); filter tokens: {n_filter:,} "
+        f"({_pct(n_filter, n)})",
+    ]
+    entries = [
+        ("Figure 3 — induced targets", "figure3_induced_targets.png",
+         "Q(y) and Q(k) that each loss drives the model toward, against p_y (illustrative "
+         "teacher for teacher-based losses)."),
+        ("Figure 4 — P(p_T | p_θ)", "figure4_teacher_given_student.png",
+         "Teacher probability of the observed token given the student's, one column per p_θ bin."),
+        ("Appendix G — rescue / filter tokens", "rescue_filter.html",
+         "Trajectories with rescue (student low, teacher high) and filter (both low) tokens; "
+         "hover for numbers."),
+    ]  # fmt: skip
+    if curves is not None:
+        entries.append(("Training curves", "loss_curves.png", "Mean ± 1 std over seeds."))
+    entries.append(
+        ("Observed-token data", "observed_tokens.npz", "p_student, p_teacher, record, position.")
+    )
+
+    md = [f"# {title}", "", *[f"- {s}" for s in summary], ""]
+    if table_markdown:
+        md += ["## Results", "", table_markdown.strip(), ""]
+    for name, file, what in entries:
+        md += [f"## {name}", "", what, ""]
+        md.append(f"![{name}]({file})" if file.endswith(".png") else f"[{file}]({file})")
+        md.append("")
+    md.append("How to read these: `docs/REPORT.md` in the target-sft repository.")
+    (out / "README.md").write_text("\n".join(md) + "\n", encoding="utf-8")
+    paths["readme"] = out / "README.md"
+
+    e = html.escape
+    body = [f"<h1>{e(title)}</h1><ul>" + "".join(f"<li>{e(s)}</li>" for s in summary) + "</ul>"]
+    if table_markdown:
+        body.append(f"<h2>Results</h2><pre>{e(table_markdown.strip())}</pre>")
+    for name, file, what in entries:
+        body.append(f"<h2>{e(name)}</h2><p>{e(what)}</p>")
+        if file.endswith(".png"):
+            body.append(
+                f'<p><a href="{e(file)}"><img src="{e(file)}" style="max-width:100%"></a></p>'
+            )
+        else:
+            body.append(f'<p><a href="{e(file)}">{e(file)}</a></p>')
+    (out / "index.html").write_text(
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{e(title)}</title><style>body{{font-family:system-ui,sans-serif;margin:2em auto;"
+        f"max-width:70em}}</style></head><body>{''.join(body)}</body></html>\n",
+        encoding="utf-8",
+    )
+    paths["index"] = out / "index.html"
+    return paths
+
+
+def _pct(a: int, n: int) -> str:
+    return f"{100.0 * a / n:.1f} %" if n else "–"
+
+
+def _model_name(model: Any) -> str:
+    if isinstance(model, (str, os.PathLike)):
+        return str(model)
+    cfg = getattr(model, "config", None)
+    name = getattr(cfg, "_name_or_path", None) if cfg is not None else None
+    return str(name) if name else type(model).__name__
