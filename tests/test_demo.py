@@ -75,6 +75,14 @@ def test_quick_demo_end_to_end(tmp_path):
     assert cache.info.top_k == 64 and cache.info.vocab_size == 1008
     assert cache.verify() == len(cache)
     assert res["cache"]["bytes_per_token"] == cache.info.bytes_per_token
+    report = out / "report"
+    for name in ("index.html", "README.md"):
+        assert (report / name).exists(), name
+    pngs = sorted(p.name for p in report.glob("*.png"))
+    assert len(pngs) >= 3 and all(
+        (report / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs
+    )
+    assert "rescue" in next(report.glob("*.html")).read_text().lower()
     for d in ("teacher", "base"):
         assert (out / d / "config.json").exists() and (out / d / "tokenizer.json").exists()
     print(f"demo --quick took {elapsed:.0f} s")
