@@ -1,10 +1,11 @@
 """target-sft: Q-target supervised fine-tuning at scale.
 
-Three parts, each one import away:
+The parts, each one import away:
 
 * the teacher cache (``CacheWriter``, ``TeacherCache``; Rust core in ``target_sft._core``),
 * building one from a teacher model (``build_teacher_cache``; needs torch and transformers),
 * the Q-target loss library (``target_sft_loss``, ``QTargetLoss``, ``induced_target``; pure PyTorch),
+* a Hugging Face ``Trainer`` that trains with it (``TargetSFTTrainer``, :mod:`target_sft.hf`),
 * the command line (``target-sft``, :mod:`target_sft.cli`).
 
 Names are imported lazily, so ``import target_sft`` is cheap and the loss library never needs the
@@ -50,6 +51,8 @@ _EXPORTS: dict[str, str] = {
     "QTargetLoss": "target_sft.losses",
     "induced_target": "target_sft.losses",
     "fused_linear_target_sft_loss": "target_sft.kernels",
+    # Hugging Face Trainer (imports transformers)
+    "TargetSFTTrainer": "target_sft.hf",
 }
 
 __all__ = [
@@ -70,6 +73,7 @@ __all__ = [
     "QTargetLoss",
     "StreamingTeacherDataset",
     "TargetSFTCollator",
+    "TargetSFTTrainer",
     "TeacherCache",
     "TeacherCacheDataset",
     "__version__",
@@ -109,6 +113,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers only
         CacheMismatchError,
         CacheVersionError,
     )
+    from target_sft.hf import TargetSFTTrainer
     from target_sft.kernels import fused_linear_target_sft_loss
     from target_sft.losses import QTargetLoss, induced_target, target_sft_loss
     from target_sft.streaming import StreamingTeacherDataset
