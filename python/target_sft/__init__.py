@@ -1,10 +1,11 @@
 """target-sft: Q-target supervised fine-tuning at scale.
 
-Three parts, each one import away:
+The parts, each one import away:
 
 * the teacher cache (``CacheWriter``, ``TeacherCache``; Rust core in ``target_sft._core``),
 * building one from a teacher model (``build_teacher_cache``; needs torch and transformers),
 * the Q-target loss library (``target_sft_loss``, ``QTargetLoss``, ``induced_target``; pure PyTorch),
+* a Hugging Face ``Trainer`` that trains with it (``TargetSFTTrainer``, :mod:`target_sft.hf`),
 * the command line (``target-sft``, :mod:`target_sft.cli`).
 
 Names are imported lazily, so ``import target_sft`` is cheap and the loss library never needs the
@@ -52,6 +53,8 @@ _EXPORTS: dict[str, str] = {
     "fused_linear_target_sft_loss": "target_sft.kernels",
     # report
     "write_report": "target_sft.report",
+    # Hugging Face Trainer (imports transformers)
+    "TargetSFTTrainer": "target_sft.hf",
 }
 
 __all__ = [
@@ -72,6 +75,7 @@ __all__ = [
     "QTargetLoss",
     "StreamingTeacherDataset",
     "TargetSFTCollator",
+    "TargetSFTTrainer",
     "TeacherCache",
     "TeacherCacheDataset",
     "__version__",
@@ -112,6 +116,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers only
         CacheMismatchError,
         CacheVersionError,
     )
+    from target_sft.hf import TargetSFTTrainer
     from target_sft.kernels import fused_linear_target_sft_loss
     from target_sft.losses import QTargetLoss, induced_target, target_sft_loss
     from target_sft.report import write_report

@@ -1,0 +1,368 @@
+"""Hugging Face ``transformers.Trainer`` integration: :class:`TargetSFTTrainer`.
+
+Three pieces, each usable on its own (``docs/HF.md``):
+
+* :func:`compute_target_sft_loss` — the functional hook: splits a collated batch into what the
+  model sees and what the loss takes (``labels``, ``teacher_ids``, ``teacher_logprobs``, …), runs
+  the model, and calls the Q-target loss with ``num_items_in_batch``. The trainer uses it; a
+  custom loop or another ``Trainer`` subclass can call it from its own ``compute_loss``.
+* :class:`TargetSFTTrainerMixin` — ``compute_loss``, column handling and the streaming
+  dataloader, for mixing into any ``transformers.Trainer`` subclass.
+* :class:`TargetSFTTrainer` — ``TargetSFTTrainerMixin`` + ``transformers.Trainer``.
+
+Gradient accumulation is exact: HF Trainer passes ``num_items_in_batch``, the number of
+supervised tokens (``labels[..., 1:] != -100``) of all the micro-batches of one optimizer step
+(summed over ranks with ``average_tokens_across_devices``), and the loss divides its sum by it,
+so the accumulated gradient equals that of one batch holding every micro-batch.
+
+This module imports ``transformers`` (``import target_sft`` does not).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer
+
+from target_sft.collate import TargetSFTCollator, TeacherCacheDataset
+from target_sft.losses import QTargetLoss, get_preset
+from target_sft.losses.target_sft import target_sft_loss
+
+__all__ = [
+    "LOSS_INPUT_KEYS",
+    "TargetSFTTrainer",
+    "TargetSFTTrainerMixin",
+    "compute_target_sft_loss",
+    "make_loss",
+    "split_batch",
+]
+
+log = logging.getLogger(__name__)
+
+#: batch entries that go to the loss, never to the model (all aligned with ``labels``, except
+#: ``sequence_weights``/``sequence_ids``; see docs/LOSSES.md)
+LOSS_INPUT_KEYS: tuple[str, ...] = (
+    "teacher_ids",
+    "teacher_logprobs",
+    "token_weights",
+    "sequence_weights",
+    "sequence_ids",
+    "ref_logprobs",
+    "old_logprobs",
+)
+#: packed-layout entries that become flash-attention varlen kwargs (or are dropped)
+_VARLEN_KEYS = ("cu_seqlens", "max_seqlen")
+#: columns a dataset item may carry that the collator reads (kept by ``remove_unused_columns``)
+_ITEM_COLUMNS = ("key", "input_ids", "labels")
+
+LossFn = Callable[..., torch.Tensor]
+
+
+def make_loss(loss: str | LossFn | None = "target_sft", **loss_kwargs: Any) -> LossFn:
+    """The loss callable: a preset name (``"target_sft"``, ``"sft"``, ``"dft"``, ``"kd"``, …, with
+    ``loss_kwargs`` such as ``eta=0.5``), or any callable
+    ``loss(logits, labels, *, teacher_ids=..., teacher_logprobs=..., num_items_in_batch=...)``
+    (a :class:`~target_sft.losses.QTargetLoss`, :func:`~target_sft.target_sft_loss`, …)
+    returned as it is. ``None`` is TARGET-SFT."""
+    if loss is None:
+        loss = "target_sft"
+    if isinstance(loss, str):
+        fn = get_preset(loss, **loss_kwargs)
+        if getattr(fn, "reduction", "mean") != "mean":
+            raise ValueError(
+                "the trainer needs reduction='mean' (normalised by num_items_in_batch); "
+                f"got reduction={fn.reduction!r}"
+            )
+        return fn
+    if loss_kwargs:
+        raise ValueError("loss_kwargs apply to a preset name; pass a configured callable instead")
+    if not callable(loss):
+        raise TypeError(f"loss must be a preset name or a callable, got {type(loss).__name__}")
+    return loss
+
+
+def _needs_teacher(loss_fn: Any) -> bool:
+    """Whether the loss cannot run without ``teacher_ids``/``teacher_logprobs``."""
+    if isinstance(loss_fn, QTargetLoss):
+        return bool(getattr(loss_fn.residual, "needs_teacher", False))
+    fn = getattr(loss_fn, "func", loss_fn)  # functools.partial
+    return fn is target_sft_loss
+
+
+def _unwrap(model: Any) -> Any:
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return model
+
+
+def _attn_implementation(model: Any) -> str:
+    cfg = getattr(_unwrap(model), "config", None)
+    return str(getattr(cfg, "_attn_implementation", None) or "")
+
+
+_warned_packing = False
+
+
+def split_batch(
+    inputs: Mapping[str, Any], model: Any = None
+) -> tuple[dict[str, Any], Any, dict[str, Any]]:
+    """``(model_inputs, labels, loss_inputs)`` of a collated batch (docs/DATA.md).
+
+    ``labels`` and :data:`LOSS_INPUT_KEYS` are taken out (the model computes no loss of its own
+    and never sees the teacher tensors). Packed layout (``position_ids`` and ``cu_seqlens``, no
+    ``attention_mask``): with a flash-attention model the segment offsets become HF's varlen
+    kwargs (``cu_seq_lens_q/k``, ``max_length_q/k``); otherwise the model gets ``position_ids``
+    only, from which transformers (≥ 4.54) builds a block-diagonal causal mask (attention never
+    crosses a sample). The input mapping is not modified.
+    """
+    global _warned_packing
+    model_inputs = dict(inputs)
+    labels = model_inputs.pop("labels", None)
+    loss_inputs = {k: model_inputs.pop(k) for k in LOSS_INPUT_KEYS if k in model_inputs}
+    cu = model_inputs.pop("cu_seqlens", None)
+    max_seqlen = model_inputs.pop("max_seqlen", None)
+    if cu is not None:
+        if "position_ids" not in model_inputs:
+            raise ValueError("a packed batch (cu_seqlens) needs position_ids")
+        if model_inputs.get("attention_mask") is not None:
+            raise ValueError(
+                "a packed batch (cu_seqlens) must not carry an attention_mask: a [B, L] mask "
+                "cannot express sample boundaries (docs/DATA.md, packed layout)"
+            )
+        model_inputs.pop("attention_mask", None)
+        if "flash" in _attn_implementation(model):
+            model_inputs.update(
+                cu_seq_lens_q=cu,
+                cu_seq_lens_k=cu,
+                max_length_q=int(max_seqlen),
+                max_length_k=int(max_seqlen),
+            )
+        elif not _warned_packing:
+            try:
+                from transformers.masking_utils import find_packed_sequence_indices  # noqa: F401
+            except ImportError:
+                _warned_packing = True
+                warnings.warn(
+                    "packed batches need transformers >= 4.54 (packed-sequence masks from "
+                    "position_ids) or a flash-attention model: this version lets attention "
+                    "cross sample boundaries",
+                    stacklevel=3,
+                )
+    return model_inputs, labels, loss_inputs
+
+
+def compute_target_sft_loss(
+    model: nn.Module,
+    inputs: Mapping[str, Any],
+    loss_fn: str | LossFn | None = "target_sft",
+    *,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    return_outputs: bool = False,
+    **loss_kwargs: Any,
+) -> torch.Tensor | tuple[torch.Tensor, Any]:
+    """Run ``model`` on a :class:`~target_sft.TargetSFTCollator` batch and compute the Q-target
+    loss on its logits (the logic of :meth:`TargetSFTTrainer.compute_loss`).
+
+    Args:
+        model: a causal LM returning ``logits`` ``[B, L, V]`` (``outputs.logits`` or
+            ``outputs[0]``).
+        inputs: the batch, on the model's device (``input_ids``, ``attention_mask`` or
+            ``position_ids``/``cu_seqlens``, ``labels``, ``teacher_ids``, ``teacher_logprobs``,
+            and optionally the other :data:`LOSS_INPUT_KEYS`). Not modified.
+        loss_fn: a loss callable or a preset name (see :func:`make_loss`, with ``loss_kwargs``).
+        num_items_in_batch: the mean's denominator (HF Trainer's supervised-token count over
+            the accumulated micro-batches); ``None``: this batch's supervised tokens.
+        return_outputs: also return the model outputs.
+
+    Returns:
+        The loss (0-dim), or ``(loss, outputs)``.
+
+    Raises:
+        ValueError: no ``labels``; the loss needs the teacher tensors and the batch has none.
+    """
+    if not callable(loss_fn) or loss_kwargs:
+        loss_fn = make_loss(loss_fn, **loss_kwargs)
+    model_inputs, labels, loss_inputs = split_batch(inputs, model)
+    if labels is None:
+        raise ValueError(
+            f"the batch has no 'labels' (keys: {sorted(inputs)}); build it with "
+            "target_sft.TargetSFTCollator"
+        )
+    if _needs_teacher(loss_fn) and (
+        loss_inputs.get("teacher_ids") is None or loss_inputs.get("teacher_logprobs") is None
+    ):
+        raise ValueError(
+            f"the loss {loss_fn!r} needs teacher_ids and teacher_logprobs, but the batch has "
+            f"only {sorted(inputs)}: collate with target_sft.TargetSFTCollator (trainer "
+            "data_collator=...) over a teacher cache (TeacherCacheDataset, "
+            "StreamingTeacherDataset), or pick a loss without a teacher (loss='sft', 'dft')"
+        )
+    outputs = model(**model_inputs)
+    logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
+    loss = loss_fn(logits, labels, **loss_inputs, num_items_in_batch=num_items_in_batch)
+    return (loss, outputs) if return_outputs else loss
+
+
+def _is_streaming(dataset: Any) -> bool:
+    from target_sft.streaming import StreamingTeacherDataset
+
+    return isinstance(dataset, StreamingTeacherDataset)
+
+
+def _default_pad_id(kwargs: Mapping[str, Any], model: Any) -> int:
+    for name in ("processing_class", "tokenizer"):
+        tok = kwargs.get(name)
+        pad = getattr(tok, "pad_token_id", None)
+        if pad is None:
+            pad = getattr(getattr(tok, "tokenizer", None), "pad_token_id", None)
+        if pad is not None:
+            return int(pad)
+    pad = getattr(getattr(model, "config", None), "pad_token_id", None)
+    return int(pad) if isinstance(pad, int) else 0
+
+
+class TargetSFTTrainerMixin:
+    """The Target-SFT parts of a trainer; put it before a ``transformers.Trainer`` subclass
+    in the bases (``class T(TargetSFTTrainerMixin, SomeTrainer)``).
+
+    Keyword args (the rest goes to the trainer):
+        loss: a preset name (default ``"target_sft"``) or a loss callable (see
+            :func:`make_loss`); ``reduction`` must be ``"mean"``.
+        loss_kwargs: a preset's arguments, e.g. ``{"eta": 0.5}``.
+
+    ``data_collator`` defaults to a :class:`~target_sft.TargetSFTCollator` (pad id from the
+    tokenizer, else the model config, else 0) when the dataset is a
+    :class:`~target_sft.TeacherCacheDataset` or :class:`~target_sft.StreamingTeacherDataset`.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        loss: str | LossFn | None = "target_sft",
+        loss_kwargs: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.loss_fn = make_loss(loss, **dict(loss_kwargs or {}))
+        if kwargs.get("data_collator") is None and len(args) < 3:
+            ds = kwargs.get("train_dataset", kwargs.get("eval_dataset"))
+            if isinstance(ds, TeacherCacheDataset) or _is_streaming(ds):
+                model = args[0] if args else kwargs.get("model")
+                kwargs["data_collator"] = TargetSFTCollator(
+                    pad_token_id=_default_pad_id(kwargs, model)
+                )
+        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        # HF counts num_items_in_batch (and treats the loss as normalised over the accumulated
+        # batch, i.e. does not divide it by the accumulation steps again) only for models that
+        # accept loss kwargs; our loss always takes it, whatever the model.
+        self.model_accepts_loss_kwargs = True
+
+    # ---- loss ------------------------------------------------------------------------------
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        """The Q-target loss of the batch (:func:`compute_target_sft_loss`), normalised by
+        ``num_items_in_batch`` when the trainer passes it."""
+        loss, outputs = compute_target_sft_loss(
+            model,
+            inputs,
+            self.loss_fn,
+            num_items_in_batch=num_items_in_batch,
+            return_outputs=True,
+        )
+        args = self.args  # type: ignore[attr-defined]
+        if getattr(args, "average_tokens_across_devices", False) and num_items_in_batch is not None:
+            # num_items_in_batch is then the count over all ranks, and DDP averages the
+            # gradients over ranks: scale back to a sum over ranks (as Trainer.compute_loss does)
+            tp = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
+            n_gpu = getattr(args, "n_gpu", 1)
+            loss = loss * (self.accelerator.num_processes // tp if n_gpu <= 1 else n_gpu)  # type: ignore[attr-defined]
+        return (loss, outputs) if return_outputs else loss
+
+    # ---- columns ---------------------------------------------------------------------------
+
+    def _set_signature_columns_if_needed(self) -> None:
+        """``remove_unused_columns=True`` keeps the model's arguments and the labels; keep also
+        what the collator reads (``key``) and what the loss takes (the teacher tensors …),
+        whether a ``datasets.Dataset`` carries them or the items are dicts. (Items that are not
+        dicts, such as the ``CacheSample`` of the target-sft datasets, are never filtered.)"""
+        super()._set_signature_columns_if_needed()  # type: ignore[misc]
+        cols = self._signature_columns  # type: ignore[has-type]
+        extra = [c for c in (*_ITEM_COLUMNS, *LOSS_INPUT_KEYS, *_VARLEN_KEYS) if c not in cols]
+        self._signature_columns = list(cols) + extra
+
+    # ---- data ------------------------------------------------------------------------------
+
+    def get_train_dataloader(self) -> Any:
+        ds = self.train_dataset  # type: ignore[attr-defined]
+        if _is_streaming(ds):
+            return self._streaming_dataloader(ds, self._train_batch_size, "Training")  # type: ignore[attr-defined]
+        return super().get_train_dataloader()  # type: ignore[misc]
+
+    def get_eval_dataloader(self, eval_dataset: Any = None) -> Any:
+        ds = eval_dataset
+        if ds is None:
+            ds = self.eval_dataset  # type: ignore[attr-defined]
+        elif isinstance(ds, str):
+            ds = self.eval_dataset[ds]  # type: ignore[attr-defined]
+        if _is_streaming(ds):
+            return self._streaming_dataloader(ds, self.args.eval_batch_size, "Evaluation")  # type: ignore[attr-defined]
+        return super().get_eval_dataloader(eval_dataset)  # type: ignore[misc]
+
+    def _streaming_dataloader(self, dataset: Any, batch_size: int, description: str) -> Any:
+        """A DataLoader over a :class:`StreamingTeacherDataset`, which already gives every rank
+        its own share: no sampler, and not re-sharded by accelerate (which would split one
+        rank's stream again). It is an accelerate ``DataLoaderShard`` (device placement,
+        ``set_epoch`` forwarded to the dataset every epoch, fast-forwarding on resume)."""
+        from accelerate.data_loader import prepare_data_loader
+        from torch.utils.data import DataLoader
+
+        if dataset.batch_size != batch_size:
+            raise ValueError(
+                f"StreamingTeacherDataset(batch_size={dataset.batch_size}) must equal the "
+                f"trainer's per-device batch size ({batch_size}) for {description.lower()}: "
+                "the dataset deals whole batches to ranks and workers"
+            )
+        args = self.args  # type: ignore[attr-defined]
+        collate = self.data_collator  # type: ignore[attr-defined]
+        if hasattr(self, "_get_collator_with_removed_columns"):
+            collate = self._get_collator_with_removed_columns(collate, description=description)
+        params: dict[str, Any] = {
+            "batch_size": batch_size,
+            "collate_fn": collate,
+            "num_workers": args.dataloader_num_workers,
+            "pin_memory": args.dataloader_pin_memory,
+        }
+        if args.dataloader_num_workers > 0:
+            params["persistent_workers"] = args.dataloader_persistent_workers
+            params["prefetch_factor"] = args.dataloader_prefetch_factor
+            ctx = getattr(args, "dataloader_multiprocessing_context", None)
+            if ctx is not None:
+                params["multiprocessing_context"] = ctx
+        loader = DataLoader(dataset, **params)
+        return prepare_data_loader(
+            loader,
+            device=args.device,
+            num_processes=1,
+            process_index=0,
+            put_on_device=True,
+            dispatch_batches=False,
+        )
+
+
+class TargetSFTTrainer(TargetSFTTrainerMixin, Trainer):
+    """``transformers.Trainer`` that trains with a Q-target loss on teacher-cache batches.
+
+    ``TargetSFTTrainer(model, args, train_dataset=..., loss="target_sft",
+    loss_kwargs={"eta": 0.5}, ...)``; every other argument is ``Trainer``'s. See
+    :class:`TargetSFTTrainerMixin` and ``docs/HF.md``.
+    """

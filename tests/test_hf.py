@@ -1,0 +1,380 @@
+"""``target_sft.hf``: the Hugging Face Trainer integration, with a tiny random Llama.
+
+``compute_loss`` against the loss on hand-computed logits (and SFT against HF's own causal-LM
+loss), exact gradient accumulation (2 micro-batches × 2 = one batch of the union, after an SGD
+step), ``remove_unused_columns`` on and off with the map-style and the streaming datasets
+(``set_epoch`` every epoch, every record once per epoch), packed batches (same loss as padded),
+and the errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from transformers import LlamaForCausalLM, TrainingArguments
+
+from batch_reference import make_sample
+from build_helpers import save_tiny_llama
+from target_sft import (
+    CacheWriter,
+    StreamingTeacherDataset,
+    TargetSFTCollator,
+    TeacherCache,
+    TeacherCacheDataset,
+    target_sft_loss,
+)
+from target_sft.hf import (
+    TargetSFTTrainer,
+    compute_target_sft_loss,
+    split_batch,
+)
+
+K, V, N = 8, 256, 16
+ETA = 0.5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices: one thread is fastest, and steady on a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    rng = np.random.default_rng(7)
+    path = tmp_path_factory.mktemp("hf") / "cache"
+    with CacheWriter(path, top_k=K, vocab_size=V) as w:
+        for i in range(N):
+            w.add(**make_sample(f"doc-{i}", rng, t=int(rng.integers(6, 24)), k=K, vocab=V))
+    return TeacherCache(path)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_llama(tmp_path_factory.mktemp("hf") / "llama", vocab=V, tokenizer=False)
+
+
+def fresh_model(model_dir):
+    return LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+
+
+def targs(tmp_path, **kw):
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
+    )
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
+def collate(cache, **kw):
+    return TargetSFTCollator(cache, pad_token_id=0, **kw)
+
+
+def supervised(batch):
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+# ---------------------------------------------------------------------------------- loss
+
+
+def test_compute_loss_equals_target_sft_loss_on_the_logits(cache, model_dir, tmp_path):
+    model = fresh_model(model_dir)
+    ds = TeacherCacheDataset(cache)
+    trainer = TargetSFTTrainer(model, targs(tmp_path), train_dataset=ds, loss_kwargs={"eta": ETA})
+    assert isinstance(trainer.data_collator, TargetSFTCollator)  # the default collator
+    batch = collate(cache)([ds[i] for i in range(5)])
+    keys = sorted(batch)
+    loss, outputs = trainer.compute_loss(model, batch, return_outputs=True)
+    assert sorted(batch) == keys  # the batch is not modified
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(outputs.logits, logits, rtol=0, atol=0)
+    args = (batch["labels"], batch["teacher_ids"], batch["teacher_logprobs"])
+    want = target_sft_loss(logits.double(), *args, eta=ETA)
+    assert abs(loss.item() - want.item()) <= 1e-6 * abs(want.item())
+    # num_items_in_batch replaces the mean's denominator
+    n = supervised(batch)
+    got = trainer.compute_loss(model, batch, num_items_in_batch=torch.tensor(3 * n))
+    torch.testing.assert_close(got.double(), want / 3, rtol=1e-6, atol=0)
+    # the same through the functional hook, with a preset name
+    hook = compute_target_sft_loss(model, batch, "target_sft", eta=ETA)
+    torch.testing.assert_close(hook, loss, rtol=0, atol=0)
+
+
+def test_sft_preset_equals_hf_causal_lm_loss(cache, model_dir, tmp_path):
+    """Alignment: loss="sft" through the trainer is the model's own ForCausalLMLoss."""
+    model = fresh_model(model_dir)
+    ds = TeacherCacheDataset(cache)
+    trainer = TargetSFTTrainer(model, targs(tmp_path), train_dataset=ds, loss="sft")
+    batch = collate(cache)([ds[i] for i in range(6)])
+    got = trainer.compute_loss(model, batch)
+    with torch.no_grad():
+        want = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            labels=batch["labels"],
+        ).loss
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+
+
+def test_missing_teacher_tensors_is_a_clear_error(cache, model_dir, tmp_path):
+    model = fresh_model(model_dir)
+    ds = TeacherCacheDataset(cache)
+    trainer = TargetSFTTrainer(model, targs(tmp_path), train_dataset=ds)
+    batch = collate(cache)([ds[i] for i in range(3)])
+    plain = {k: v for k, v in batch.items() if not k.startswith("teacher_")}
+    with pytest.raises(ValueError, match=r"needs teacher_ids and teacher_logprobs.*Collator"):
+        trainer.compute_loss(model, plain)
+    with pytest.raises(ValueError, match="no 'labels'"):
+        trainer.compute_loss(model, {"input_ids": batch["input_ids"]})
+    # a loss without a teacher runs on such a batch
+    sft = TargetSFTTrainer(model, targs(tmp_path), train_dataset=ds, loss="sft")
+    assert torch.isfinite(sft.compute_loss(model, plain))
+    with pytest.raises(ValueError, match="unknown preset"):
+        TargetSFTTrainer(model, targs(tmp_path), train_dataset=ds, loss="nope")
+
+
+# ---------------------------------------------------------------------------------- GA
+
+
+def _one_sgd_step(model_dir, cache, tmp_path, batch_size, accum):
+    model = fresh_model(model_dir)
+    # 4 samples of very different supervised counts: per-micro-batch means would differ
+    items = sorted(range(N), key=lambda i: int((cache.records_at([i])[0].labels != -100).sum()))
+    ds = torch.utils.data.Subset(
+        TeacherCacheDataset(cache), [items[0], items[1], items[-2], items[-1]]
+    )
+    args = targs(
+        tmp_path,
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accum,
+        max_steps=1,
+        learning_rate=0.5,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+    )
+    TargetSFTTrainer(
+        model, args, train_dataset=ds, data_collator=collate(cache), loss_kwargs={"eta": ETA}
+    ).train()
+    return {k: v.detach().clone() for k, v in model.named_parameters()}, ds
+
+
+def test_gradient_accumulation_equals_one_big_batch(cache, model_dir, tmp_path):
+    p0 = {k: v.detach().clone() for k, v in fresh_model(model_dir).named_parameters()}
+    pa, ds = _one_sgd_step(model_dir, cache, tmp_path, batch_size=2, accum=2)
+    pb, _ = _one_sgd_step(model_dir, cache, tmp_path, batch_size=4, accum=1)
+    # the reference: one batch of the union, mean over its supervised tokens, by hand
+    model = fresh_model(model_dir)
+    batch = collate(cache)([ds[i] for i in range(len(ds))])
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    target_sft_loss(
+        out.logits, batch["labels"], batch["teacher_ids"], batch["teacher_logprobs"], eta=ETA
+    ).backward()
+    grads = {k: p.grad.detach().clone() for k, p in model.named_parameters()}
+    for name, g in grads.items():
+        want = p0[name].double() - 0.5 * g.double()
+        # float32 parameters: the update is exact up to its rounding into the parameter
+        tol = 1e-5 * (0.5 * g).abs().max().item() + 2.0**-23 * p0[name].abs().max().item()
+        for got in (pa[name], pb[name]):
+            err = (got.double() - want).abs().max().item()
+            assert err <= tol, (name, err, tol)
+    # the tolerance tells the exact normalisation from HF's fallback (a mean per micro-batch,
+    # divided by the accumulation steps)
+    model.zero_grad()
+    for part in ([0, 1], [2, 3]):
+        b = collate(cache)([ds[i] for i in part])
+        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+        loss = target_sft_loss(
+            out.logits, b["labels"], b["teacher_ids"], b["teacher_logprobs"], eta=ETA
+        )
+        (loss / 2).backward()
+    g, w = model.lm_head.weight.grad, grads["lm_head.weight"]
+    assert (g - w).abs().max().item() > 100 * 1e-5 * w.abs().max().item()
+
+
+# ---------------------------------------------------------------------------------- training
+
+
+def _fixed_loss(model, cache):
+    batch = collate(cache)([TeacherCacheDataset(cache)[i] for i in range(N)])
+    with torch.no_grad():
+        return compute_target_sft_loss(model, batch, "target_sft", eta=ETA).item()
+
+
+class RecordingCollator(TargetSFTCollator):
+    """Remembers the record positions of every batch (num_workers=0)."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.seen: list[list[int]] = []
+
+    def __call__(self, items):
+        self.seen.append([getattr(it, "position", None) for it in items])
+        return super().__call__(items)
+
+
+class RecordingStream(StreamingTeacherDataset):
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.epochs: list[int] = []
+
+    def set_epoch(self, epoch):
+        self.epochs.append(epoch)
+        super().set_epoch(epoch)
+
+
+@pytest.mark.parametrize("remove_unused_columns", [True, False])
+@pytest.mark.parametrize("kind", ["map", "stream", "dicts"])
+def test_trains_with_remove_unused_columns(cache, model_dir, tmp_path, kind, remove_unused_columns):
+    model = fresh_model(model_dir)
+    before = _fixed_loss(model, cache)
+    bs = 4
+    if kind == "map":
+        ds = TeacherCacheDataset(cache)
+    elif kind == "stream":
+        ds = RecordingStream(cache.path, shuffle=True, seed=3, batch_size=bs)
+    else:  # dict items: "key" must survive remove_unused_columns (it is no model argument)
+        recs = cache.records_at(range(N))
+        ds = [{"key": r.key, "input_ids": r.input_ids.tolist(), "junk": 1} for r in recs]
+    collator = RecordingCollator(cache, pad_token_id=0)
+    args = targs(
+        tmp_path,
+        per_device_train_batch_size=bs,
+        max_steps=10,  # 2.5 epochs of 4 batches
+        learning_rate=3e-2,
+        lr_scheduler_type="constant",
+        remove_unused_columns=remove_unused_columns,
+        logging_steps=1,
+    )
+    trainer = TargetSFTTrainer(model, args, train_dataset=ds, data_collator=collator)
+    trainer.train()
+    after = _fixed_loss(model, cache)
+    assert after < before - 0.05, (before, after)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 10 and all(np.isfinite(losses))
+    if kind == "stream":
+        # no sampler, the dataset's own order; set_epoch before every epoch; each epoch is
+        # every record once, in a new order
+        # (accelerate's loader calls set_epoch again when an iteration starts)
+        assert ds.epochs == sorted(ds.epochs) and set(ds.epochs) == {0, 1, 2}
+        epochs = [[i for b in collator.seen[4 * e : 4 * e + 4] for i in b] for e in range(2)]
+        assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(N))
+        assert epochs[0] != epochs[1]
+
+
+def test_streaming_resume_from_checkpoint_continues_the_same_batches(cache, model_dir, tmp_path):
+    """HF fast-forwards the loader on resume; the dataset's order is a function of (seed,
+    epoch) and set_epoch reaches it, so the resumed run sees exactly the same batches."""
+
+    def run(resume):
+        ds = StreamingTeacherDataset(cache.path, shuffle=True, seed=5, batch_size=4)
+        collator = RecordingCollator(cache, pad_token_id=0)
+        args = targs(
+            tmp_path,
+            per_device_train_batch_size=4,
+            max_steps=6,  # crosses the epoch boundary after step 4
+            learning_rate=1e-2,
+            save_strategy="steps",
+            save_steps=5,
+        )
+        model = fresh_model(model_dir)
+        trainer = TargetSFTTrainer(model, args, train_dataset=ds, data_collator=collator)
+        trainer.train(resume_from_checkpoint=resume)
+        return collator.seen, {k: v.detach().clone() for k, v in model.named_parameters()}
+
+    seen, params = run(None)
+    seen2, params2 = run(str(tmp_path / "out" / "checkpoint-5"))
+    # 4 batches per epoch; the resumed run decodes and skips epoch 1's first batch, trains on
+    # its second (step 6), and accelerate's loader fetches one batch ahead in both runs
+    assert len(seen) == 7
+    assert seen2 == seen[4:7]
+    for k, v in params.items():
+        torch.testing.assert_close(params2[k], v, rtol=1e-5, atol=1e-7)
+
+
+def test_streaming_batch_size_must_match(cache, model_dir, tmp_path):
+    ds = StreamingTeacherDataset(cache.path, batch_size=3)
+    trainer = TargetSFTTrainer(
+        fresh_model(model_dir),
+        targs(tmp_path, per_device_train_batch_size=4, max_steps=1),
+        train_dataset=ds,
+    )
+    with pytest.raises(ValueError, match=r"batch_size=3.*per-device batch size \(4\)"):
+        trainer.train()
+
+
+# ---------------------------------------------------------------------------------- packing
+
+
+def test_packed_batches_give_the_padded_loss(cache, model_dir, tmp_path):
+    model = fresh_model(model_dir)
+    ds = TeacherCacheDataset(cache)
+    items = [ds[i] for i in range(8)]
+    padded = collate(cache)(items)
+    packed = collate(cache, packing=True, max_length=48)(items)
+    assert "attention_mask" not in packed and packed["input_ids"].shape[0] < 8
+    assert supervised(packed) == supervised(padded)
+    trainer = TargetSFTTrainer(model, targs(tmp_path), train_dataset=ds)
+    with torch.no_grad():
+        a = trainer.compute_loss(model, padded)
+        b = trainer.compute_loss(model, packed)
+    # attention stays inside each sample (transformers' packed mask from position_ids)
+    torch.testing.assert_close(a, b, rtol=2e-6, atol=0)
+    # and a packed collator trains
+    args = targs(tmp_path, per_device_train_batch_size=8, max_steps=3, learning_rate=3e-2)
+    before = _fixed_loss(model, cache)
+    TargetSFTTrainer(
+        model, args, train_dataset=ds, data_collator=collate(cache, packing=True, max_length=48)
+    ).train()
+    assert _fixed_loss(model, cache) < before
+
+
+def test_split_batch_varlen_kwargs_for_flash_attention(cache):
+    batch = collate(cache, packing=True, max_length=48)(
+        [TeacherCacheDataset(cache)[i] for i in range(6)]
+    )
+    flash = SimpleNamespace(config=SimpleNamespace(_attn_implementation="flash_attention_2"))
+    model_inputs, labels, loss_inputs = split_batch(batch, flash)
+    assert labels is batch["labels"]
+    assert sorted(loss_inputs) == ["teacher_ids", "teacher_logprobs"]
+    assert sorted(model_inputs) == [
+        "cu_seq_lens_k",
+        "cu_seq_lens_q",
+        "input_ids",
+        "max_length_k",
+        "max_length_q",
+        "position_ids",
+    ]
+    assert model_inputs["cu_seq_lens_q"] is batch["cu_seqlens"]
+    assert model_inputs["max_length_q"] == batch["max_seqlen"]
+    sdpa = SimpleNamespace(config=SimpleNamespace(_attn_implementation="sdpa"))
+    assert sorted(split_batch(batch, sdpa)[0]) == ["input_ids", "position_ids"]
+    bad = dict(batch, attention_mask=torch.ones_like(batch["input_ids"]))
+    with pytest.raises(ValueError, match="must not carry an attention_mask"):
+        split_batch(bad, sdpa)
+
+
+def test_import_target_sft_does_not_import_transformers():
+    code = (
+        "import sys, target_sft; assert 'transformers' not in sys.modules; "
+        "assert 'TargetSFTTrainer' in dir(target_sft)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
