@@ -39,7 +39,7 @@ METHODS = [
     Method("Base", None),
     Method("SFT", "sft"),
     Method("SFT (p)", "dft"),
-    Method("Distill (c = 0.5)", "hybrid_kd", {"lam": 0.5}, teacher=True),
+    Method("Distill (c = 0.8)", "hybrid_kd", {"lam": 0.8}, teacher=True),  # the paper's c
     Method("TARGET-SFT (η = 0.5)", "target_sft", {"eta": 0.5}, teacher=True),
 ]
 
