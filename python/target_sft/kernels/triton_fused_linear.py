@@ -60,6 +60,55 @@ class FusedLinearBlocks:
 
 
 @triton.jit
+def _logit_tile(
+    e_ptr,
+    w_ptr,
+    b_ptr,
+    rows64,
+    rmask,
+    cols,
+    cmask,
+    H,
+    stride_e,
+    stride_w,
+    softcap,
+    HAS_BIAS: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    """One ``[BLOCK_M, BLOCK_N]`` tile of logits in float32: ``E[rows] · W[cols]ᵀ`` over ``H``
+    (masked), plus the bias, through the softcap. Shared by the forward and the backward, which
+    must compute bit-identical logits."""
+    cols64 = cols.to(tl.int64)
+    hs = tl.arange(0, BLOCK_H)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        hm = (h0 + hs) < H
+        e = tl.load(
+            e_ptr + rows64[:, None] * stride_e + (h0 + hs)[None, :],
+            mask=rmask[:, None] & hm[None, :],
+            other=0.0,
+        )
+        w = tl.load(
+            w_ptr + cols64[:, None] * stride_w + (h0 + hs)[None, :],
+            mask=cmask[:, None] & hm[None, :],
+            other=0.0,
+        )
+        if DOT_F32:
+            acc += tl.dot(e.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+        else:
+            acc += tl.dot(e, tl.trans(w))
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    if SOFTCAP:
+        acc = softcap * (2.0 * tl.sigmoid(2.0 * acc / softcap) - 1.0)
+    return acc
+
+
+@triton.jit
 def _lse_kernel(
     e_ptr,
     w_ptr,
@@ -98,35 +147,14 @@ def _lse_kernel(
         n_tiles = tl.cdiv(V, BLOCK_N)
         t0 = pid_s * tiles_per_split
         t1 = tl.minimum(t0 + tiles_per_split, n_tiles)
-        hs = tl.arange(0, BLOCK_H)
         rows64 = rows.to(tl.int64)
         for tile in range(t0, t1):
             cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
             cmask = cols < V
-            cols64 = cols.to(tl.int64)
-            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            for h0 in range(0, H, BLOCK_H):
-                hm = (h0 + hs) < H
-                e = tl.load(
-                    e_ptr + rows64[:, None] * stride_e + (h0 + hs)[None, :],
-                    mask=rmask[:, None] & hm[None, :],
-                    other=0.0,
-                )
-                w = tl.load(
-                    w_ptr + cols64[:, None] * stride_w + (h0 + hs)[None, :],
-                    mask=cmask[:, None] & hm[None, :],
-                    other=0.0,
-                )
-                if DOT_F32:
-                    acc += tl.dot(
-                        e.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee"
-                    )
-                else:
-                    acc += tl.dot(e, tl.trans(w))
-            if HAS_BIAS:
-                acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-            if SOFTCAP:
-                acc = softcap * (2.0 * tl.sigmoid(2.0 * acc / softcap) - 1.0)
+            acc = _logit_tile(
+                e_ptr, w_ptr, b_ptr, rows64, rmask, cols, cmask, H, stride_e, stride_w, softcap,
+                HAS_BIAS, SOFTCAP, DOT_F32, BLOCK_M, BLOCK_N, BLOCK_H,
+            )  # fmt: skip
             z = tl.where(cmask[None, :], acc, float("-inf"))
             m_new = tl.maximum(m, tl.max(z, axis=1))
             alpha = tl.exp(m - m_new)
@@ -226,27 +254,10 @@ def _backward_kernel(
         rows64 = rows.to(tl.int64)
         cols64 = cols.to(tl.int64)
         hs = tl.arange(0, BLOCK_H)
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for h0 in range(0, H, BLOCK_H):
-            hm = (h0 + hs) < H
-            e = tl.load(
-                e_ptr + rows64[:, None] * stride_e + (h0 + hs)[None, :],
-                mask=rmask[:, None] & hm[None, :],
-                other=0.0,
-            )
-            w = tl.load(
-                w_ptr + cols64[:, None] * stride_w + (h0 + hs)[None, :],
-                mask=cmask[:, None] & hm[None, :],
-                other=0.0,
-            )
-            if DOT_F32:
-                acc += tl.dot(e.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
-            else:
-                acc += tl.dot(e, tl.trans(w))
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-        if SOFTCAP:
-            acc = softcap * (2.0 * tl.sigmoid(2.0 * acc / softcap) - 1.0)
+        acc = _logit_tile(
+            e_ptr, w_ptr, b_ptr, rows64, rmask, cols, cmask, H, stride_e, stride_w, softcap,
+            HAS_BIAS, SOFTCAP, DOT_F32, BLOCK_M, BLOCK_N, BLOCK_H,
+        )  # fmt: skip
         lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
         kap = tl.load(kappa_ptr + rows, mask=rmask, other=0.0)
         live = kap != 0.0
