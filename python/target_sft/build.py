@@ -45,8 +45,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from target_sft.cache import IGNORE_INDEX, CacheInfo, CacheWriter, merge_manifests
-from target_sft.errors import BuildError, CacheInputError, CacheMismatchError
+from target_sft.cache import IGNORE_INDEX, CacheInfo, CacheWriter, _as_int32, merge_manifests
+from target_sft.errors import BuildError, CacheInputError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -58,6 +58,7 @@ __all__ = [
     "JsonlDataset",
     "build_teacher_cache",
     "load_teacher",
+    "load_tokenizer",
     "plan_batches",
     "teacher_fingerprint",
     "tokenize_prompt_response",
@@ -300,7 +301,10 @@ def load_teacher(
     return model.to(dev).eval()
 
 
-def _load_tokenizer(teacher: Any, tokenizer: Any) -> Any:
+def load_tokenizer(teacher: Any, tokenizer: Any = None) -> Any:
+    """``tokenizer`` itself, or loaded from it when it is a path; else the teacher's own
+    (its directory or hub name, or a model's local ``_name_or_path``); ``None`` when there is none
+    (the manifest then records no tokenizer)."""
     if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
         return tokenizer
     source = tokenizer
@@ -463,15 +467,18 @@ class _Item:
 
 
 def _to_int_array(name: str, x: Any, where: str) -> np.ndarray:
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
-    a = np.asarray(x)
-    if a.ndim != 1 or (a.size and a.dtype.kind not in "iu"):
+    """A 1-D int32 array of token ids (the cache's own conversion, with the item's location)."""
+    if not hasattr(x, "detach") and len(np.shape(x)) == 1 and np.size(x) == 0:
+        return np.zeros(0, np.int32)  # an empty list is float64 to numpy
+    try:
+        a = _as_int32(name, x)
+    except CacheInputError as e:
+        raise CacheInputError(f"{where}: {e}") from None
+    if a.ndim != 1:
         raise CacheInputError(
-            f"{where}: {name} must be a 1-D sequence of token ids, got "
-            f"{'shape ' + str(a.shape) if a.ndim != 1 else 'dtype ' + str(a.dtype)}"
+            f"{where}: {name} must be a 1-D sequence of token ids, got shape {a.shape}"
         )
-    return a.astype(np.int32, copy=False)
+    return a
 
 
 def _make_item(index: int, obj: Any, id_field: str) -> _Item:
@@ -651,25 +658,6 @@ def _check_directory(path: Path, world: int) -> None:
         )
 
 
-def _check_settings(path: Path, expected: dict[str, Any]) -> None:
-    """Refuse to resume a build made with other settings, naming the field (before any work)."""
-    for p in sorted(path.glob("manifest.rank*-of-*.json")) if path.is_dir() else []:
-        try:
-            m = json.loads(p.read_text())
-        except (OSError, ValueError):
-            continue  # the writer reports an unreadable manifest with its own error
-        for fld, want in expected.items():
-            have = m.get(fld)
-            if fld in ("teacher", "tokenizer") or have is not None:
-                if have != want:
-                    raise CacheMismatchError(
-                        f"cannot resume the build in {path}: it was built with {fld} = "
-                        f"{json.dumps(have, sort_keys=True)} but this call has "
-                        f"{json.dumps(want, sort_keys=True)}; use the same {fld} or a new "
-                        "directory"
-                    )
-
-
 def build_teacher_cache(
     teacher: Any,
     dataset: Iterable[Any] | Sequence[Any],
@@ -744,19 +732,9 @@ def build_teacher_cache(
     try:
         _check_directory(out, dist.world)
         model = load_teacher(teacher, dtype=dtype, device=device, local_rank=dist.local_rank)
-        tok = _load_tokenizer(teacher, tokenizer)
+        tok = load_tokenizer(teacher, tokenizer)
         teacher_fp = teacher_fingerprint(model)
         tok_fp = tokenizer_fingerprint(tok)
-        _check_settings(
-            out,
-            {
-                "teacher": teacher_fp,
-                "tokenizer": tok_fp,
-                "top_k": top_k,
-                "codec": codec,
-                "temperature": float(temperature),
-            },
-        )
         if pad_token_id is None:
             pad_token_id = getattr(tok, "pad_token_id", None) or 0
         runner = _Runner(model, top_k, float(temperature), chunk_bytes)

@@ -112,9 +112,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_build(args: argparse.Namespace) -> int:
     """Build a cache from a teacher and a JSONL file (under torchrun: on every rank)."""
-    from target_sft.build import JsonlDataset, _load_tokenizer, build_teacher_cache
+    from target_sft.build import JsonlDataset, build_teacher_cache, load_tokenizer
 
-    tok = _load_tokenizer(args.teacher, args.tokenizer)
+    tok = load_tokenizer(args.teacher, args.tokenizer)
     result = build_teacher_cache(
         args.teacher,
         JsonlDataset(args.data, tok),

@@ -1006,9 +1006,9 @@ def write_report(
     th = {"student_low": student_low, "teacher_high": teacher_high, "teacher_low": teacher_low}
 
     if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
-        from target_sft.build import _load_tokenizer
+        from target_sft.build import load_tokenizer
 
-        tokenizer = _load_tokenizer(model, tokenizer)  # None: ids are shown as [id]
+        tokenizer = load_tokenizer(model, tokenizer)  # None: ids are shown as [id]
     fig3 = plot_induced_targets(out / "figure3_induced_targets.png", presets)
     paths["figure3"] = fig3.path
     stats = observed_token_stats(

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from target_sft.cache import IGNORE_INDEX
+
 PAD, BOS, EOS, SORT = 0, 1, 2, 3
 N_SPECIAL = 8  # ids 0..7 are special; number v is token N_SPECIAL + v
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)
