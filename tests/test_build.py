@@ -432,8 +432,8 @@ def test_cli_build_from_prompt_response_text_with_the_chat_template(model_dir, t
 
 
 def test_cli_build_reports_bad_lines(model_dir, tmp_path):
-    (tmp_path / "bad.jsonl").write_text('{"input_ids": [5, 6]}\n{"text": "hello"}\n')
+    (tmp_path / "bad.jsonl").write_text('{"input_ids": [5, 6]}\n{"tokens": [5, 6]}\n')
     r = cli("cache", "build", "--teacher", str(model_dir), "--data", str(tmp_path / "bad.jsonl"),
             "--out", str(tmp_path / "c"), "-q")  # fmt: skip
     assert r.returncode == 1
-    assert "bad.jsonl:2: a line needs 'input_ids'" in r.stderr
+    assert "bad.jsonl:2 (sample 1) has no 'input_ids', 'messages'" in r.stderr
