@@ -436,6 +436,11 @@ def sample_key(index: int, row: Any, id_field: str | None, where: str) -> int | 
     return key
 
 
+def _keyed(where: str, key: int | str, index: int) -> str:
+    """``where`` with the row's key when it is not the index."""
+    return where if key == index and not isinstance(key, str) else f"{where} (key {key!r})"
+
+
 def prepare_row(
     index: int,
     row: Any,
@@ -450,8 +455,7 @@ def prepare_row(
     stores. ``where`` names the row in errors (default ``dataset item {index}``)."""
     where = where or f"dataset item {index}"
     key = sample_key(index, row, id_field, where)
-    if isinstance(key, str) or key != index:
-        where = f"{where} (key {key!r})"
+    where = _keyed(where, key, index)
     ids, labels = _encode(_parse_row(row, where), tokenizer, where)
     return (key, *_truncate(*_check_tokens(ids, labels, where), max_length, truncation))
 
@@ -745,6 +749,7 @@ class SFTSource:
             if i < head:
                 self.prepare(i, row)
             else:
+                where = _keyed(where, key, i)
                 parsed = _parse_row(row, where)
                 if parsed.needs_tokenizer and self.tokenizer is None:
                     _encode(parsed, None, where)  # raises: text without a tokenizer
