@@ -278,6 +278,16 @@ def test_max_length_truncation_equals_trl(teacher_dir, tok, tmp_path, mode):
         assert got[key] == value, key
 
 
+def test_tokenize_sft_as_a_datasets_map_function(tok):
+    import datasets
+
+    rows = [{"tools": None, **r} for r in CHATS]
+    ds = datasets.Dataset.from_list(rows).map(tokenize_sft, fn_kwargs={"tokenizer": tok})
+    want = tokenize_sft(CHATS, tok)
+    assert [r["input_ids"] for r in ds] == [w["input_ids"] for w in want]
+    assert [r["labels"] for r in ds] == [w["labels"] for w in want]
+
+
 def test_pretokenised_rows_pass_through(tok):
     row = {"id": "x", "input_ids": [5, 6, 7, 8], "labels": [-100, 6, 7, -100]}
     assert tokenize_sft(row, tok) == row
@@ -511,8 +521,38 @@ def test_source_counts_rows_and_names_jsonl_lines_after_blank_lines(tok, tmp_pat
     src = SFTSource(str(p), tok)
     assert src.check() == 2 and len(src) == 2
     assert src.where(1) == f"{p}:5 (sample 1)"
+    assert not hasattr(src, "__getitem__")  # the builder walks a file
+    assert SFTSource([{"text": "a"}], tok)[0] == {"text": "a"}  # and indexes a sequence
     with pytest.raises(CacheInputError, match="the dataset is empty"):
         SFTSource([], tok).check()
     (tmp_path / "x.csv").write_text("text\na\n")
     with pytest.raises(CacheInputError, match="unsupported data file"):
         SFTSource(str(tmp_path / "x.csv"), tok)
+
+
+def test_every_rank_refuses_duplicates_that_straddle_ranks(tok, tmp_path):
+    """Two torchrun ranks, windows of 2 samples: the duplicate pair (samples 0 and 3) is split
+    over rank 0 and rank 1, and each rank checks the whole dataset, so both refuse it before
+    loading the teacher (whose config.json is broken)."""
+    import socket
+
+    teacher = broken_teacher(tmp_path, tok)
+    rows = [{"id": k, "text": f"row {i}"} for i, k in enumerate(["x", "a", "b", "x", "c"])]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([str(HERE.parent / "python"), str(HERE)]),
+    )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+           f"--master-port={port}", "-m", "target_sft.cli", "cache", "build",
+           "--teacher", str(teacher), "--tokenizer", str(tmp_path / "tok"), "--data", str(data),
+           "--out", str(tmp_path / "c"), "--window", "2", "-q"]  # fmt: skip
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    want = f"duplicate key 'x' (field 'id'): sample 0 ({data}:1 (sample 0)) and sample 3"
+    assert r.stderr.count(want) == 2, r.stderr  # one line per rank
+    assert "config" not in r.stderr.replace(str(tmp_path), "")

@@ -2,8 +2,9 @@
 
 :func:`tokenize_sft` turns any supported row into ``{"input_ids", "labels"}`` (Hugging Face
 convention: ``labels`` aligned with ``input_ids``, ``-100`` = not supervised). The cache builder
-(:func:`target_sft.build_teacher_cache`), the ``target-sft cache build`` command and the trainer
-bridges all call it, so a cache and a training batch can never disagree on tokens or masks.
+(:func:`target_sft.build_teacher_cache`) and the ``target-sft cache build`` command call it, and
+training data tokenised with it gets the very tokens and masks the cache holds, so a cache and a
+training batch cannot disagree.
 
 Row formats (the first that applies, in this order; ``None`` counts as absent):
 
@@ -471,7 +472,8 @@ def tokenize_sft(
     """``{"input_ids": [...], "labels": [...]}`` for one row, or a list of them for a sequence
     or iterable of rows (a ``datasets.Dataset`` too); the ``id_field`` value is kept.
 
-    The one tokenisation of SFT rows: the cache builder, the CLI and the trainer bridges use it.
+    The one tokenisation of SFT rows: the cache builder and the CLI use it; tokenise training
+    data with it too and the batches match the cache.
     Row formats, masks and the truncation rule are in this module's docstring and
     docs/BUILD.md. Works as a ``datasets`` map function: ``ds.map(tokenize_sft,
     fn_kwargs={"tokenizer": tok})``.
@@ -647,16 +649,9 @@ class SFTSource:
     * a path: :func:`open_dataset`.
     """
 
-    def __init__(
-        self,
-        data: Any,
-        tokenizer: Any = None,
-        *,
-        id_field: str | None = "id",
-        max_length: int | None = None,
-        truncation: Truncation = "keep_start",
-    ) -> None:
-        _check_options(max_length, truncation)
+    data: Any
+
+    def __new__(cls, data: Any, *args: Any, **kwargs: Any) -> SFTSource:
         if isinstance(data, (str, os.PathLike)):
             data = open_dataset(data)
         if isinstance(data, (Mapping, str, bytes)) or not isinstance(data, Iterable):
@@ -666,7 +661,23 @@ class SFTSource:
             )
         if iter(data) is data:  # a generator or iterator: one pass only
             data = list(data)
+        indexed = hasattr(data, "__len__") and hasattr(data, "__getitem__")
+        self = super().__new__(_IndexedSource if indexed else cls)
         self.data = data
+        return self
+
+    def __init__(
+        self,
+        data: Any,
+        tokenizer: Any = None,
+        *,
+        id_field: str | None = "id",
+        max_length: int | None = None,
+        truncation: Truncation = "keep_start",
+    ) -> None:
+        # ``data`` was opened by __new__ (a path, a generator), which also chose the class
+        _check_options(max_length, truncation)
+        data = self.data
         self.tokenizer = tokenizer
         self.id_field = id_field
         self.max_length = max_length
@@ -699,8 +710,7 @@ class SFTSource:
                 prev = lineno
                 yield i, row, f"{self.data.path}:{lineno} (sample {i})"
             return
-        rows = (self.data[i] for i in range(len(self.data))) if self.indexed else self.data
-        for i, row in enumerate(rows):
+        for i, row in enumerate(self.data):
             yield i, row, self.where(i)
 
     # -- the protocol build.py reads
@@ -766,3 +776,10 @@ class SFTSource:
     def _describe_data(self) -> str:
         path = getattr(self.data, "path", None)
         return str(path) if path is not None else type(self.data).__name__
+
+
+class _IndexedSource(SFTSource):
+    """An :class:`SFTSource` over a sequence: the builder reads its windows by index."""
+
+    def __getitem__(self, index: int) -> Any:
+        return self.data[index]
