@@ -297,7 +297,9 @@ def torchrun(
 ) -> subprocess.Popen:
     """torchrun of tests/build_worker.py (the Python API), or of ``target-sft cache build``
     through ``--no-python`` when ``cli``."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE))
+    # this checkout's package first (not an installed one), and the helpers
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "python"), str(HERE)])
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     target = ["--no-python", "target-sft"] if cli else [str(HERE / "build_worker.py")]
     cmd = [

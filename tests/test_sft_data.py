@@ -523,6 +523,19 @@ def test_source_counts_rows_and_names_jsonl_lines_after_blank_lines(tok, tmp_pat
     assert src.where(1) == f"{p}:5 (sample 1)"
     assert not hasattr(src, "__getitem__")  # the builder walks a file
     assert SFTSource([{"text": "a"}], tok)[0] == {"text": "a"}  # and indexes a sequence
+
+    class OldStyle:  # len() and indexing, no __iter__ (the sequence protocol before Iterable)
+        def __len__(self) -> int:
+            return 3
+
+        def __getitem__(self, i: int) -> dict:
+            return {"text": "abc"[i]}
+
+    src = SFTSource(OldStyle(), tok)
+    assert src.check() == 3 and src[2] == {"text": "c"}
+    assert [r["labels"] for r in tokenize_sft(OldStyle(), tok)] == [
+        r["labels"] for r in tokenize_sft([{"text": c} for c in "abc"], tok)
+    ]
     with pytest.raises(CacheInputError, match="the dataset is empty"):
         SFTSource([], tok).check()
     (tmp_path / "x.csv").write_text("text\na\n")
@@ -556,3 +569,24 @@ def test_every_rank_refuses_duplicates_that_straddle_ranks(tok, tmp_path):
     want = f"duplicate key 'x' (field 'id'): sample 0 ({data}:1 (sample 0)) and sample 3"
     assert r.stderr.count(want) == 2, r.stderr  # one line per rank
     assert "config" not in r.stderr.replace(str(tmp_path), "")
+
+
+def test_cache_build_help_shows_defaults_and_purposes(capsys):
+    from target_sft.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["cache", "build", "--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for part in (
+        "--top-k TOP_K teacher tokens kept per position (default: 64)",
+        "--id-field ID_FIELD row field holding the record key",
+        "'none' keys every record by its sample index (default: id)",
+        "--max-length MAX_LENGTH keep at most this many tokens per row (default: no limit)",
+        "which end of a row longer than --max-length is kept (default: keep_start)",
+        "--data DATA a .jsonl file, a .parquet file, or a directory saved with datasets' "
+        "save_to_disk",
+        "--shard-size SHARD_SIZE payload bytes per shard file (default: 256MiB)",
+    ):
+        assert part in text, part
+    assert "(default: None)" not in text

@@ -510,11 +510,14 @@ def tokenize_sft(
         hasattr(row_or_rows, "keys") and hasattr(row_or_rows, "__getitem__")
     ):
         return one(row_or_rows, "the row", 0)
-    if isinstance(row_or_rows, (str, bytes)) or not isinstance(row_or_rows, Iterable):
+    rows = row_or_rows
+    if not isinstance(rows, Iterable) and hasattr(rows, "__len__") and hasattr(rows, "__getitem__"):
+        rows = map(rows.__getitem__, range(len(rows)))  # a sequence without __iter__
+    if isinstance(rows, (str, bytes)) or not isinstance(rows, Iterable):
         raise CacheInputError(
             f"tokenize_sft takes a dict or an iterable of dicts, got {_describe(row_or_rows)}"
         )
-    out = [one(row, f"row {i}", i) for i, row in enumerate(row_or_rows)]
+    out = [one(row, f"row {i}", i) for i, row in enumerate(rows)]
     if not out:
         raise CacheInputError("tokenize_sft: the dataset is empty (no rows)")
     return out
@@ -654,14 +657,14 @@ class SFTSource:
     def __new__(cls, data: Any, *args: Any, **kwargs: Any) -> SFTSource:
         if isinstance(data, (str, os.PathLike)):
             data = open_dataset(data)
-        if isinstance(data, (Mapping, str, bytes)) or not isinstance(data, Iterable):
+        indexed = hasattr(data, "__len__") and hasattr(data, "__getitem__")
+        if isinstance(data, (Mapping, str, bytes)) or not (indexed or isinstance(data, Iterable)):
             raise CacheInputError(
                 f"the dataset must be a sequence or iterable of dicts (or a .jsonl/.parquet "
                 f"path), got {_describe(data)}"
             )
         if iter(data) is data:  # a generator or iterator: one pass only
-            data = list(data)
-        indexed = hasattr(data, "__len__") and hasattr(data, "__getitem__")
+            data, indexed = list(data), True
         self = super().__new__(_IndexedSource if indexed else cls)
         self.data = data
         return self
@@ -710,7 +713,12 @@ class SFTSource:
                 prev = lineno
                 yield i, row, f"{self.data.path}:{lineno} (sample {i})"
             return
-        for i, row in enumerate(self.data):
+        rows = (
+            self.data
+            if isinstance(self.data, Iterable)
+            else map(self.data.__getitem__, range(len(self.data)))
+        )
+        for i, row in enumerate(rows):
             yield i, row, self.where(i)
 
     # -- the protocol build.py reads
