@@ -23,7 +23,7 @@ from build_helpers import (
     write_jsonl,
 )
 from target_sft import TeacherCache, tokenize_sft
-from target_sft.build import build_teacher_cache
+from target_sft.build import JsonlDataset, build_teacher_cache
 from target_sft.errors import CacheInputError
 from target_sft.sft_data import SFTSource
 
@@ -522,6 +522,9 @@ def test_source_counts_rows_and_names_jsonl_lines_after_blank_lines(tok, tmp_pat
     assert src.check() == 2 and len(src) == 2
     assert src.where(1) == f"{p}:5 (sample 1)"
     assert not hasattr(src, "__getitem__")  # the builder walks a file
+    # JsonlDataset (public) yields the rows as they are, or tokenised with a tokenizer
+    assert list(JsonlDataset(p)) == [{"text": "a"}, {"text": "b"}]
+    assert list(JsonlDataset(p, tok)) == tokenize_sft([{"text": "a"}, {"text": "b"}], tok)
     assert SFTSource([{"text": "a"}], tok)[0] == {"text": "a"}  # and indexes a sequence
 
     class OldStyle:  # len() and indexing, no __iter__ (the sequence protocol before Iterable)
