@@ -120,3 +120,85 @@ def assert_records_equal(a: Any, b: Any) -> None:
             canonical_rows(ra), canonical_rows(rb), ("ids", "logprobs"), strict=True
         ):
             np.testing.assert_array_equal(x, y, err_msg=f"{key}.topk_{f}")
+
+
+# ---------------------------------------------------------------------------------------------
+# A real BPE tokenizer trained here with a chat template (tests/test_sft_data.py)
+
+CHAT_SPECIAL = ["<|pad|>", "<|bos|>", "<|eos|>", "<|end|>", "<|call|>"]
+CHAT_ROLES = ["system", "user", "assistant", "tool"]
+
+
+def chat_template(generation_marks: bool) -> str:
+    """A chat template for the roles system/user/assistant/tool, with tool calls and a tool list.
+    The assistant part (content, tool calls and the end-of-turn token) is wrapped in
+    ``{% generation %}`` marks when ``generation_marks``; both variants render the same text."""
+    gen, end = ("{% generation %}", "{% endgeneration %}") if generation_marks else ("", "")
+    return (
+        "{{ bos_token }}"
+        "{% if tools %}<|system|>tools: {{ tools | tojson }}<|end|>{% endif %}"
+        "{% for m in messages %}"
+        "{% if m['role'] == 'assistant' %}"
+        "<|assistant|>" + gen + "{% if m['content'] %}{{ m['content'] }}{% endif %}"
+        "{% if m['tool_calls'] %}<|call|>{{ m['tool_calls'] | tojson }}{% endif %}"
+        "<|end|>" + end + "{% else %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+
+
+def training_text(max_chars: int = 600_000) -> list[str]:
+    """Text found on this machine: the standard library's own ``.py`` files (sorted by name, so
+    every run trains on the same text) and the common licences."""
+    import glob
+    import sysconfig
+
+    files = sorted(glob.glob(sysconfig.get_paths()["stdlib"] + "/*.py"))
+    files += sorted(glob.glob("/usr/share/common-licenses/*"))
+    out: list[str] = []
+    total = 0
+    for f in files:
+        try:
+            text = Path(f).read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue
+        out.append(text)
+        total += len(text)
+        if total >= max_chars:
+            break
+    return out
+
+
+def save_chat_tokenizer(path: Path, *, generation_marks: bool = True, vocab: int = 1200) -> Any:
+    """A byte-level BPE tokenizer (``vocab`` tokens) trained here on :func:`training_text`, with
+    the special tokens of :data:`CHAT_SPECIAL`, one per role (``<|user|>``, ...), a BOS added to
+    plain text (as Llama's tokenizer does) and :func:`chat_template`; saved with
+    ``save_pretrained`` in ``path`` and returned (a ``PreTrainedTokenizerFast``)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = CHAT_SPECIAL + [f"<|{r}|>" for r in CHAT_ROLES]
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tk.train_from_iterator(training_text(), trainer=trainer)
+    bos = tk.token_to_id("<|bos|>")
+    tk.post_processor = processors.TemplateProcessing(
+        single="<|bos|> $A", pair="<|bos|> $A <|bos|> $B", special_tokens=[("<|bos|>", bos)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        bos_token="<|bos|>",
+        eos_token="<|eos|>",
+        pad_token="<|pad|>",
+        additional_special_tokens=special[3:],
+    )
+    fast.chat_template = chat_template(generation_marks)
+    fast.save_pretrained(path)
+    return fast

@@ -17,17 +17,20 @@ from target_sft.build import build_teacher_cache
 
 
 class Failing:
-    """A dataset whose item ``at`` raises (only on the rank that should fail)."""
+    """A dataset whose item ``at`` raises when the build reads it (only on the rank that should
+    fail): on its second read, the first being the input check before the teacher loads."""
 
     def __init__(self, data: list[dict], at: int) -> None:
-        self.data, self.at = data, at
+        self.data, self.at, self.reads = data, at, 0
 
     def __len__(self) -> int:
         return len(self.data)
 
     def __getitem__(self, i: int) -> dict:
         if i == self.at:
-            raise RuntimeError(f"injected failure at item {i}")
+            self.reads += 1
+            if self.reads > 1:
+                raise RuntimeError(f"injected failure at item {i}")
         return self.data[i]
 
 

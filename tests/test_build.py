@@ -297,7 +297,9 @@ def torchrun(
 ) -> subprocess.Popen:
     """torchrun of tests/build_worker.py (the Python API), or of ``target-sft cache build``
     through ``--no-python`` when ``cli``."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE))
+    # this checkout's package first (not an installed one), and the helpers
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "python"), str(HERE)])
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     target = ["--no-python", "target-sft"] if cli else [str(HERE / "build_worker.py")]
     cmd = [
@@ -432,8 +434,8 @@ def test_cli_build_from_prompt_response_text_with_the_chat_template(model_dir, t
 
 
 def test_cli_build_reports_bad_lines(model_dir, tmp_path):
-    (tmp_path / "bad.jsonl").write_text('{"input_ids": [5, 6]}\n{"text": "hello"}\n')
+    (tmp_path / "bad.jsonl").write_text('{"input_ids": [5, 6]}\n{"tokens": [5, 6]}\n')
     r = cli("cache", "build", "--teacher", str(model_dir), "--data", str(tmp_path / "bad.jsonl"),
             "--out", str(tmp_path / "c"), "-q")  # fmt: skip
     assert r.returncode == 1
-    assert "bad.jsonl:2: a line needs 'input_ids'" in r.stderr
+    assert "bad.jsonl:2 (sample 1) has no 'input_ids', 'messages'" in r.stderr

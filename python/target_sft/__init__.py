@@ -3,7 +3,8 @@
 The parts, each one import away:
 
 * the teacher cache (``CacheWriter``, ``TeacherCache``; Rust core in ``target_sft._core``),
-* building one from a teacher model (``build_teacher_cache``; needs torch and transformers),
+* building one from a teacher model (``build_teacher_cache``; needs torch and transformers) from
+  SFT rows in any common format (``tokenize_sft``: chat messages, prompt/completion, text, tokens),
 * the Q-target loss library (``target_sft_loss``, ``QTargetLoss``, ``induced_target``; pure PyTorch),
 * a Hugging Face ``Trainer`` that trains with it (``TargetSFTTrainer``, :mod:`target_sft.hf`),
 * the command line (``target-sft``, :mod:`target_sft.cli`).
@@ -30,6 +31,7 @@ _EXPORTS: dict[str, str] = {
     # building a cache from a teacher
     "build_teacher_cache": "target_sft.build",
     "BuildResult": "target_sft.build",
+    "tokenize_sft": "target_sft.sft_data",
     # streaming
     "StreamingTeacherDataset": "target_sft.streaming",
     # batches
@@ -84,6 +86,7 @@ __all__ = [
     "fused_linear_target_sft_loss",
     "induced_target",
     "target_sft_loss",
+    "tokenize_sft",
     "write_report",
 ]
 
@@ -120,4 +123,5 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers only
     from target_sft.kernels import fused_linear_target_sft_loss
     from target_sft.losses import QTargetLoss, induced_target, target_sft_loss
     from target_sft.report import write_report
+    from target_sft.sft_data import tokenize_sft
     from target_sft.streaming import StreamingTeacherDataset

@@ -45,8 +45,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from target_sft.cache import IGNORE_INDEX, CacheInfo, CacheWriter, _as_int32, merge_manifests
+from target_sft.cache import IGNORE_INDEX, CacheInfo, CacheWriter, merge_manifests
 from target_sft.errors import BuildError, CacheInputError
+from target_sft.sft_data import JsonlDataset, SFTSource, Truncation, prepare_row, tokenize_sft
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -466,77 +467,34 @@ class _Item:
         return int(np.count_nonzero(self.labels[1:] != IGNORE_INDEX))
 
 
-def _to_int_array(name: str, x: Any, where: str) -> np.ndarray:
-    """A 1-D int32 array of token ids (the cache's own conversion, with the item's location)."""
-    if not hasattr(x, "detach") and len(np.shape(x)) == 1 and np.size(x) == 0:
-        return np.zeros(0, np.int32)  # an empty list is float64 to numpy
-    try:
-        a = _as_int32(name, x)
-    except CacheInputError as e:
-        raise CacheInputError(f"{where}: {e}") from None
-    if a.ndim != 1:
-        raise CacheInputError(
-            f"{where}: {name} must be a 1-D sequence of token ids, got shape {a.shape}"
-        )
-    return a
-
-
-def _make_item(index: int, obj: Any, id_field: str) -> _Item:
-    where = f"dataset item {index}"
-    if not hasattr(obj, "__getitem__") or not hasattr(obj, "keys"):
-        raise CacheInputError(
-            f"{where} is a {type(obj).__name__}; items must be dicts with 'input_ids' "
-            "(and optionally 'labels' and an id field)"
-        )
-    if "input_ids" not in obj:
-        raise CacheInputError(f"{where} has no 'input_ids' (keys: {sorted(obj.keys())})")
-    key: Any = obj[id_field] if id_field in obj else index
-    if isinstance(key, np.integer):
-        key = int(key)
-    if isinstance(key, bool) or not isinstance(key, (int, str)):
-        raise CacheInputError(
-            f"{where}: the key {id_field!r} must be an int or a str, not {type(key).__name__}"
-        )
-    where = f"dataset item {index} (key {key!r})"
-    ids = _to_int_array("input_ids", obj["input_ids"], where)
-    labels = (
-        _to_int_array("labels", obj["labels"], where)
-        if obj.get("labels") is not None
-        else ids.copy()
-    )
-    if ids.size == 0:
-        raise CacheInputError(f"{where}: input_ids is empty")
-    if labels.shape != ids.shape:
-        raise CacheInputError(
-            f"{where}: labels has {labels.size} entries but input_ids has {ids.size}; they must "
-            "be aligned (Hugging Face convention: the model shifts them, -100 = unsupervised)"
-        )
-    if ids.min() < 0:
-        raise CacheInputError(f"{where}: input_ids holds a negative id {int(ids.min())}")
-    bad = (labels < 0) & (labels != IGNORE_INDEX)
-    if bad.any():
-        t = int(np.argmax(bad))
-        raise CacheInputError(
-            f"{where}: labels[{t}] = {int(labels[t])}; labels must be token ids or -100"
-        )
-    return _Item(index, key, ids, labels)
+def _make_item(
+    index: int, obj: Any, id_field: str | None, source: SFTSource | None = None
+) -> _Item:
+    """The item of row ``index``: its key, tokens and labels as ``source`` (the build's input)
+    makes them (:func:`target_sft.sft_data.prepare_row`: any row format, checked, naming the
+    row); without a source, pre-tokenised rows keyed by ``id_field``."""
+    if source is not None:
+        return _Item(index, *source.prepare(index, obj))
+    return _Item(index, *prepare_row(index, obj, id_field=id_field))
 
 
 def _windows(
-    dataset: Any, window: int, rank: int, world: int, id_field: str
+    dataset: Any, window: int, rank: int, world: int, id_field: str | None
 ) -> Iterator[list[_Item]]:
     """This rank's windows (window ``w`` of ``window`` consecutive items goes to rank
-    ``w % world``). Sized datasets are indexed directly; iterables are walked."""
+    ``w % world``). Sized datasets are indexed directly; iterables are walked. An
+    :class:`SFTSource` makes the items (tokenisation, keys, row locations)."""
+    source = dataset if isinstance(dataset, SFTSource) else None
     if hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
         n = len(dataset)
         for w in range(rank, math.ceil(n / window), world):
             lo, hi = w * window, min(n, (w + 1) * window)
-            yield [_make_item(i, dataset[i], id_field) for i in range(lo, hi)]
+            yield [_make_item(i, dataset[i], id_field, source) for i in range(lo, hi)]
         return
     buf: list[_Item] = []
     for i, obj in enumerate(dataset):
         if (i // window) % world == rank:
-            buf.append(_make_item(i, obj, id_field))
+            buf.append(_make_item(i, obj, id_field, source))
             if len(buf) == window:
                 yield buf
                 buf = []
@@ -660,7 +618,7 @@ def _check_directory(path: Path, world: int) -> None:
 
 def build_teacher_cache(
     teacher: Any,
-    dataset: Iterable[Any] | Sequence[Any],
+    dataset: Iterable[Any] | Sequence[Any] | str | os.PathLike[str],
     path: str | os.PathLike[str],
     *,
     top_k: int = 64,
@@ -672,7 +630,9 @@ def build_teacher_cache(
     tokenizer: Any = None,
     dtype: Any = None,
     device: str | None = None,
-    id_field: str = "id",
+    id_field: str | None = "id",
+    max_length: int | None = None,
+    truncation: Truncation = "keep_start",
     padding_side: Literal["right", "left"] = "right",
     pad_token_id: int | None = None,
     shard_size: int | str = "256MiB",
@@ -690,17 +650,25 @@ def build_teacher_cache(
         teacher: a ``transformers`` causal LM, a model directory or hub name (loaded with
             ``AutoModelForCausalLM``), or any callable ``f(input_ids, attention_mask=...)``
             returning logits ``[B, T, V]`` (or an object with ``.logits``).
-        dataset: a sequence or iterable of dicts with ``input_ids`` and optionally ``labels``
-            (Hugging Face convention: aligned with ``input_ids``, -100 = unsupervised; without
-            labels every position is supervised) and an ``id`` field (the record key; the index
-            otherwise). A ``datasets.Dataset`` works.
+        dataset: rows in any format of :func:`~target_sft.tokenize_sft` (``input_ids`` and
+            optionally ``labels``, ``messages``, ``prompt``/``completion``,
+            ``prompt``/``response``, ``text``): a list or any sequence or iterable of dicts, a
+            ``datasets.Dataset`` or ``IterableDataset``, a generator (read into memory first),
+            or a ``.jsonl``/``.parquet`` path or ``save_to_disk`` directory. Every row's key and
+            schema are checked, and the first rows tokenised, before the teacher loads
+            (:class:`~target_sft.sft_data.SFTSource`).
         path: the cache directory. If it holds an unfinished build, the build resumes.
         top_k, temperature, codec: what is cached (see :class:`~target_sft.cache.CacheWriter`).
         batch_tokens: padded tokens per teacher batch; ``max_batch_size`` caps samples per batch.
         window: samples per planning window (sorted by length inside; also the unit of work
             given to a rank).
-        tokenizer: recorded in the manifest (fingerprint); loaded from the model directory when
-            not given.
+        tokenizer: tokenises text rows and is recorded in the manifest (fingerprint); a path
+            or object, loaded from the teacher's directory when not given.
+        id_field: the row field holding the record key (an int or a str; rows without it are
+            keyed by their sample index). Keys must be unique: a duplicate is an error naming
+            both samples. ``None`` keys every record by its sample index.
+        max_length, truncation: keep at most ``max_length`` tokens per row, the first
+            (``"keep_start"``) or the last (``"keep_end"``).
         dtype, device: for a teacher given by path (default: bfloat16 on this rank's GPU, float32
             on CPU).
         padding_side: where batches are padded (``position_ids`` are passed so both agree).
@@ -713,7 +681,9 @@ def build_teacher_cache(
         :class:`BuildResult` with the merged cache's :class:`CacheInfo` and this rank's stats.
 
     Raises:
-        CacheInputError: bad input, naming the item and field.
+        CacheInputError: bad input (a duplicate key, a row in no known format, a turn without
+            content, ...), naming the row (``path:line`` for JSONL) and the field; raised
+            before the teacher loads.
         CacheMismatchError: ``path`` holds a build with other settings (names the field).
         BuildError: another rank failed (every rank raises; re-run to resume).
     """
@@ -731,8 +701,14 @@ def build_teacher_cache(
     error: BaseException | None = None
     try:
         _check_directory(out, dist.world)
-        model = load_teacher(teacher, dtype=dtype, device=device, local_rank=dist.local_rank)
+        # The data first (the tokenizer is cheap, a teacher takes minutes to load): every rank
+        # checks every row's key and schema and tokenises the first rows.
         tok = load_tokenizer(teacher, tokenizer)
+        dataset = SFTSource(
+            dataset, tok, id_field=id_field, max_length=max_length, truncation=truncation
+        )
+        dataset.check()
+        model = load_teacher(teacher, dtype=dtype, device=device, local_rank=dist.local_rank)
         teacher_fp = teacher_fingerprint(model)
         tok_fp = tokenizer_fingerprint(tok)
         if pad_token_id is None:
@@ -823,7 +799,7 @@ def _run_rank(
     batch_tokens: int,
     max_batch_size: int,
     window: int,
-    id_field: str,
+    id_field: str | None,
     padding_side: str,
     pad_id: int,
     teacher_fp: dict[str, Any],
@@ -960,82 +936,11 @@ def _guess_vocab(runner: _Runner) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# JSONL input (the CLI)
+# Prompt/response text (kept for callers of the first version; see target_sft.sft_data)
 
 
 def tokenize_prompt_response(tokenizer: Any, prompt: str, response: str) -> dict[str, list[int]]:
-    """``input_ids`` and ``labels`` (the prompt masked with -100) for one prompt/response pair.
-
-    With a chat template the pair is rendered as a user turn and an assistant turn, and the
-    prompt part is the template's rendering of the user turn with the generation prompt; without
-    one, the prompt is tokenized with the tokenizer's special tokens and the response after it,
-    followed by the EOS token when the tokenizer has one."""
-    if getattr(tokenizer, "chat_template", None):
-        user = [{"role": "user", "content": prompt}]
-        p_ids = _as_ids(tokenizer.apply_chat_template(user, add_generation_prompt=True))
-        full = _as_ids(
-            tokenizer.apply_chat_template([*user, {"role": "assistant", "content": response}])
-        )
-        if full[: len(p_ids)] == p_ids and len(full) > len(p_ids):
-            return {"input_ids": full, "labels": [IGNORE_INDEX] * len(p_ids) + full[len(p_ids) :]}
-        # The template renders the turns differently when joined: fall back to concatenation.
-        r_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-    else:
-        p_ids = tokenizer(prompt)["input_ids"]
-        r_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-        if tokenizer.eos_token_id is not None:
-            r_ids = [*r_ids, tokenizer.eos_token_id]
-    return {"input_ids": [*p_ids, *r_ids], "labels": [IGNORE_INDEX] * len(p_ids) + list(r_ids)}
-
-
-def _as_ids(x: Any) -> list[int]:
-    if hasattr(x, "keys") and "input_ids" in x:  # BatchEncoding (transformers >= 5)
-        x = x["input_ids"]
-    return [int(i) for i in x]
-
-
-class JsonlDataset:
-    """The samples of a JSONL file, one JSON object per line, read lazily (an iterable).
-
-    Each line has ``input_ids`` (and optionally ``labels``), or ``prompt`` and ``response`` text,
-    which needs ``tokenizer``; an ``id`` field, when present, is the record key (else the line
-    number, from 0, blank lines not counted)."""
-
-    def __init__(self, path: str | os.PathLike[str], tokenizer: Any = None) -> None:
-        self.path = Path(path)
-        self.tokenizer = tokenizer
-        if not self.path.is_file():
-            raise CacheInputError(f"{self.path} is not a file")
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        with self.path.open("r", encoding="utf-8") as f:
-            n = 0
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except ValueError as e:
-                    raise CacheInputError(f"{self.path}:{lineno}: not valid JSON ({e})") from None
-                if not isinstance(obj, dict):
-                    raise CacheInputError(f"{self.path}:{lineno}: expected a JSON object")
-                if "input_ids" not in obj:
-                    if "prompt" not in obj or "response" not in obj:
-                        raise CacheInputError(
-                            f"{self.path}:{lineno}: a line needs 'input_ids' (and optionally "
-                            f"'labels') or 'prompt' and 'response'; it has {sorted(obj)}"
-                        )
-                    if self.tokenizer is None:
-                        raise CacheInputError(
-                            f"{self.path}:{lineno} holds text (prompt/response) but there is "
-                            "no tokenizer; pass --tokenizer (or a teacher directory with one)"
-                        )
-                    obj = {
-                        **({"id": obj["id"]} if "id" in obj else {}),
-                        **tokenize_prompt_response(
-                            self.tokenizer, str(obj["prompt"]), str(obj["response"])
-                        ),
-                    }
-                obj.setdefault("id", n)
-                n += 1
-                yield obj
+    """``input_ids`` and ``labels`` for one prompt/response pair: :func:`tokenize_sft` of
+    ``{"prompt": prompt, "response": response}`` (with a chat template, a user turn and an
+    assistant turn; without one, plain-text prompt/completion)."""
+    return tokenize_sft({"prompt": prompt, "response": response}, tokenizer)

@@ -6,7 +6,9 @@ Verbs (one function each, below):
 * ``target-sft cache verify DIR`` — check every shard checksum and decode every record; exit 1
   on the first problem, with what and where.
 * ``target-sft cache build --teacher M --data F.jsonl --out DIR`` — run a teacher over a dataset
-  and cache its top-k (:func:`target_sft.build.build_teacher_cache`; resumable, torchrun-aware).
+  (JSONL, Parquet, a ``save_to_disk`` directory; any row format of
+  :func:`target_sft.tokenize_sft`) and cache its top-k
+  (:func:`target_sft.build.build_teacher_cache`; resumable, torchrun-aware).
 * ``target-sft plot --cache DIR --model CKPT --out DIR`` — the paper's figures for a cache and a
   student checkpoint (:func:`target_sft.report.write_report`; ``docs/REPORT.md``).
 * ``target-sft demo [--quick]`` — the main job, end to end (:mod:`target_sft.demo.run`).
@@ -111,13 +113,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    """Build a cache from a teacher and a JSONL file (under torchrun: on every rank)."""
-    from target_sft.build import JsonlDataset, build_teacher_cache, load_tokenizer
+    """Build a cache from a teacher and a dataset file (under torchrun: on every rank)."""
+    from target_sft.build import build_teacher_cache
+    from target_sft.sft_data import open_dataset
 
-    tok = load_tokenizer(args.teacher, args.tokenizer)
     result = build_teacher_cache(
         args.teacher,
-        JsonlDataset(args.data, tok),
+        open_dataset(args.data),
         args.out,
         top_k=args.top_k,
         temperature=args.temperature,
@@ -125,7 +127,10 @@ def cmd_build(args: argparse.Namespace) -> int:
         batch_tokens=args.batch_tokens,
         max_batch_size=args.max_batch_size,
         window=args.window,
-        tokenizer=tok,
+        tokenizer=args.tokenizer,
+        id_field=None if args.id_field.lower() == "none" else args.id_field,
+        max_length=args.max_length,
+        truncation=args.truncation,
         dtype=args.dtype,
         device=args.device,
         shard_size=args.shard_size,
@@ -223,6 +228,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: X)`` to an option's help unless the help already says its default or
+    there is none to show (``None``, a flag)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action) or text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="target-sft", description="Q-target SFT: teacher cache tools.")
     p.add_argument("--version", action="version", version=f"target-sft {__version__}")
@@ -244,25 +260,56 @@ def build_parser() -> argparse.ArgumentParser:
 
     bld = csub.add_parser(
         "build",
-        help="cache a teacher's top-k log-probs for a JSONL dataset (resumable; torchrun-aware)",
-        description="Run a Hugging Face causal LM over a JSONL file (input_ids/labels, or "
-        "prompt/response text and a tokenizer) and cache its top-k log-probs. Re-running the "
-        "same command resumes an interrupted build. Under torchrun (--no-python target-sft ...) "
-        "every rank builds its share and rank 0 writes the manifest.",
+        help="cache a teacher's top-k log-probs for a dataset (resumable; torchrun-aware)",
+        formatter_class=_DefaultsFormatter,
+        description="Run a Hugging Face causal LM over a dataset and cache its top-k log-probs. "
+        "Rows: input_ids (+ labels), chat messages, prompt/completion, prompt/response or text "
+        "(tokenised with the tokenizer's chat template, assistant turns supervised; "
+        "docs/BUILD.md). Keys and row formats are checked before the teacher loads. Re-running "
+        "the same command resumes an interrupted build. Under torchrun (--no-python target-sft "
+        "...) every rank builds its share and rank 0 writes the manifest.",
     )
     bld.add_argument("--teacher", required=True, help="model directory or hub name")
-    bld.add_argument("--data", required=True, help="JSONL file")
-    bld.add_argument("--out", required=True, help="cache directory")
-    bld.add_argument("--top-k", type=int, default=64)
-    bld.add_argument("--temperature", type=float, default=1.0)
-    bld.add_argument("--codec", choices=["compact", "exact"], default="compact")
+    bld.add_argument(
+        "--data",
+        required=True,
+        help="a .jsonl file, a .parquet file, or a directory saved with datasets' save_to_disk",
+    )
+    bld.add_argument("--out", required=True, help="cache directory (an unfinished one resumes)")
+    bld.add_argument("--top-k", type=int, default=64, help="teacher tokens kept per position")
+    bld.add_argument(
+        "--temperature", type=float, default=1.0, help="softmax temperature of the teacher"
+    )
+    bld.add_argument(
+        "--codec",
+        choices=["compact", "exact"],
+        default="compact",
+        help="compact: quantised log-probs (smaller); exact: float32",
+    )
     bld.add_argument("--batch-tokens", type=int, default=16_384, help="padded tokens per batch")
-    bld.add_argument("--max-batch-size", type=int, default=256)
+    bld.add_argument("--max-batch-size", type=int, default=256, help="samples per batch at most")
     bld.add_argument("--window", type=int, default=4096, help="samples per planning window")
-    bld.add_argument("--tokenizer", help="tokenizer directory (default: the teacher's)")
+    bld.add_argument("--tokenizer", help="tokenizer directory or hub name (default: the teacher's)")
+    bld.add_argument(
+        "--id-field",
+        default="id",
+        help="row field holding the record key (must be unique; rows without it are keyed by "
+        "their index); 'none' keys every record by its sample index",
+    )
+    bld.add_argument(
+        "--max-length",
+        type=int,
+        help="keep at most this many tokens per row (default: no limit)",
+    )
+    bld.add_argument(
+        "--truncation",
+        choices=["keep_start", "keep_end"],
+        default="keep_start",
+        help="which end of a row longer than --max-length is kept",
+    )
     bld.add_argument("--dtype", help="bfloat16, float16 or float32 (default: bf16 on GPU)")
     bld.add_argument("--device", help="e.g. cuda:0 or cpu (default: this rank's GPU, else CPU)")
-    bld.add_argument("--shard-size", default="256MiB")
+    bld.add_argument("--shard-size", default="256MiB", help="payload bytes per shard file")
     bld.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     bld.set_defaults(func=cmd_build)
 
