@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -30,6 +30,12 @@ from torch import nn
 from transformers import Trainer
 
 from target_sft.collate import TargetSFTCollator, TeacherCacheDataset
+from target_sft.fingerprint import (
+    TokenizerCheck,
+    check_ids_in_vocab,
+    check_student_vocab,
+    student_vocab,
+)
 from target_sft.losses import QTargetLoss, get_preset
 from target_sft.losses.target_sft import target_sft_loss
 
@@ -267,6 +273,8 @@ def compute_target_sft_loss(
     Raises:
         ValueError: no ``labels``; the loss needs the teacher tensors and the batch has none; a
             packed batch the model's attention cannot keep apart (:func:`split_batch`).
+        CacheMismatchError: an id of ``input_ids``, ``labels`` or ``teacher_ids`` does not fit
+            the model's vocabulary (checked before the forward pass, docs/HF.md).
     """
     if not callable(loss_fn) or loss_kwargs:
         loss_fn = make_loss(loss_fn, **loss_kwargs)
@@ -285,6 +293,15 @@ def compute_target_sft_loss(
             "data_collator=...) over a teacher cache (TeacherCacheDataset, "
             "StreamingTeacherDataset), or pick a loss without a teacher (loss='sft', 'dft')"
         )
+    check_ids_in_vocab(
+        student_vocab(model),
+        {
+            "input_ids": model_inputs.get("input_ids"),
+            "labels": labels,
+            "teacher_ids": loss_inputs.get("teacher_ids"),
+        },
+        "compute_target_sft_loss",
+    )
     outputs = model(**model_inputs)
     logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
     loss = loss_fn(logits, labels, **loss_inputs, num_items_in_batch=num_items_in_batch)
@@ -295,6 +312,25 @@ def _is_streaming(dataset: Any) -> bool:
     from target_sft.streaming import StreamingTeacherDataset
 
     return isinstance(dataset, StreamingTeacherDataset)
+
+
+def _dataset_caches(dataset: Any, label: str) -> Iterator[tuple[str, Any]]:
+    """``(label, CacheInfo)`` of every teacher cache a dataset reads (through ``Subset``,
+    ``ConcatDataset`` and a dict of eval datasets)."""
+    if dataset is None:
+        return
+    if isinstance(dataset, TeacherCacheDataset):
+        yield label, dataset.cache.info
+    elif _is_streaming(dataset):
+        yield label, dataset.info
+    elif isinstance(dataset, Mapping):
+        for name, ds in dataset.items():
+            yield from _dataset_caches(ds, f"{label}[{name!r}]")
+    elif isinstance(dataset, torch.utils.data.Subset):
+        yield from _dataset_caches(dataset.dataset, label)
+    elif isinstance(dataset, torch.utils.data.ConcatDataset):
+        for i, ds in enumerate(dataset.datasets):
+            yield from _dataset_caches(ds, f"{label}.datasets[{i}]")
 
 
 def _default_pad_id(kwargs: Mapping[str, Any], model: Any) -> int:
@@ -317,6 +353,18 @@ class TargetSFTTrainerMixin:
         loss: a preset name (default ``"target_sft"``) or a loss callable (see
             :func:`make_loss`); ``reduction`` must be ``"mean"``.
         loss_kwargs: a preset's arguments, e.g. ``{"eta": 0.5}``.
+        allow_tokenizer_mismatch: warn instead of raising when the tokenizer or the model's
+            vocabulary does not match a cache (see below).
+
+    Checks at construction, against every teacher cache of ``train_dataset``,
+    ``eval_dataset`` and ``data_collator.cache``: the tokenizer (``processing_class``, or
+    ``tokenizer`` on old transformers) must be the one the cache was built with (content
+    fingerprint), and the model's vocabulary must hold the cache's token ids;
+    :class:`~target_sft.CacheMismatchError` otherwise. A :class:`~target_sft.TargetSFTCollator`
+    without a tokenizer of its own gets this one, so the caches of later batches are checked
+    too; every batch's ids are checked against the model before its forward pass
+    (:func:`compute_target_sft_loss`).
+
     ``data_collator`` defaults to a :class:`~target_sft.TargetSFTCollator` (pad id from the
     tokenizer, else the model config, else 0) when the dataset is a
     :class:`~target_sft.TeacherCacheDataset` or :class:`~target_sft.StreamingTeacherDataset`.
@@ -327,9 +375,11 @@ class TargetSFTTrainerMixin:
         *args: Any,
         loss: str | LossFn | None = "target_sft",
         loss_kwargs: Mapping[str, Any] | None = None,
+        allow_tokenizer_mismatch: bool = False,
         **kwargs: Any,
     ) -> None:
         self.loss_fn = make_loss(loss, **dict(loss_kwargs or {}))
+        self.allow_tokenizer_mismatch = bool(allow_tokenizer_mismatch)
         if kwargs.get("data_collator") is None and len(args) < 3:
             ds = kwargs.get("train_dataset", kwargs.get("eval_dataset"))
             if isinstance(ds, TeacherCacheDataset) or _is_streaming(ds):
@@ -342,6 +392,37 @@ class TargetSFTTrainerMixin:
         # batch, i.e. does not divide it by the accumulation steps again) only for models that
         # accept loss kwargs; our loss always takes it, whatever the model.
         self.model_accepts_loss_kwargs = True
+        self._check_caches(kwargs.get("processing_class", kwargs.get("tokenizer")))
+
+    def _check_caches(self, tokenizer: Any) -> None:
+        """The tokenizer and vocabulary checks against the caches in hand (class docstring)."""
+        allow = self.allow_tokenizer_mismatch
+        collator = getattr(self, "data_collator", None)
+        found = [
+            *_dataset_caches(getattr(self, "train_dataset", None), "train_dataset"),
+            *_dataset_caches(getattr(self, "eval_dataset", None), "eval_dataset"),
+        ]
+        if isinstance(collator, TargetSFTCollator) and collator.cache is not None:
+            found.append(("data_collator", collator.cache.info))
+        infos: dict[str, tuple[str, Any]] = {}
+        for label, info in found:
+            infos.setdefault(str(info.path), (label, info))
+        if tokenizer is not None:
+            check = TokenizerCheck(
+                tokenizer,
+                allow_mismatch=allow,
+                what="the trainer's tokenizer (processing_class)",
+            )
+            for label, info in infos.values():
+                check.check(info, f"TargetSFTTrainer: {label}")
+            if isinstance(collator, TargetSFTCollator) and collator.tokenizer_check is None:
+                collator.set_tokenizer(check)
+        model = getattr(self, "model", None)
+        vocab = student_vocab(model) if model is not None else None
+        for label, info in infos.values():
+            check_student_vocab(
+                vocab, info, where=f"TargetSFTTrainer: {label}", allow_mismatch=allow
+            )
 
     # ---- loss ------------------------------------------------------------------------------
 
