@@ -392,9 +392,9 @@ class TargetSFTTrainerMixin:
         # batch, i.e. does not divide it by the accumulation steps again) only for models that
         # accept loss kwargs; our loss always takes it, whatever the model.
         self.model_accepts_loss_kwargs = True
-        self._check_caches(kwargs.get("processing_class", kwargs.get("tokenizer")))
+        self._check_cache_identity(kwargs.get("processing_class", kwargs.get("tokenizer")))
 
-    def _check_caches(self, tokenizer: Any) -> None:
+    def _check_cache_identity(self, tokenizer: Any) -> None:
         """The tokenizer and vocabulary checks against the caches in hand (class docstring)."""
         allow = self.allow_tokenizer_mismatch
         collator = getattr(self, "data_collator", None)
