@@ -176,6 +176,28 @@ def test_cache_without_fingerprint_warns_once(tmp_path, d):
     assert len([w for w in rec if "tokenizer fingerprint" in str(w.message)]) == 1
 
 
+def test_cache_with_a_version_1_fingerprint_is_still_checked(tmp_path, d):
+    """Caches written before fingerprint_version 2 recorded the version-1 hash (which still
+    covered the pad token and the backend's truncation/padding state)."""
+    from target_sft.fingerprint import _fingerprint_hash
+
+    entry = {
+        "name": "old",
+        "class": "X",
+        "size": V,
+        "fingerprint": _fingerprint_hash(tok(d, "a"), 1),
+    }
+    assert entry["fingerprint"] != tokenizer_fingerprint(tok(d, "a"))["fingerprint"]
+    rng = np.random.default_rng(0)
+    with CacheWriter(tmp_path / "c", top_k=8, vocab_size=V, tokenizer=entry) as w:
+        w.add(**make_sample(0, rng, t=10, k=8, vocab=V))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        TargetSFTCollator(tmp_path / "c", tokenizer=tok(d, "a_copy"))
+    with pytest.raises(CacheMismatchError, match=entry["fingerprint"]):
+        TargetSFTCollator(tmp_path / "c", tokenizer=tok(d, "template"))
+
+
 # ---------------------------------------------------------------------------------- trainer
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -35,8 +34,6 @@ __all__ = [
     "student_vocab",
     "tokenizer_fingerprint",
 ]
-
-log = logging.getLogger(__name__)
 
 #: version of :func:`tokenizer_fingerprint`'s hash, recorded as ``fingerprint_version`` (a
 #: manifest without it was written by version 1, which still hashed the backend's transient
@@ -197,15 +194,20 @@ class TokenizerCheck:
             f"{_ALLOW} only if you know both give the same ids"
         )
         if expected is None:
-            msg += f" (the cache's fingerprint is of version {version}, which this library cannot compute)"
+            msg += (
+                f" (the cache's fingerprint is of version {version}, which this library cannot "
+                "compute)"
+            )
         if not self.allow_mismatch:
             raise CacheMismatchError(msg)
         warnings.warn(f"{msg} [{_ALLOW}: continuing]", stacklevel=3)
-        log.warning("%s [%s: continuing]", msg, _ALLOW)
-        self._verdicts[key] = False
+        self._verdicts[key] = False  # warned once
 
     def __repr__(self) -> str:
-        return f"TokenizerCheck({_describe_tokenizer(self.entry)}, allow_mismatch={self.allow_mismatch})"
+        return (
+            f"TokenizerCheck({_describe_tokenizer(self.entry)}, "
+            f"allow_mismatch={self.allow_mismatch})"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
