@@ -20,6 +20,8 @@ This module imports ``transformers`` (``import target_sft`` does not).
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import sys
 from collections.abc import Callable, Iterator, Mapping
@@ -124,6 +126,16 @@ def _transformers_model(model: Any) -> Any:
     return m if isinstance(m, PreTrainedModel) else None
 
 
+@functools.lru_cache(maxsize=64)
+def _forward_takes_use_cache(cls: type) -> bool:
+    """Whether ``cls.forward`` takes ``use_cache`` (by name or through ``**kwargs``)."""
+    try:
+        params = inspect.signature(cls.forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "use_cache" or p.kind is p.VAR_KEYWORD for p in params)
+
+
 def _attn_implementation(model: Any) -> str:
     cfg = getattr(_unwrap(model), "config", None)
     return str(getattr(cfg, "_attn_implementation", None) or "")
@@ -192,7 +204,7 @@ def split_batch(
     cu = model_inputs.pop("cu_seqlens", None)
     max_seqlen = model_inputs.pop("max_seqlen", None)
     hf_model = _transformers_model(model) if model is not None else None
-    if hf_model is not None:
+    if hf_model is not None and _forward_takes_use_cache(type(hf_model)):
         model_inputs.setdefault("use_cache", False)
     if cu is None:
         return model_inputs, labels, loss_inputs
