@@ -37,13 +37,23 @@ def save_tiny_llama(path: Path, seed: int = 0, vocab: int = VOCAB, tokenizer: bo
     return path
 
 
-def save_tiny_tokenizer(path: Path, vocab: int = VOCAB) -> None:
+def save_tiny_tokenizer(
+    path: Path,
+    vocab: int = VOCAB,
+    chat_template: str | None = None,
+    shuffle_seed: int | None = None,
+) -> None:
+    """``chat_template`` replaces the default one; ``shuffle_seed`` gives the words other ids
+    (the same tokens and size, another vocabulary)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     words = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "<user>": 4, "<assistant>": 5}
-    for i in range(len(words), vocab):
-        words[f"w{i}"] = i
+    ids = np.arange(len(words), vocab)
+    if shuffle_seed is not None:
+        ids = np.random.default_rng(shuffle_seed).permutation(ids)
+    for i, j in zip(range(len(words), vocab), ids.tolist(), strict=True):
+        words[f"w{i}"] = j
     tk = Tokenizer(models.WordLevel(vocab=words, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     fast = PreTrainedTokenizerFast(
@@ -58,6 +68,8 @@ def save_tiny_tokenizer(path: Path, vocab: int = VOCAB) -> None:
         "{% if m['role'] == 'assistant' %}{{ '</s> ' }}{% endif %}{% endfor %}"
         "{% if add_generation_prompt %}{{ '<assistant> ' }}{% endif %}"
     )
+    if chat_template is not None:
+        fast.chat_template = chat_template
     fast.save_pretrained(path)
 
 

@@ -306,7 +306,9 @@ def test_unknown_key_and_bad_items(cache):
     with pytest.raises(CacheInputError, match="packing=True needs max_length"):
         TargetSFTCollator(cache, pad_token_id=0, packing=True)
     with pytest.raises(CacheInputError, match="pad_token_id must be an int"):
-        TargetSFTCollator(cache, pad_token_id=None)
+        TargetSFTCollator(cache, pad_token_id="0")
+    with pytest.raises(CacheInputError, match=r"pad_token_id is required.*tokenizer with a pad"):
+        TargetSFTCollator(cache)  # neither a pad id nor a tokenizer
     with pytest.raises(CacheInputError, match='return_tensors must be "pt" or "np"'):
         TargetSFTCollator(cache, pad_token_id=0, return_tensors="tf")
 

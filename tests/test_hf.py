@@ -3,14 +3,14 @@
 ``compute_loss`` against the loss on hand-computed logits (and SFT against HF's own causal-LM
 loss), exact gradient accumulation (2 micro-batches × 2 = one batch of the union, after an SGD
 step), ``remove_unused_columns`` on and off with the map-style and the streaming datasets
-(``set_epoch`` every epoch, every record once per epoch), packed batches (same loss as padded),
-and the errors."""
+(``set_epoch`` every epoch, every record once per epoch), packed batches (same loss and gradients
+as padded, in the trainer and in a custom loop on freshly loaded Llama and Qwen2 models, eager and
+SDPA; a clear error where packing cannot be honoured), and the errors."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,7 +18,14 @@ import torch
 
 pytest.importorskip("transformers")
 
-from transformers import LlamaForCausalLM, TrainingArguments
+import transformers
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    TrainingArguments,
+)
 
 from batch_reference import make_sample
 from build_helpers import save_tiny_llama
@@ -347,11 +354,68 @@ def test_packed_batches_give_the_padded_loss(cache, model_dir, tmp_path):
     assert _fixed_loss(model, cache) < before
 
 
-def test_split_batch_varlen_kwargs_for_flash_attention(cache):
+def save_tiny_qwen2(path, vocab=V, seed=0):
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
+    Qwen2ForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def qwen2_dir(tmp_path_factory):
+    return save_tiny_qwen2(tmp_path_factory.mktemp("hf") / "qwen2")
+
+
+def loss_and_grads(model, batch):
+    model.zero_grad()
+    loss = compute_target_sft_loss(model, batch, "target_sft", eta=ETA)
+    loss.backward()
+    return loss.item(), {k: p.grad.detach().clone() for k, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_packed_equals_padded_in_a_custom_loop(cache, model_dir, qwen2_dir, arch, attn):
+    """A custom loop on a model fresh from from_pretrained (config.use_cache=True, which the
+    Trainer switches off but a loop does not): a KV cache would make transformers ignore the
+    packed layout and let attention cross samples (on the old code: loss 5.5331 vs 5.5290)."""
+    path = model_dir if arch == "llama" else qwen2_dir
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation=attn
+    )
+    assert model.config.use_cache is True and model.config._attn_implementation == attn
+    model.train()
+    ds = TeacherCacheDataset(cache)
+    items = [ds[i] for i in range(8)]
+    padded = collate(cache)(items)
+    packed = collate(cache, packing=True, max_length=48)(items)
+    assert packed["input_ids"].shape[0] < 8  # rows do hold several samples
+    loss_a, grads_a = loss_and_grads(model, padded)
+    loss_b, grads_b = loss_and_grads(model, packed)
+    assert abs(loss_a - loss_b) <= 1e-5, (loss_a, loss_b)
+    for name, g in grads_a.items():
+        torch.testing.assert_close(grads_b[name], g, rtol=0, atol=1e-5, msg=name)
+    # the model inputs: no KV cache, position_ids only (transformers builds the mask)
+    model_inputs = split_batch(packed, model)[0]
+    assert sorted(model_inputs) == ["input_ids", "position_ids", "use_cache"]
+    assert model_inputs["use_cache"] is False
+    assert split_batch(padded, model)[0]["use_cache"] is False
+
+
+def test_split_batch_varlen_kwargs_for_flash_attention(cache, model_dir):
     batch = collate(cache, packing=True, max_length=48)(
         [TeacherCacheDataset(cache)[i] for i in range(6)]
     )
-    flash = SimpleNamespace(config=SimpleNamespace(_attn_implementation="flash_attention_2"))
+    flash = fresh_model(model_dir)
+    flash.config._attn_implementation = "flash_attention_2"  # no flash-attn on CPU: inputs only
     model_inputs, labels, loss_inputs = split_batch(batch, flash)
     assert labels is batch["labels"]
     assert sorted(loss_inputs) == ["teacher_ids", "teacher_logprobs"]
@@ -362,14 +426,54 @@ def test_split_batch_varlen_kwargs_for_flash_attention(cache):
         "max_length_k",
         "max_length_q",
         "position_ids",
+        "use_cache",
     ]
     assert model_inputs["cu_seq_lens_q"] is batch["cu_seqlens"]
     assert model_inputs["max_length_q"] == batch["max_seqlen"]
-    sdpa = SimpleNamespace(config=SimpleNamespace(_attn_implementation="sdpa"))
-    assert sorted(split_batch(batch, sdpa)[0]) == ["input_ids", "position_ids"]
+    assert model_inputs["use_cache"] is False
     bad = dict(batch, attention_mask=torch.ones_like(batch["input_ids"]))
     with pytest.raises(ValueError, match="must not carry an attention_mask"):
-        split_batch(bad, sdpa)
+        split_batch(bad, fresh_model(model_dir))
+
+
+class PlainLM(torch.nn.Module):
+    """A causal LM that is not a transformers model: nothing tells whether it honours packing."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(V, 8)
+        self.head = torch.nn.Linear(8, V)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        return {"logits": self.head(self.emb(input_ids))}
+
+
+def test_packing_that_cannot_be_honoured_is_an_error(cache, model_dir, monkeypatch):
+    ds = TeacherCacheDataset(cache)
+    packed = collate(cache, packing=True, max_length=48)([ds[i] for i in range(6)])
+    padded = collate(cache)([ds[i] for i in range(6)])
+    with pytest.raises(ValueError, match=r"packed batch needs the model"):
+        split_batch(packed)
+    with pytest.raises(ValueError, match=r"cannot be given to PlainLM.*packing=False"):
+        compute_target_sft_loss(PlainLM(), packed)
+    assert torch.isfinite(compute_target_sft_loss(PlainLM(), padded))  # padded: any model
+    model = fresh_model(model_dir)
+    with pytest.raises(ValueError, match="use_cache=True"):
+        split_batch(dict(packed, use_cache=True), model)
+    # an attention implementation that takes no mask from transformers' masking_utils: it would
+    # run plain causal attention over the whole row
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    AttentionInterface.register("tsft_unmasked", sdpa_attention_forward)
+    model.config._attn_implementation = "tsft_unmasked"
+    with pytest.raises(ValueError, match=r"attention implementation 'tsft_unmasked' takes no mask"):
+        compute_target_sft_loss(model, packed)
+    # a transformers without packed-sequence masks (< 4.54)
+    model.config._attn_implementation = "sdpa"
+    monkeypatch.delattr(transformers.masking_utils, "find_packed_sequence_indices")
+    with pytest.raises(ValueError, match=r"builds no packed-sequence mask.*>= 4\.54"):
+        compute_target_sft_loss(model, packed)
 
 
 def test_import_target_sft_does_not_import_transformers():

@@ -47,6 +47,7 @@ import numpy as np
 
 from target_sft.cache import IGNORE_INDEX, CacheInfo, CacheWriter, merge_manifests
 from target_sft.errors import BuildError, CacheInputError
+from target_sft.fingerprint import tokenizer_fingerprint  # re-exported: the builder's name
 from target_sft.sft_data import JsonlDataset, SFTSource, Truncation, prepare_row, tokenize_sft
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -227,27 +228,6 @@ def teacher_fingerprint(model: Any) -> dict[str, Any]:
         "config_hash": _sha256_json(stable)[:32],
         "dtype": str(params.dtype).removeprefix("torch.") if params is not None else None,
         "weights_hash": _weights_hash(model)[:32],
-    }
-
-
-def tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
-    """The manifest's ``tokenizer`` entry: name, size, and a hash of the vocabulary, the special
-    tokens, the chat template and (fast tokenizers) the whole tokenizer definition."""
-    if tokenizer is None:
-        return {}
-    h = hashlib.sha256()
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        h.update(backend.to_str().encode())
-    vocab = tokenizer.get_vocab()
-    h.update(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode())
-    h.update(json.dumps(getattr(tokenizer, "special_tokens_map", {}), sort_keys=True).encode())
-    h.update(str(getattr(tokenizer, "chat_template", None) or "").encode())
-    return {
-        "name": str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__),
-        "class": type(tokenizer).__name__,
-        "size": len(tokenizer),
-        "fingerprint": h.hexdigest()[:32],
     }
 
 

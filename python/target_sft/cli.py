@@ -184,8 +184,19 @@ def cmd_plot(args: argparse.Namespace) -> int:
         except OSError as e:
             return fail(f"--table {args.table}: {e}")
     cache = TeacherCache(args.cache)  # a CacheError (not a cache, …) is reported by main()
-    from target_sft.build import load_teacher
+    from target_sft.build import load_teacher, load_tokenizer
+    from target_sft.report import _check_tokenizer, _decoder
 
+    # the tokenizer check before the (possibly long) model load; the vocabulary is checked
+    # against the loaded model by write_report
+    try:
+        tokenizer = load_tokenizer(args.model, args.tokenizer)  # None: ids are shown as [id]
+    except (OSError, ValueError) as e:
+        return fail(f"--tokenizer {args.tokenizer or args.model}: cannot load a tokenizer: {e}")
+    try:
+        _check_tokenizer(tokenizer, cache, "target-sft plot", args.allow_tokenizer_mismatch)
+    except ValueError as e:
+        return fail(f"{e} (--allow-tokenizer-mismatch to continue)")
     try:
         model = load_teacher(args.model, dtype=args.dtype, device=args.device)
     except (OSError, ValueError) as e:
@@ -196,7 +207,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
             args.out,
             cache=cache,
             model=model,
-            tokenizer=args.tokenizer,  # None: the model directory's tokenizer, if any
+            tokenizer=_decoder(tokenizer),  # checked above
             histories=histories,
             table_markdown=table,
             max_records=args.records,
@@ -207,6 +218,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
             bins=args.bins,
             scale=args.scale,
             progress=not args.quiet,
+            allow_tokenizer_mismatch=args.allow_tokenizer_mismatch,
         )
     except (OSError, ValueError) as e:
         return fail(str(e))
@@ -339,6 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--batch-size", type=int, default=4, help="records per forward pass")
     plot.add_argument("--device", help="e.g. cuda:0 or cpu (default: GPU if available)")
     plot.add_argument("--dtype", help="bfloat16, float16 or float32 (default: bf16 on GPU)")
+    plot.add_argument(
+        "--allow-tokenizer-mismatch",
+        action="store_true",
+        help="warn instead of failing when the tokenizer (--tokenizer or the model's) is not the "
+        "one the cache was built with, or the model's vocabulary is smaller than the cache's",
+    )
     plot.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     plot.set_defaults(func=cmd_plot)
 

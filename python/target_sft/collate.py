@@ -28,6 +28,7 @@ import numpy as np
 from target_sft import _core
 from target_sft.cache import CacheRecord, CacheSample, Key, TeacherCache, _as_int32
 from target_sft.errors import CacheInputError, CacheKeyError
+from target_sft.fingerprint import TokenizerCheck
 
 __all__ = ["TargetSFTCollator", "TeacherCacheDataset", "build_batch"]
 
@@ -192,7 +193,8 @@ class TargetSFTCollator:
         cache: the cache that int/str keys and dict items are looked up in (a
             :class:`TeacherCache` or its path). May be ``None`` when every item is a
             :class:`CacheSample` or a :class:`CacheRecord`.
-        pad_token_id: ``input_ids`` value at padding positions (the tokenizer's pad token).
+        pad_token_id: ``input_ids`` value at padding positions (default: the tokenizer's pad
+            token; required without a tokenizer).
         max_length: truncate samples to this many tokens; with ``packing``, the row capacity.
         packing: pack samples into rows of ``max_length`` (greedy first-fit, in batch order);
             adds ``position_ids``, ``cu_seqlens`` and ``max_seqlen`` and drops
@@ -210,6 +212,12 @@ class TargetSFTCollator:
             receiving process has dropped every tensor of the batch it held; at most this many
             slots per worker, each the size of a batch (0: ordinary memory, which torch copies
             into new shared memory for every batch). See ``target_sft/_shm.py``.
+        tokenizer: the student's tokenizer (or its directory). Every cache the collator meets
+            (``cache`` now, the cache of each :class:`CacheSample` in a batch) must have been
+            built with it: its fingerprint is compared with the manifest's, once per cache, and
+            a difference raises :class:`CacheMismatchError` naming both (docs/DATA.md).
+        allow_tokenizer_mismatch: warn instead of raising on a tokenizer mismatch (for
+            tokenizers you know give the same ids).
 
     Items may be :class:`CacheSample` objects (what :class:`TeacherCacheDataset` and the
     streaming datasets yield), keys, dicts with ``"key"`` and optionally ``"input_ids"`` (then the
@@ -223,7 +231,7 @@ class TargetSFTCollator:
         self,
         cache: TeacherCache | str | os.PathLike[str] | None = None,
         *,
-        pad_token_id: int,
+        pad_token_id: int | None = None,
         max_length: int | None = None,
         packing: bool = False,
         padding: Literal["longest", "max_length"] = "longest",
@@ -232,9 +240,22 @@ class TargetSFTCollator:
         return_tensors: Literal["pt", "np"] = "pt",
         threads: int | None = None,
         shared_memory_slots: int = 8,
+        tokenizer: Any = None,
+        allow_tokenizer_mismatch: bool = False,
     ) -> None:
         if cache is not None and not isinstance(cache, TeacherCache):
             cache = TeacherCache(cache)
+        if isinstance(tokenizer, (str, os.PathLike)):
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(os.fspath(tokenizer))
+        if pad_token_id is None:
+            pad_token_id = getattr(tokenizer, "pad_token_id", None)
+            if pad_token_id is None:
+                raise CacheInputError(
+                    "pad_token_id is required: pass pad_token_id=... or a tokenizer with a pad "
+                    "token (tokenizer=...)"
+                )
         if return_tensors not in ("pt", "np"):
             raise CacheInputError(f'return_tensors must be "pt" or "np", got {return_tensors!r}')
         if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, (int, np.integer)):
@@ -255,9 +276,48 @@ class TargetSFTCollator:
         self.shared_memory_slots = int(shared_memory_slots)
         # validate now, not on the first batch in a worker
         self._opts = _options(padding, max_length, pad_to_multiple_of, self.packing)
+        self._tokenizer_check: TokenizerCheck | None = None
+        if tokenizer is not None:
+            self.set_tokenizer(tokenizer, allow_tokenizer_mismatch=allow_tokenizer_mismatch)
+
+    def set_tokenizer(self, tokenizer: Any, *, allow_tokenizer_mismatch: bool = False) -> None:
+        """Check every cache of the batches from now on against ``tokenizer`` (see the class
+        docstring); ``cache`` is checked now. ``tokenizer`` may also be a
+        :class:`~target_sft.fingerprint.TokenizerCheck` (``TargetSFTTrainer`` passes the check
+        of its ``processing_class`` when the collator has no tokenizer of its own)."""
+        if isinstance(tokenizer, TokenizerCheck):  # shared with the caller (the trainer)
+            self._tokenizer_check = tokenizer
+        else:
+            self._tokenizer_check = TokenizerCheck(
+                tokenizer,
+                allow_mismatch=allow_tokenizer_mismatch,
+                what="TargetSFTCollator's tokenizer",
+            )
+        if self.cache is not None:
+            self._tokenizer_check.check(self.cache.info, "TargetSFTCollator(cache=...)")
+
+    @property
+    def tokenizer_check(self) -> TokenizerCheck | None:
+        """What batches are checked against (``None``: no tokenizer given)."""
+        return self._tokenizer_check
+
+    def _check_caches(self, items: Sequence[BatchItem]) -> None:
+        """The tokenizer check of the items' caches: a dict lookup per distinct cache object
+        (the verdict is kept per recorded fingerprint)."""
+        check = self._tokenizer_check
+        if check is None:
+            return
+        last = None
+        for i, item in enumerate(items):
+            c = item.cache if isinstance(item, CacheSample) else None
+            if c is None or c is last or c is self.cache:
+                continue
+            last = c
+            check.check(c.info, f"TargetSFTCollator: batch item {i}")
 
     def __call__(self, items: Sequence[BatchItem]) -> dict[str, Any]:
         """Collate a list of items into a batch (dict of tensors, see :func:`build_batch`)."""
+        self._check_caches(items)
         in_worker = _in_torch_worker()
         threads = self.threads
         if threads is None:

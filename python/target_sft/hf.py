@@ -20,9 +20,11 @@ This module imports ``transformers`` (``import target_sft`` does not).
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
-import warnings
-from collections.abc import Callable, Mapping
+import sys
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -30,6 +32,12 @@ from torch import nn
 from transformers import Trainer
 
 from target_sft.collate import TargetSFTCollator, TeacherCacheDataset
+from target_sft.fingerprint import (
+    TokenizerCheck,
+    check_ids_in_vocab,
+    check_student_vocab,
+    student_vocab,
+)
 from target_sft.losses import QTargetLoss, get_preset
 from target_sft.losses.target_sft import target_sft_loss
 
@@ -95,9 +103,37 @@ def _needs_teacher(loss_fn: Any) -> bool:
 
 
 def _unwrap(model: Any) -> Any:
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    return model
+    """Look through DDP/FSDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
+    while True:
+        inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module) or inner is model:
+            return model
+        model = inner
+
+
+def _transformers_model(model: Any) -> Any:
+    """The ``transformers.PreTrainedModel`` that ``model`` is or wraps (DDP, FSDP,
+    ``torch.compile``, PEFT), else ``None``."""
+    from transformers import PreTrainedModel
+
+    m = _unwrap(model)
+    if not isinstance(m, PreTrainedModel):
+        base = getattr(m, "get_base_model", None)  # PEFT: forwards **kwargs to it
+        if callable(base):
+            m = _unwrap(base())
+    return m if isinstance(m, PreTrainedModel) else None
+
+
+@functools.lru_cache(maxsize=64)
+def _forward_takes_use_cache(cls: type) -> bool:
+    """Whether ``cls.forward`` takes ``use_cache`` (by name or through ``**kwargs``)."""
+    try:
+        params = inspect.signature(cls.forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "use_cache" or p.kind is p.VAR_KEYWORD for p in params)
 
 
 def _attn_implementation(model: Any) -> str:
@@ -105,7 +141,42 @@ def _attn_implementation(model: Any) -> str:
     return str(getattr(cfg, "_attn_implementation", None) or "")
 
 
-_warned_packing = False
+def _packed_mask_problem(hf_model: Any) -> str | None:
+    """Why ``hf_model`` (eager/SDPA/flex attention) would let a packed row attend across its
+    samples, or ``None`` when it cannot.
+
+    transformers (>= 4.54) builds the block-diagonal causal mask itself: its
+    ``masking_utils.create_causal_mask`` (and the sliding-window variant) splits a row into
+    samples where ``position_ids`` do not increase by 1 — but only when it is given no
+    ``attention_mask`` and no KV cache (a model with ``config.use_cache`` creates one unless
+    ``use_cache=False``; :func:`split_batch` passes it), for a model whose code builds its mask
+    with that function, with an attention implementation that takes masks from it."""
+    import transformers
+
+    try:
+        from transformers import masking_utils
+    except ImportError:
+        masking_utils = None
+    if masking_utils is None or not hasattr(masking_utils, "find_packed_sequence_indices"):
+        return (
+            f"transformers {transformers.__version__} builds no packed-sequence mask from "
+            "position_ids (transformers >= 4.54 does)"
+        )
+    impl = str(getattr(hf_model.config, "_attn_implementation", None) or "eager")
+    registry = getattr(masking_utils.ALL_MASK_ATTENTION_FUNCTIONS, "_global_mapping", {})
+    if impl not in registry:
+        return (
+            f"its attention implementation {impl!r} takes no mask from transformers' "
+            f"masking_utils (those that do: {sorted(registry)})"
+        )
+    names = {type(hf_model).__module__, type(hf_model.base_model).__module__}
+    if not any(hasattr(sys.modules.get(n), "create_causal_mask") for n in names):
+        return (
+            f"its code ({type(hf_model).__module__}) does not build the attention mask with "
+            "transformers.masking_utils.create_causal_mask, which is what reads sample "
+            "boundaries from position_ids"
+        )
+    return None
 
 
 def split_batch(
@@ -114,45 +185,74 @@ def split_batch(
     """``(model_inputs, labels, loss_inputs)`` of a collated batch (docs/DATA.md).
 
     ``labels`` and :data:`LOSS_INPUT_KEYS` are taken out (the model computes no loss of its own
-    and never sees the teacher tensors). Packed layout (``position_ids`` and ``cu_seqlens``, no
-    ``attention_mask``): with a flash-attention model the segment offsets become HF's varlen
-    kwargs (``cu_seq_lens_q/k``, ``max_length_q/k``); otherwise the model gets ``position_ids``
-    only, from which transformers (≥ 4.54) builds a block-diagonal causal mask (attention never
-    crosses a sample). The input mapping is not modified.
+    and never sees the teacher tensors). A ``transformers`` model also gets ``use_cache=False``:
+    a loss needs no KV cache, and a cache would switch off transformers' packed-sequence masks.
+
+    Packed layout (``position_ids`` and ``cu_seqlens``, no ``attention_mask``) needs ``model``
+    (how samples are kept apart depends on its attention): a flash-attention model gets the
+    segment offsets as HF's varlen kwargs (``cu_seq_lens_q/k``, ``max_length_q/k``); an
+    eager/SDPA/flex model gets ``position_ids``, from which transformers (>= 4.54) builds a
+    block-diagonal causal mask (attention never crosses a sample). Where that cannot be
+    guaranteed (older transformers, an attention implementation or a model whose code takes no
+    mask from ``transformers.masking_utils``, a model that is not a ``transformers`` model) a
+    packed batch is a ``ValueError`` saying why, never a loss over attention that leaks across
+    samples. The input mapping is not modified.
     """
-    global _warned_packing
     model_inputs = dict(inputs)
     labels = model_inputs.pop("labels", None)
     loss_inputs = {k: model_inputs.pop(k) for k in LOSS_INPUT_KEYS if k in model_inputs}
     cu = model_inputs.pop("cu_seqlens", None)
     max_seqlen = model_inputs.pop("max_seqlen", None)
-    if cu is not None:
-        if "position_ids" not in model_inputs:
-            raise ValueError("a packed batch (cu_seqlens) needs position_ids")
-        if model_inputs.get("attention_mask") is not None:
-            raise ValueError(
-                "a packed batch (cu_seqlens) must not carry an attention_mask: a [B, L] mask "
-                "cannot express sample boundaries (docs/DATA.md, packed layout)"
-            )
-        model_inputs.pop("attention_mask", None)
-        if "flash" in _attn_implementation(model):
-            model_inputs.update(
-                cu_seq_lens_q=cu,
-                cu_seq_lens_k=cu,
-                max_length_q=int(max_seqlen),
-                max_length_k=int(max_seqlen),
-            )
-        elif not _warned_packing:
-            try:
-                from transformers.masking_utils import find_packed_sequence_indices  # noqa: F401
-            except ImportError:
-                _warned_packing = True
-                warnings.warn(
-                    "packed batches need transformers >= 4.54 (packed-sequence masks from "
-                    "position_ids) or a flash-attention model: this version lets attention "
-                    "cross sample boundaries",
-                    stacklevel=3,
-                )
+    hf_model = _transformers_model(model) if model is not None else None
+    if hf_model is not None and _forward_takes_use_cache(type(hf_model)):
+        model_inputs.setdefault("use_cache", False)
+    if cu is None:
+        return model_inputs, labels, loss_inputs
+    if "position_ids" not in model_inputs:
+        raise ValueError("a packed batch (cu_seqlens) needs position_ids")
+    if model_inputs.get("attention_mask") is not None:
+        raise ValueError(
+            "a packed batch (cu_seqlens) must not carry an attention_mask: a [B, L] mask "
+            "cannot express sample boundaries (docs/DATA.md, packed layout)"
+        )
+    model_inputs.pop("attention_mask", None)
+    fix = (
+        "; use padded batches (TargetSFTCollator(packing=False)), a flash-attention model "
+        '(attn_implementation="flash_attention_2"), or transformers >= 4.54 with "eager" or '
+        '"sdpa" attention (docs/HF.md, packed batches)'
+    )
+    if model is None:
+        raise ValueError(
+            "split_batch(batch, model): a packed batch needs the model, whose attention "
+            "decides how samples are kept apart" + fix
+        )
+    if hf_model is None:
+        raise ValueError(
+            f"a packed batch cannot be given to {type(_unwrap(model)).__name__}: only a "
+            "transformers model is known to keep attention inside each sample (for your own "
+            "model, run it on position_ids/cu_seqlens yourself and call the loss on its "
+            "logits)" + fix
+        )
+    if model_inputs.get("use_cache"):
+        raise ValueError(
+            "a packed batch with use_cache=True: transformers ignores the packed layout when it "
+            "has a KV cache; leave use_cache out of the batch"
+        )
+    if "flash" in _attn_implementation(hf_model):
+        model_inputs.update(
+            cu_seq_lens_q=cu,
+            cu_seq_lens_k=cu,
+            max_length_q=int(max_seqlen),
+            max_length_k=int(max_seqlen),
+        )
+        return model_inputs, labels, loss_inputs
+    problem = _packed_mask_problem(hf_model)
+    if problem is not None:
+        raise ValueError(
+            f"packed batches would let attention cross samples in {type(hf_model).__name__}: "
+            + problem
+            + fix
+        )
     return model_inputs, labels, loss_inputs
 
 
@@ -183,7 +283,10 @@ def compute_target_sft_loss(
         The loss (0-dim), or ``(loss, outputs)``.
 
     Raises:
-        ValueError: no ``labels``; the loss needs the teacher tensors and the batch has none.
+        ValueError: no ``labels``; the loss needs the teacher tensors and the batch has none; a
+            packed batch the model's attention cannot keep apart (:func:`split_batch`).
+        CacheMismatchError: an id of ``input_ids``, ``labels`` or ``teacher_ids`` does not fit
+            the model's vocabulary (checked before the forward pass, docs/HF.md).
     """
     if not callable(loss_fn) or loss_kwargs:
         loss_fn = make_loss(loss_fn, **loss_kwargs)
@@ -202,6 +305,15 @@ def compute_target_sft_loss(
             "data_collator=...) over a teacher cache (TeacherCacheDataset, "
             "StreamingTeacherDataset), or pick a loss without a teacher (loss='sft', 'dft')"
         )
+    check_ids_in_vocab(
+        student_vocab(model),
+        {
+            "input_ids": model_inputs.get("input_ids"),
+            "labels": labels,
+            "teacher_ids": loss_inputs.get("teacher_ids"),
+        },
+        "compute_target_sft_loss",
+    )
     outputs = model(**model_inputs)
     logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
     loss = loss_fn(logits, labels, **loss_inputs, num_items_in_batch=num_items_in_batch)
@@ -212,6 +324,25 @@ def _is_streaming(dataset: Any) -> bool:
     from target_sft.streaming import StreamingTeacherDataset
 
     return isinstance(dataset, StreamingTeacherDataset)
+
+
+def _dataset_caches(dataset: Any, label: str) -> Iterator[tuple[str, Any]]:
+    """``(label, CacheInfo)`` of every teacher cache a dataset reads (through ``Subset``,
+    ``ConcatDataset`` and a dict of eval datasets)."""
+    if dataset is None:
+        return
+    if isinstance(dataset, TeacherCacheDataset):
+        yield label, dataset.cache.info
+    elif _is_streaming(dataset):
+        yield label, dataset.info
+    elif isinstance(dataset, Mapping):
+        for name, ds in dataset.items():
+            yield from _dataset_caches(ds, f"{label}[{name!r}]")
+    elif isinstance(dataset, torch.utils.data.Subset):
+        yield from _dataset_caches(dataset.dataset, label)
+    elif isinstance(dataset, torch.utils.data.ConcatDataset):
+        for i, ds in enumerate(dataset.datasets):
+            yield from _dataset_caches(ds, f"{label}.datasets[{i}]")
 
 
 def _default_pad_id(kwargs: Mapping[str, Any], model: Any) -> int:
@@ -234,6 +365,17 @@ class TargetSFTTrainerMixin:
         loss: a preset name (default ``"target_sft"``) or a loss callable (see
             :func:`make_loss`); ``reduction`` must be ``"mean"``.
         loss_kwargs: a preset's arguments, e.g. ``{"eta": 0.5}``.
+        allow_tokenizer_mismatch: warn instead of raising when the tokenizer or the model's
+            vocabulary does not match a cache (see below).
+
+    Checks at construction, against every teacher cache of ``train_dataset``,
+    ``eval_dataset`` and ``data_collator.cache``: the tokenizer (``processing_class``, or
+    ``tokenizer`` on old transformers) must be the one the cache was built with (content
+    fingerprint), and the model's vocabulary must hold the cache's token ids;
+    :class:`~target_sft.CacheMismatchError` otherwise. A :class:`~target_sft.TargetSFTCollator`
+    without a tokenizer of its own gets this one, so the caches of later batches are checked
+    too; every batch's ids are checked against the model before its forward pass
+    (:func:`compute_target_sft_loss`).
 
     ``data_collator`` defaults to a :class:`~target_sft.TargetSFTCollator` (pad id from the
     tokenizer, else the model config, else 0) when the dataset is a
@@ -245,9 +387,11 @@ class TargetSFTTrainerMixin:
         *args: Any,
         loss: str | LossFn | None = "target_sft",
         loss_kwargs: Mapping[str, Any] | None = None,
+        allow_tokenizer_mismatch: bool = False,
         **kwargs: Any,
     ) -> None:
         self.loss_fn = make_loss(loss, **dict(loss_kwargs or {}))
+        self.allow_tokenizer_mismatch = bool(allow_tokenizer_mismatch)
         if kwargs.get("data_collator") is None and len(args) < 3:
             ds = kwargs.get("train_dataset", kwargs.get("eval_dataset"))
             if isinstance(ds, TeacherCacheDataset) or _is_streaming(ds):
@@ -260,6 +404,37 @@ class TargetSFTTrainerMixin:
         # batch, i.e. does not divide it by the accumulation steps again) only for models that
         # accept loss kwargs; our loss always takes it, whatever the model.
         self.model_accepts_loss_kwargs = True
+        self._check_cache_identity(kwargs.get("processing_class", kwargs.get("tokenizer")))
+
+    def _check_cache_identity(self, tokenizer: Any) -> None:
+        """The tokenizer and vocabulary checks against the caches in hand (class docstring)."""
+        allow = self.allow_tokenizer_mismatch
+        collator = getattr(self, "data_collator", None)
+        found = [
+            *_dataset_caches(getattr(self, "train_dataset", None), "train_dataset"),
+            *_dataset_caches(getattr(self, "eval_dataset", None), "eval_dataset"),
+        ]
+        if isinstance(collator, TargetSFTCollator) and collator.cache is not None:
+            found.append(("data_collator", collator.cache.info))
+        infos: dict[str, tuple[str, Any]] = {}
+        for label, info in found:
+            infos.setdefault(str(info.path), (label, info))
+        if tokenizer is not None:
+            check = TokenizerCheck(
+                tokenizer,
+                allow_mismatch=allow,
+                what="the trainer's tokenizer (processing_class)",
+            )
+            for label, info in infos.values():
+                check.check(info, f"TargetSFTTrainer: {label}")
+            if isinstance(collator, TargetSFTCollator) and collator.tokenizer_check is None:
+                collator.set_tokenizer(check)
+        model = getattr(self, "model", None)
+        vocab = student_vocab(model) if model is not None else None
+        for label, info in infos.values():
+            check_student_vocab(
+                vocab, info, where=f"TargetSFTTrainer: {label}", allow_mismatch=allow
+            )
 
     # ---- loss ------------------------------------------------------------------------------
 

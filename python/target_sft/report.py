@@ -34,6 +34,12 @@ import numpy as np
 import numpy.typing as npt
 
 from target_sft.cache import Key, TeacherCache
+from target_sft.fingerprint import (
+    TokenizerCheck,
+    check_ids_in_vocab,
+    check_student_vocab,
+    student_vocab,
+)
 
 __all__ = [
     "DEFAULT_PRESETS",
@@ -407,6 +413,7 @@ def observed_token_stats(
     device: str | None = None,
     dtype: Any = None,
     progress: bool | None = False,
+    allow_tokenizer_mismatch: bool = False,
 ) -> ObservedTokenStats:
     """``(p_θ(y_t), p_T(y_t))`` on the supervised tokens of ``keys`` (Figure 4's data).
 
@@ -426,6 +433,13 @@ def observed_token_stats(
         batch_size: records per forward pass (the ``[B, T, V]`` logits are materialised).
         device: where to run (default: a loaded model's device; the model's parameters' device).
         progress: a tqdm bar over records (``None``: tqdm's default).
+        allow_tokenizer_mismatch: warn instead of raising when the model's vocabulary is smaller
+            than the cache's tokenizer.
+
+    Raises:
+        CacheMismatchError: the model's vocabulary (embedding rows, ``lm_head`` outputs) is
+            smaller than the cache's tokenizer, or than a token id of a record (checked before
+            each forward pass; see :mod:`target_sft.fingerprint`).
     """
     import torch
 
@@ -435,6 +449,10 @@ def observed_token_stats(
         raise ValueError(f"batch_size = {batch_size} must be at least 1")
     m = _load_model(model, device, dtype)
     dev = _model_device(m, device)
+    student = student_vocab(m)
+    check_student_vocab(
+        student, c.info, where="observed_token_stats", allow_mismatch=allow_tokenizer_mismatch
+    )
     records = [c[k] for k in ks]
     per_record: list[np.ndarray] = [np.zeros(0)] * len(records)
     todo = [i for i, r in enumerate(records) if r.n_supervised > 0]
@@ -451,6 +469,12 @@ def observed_token_stats(
                 t = records[i].n_tokens
                 ids[b, :t] = torch.from_numpy(records[i].input_ids.astype(np.int64))
                 mask[b, :t] = 1
+            for i in idx:
+                check_ids_in_vocab(
+                    student,
+                    {"input_ids": records[i].input_ids, "labels": records[i].labels},
+                    f"observed_token_stats: record {records[i].key!r}",
+                )
             out = m(input_ids=ids.to(dev), attention_mask=mask.to(dev))
             logits = getattr(out, "logits", out)
             if isinstance(logits, (tuple, list)):
@@ -719,6 +743,7 @@ def rescue_filter_html(
     batch_size: int = 4,
     device: str | None = None,
     title: str = "Rescue and filter tokens (Appendix G)",
+    allow_tokenizer_mismatch: bool = False,
 ) -> RescueFilterView:
     """Appendix G's view: trajectories with every supervised token coloured by category.
 
@@ -738,8 +763,11 @@ def rescue_filter_html(
             the cache).
         student_low, teacher_high, teacher_low: the thresholds of :func:`classify_tokens`.
         stats: precomputed :class:`ObservedTokenStats` (the records are looked up in it by key).
+        allow_tokenizer_mismatch: warn instead of raising :class:`CacheMismatchError` when the
+            tokenizer is not the one the cache was built with (content fingerprint).
     """
     c = _open_cache(cache)
+    _check_tokenizer(tokenizer_or_decode, c, "rescue_filter_html", allow_tokenizer_mismatch)
     if keys is None:
         ks = (
             list(stats.keys[:max_records])
@@ -754,8 +782,9 @@ def rescue_filter_html(
         if model is None:
             raise ValueError(f"no student probabilities for records {missing[:5]!r} and no model")
         extra = observed_token_stats(
-            c, model, missing, max_records=None, batch_size=batch_size, device=device
-        )
+            c, model, missing, max_records=None, batch_size=batch_size, device=device,
+            allow_tokenizer_mismatch=allow_tokenizer_mismatch,
+        )  # fmt: skip
     decode = _decoder(tokenizer_or_decode)
     cache_text: dict[int, str] = {}
 
@@ -957,6 +986,13 @@ def _pick_html_keys(stats: ObservedTokenStats, n: int, **thresholds: float) -> l
     return [stats.keys[i] for i in order[:n]]
 
 
+def _check_tokenizer(tokenizer: Any, cache: TeacherCache, where: str, allow: bool) -> None:
+    """A tokenizer (not a decode callable, not ``None``) must be the cache's (by content)."""
+    if tokenizer is None or not hasattr(tokenizer, "get_vocab"):
+        return
+    TokenizerCheck(tokenizer, allow_mismatch=allow, what="the tokenizer").check(cache.info, where)
+
+
 def write_report(
     out_dir: PathLike,
     *,
@@ -980,6 +1016,7 @@ def write_report(
     loss_ylabel: str = "training loss",
     progress: bool | None = False,
     title: str = "target-sft report",
+    allow_tokenizer_mismatch: bool = False,
 ) -> dict[str, Path]:
     """Write every figure, the rescue/filter HTML, the observed-token data and an index.
 
@@ -993,6 +1030,10 @@ def write_report(
     ``tokenizer`` a tokenizer, its directory, a callable ``id -> str`` or ``None`` (then the
     model directory's tokenizer if it has one, else ids are shown as ``[id]``); ``histories`` is
     :func:`plot_loss_curves`' input.
+
+    Before the student pass, the tokenizer (given or found) is checked against the cache's
+    (content fingerprint) and the model's vocabulary against the cache's token ids:
+    :class:`CacheMismatchError` names both; ``allow_tokenizer_mismatch=True`` makes them warnings.
 
     Returns ``{"figure3", "figure4", "rescue_filter", "observed_tokens", "loss_curves"?,
     "readme", "index"}`` → paths. The student pass (:func:`observed_token_stats`) runs once, on
@@ -1009,11 +1050,12 @@ def write_report(
         from target_sft.build import load_tokenizer
 
         tokenizer = load_tokenizer(model, tokenizer)  # None: ids are shown as [id]
+    _check_tokenizer(tokenizer, c, "write_report", allow_tokenizer_mismatch)
     fig3 = plot_induced_targets(out / "figure3_induced_targets.png", presets)
     paths["figure3"] = fig3.path
     stats = observed_token_stats(
         c, model, keys, max_records=max_records, batch_size=batch_size, device=device,
-        dtype=dtype, progress=progress,
+        dtype=dtype, progress=progress, allow_tokenizer_mismatch=allow_tokenizer_mismatch,
     )  # fmt: skip
     np.savez_compressed(
         out / "observed_tokens.npz",
@@ -1039,7 +1081,7 @@ def write_report(
         out / "rescue_filter.html",
         c,
         None,
-        tokenizer,
+        _decoder(tokenizer),  # checked above
         _pick_html_keys(stats, html_records, **th),
         stats=stats,
         **th,
