@@ -96,9 +96,10 @@ def _load_inspect_tokenizer(path: str | Path, info: CacheInfo) -> Any:
     got = tokenizer_fingerprint(tok)["fingerprint"]
     if want is not None and want != got:
         raise CacheMismatchError(
-            f"--tokenizer {path}: its fingerprint {got} differs from the cache's {want} "
-            f"(built with {info.tokenizer.get('name', '?')!r}); the text shown would not be the "
-            "text cached. Pass the tokenizer the cache was built with."
+            f"--tokenizer {path}: tokenizer mismatch: the cache {info.path} was built with the "
+            f"tokenizer {info.tokenizer.get('name', '?')!r} (fingerprint {want}), but "
+            f"--tokenizer {path} has fingerprint {got}; the text shown would not be the text "
+            "cached. Use the tokenizer the cache was built with."
         )
     return tok
 
@@ -343,7 +344,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-class DefaultsHelpFormatter(argparse.HelpFormatter):
+class _DefaultsFormatter(argparse.HelpFormatter):
     """``--help`` shows each option's default, except where there is none to show (``None``,
     flags off by default) or where the help text already says it."""
 
@@ -367,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cache = sub.add_parser("cache", help="build, inspect or verify a teacher cache")
     csub = cache.add_subparsers(dest="verb", required=True)
-    fmt = DefaultsHelpFormatter
+    fmt = _DefaultsFormatter
     ins = csub.add_parser(
         "inspect",
         help="print what a cache holds",
