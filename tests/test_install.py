@@ -108,3 +108,14 @@ def test_install_from_the_repository_into_a_fresh_venv(venv, tmp_path):
     assert "entropy      mean 0.7500 nats" in out and "codec KL     mean " in out
     out = _run([str(cli), "cache", "verify", "-q", str(cache)], cwd=tmp_path).stdout
     assert "OK: 6 records in 1 shard(s) verified" in out
+    # what needs an extra says which one, instead of a traceback
+    p = subprocess.run(
+        [str(cli), "cache", "inspect", str(cache), "--tokenizer", str(tmp_path)],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert "decoding needs transformers (pip install 'target-sft[hf]')" in p.stderr

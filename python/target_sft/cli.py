@@ -83,7 +83,12 @@ def stats_text(info: CacheInfo) -> list[str]:
 
 def _load_inspect_tokenizer(path: str | Path, info: CacheInfo) -> Any:
     """The tokenizer of ``inspect --tokenizer``; refused when the cache records another one."""
-    from transformers import AutoTokenizer
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise CacheInputError(
+            f"--tokenizer {path}: decoding needs transformers (pip install 'target-sft[hf]')"
+        ) from None
 
     from target_sft.build import tokenizer_fingerprint
     from target_sft.errors import CacheMismatchError
