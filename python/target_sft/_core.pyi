@@ -50,6 +50,7 @@ class CacheWriter:
         topk_logprobs: npt.NDArray[np.float32],
         label_logprobs: npt.NDArray[np.float32],
         label_ranks: npt.NDArray[np.int32],
+        entropy: npt.NDArray[np.float64] | None = None,
     ) -> None: ...
     def __contains__(self, key: Any) -> bool: ...
     @property

@@ -385,6 +385,7 @@ class _Runner:
         out_ids = torch.empty((n, k), dtype=torch.int32, pin_memory=pin)
         out_lab = torch.empty((n,), dtype=torch.float32, pin_memory=pin)
         out_rank = torch.empty((n,), dtype=torch.int32, pin_memory=pin)
+        out_ent = torch.empty((n,), dtype=torch.float32, pin_memory=pin)
         start = end = None
         if pin:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -413,14 +414,22 @@ class _Runner:
                     vals, idx = lp.topk(k, dim=-1, sorted=True)
                     lab = lp.gather(1, targets[a:b, None].long())
                     rank = (lp > lab).sum(-1)
+                    # full-vocabulary entropy -Σ p·log p, for the manifest's statistics only
+                    # (-inf log-probs clamped so that 0·log 0 counts 0); a row-wise dot product
+                    # keeps the temporaries at one chunk
+                    lp.clamp_(min=torch.finfo(lp.dtype).min)
+                    ent = -(lp.exp().unsqueeze(1) @ lp.unsqueeze(2)).reshape(-1)
                     out_lp[a:b].copy_(vals, non_blocking=pin)
                     out_ids[a:b].copy_(idx.int(), non_blocking=pin)
                     out_lab[a:b].copy_(lab[:, 0], non_blocking=pin)
                     out_rank[a:b].copy_(rank.int(), non_blocking=pin)
+                    out_ent[a:b].copy_(ent, non_blocking=pin)
         if pin:
             end.record()
-            return _Pending(batch, out_ids, out_lp, out_lab, out_rank, None, start, end)
-        return _Pending(batch, out_ids, out_lp, out_lab, out_rank, time.perf_counter() - t0)
+            return _Pending(batch, out_ids, out_lp, out_lab, out_rank, None, start, end, out_ent)
+        return _Pending(
+            batch, out_ids, out_lp, out_lab, out_rank, time.perf_counter() - t0, entropy=out_ent
+        )
 
 
 def _supports_mask_keep() -> bool:
@@ -559,6 +568,7 @@ class _Pending:
     cpu_seconds: float | None  # the synchronous (CPU) time of the teacher step
     start: Any = None  # CUDA events around it otherwise
     end: Any = None
+    entropy: Any = None  # [n] float32: each row's full-vocabulary teacher entropy (statistics)
 
     def teacher_seconds(self) -> float:
         """Seconds the teacher step took; waits for the device (so the host arrays are ready)."""
@@ -840,6 +850,7 @@ def _run_rank(
         if writer is None:
             writer = open_writer(int(runner.vocab_size or 0))
         ids, lp, lab, rk = (x.numpy() for x in (p.ids, p.lp, p.lab, p.rank))
+        ent = None if p.entropy is None else p.entropy.numpy()
         row = 0
         for it, c in zip(p.batch.items, p.batch.counts, strict=False):
             if it.key not in writer:
@@ -851,6 +862,7 @@ def _run_rank(
                     lp[row : row + c],
                     lab[row : row + c],
                     rk[row : row + c],
+                    entropy=None if ent is None else ent[row : row + c],
                 )
                 stats.records_added += 1
                 stats.tokens += len(it.input_ids)

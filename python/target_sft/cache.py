@@ -15,6 +15,7 @@ Example::
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ __all__ = [
     "CacheRecord",
     "CacheSample",
     "CacheWriter",
+    "FidelityStats",
     "TeacherCache",
     "merge_manifests",
 ]
@@ -72,6 +74,66 @@ class CacheRecord:
         return np.flatnonzero(self.labels[1:] != IGNORE_INDEX) + 1
 
 
+KEPT_MASS_BINS = 100  # the kept-mass histogram's bins (resolution 0.01; docs/FORMAT.md)
+
+
+@dataclass(frozen=True)
+class FidelityStats:
+    """What a cache's top-k kept and what its codec cost, over the supervised rows its
+    statistics cover (manifest ``stats``; docs/FORMAT.md §Statistics). Informational only.
+
+    A row's *kept mass* is the teacher probability its top-k entries hold (their log-probs are
+    over the full vocabulary); *label in top-k* means the label's id is one of them; the
+    *entropy* is the teacher's full-vocabulary entropy (nats), recorded by the builder; the
+    *codec KL* (``compact`` only) is ``KL(exact ‖ decoded)`` of a row's top-k, both renormalised
+    over the row, measured at encode time.
+    """
+
+    rows: int  # supervised rows covered (shards older than the statistics have none)
+    kept_mass_mean: float
+    kept_mass_min: float
+    #: the 10th percentile (nearest rank) lies in ``[kept_mass_p10, kept_mass_p10 + 0.01)``
+    kept_mass_p10: float
+    label_in_topk_rate: float
+    entropy_rows: int
+    entropy_mean: float | None  # None when no entropy was given (caches not built by the builder)
+    codec_kl_rows: int
+    codec_kl_mean: float | None  # None for the exact codec (lossless)
+    codec_kl_max: float | None
+    kept_mass_hist: tuple[int, ...] = field(repr=False)
+
+    @classmethod
+    def from_manifest(cls, s: dict[str, Any] | None) -> FidelityStats | None:
+        """From a manifest's (or a shard entry's) ``stats``; ``None`` when absent or empty."""
+        if not s or not s.get("rows"):
+            return None
+        rows = int(s["rows"])
+        hist = [0] * KEPT_MASS_BINS
+        for b, count in s.get("kept_mass_hist", {}).items():
+            hist[int(b)] = int(count)
+        rank = math.ceil(0.1 * rows)  # nearest-rank 10th percentile
+        cum, p10_bin = 0, KEPT_MASS_BINS - 1
+        for b, count in enumerate(hist):
+            cum += count
+            if cum >= rank:
+                p10_bin = b
+                break
+        er, kr = int(s.get("entropy_rows", 0)), int(s.get("codec_kl_rows", 0))
+        return cls(
+            rows=rows,
+            kept_mass_mean=s["kept_mass_sum"] / rows,
+            kept_mass_min=float(s["kept_mass_min"]),
+            kept_mass_p10=p10_bin / KEPT_MASS_BINS,
+            label_in_topk_rate=s["label_in_topk"] / rows,
+            entropy_rows=er,
+            entropy_mean=s["entropy_sum"] / er if er else None,
+            codec_kl_rows=kr,
+            codec_kl_mean=s["codec_kl_sum"] / kr if kr else None,
+            codec_kl_max=float(s["codec_kl_max"]) if kr else None,
+            kept_mass_hist=tuple(hist),
+        )
+
+
 @dataclass(frozen=True)
 class CacheInfo:
     """What a cache holds, from its manifest (no shard is read)."""
@@ -92,6 +154,8 @@ class CacheInfo:
     bytes: int
     shards: list[dict[str, Any]] = field(repr=False)
     created_by: str = ""
+    #: fidelity over the shards that carry statistics (None for caches written before them)
+    stats: FidelityStats | None = None
 
     @property
     def bytes_per_token(self) -> float:
@@ -117,6 +181,7 @@ class CacheInfo:
             bytes=sum(s["bytes"] for s in m["shards"]),
             shards=m["shards"],
             created_by=m.get("created_by", ""),
+            stats=FidelityStats.from_manifest(m.get("stats")),
         )
 
 
@@ -152,6 +217,13 @@ def _as_float32(name: str, x: Any) -> npt.NDArray[np.float32]:
     if a.dtype.kind != "f":
         raise CacheInputError(f"{name} must hold floating-point log-probs, got dtype {a.dtype}")
     return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def _as_float64(name: str, x: Any) -> npt.NDArray[np.float64]:
+    a = _to_numpy(name, x)
+    if a.dtype.kind not in "fiu":
+        raise CacheInputError(f"{name} must hold numbers, got dtype {a.dtype}")
+    return np.ascontiguousarray(a, dtype=np.float64)
 
 
 def _parse_size(size: int | str) -> int:
@@ -266,6 +338,7 @@ class CacheWriter:
         topk_logprobs: Any,
         label_logprobs: Any,
         label_ranks: Any,
+        entropy: Any = None,
     ) -> None:
         """Add one record (numpy arrays, torch tensors or sequences).
 
@@ -273,6 +346,10 @@ class CacheWriter:
         ``label_logprobs``/``label_ranks`` ``[S]``, where ``S`` counts positions ``t >= 1`` with
         ``labels[t] != -100`` (row ``r`` = the ``r``-th such position). Top-k rows may end with
         padding (id ``-1``, log-prob ``-inf``).
+
+        ``entropy`` (optional, ``[S]``): the teacher's full-vocabulary entropy of each row in
+        nats. It only feeds the manifest's statistics (:class:`FidelityStats`); it is not stored
+        in the record.
         """
         if isinstance(key, (bool, float)) or not isinstance(key, (int, str, np.integer)):
             raise CacheInputError(f"key must be an int or a str, not {type(key).__name__}")
@@ -284,6 +361,7 @@ class CacheWriter:
             _as_float32("topk_logprobs", topk_logprobs),
             _as_float32("label_logprobs", label_logprobs),
             _as_int32("label_ranks", label_ranks),
+            None if entropy is None else _as_float64("entropy", entropy),
         )
 
     def __contains__(self, key: object) -> bool:

@@ -2,7 +2,8 @@
 
 Verbs (one function each, below):
 
-* ``target-sft cache inspect DIR`` — what a cache holds (manifest, sizes, a sample record).
+* ``target-sft cache inspect DIR`` — what a cache holds (manifest, sizes, a sample record;
+  ``--stats`` what its top-k kept and its codec cost; ``--tokenizer TOK`` the sample as text).
 * ``target-sft cache verify DIR`` — check every shard checksum and decode every record; exit 1
   on the first problem, with what and where.
 * ``target-sft cache build --teacher M --data F.jsonl --out DIR`` — run a teacher over a dataset
@@ -23,11 +24,15 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from target_sft import __version__
-from target_sft.errors import CacheError
+from target_sft.errors import CacheError, CacheInputError
+
+if TYPE_CHECKING:
+    from target_sft.cache import CacheInfo, CacheRecord
 
 
 def _human(n: float) -> str:
@@ -38,8 +43,106 @@ def _human(n: float) -> str:
     return f"{n:.1f} TiB"  # pragma: no cover
 
 
-def inspect_text(path: str | Path, *, shards: bool = False, sample: bool = True) -> str:
-    """The report printed by ``target-sft cache inspect``."""
+def stats_text(info: CacheInfo) -> list[str]:
+    """The ``--stats`` lines of ``target-sft cache inspect``: the manifest's fidelity statistics
+    (:class:`~target_sft.cache.FidelityStats`; informational, docs/FORMAT.md §Statistics)."""
+    st = info.stats
+    if st is None:
+        return [
+            "statistics     none recorded (shards written before target-sft recorded them, or "
+            "adopted after a crash)"
+        ]
+    cover = (
+        "all"
+        if st.rows == info.supervised_tokens
+        else f"{st.rows:,} of {info.supervised_tokens:,}: shards written before the "
+        "statistics existed, or adopted after a crash, have none"
+    )
+    lines = [
+        f"statistics     over the supervised rows ({cover})",
+        f"  kept mass    mean {st.kept_mass_mean:.4f}, p10 in [{st.kept_mass_p10:.2f}, "
+        f"{st.kept_mass_p10 + 0.01:.2f}), min {st.kept_mass_min:.4f} "
+        f"(teacher probability held by the top-{info.top_k})",
+        f"  label rate   {100 * st.label_in_topk_rate:.2f}% of rows have their label in the "
+        f"top-{info.top_k}",
+    ]
+    if st.entropy_mean is None:
+        lines.append("  entropy      not recorded (records added without entropy=...)")
+    else:
+        part = "" if st.entropy_rows == st.rows else f" (over {st.entropy_rows:,} rows)"
+        lines.append(
+            f"  entropy      mean {st.entropy_mean:.4f} nats (teacher, full vocabulary){part}"
+        )
+    if st.codec_kl_mean is None:
+        lines.append(f"  codec KL     0 ({info.codec} codec: log-probs stored bit for bit)")
+    else:
+        lines.append(
+            f"  codec KL     mean {st.codec_kl_mean:.3g}, max {st.codec_kl_max:.3g} nats per row "
+            "(exact vs decoded top-k, renormalised)"
+        )
+    return lines
+
+
+def _load_inspect_tokenizer(path: str | Path, info: CacheInfo) -> Any:
+    """The tokenizer of ``inspect --tokenizer``; refused when the cache records another one."""
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise CacheInputError(
+            f"--tokenizer {path}: decoding needs transformers (pip install 'target-sft[hf]')"
+        ) from None
+
+    from target_sft.fingerprint import TokenizerCheck
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise CacheInputError(f"--tokenizer {path}: cannot load a tokenizer from it: {e}") from e
+    TokenizerCheck(tok, what=f"--tokenizer {path}").check(info)
+    return tok
+
+
+def decoded_record_text(rec: CacheRecord, tok: Any) -> list[str]:
+    """A record as text, split into its runs of unsupervised positions (the prompt: context the
+    teacher saw, not trained on) and supervised positions (the response: the labels trained on,
+    one cached top-k row each)."""
+    sup = np.zeros(rec.n_tokens, bool)
+    sup[rec.supervised_positions] = True
+    n_vocab = len(tok)
+    if int(rec.input_ids.max()) >= n_vocab:
+        raise CacheInputError(
+            f"record {rec.key!r} holds token id {int(rec.input_ids.max())}, outside the "
+            f"tokenizer's {n_vocab} tokens; it is not the tokenizer the cache was built with"
+        )
+    lines = ["  [prompt] = unsupervised context, [response] = supervised labels (trained on)"]
+    t = 0
+    while t < rec.n_tokens:
+        end = t
+        while end < rec.n_tokens and sup[end] == sup[t]:
+            end += 1
+        ids = (rec.labels if sup[t] else rec.input_ids)[t:end]
+        text = tok.decode([int(x) for x in ids], skip_special_tokens=False)
+        name = "[response]" if sup[t] else "[prompt]  "
+        lines.append(f"  {name} t={t}..{end - 1}  {json.dumps(text, ensure_ascii=False)}")
+        t = end
+    differ = int(np.count_nonzero(sup & (rec.labels != rec.input_ids)))
+    if differ:
+        lines.append(f"  ({differ} supervised label(s) differ from input_ids; shown: the labels)")
+    return lines
+
+
+def inspect_text(
+    path: str | Path,
+    *,
+    shards: bool = False,
+    sample: bool = True,
+    stats: bool = False,
+    tokenizer: str | Path | None = None,
+    record: int = 0,
+) -> str:
+    """The report printed by ``target-sft cache inspect``: the manifest; with ``shards`` every
+    shard; with ``stats`` the fidelity statistics; with ``sample`` the record at position
+    ``record`` (its first row's top-5), decoded as text by ``tokenizer`` (a directory) if given."""
     from target_sft.cache import TeacherCache
 
     cache = TeacherCache(path)
@@ -66,10 +169,14 @@ def inspect_text(path: str | Path, *, shards: bool = False, sample: bool = True)
                 f"  {s['file']}  records={s['records']:,}  supervised={s['supervised']:,}  "
                 f"bytes={s['bytes']:,}  {s['checksum']}"
             )
+    if stats:
+        lines.extend(stats_text(i))
     if sample and len(cache):
-        rec = cache.record_at(0)
+        if not 0 <= record < len(cache):
+            raise CacheInputError(f"--record {record} is outside [0, {len(cache)})")
+        rec = cache.record_at(record)
         lines.append(
-            f"first record   key={rec.key!r} tokens={rec.n_tokens} supervised={rec.n_supervised}"
+            f"record {record:<7d} key={rec.key!r} tokens={rec.n_tokens} supervised={rec.n_supervised}"
         )
         if rec.n_supervised:
             t = int(rec.supervised_positions[0])
@@ -81,6 +188,8 @@ def inspect_text(path: str | Path, *, shards: bool = False, sample: bool = True)
                 f"  row 0 (t={t}, label={int(rec.labels[t])}, label logprob={float(rec.label_logprobs[0]):.3f}, "
                 f"rank={int(rec.label_ranks[0])}): top-5 id:logprob {top}"
             )
+        if tokenizer is not None:
+            lines.extend(decoded_record_text(rec, _load_inspect_tokenizer(tokenizer, i)))
     return "\n".join(lines)
 
 
@@ -90,7 +199,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
         print(json.dumps(json.loads(TeacherCache(args.path)._c.manifest_json()), indent=2))
     else:
-        print(inspect_text(args.path, shards=args.shards))
+        print(
+            inspect_text(
+                args.path,
+                shards=args.shards,
+                stats=args.stats,
+                tokenizer=args.tokenizer,
+                record=args.record,
+            )
+        )
     return 0
 
 
@@ -240,15 +357,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends ``(default: X)`` to an option's help unless the help already says its default or
-    there is none to show (``None``, a flag)."""
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """``--help`` shows each option's default, except where there is none to show (``None``,
+    flags off by default) or where the help text already says it."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
-            return text
-        return super()._get_help_string(action) or text
+        if (
+            "default" not in text
+            and action.default is not None
+            and action.default is not False
+            and action.default != argparse.SUPPRESS
+            and action.option_strings
+        ):
+            text += " (default: %(default)s)"
+        return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -258,13 +381,45 @@ def build_parser() -> argparse.ArgumentParser:
 
     cache = sub.add_parser("cache", help="build, inspect or verify a teacher cache")
     csub = cache.add_subparsers(dest="verb", required=True)
-    ins = csub.add_parser("inspect", help="print what a cache holds")
+    fmt = _DefaultsFormatter
+    ins = csub.add_parser(
+        "inspect",
+        help="print what a cache holds",
+        description="Print a cache's manifest (settings, teacher, tokenizer, sizes) and a sample "
+        "record; read from the manifest and one record, so it is instant on any cache size.",
+        formatter_class=fmt,
+    )
     ins.add_argument("path", help="cache directory")
     ins.add_argument("--shards", action="store_true", help="list every shard")
-    ins.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    ins.add_argument(
+        "--stats",
+        action="store_true",
+        help="what the top-k kept (teacher mass: mean, p10, min; label-in-top-k rate), the "
+        "teacher's mean entropy and the compact codec's KL, from the manifest",
+    )
+    ins.add_argument(
+        "--tokenizer",
+        metavar="DIR",
+        help="decode the sample record as text with this tokenizer (transformers "
+        "AutoTokenizer), split into prompt (unsupervised) and response (supervised) runs; "
+        "refused if its fingerprint differs from the cache's",
+    )
+    ins.add_argument(
+        "--record",
+        type=int,
+        default=0,
+        help="position of the sample record in the cache (shard order)",
+    )
+    ins.add_argument(
+        "--json", action="store_true", help="print the manifest as JSON instead (exact values)"
+    )
     ins.set_defaults(func=cmd_inspect)
     ver = csub.add_parser(
-        "verify", help="check every checksum and frame; exit 1 on the first problem"
+        "verify",
+        help="check every checksum and frame; exit 1 on the first problem",
+        description="Check every shard's size and checksum and decode every record; on the "
+        "first problem print what and where and exit 1.",
+        formatter_class=fmt,
     )
     ver.add_argument("path", help="cache directory")
     ver.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -331,6 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write Figure 3 (induced targets per loss), Figure 4 (P(p_T | p_θ) on the "
         "observed tokens), the Appendix G rescue/filter HTML, optional training curves and an "
         "index.html/README.md into --out.",
+        formatter_class=fmt,
     )
     plot.add_argument("--cache", required=True, help="teacher cache directory")
     plot.add_argument("--model", required=True, help="student checkpoint directory")
@@ -345,7 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plot.add_argument("--html-records", type=int, default=3, help="trajectories in the HTML")
     plot.add_argument("--bins", type=int, default=20, help="Figure 4 bins per axis")
-    plot.add_argument("--scale", choices=["linear", "log"], default="linear")
+    plot.add_argument(
+        "--scale", choices=["linear", "log"], default="linear", help="Figure 4's colour scale"
+    )
     plot.add_argument("--histories", help='JSON file {"method": [[loss per step] per seed]}')
     plot.add_argument("--table", help="a Markdown results table to include")
     plot.add_argument("--batch-size", type=int, default=4, help="records per forward pass")
@@ -367,6 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
         "trained from scratch, its top-64 cache (build_teacher_cache), and Base / SFT / SFT(p) / "
         "Distill / TARGET-SFT fine-tuning through StreamingTeacherDataset + TargetSFTCollator, "
         "with a results table and a report folder (the paper's figures).",
+        formatter_class=fmt,
     )
     demo.add_argument("--quick", action="store_true", help="a smaller run (about 2 minutes)")
     demo.add_argument("--out", help="output directory (default: a new temporary directory)")

@@ -13,6 +13,7 @@ pub mod hash;
 pub mod manifest;
 pub mod record;
 pub mod shard;
+pub mod stats;
 pub mod writer;
 
 pub use batch::{BatchBuffers, BatchOptions, BatchPlan, RecordView, Source};
@@ -21,4 +22,5 @@ pub use codec::{CodebookParams, CodecKind};
 pub use error::{Error, ErrorKind, Result};
 pub use manifest::Manifest;
 pub use record::{Key, Record};
+pub use stats::Fidelity;
 pub use writer::{CacheWriter, WriterOptions};

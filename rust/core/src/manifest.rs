@@ -7,6 +7,7 @@ use serde_json::Value;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::fsutil::write_atomic;
+use crate::stats::Fidelity;
 
 pub const MANIFEST_NAME: &str = "manifest.json";
 pub const CACHE_FORMAT: &str = "target-sft-cache";
@@ -24,6 +25,10 @@ pub struct ShardEntry {
     pub checksum: String,
     pub tokens: u64,
     pub supervised: u64,
+    /// What the shard's top-k kept and its codec cost (informational; absent in shards written
+    /// before statistics existed and in shards adopted after a crash).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stats: Option<Fidelity>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -46,6 +51,10 @@ pub struct Manifest {
     pub num_supervised: u64,
     pub shards: Vec<ShardEntry>,
     pub created_by: String,
+    /// The fold of the shards' `stats` in shard order (informational; recomputed from the
+    /// shards whenever the manifest is loaded or recounted, so it never disagrees with them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stats: Option<Fidelity>,
 }
 
 impl Manifest {
@@ -96,7 +105,7 @@ impl Manifest {
                 path.display()
             )));
         }
-        let m: Manifest = serde_json::from_value(value).map_err(|e| {
+        let mut m: Manifest = serde_json::from_value(value).map_err(|e| {
             Error::format(format!(
                 "{} does not have the manifest's fields ({e})",
                 path.display()
@@ -121,6 +130,7 @@ impl Manifest {
                 )));
             }
         }
+        m.stats = Fidelity::fold(m.shards.iter().filter_map(|s| s.stats.as_ref()));
         Ok(m)
     }
 
@@ -193,5 +203,6 @@ impl Manifest {
         self.num_records = self.shards.iter().map(|s| s.records).sum();
         self.num_tokens = self.shards.iter().map(|s| s.tokens).sum();
         self.num_supervised = self.shards.iter().map(|s| s.supervised).sum();
+        self.stats = Fidelity::fold(self.shards.iter().filter_map(|s| s.stats.as_ref()));
     }
 }

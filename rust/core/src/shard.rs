@@ -200,6 +200,7 @@ impl ShardBuilder {
             checksum,
             tokens: self.tokens,
             supervised: self.supervised,
+            stats: None,
         })
     }
 }

@@ -21,6 +21,7 @@ use crate::fsutil::TMP_PREFIX;
 use crate::manifest::{Manifest, ShardEntry, CACHE_FORMAT, FORMAT_VERSION, MANIFEST_NAME};
 use crate::record::{Record, Stamp};
 use crate::shard::{codec_params_json, EncodedRecord, ShardBuilder, ShardReader};
+use crate::stats::Fidelity;
 
 /// Everything that configures a writer.
 #[derive(Debug, Clone)]
@@ -74,8 +75,10 @@ impl WriterOptions {
     }
 }
 
-type Job = (u64, Record);
-type Done = (u64, EncodedRecord);
+/// A record on its way to the encoders, with the sum of its rows' teacher entropies if given.
+type Job = (u64, Record, Option<f64>);
+/// An encoded record and its statistics ([`Fidelity::of_record`]).
+type Done = (u64, EncodedRecord, Fidelity);
 
 struct Pipeline {
     jobs: Option<Sender<Job>>,
@@ -91,7 +94,7 @@ pub struct CacheWriter {
     next_shard: u64,
     stamp: Stamp,
     seen: HashSet<u128>,
-    pending: Vec<Record>,
+    pending: Vec<(Record, Option<f64>)>,
     pipeline: Option<Pipeline>,
     error: Arc<Mutex<Option<Error>>>,
     seq: u64,
@@ -194,6 +197,7 @@ impl CacheWriter {
             num_supervised: 0,
             shards: Vec::new(),
             created_by: opts.created_by.clone(),
+            stats: None,
         };
         let mut seen = HashSet::new();
         let has_manifest = dir.join(&opts.manifest_name).exists();
@@ -279,11 +283,20 @@ impl CacheWriter {
 
     /// Validate and queue one record. Blocks while the encoders are behind.
     pub fn add(&mut self, rec: Record) -> Result<()> {
+        self.add_with_entropy(rec, None)
+    }
+
+    /// [`CacheWriter::add`], with the teacher's full-vocabulary entropy (nats) of each
+    /// supervised row: used for the manifest's statistics only ([`Fidelity`]), not stored.
+    pub fn add_with_entropy(&mut self, rec: Record, entropy: Option<&[f64]>) -> Result<()> {
         if self.closed {
             return Err(Error::input("add() on a closed CacheWriter"));
         }
         self.check_error()?;
         rec.validate(self.opts.vocab_size, self.opts.top_k, &mut self.stamp)?;
+        let entropy = entropy
+            .map(|e| crate::stats::entropy_sum(&rec, self.opts.vocab_size, e))
+            .transpose()?;
         let kh = xxh3_128(&rec.key.encode());
         if !self.seen.insert(kh) {
             return Err(Error::input(format!(
@@ -292,17 +305,17 @@ impl CacheWriter {
             )));
         }
         if self.pipeline.is_none() {
-            self.pending.push(rec);
+            self.pending.push((rec, entropy));
             if self.pending.len() >= self.opts.prior_records.max(1) {
                 self.start_compact();
                 self.flush_pending()?;
             }
             return Ok(());
         }
-        self.dispatch(rec)
+        self.dispatch(rec, entropy)
     }
 
-    fn dispatch(&mut self, rec: Record) -> Result<()> {
+    fn dispatch(&mut self, rec: Record, entropy: Option<f64>) -> Result<()> {
         let seq = self.seq;
         self.seq += 1;
         let tx = self
@@ -310,7 +323,7 @@ impl CacheWriter {
             .as_ref()
             .and_then(|p| p.jobs.as_ref())
             .expect("pipeline running");
-        if tx.send((seq, rec)).is_err() {
+        if tx.send((seq, rec, entropy)).is_err() {
             self.check_error()?;
             return Err(Error::new(
                 ErrorKind::Io,
@@ -321,15 +334,15 @@ impl CacheWriter {
     }
 
     fn flush_pending(&mut self) -> Result<()> {
-        for rec in std::mem::take(&mut self.pending) {
-            self.dispatch(rec)?;
+        for (rec, entropy) in std::mem::take(&mut self.pending) {
+            self.dispatch(rec, entropy)?;
         }
         Ok(())
     }
 
     fn start_compact(&mut self) {
         let mut counts = vec![0u64; self.opts.vocab_size];
-        for r in &self.pending {
+        for (r, _) in &self.pending {
             for &id in r.topk_ids.iter().filter(|&&x| x >= 0) {
                 counts[id as usize] += 1;
             }
@@ -458,10 +471,14 @@ impl Drop for CacheWriter {
 
 fn encoder_loop(rx: Receiver<Job>, tx: Sender<Done>, codec: &Codec, err: &Mutex<Option<Error>>) {
     let mut scratch = EncodeScratch::default();
-    for (seq, rec) in rx {
+    for (seq, rec, entropy) in rx {
         match codec.encode(&rec, &mut scratch) {
             Ok(frame) => {
-                if tx.send((seq, EncodedRecord::new(&rec, frame))).is_err() {
+                let stats = Fidelity::of_record(&rec, codec, entropy);
+                if tx
+                    .send((seq, EncodedRecord::new(&rec, frame), stats))
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -488,25 +505,37 @@ fn commit_loop(
     codec: &Codec,
     mut next_shard: u64,
 ) -> Result<Manifest> {
-    let mut reorder: BTreeMap<u64, EncodedRecord> = BTreeMap::new();
+    let mut reorder: BTreeMap<u64, (EncodedRecord, Fidelity)> = BTreeMap::new();
     let mut want = 0u64;
     let mut shard = ShardBuilder::default();
-    let commit =
-        |shard: ShardBuilder, manifest: &mut Manifest, next_shard: &mut u64| -> Result<()> {
-            let file = format!("{}-{:06}.safetensors", t.prefix, *next_shard);
-            *next_shard += 1;
-            let entry = shard.commit(t.dir, &file, codec)?;
-            manifest.shards.push(entry);
-            manifest.recount();
-            manifest.store_named(t.dir, t.manifest_name)
-        };
-    for (seq, rec) in rx {
-        reorder.insert(seq, rec);
-        while let Some(rec) = reorder.remove(&want) {
+    // the statistics of the shard being filled, absorbed in record order
+    let mut shard_stats = Fidelity::default();
+    let commit = |shard: ShardBuilder,
+                  stats: Fidelity,
+                  manifest: &mut Manifest,
+                  next_shard: &mut u64|
+     -> Result<()> {
+        let file = format!("{}-{:06}.safetensors", t.prefix, *next_shard);
+        *next_shard += 1;
+        let mut entry = shard.commit(t.dir, &file, codec)?;
+        entry.stats = Some(stats);
+        manifest.shards.push(entry);
+        manifest.recount();
+        manifest.store_named(t.dir, t.manifest_name)
+    };
+    for (seq, rec, stats) in rx {
+        reorder.insert(seq, (rec, stats));
+        while let Some((rec, stats)) = reorder.remove(&want) {
             want += 1;
             shard.push(rec);
+            shard_stats.absorb(&stats);
             if shard.payload_bytes() as u64 >= t.shard_bytes {
-                commit(std::mem::take(&mut shard), &mut manifest, &mut next_shard)?;
+                commit(
+                    std::mem::take(&mut shard),
+                    std::mem::take(&mut shard_stats),
+                    &mut manifest,
+                    &mut next_shard,
+                )?;
             }
         }
     }
@@ -517,7 +546,7 @@ fn commit_loop(
         ));
     }
     if !shard.is_empty() {
-        commit(shard, &mut manifest, &mut next_shard)?;
+        commit(shard, shard_stats, &mut manifest, &mut next_shard)?;
     }
     Ok(manifest)
 }
@@ -602,5 +631,6 @@ fn adopt(dir: &Path, file: &str, base: &Manifest) -> Result<ShardEntry> {
         checksum: crate::hash::file_checksum(r.bytes()),
         tokens,
         supervised,
+        stats: None, // the entropies and exact values behind the statistics are gone
     })
 }

@@ -188,6 +188,10 @@ impl PyCacheWriter {
         })
     }
 
+    /// `entropy`: the teacher's entropy (nats) of each supervised row, for the manifest's
+    /// statistics only (not stored per record).
+    #[pyo3(signature = (key, input_ids, labels, topk_ids, topk_logprobs, label_logprobs,
+        label_ranks, entropy=None))]
     #[allow(clippy::too_many_arguments)]
     fn add(
         &mut self,
@@ -199,6 +203,7 @@ impl PyCacheWriter {
         topk_logprobs: PyReadonlyArrayDyn<'_, f32>,
         label_logprobs: PyReadonlyArrayDyn<'_, f32>,
         label_ranks: PyReadonlyArrayDyn<'_, i32>,
+        entropy: Option<PyReadonlyArrayDyn<'_, f64>>,
     ) -> PyResult<()> {
         let k = self.top_k;
         for (name, shape) in [
@@ -220,11 +225,13 @@ impl PyCacheWriter {
             label_logprobs: take("label_logprobs", &label_logprobs, 1)?,
             label_ranks: take("label_ranks", &label_ranks, 1)?,
         };
+        let entropy = entropy.map(|e| take("entropy", &e, 1)).transpose()?;
         let w = self
             .inner
             .as_mut()
             .ok_or_else(|| err(core::Error::input("add() on a closed CacheWriter")))?;
-        py.detach(|| w.add(rec)).map_err(err)
+        py.detach(|| w.add_with_entropy(rec, entropy.as_deref()))
+            .map_err(err)
     }
 
     fn __contains__(&self, key: &Bound<'_, PyAny>) -> PyResult<bool> {

@@ -60,6 +60,8 @@ pub struct Codebook {
     escape_below: f32,
     /// For negative floats, the level of the largest value sharing the top 16 bits.
     start: Vec<u16>,
+    /// `exp(levels[n])` in float64 (the decoded probabilities, for the codec's KL statistics).
+    exp_levels: Vec<f64>,
 }
 
 impl Codebook {
@@ -128,7 +130,9 @@ impl Codebook {
             thresholds,
             escape_below,
             start: Vec::new(),
+            exp_levels: Vec::new(),
         };
+        cb.exp_levels = cb.levels.iter().map(|&l| f64::from(l).exp()).collect();
         cb.start = (0u32..0x8000)
             .map(|key| {
                 let hi = f32::from_bits(0x8000_0000 | (key << 16));
@@ -169,6 +173,23 @@ impl Codebook {
             n += 1;
         }
         n as u32
+    }
+
+    /// The value a decoder reconstructs for `u`: its level, or `u` itself when escaped.
+    #[inline]
+    pub fn decoded(&self, u: f32) -> f32 {
+        match self.levels.get(self.quantize(u) as usize) {
+            Some(&level) => level,
+            None => u,
+        }
+    }
+
+    /// The decoded value of `u` and its exponential, both in float64; `None` when `u` is
+    /// escaped (decoded exactly).
+    #[inline]
+    pub fn decoded_exp(&self, u: f32) -> Option<(f64, f64)> {
+        let q = self.quantize(u) as usize;
+        Some((f64::from(*self.levels.get(q)?), self.exp_levels[q]))
     }
 
     /// Largest decoding error |decoded − original| for any value that maps to level `n`.

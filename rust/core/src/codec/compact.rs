@@ -257,6 +257,48 @@ pub(super) fn encode_rows(
     Ok(())
 }
 
+/// What one row's quantisation costs: accumulates, entry by entry, the sums behind
+/// `KL(exact ‖ decoded)` of the row's log-probs, both renormalised over the row.
+#[derive(Default)]
+pub struct RowKl {
+    /// `Z = Σ e^a` over the exact log-probs `a` (the row's kept mass).
+    pub mass: f64,
+    cross: f64,
+    diff: f64,
+}
+
+impl RowKl {
+    /// Add one entry: its exact log-prob `a` (finite) and `ea = exp(a)` (the caller has it).
+    #[inline]
+    pub fn push(&mut self, cb: &super::Codebook, a: f32, ea: f64) {
+        self.mass += ea;
+        if let Some((b, eb)) = cb.decoded_exp(a) {
+            self.cross += ea * (f64::from(a) - b);
+            self.diff += eb - ea;
+        }
+    }
+
+    /// `KL = Σ p̂·(a − b) + ln(1 + D/Z)` with `D = Σ (e^b − e^a)`: the ratio of the decoded to
+    /// the exact normaliser, as `ln_1p` of the small difference (no cancellation); 0 for a row
+    /// without mass.
+    pub fn kl(&self) -> f64 {
+        if self.mass <= 0.0 {
+            return 0.0;
+        }
+        (self.cross / self.mass + (self.diff / self.mass).ln_1p()).max(0.0)
+    }
+}
+
+/// `KL(exact ‖ decoded)` in nats of one row's log-probs `lps` (its non-padding entries), both
+/// renormalised over the row: what the codebook's quantisation costs the row's distribution.
+pub fn row_kl(cb: &super::Codebook, lps: &[f32]) -> f64 {
+    let mut acc = RowKl::default();
+    for &a in lps.iter().filter(|&&a| a != f32::NEG_INFINITY) {
+        acc.push(cb, a, f64::from(a).exp());
+    }
+    acc.kl()
+}
+
 /// Decode the first `rows` of the `s` rows into `sink`. `labels` are the record's labels (the
 /// label of row `r` is the `r`-th supervised one). With `rows < s` decoding stops after row
 /// `rows - 1` and the streams' left-over check is skipped.
