@@ -214,3 +214,12 @@ def save_chat_tokenizer(path: Path, *, generation_marks: bool = True, vocab: int
     fast.chat_template = chat_template(generation_marks)
     fast.save_pretrained(path)
     return fast
+
+
+def write_manifest(cache_dir: Path, manifest: dict[str, Any]) -> None:
+    """Store a manifest edited on purpose by a test and re-seal it (its ``manifest_checksum``,
+    docs/FORMAT.md §1), as ``target-sft cache verify --reseal`` does for a user's edit."""
+    from target_sft import _core
+
+    (Path(cache_dir) / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    _core.reseal_manifest(str(cache_dir))
