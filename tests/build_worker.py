@@ -1,5 +1,5 @@
 """A torchrun worker for tests/test_build.py: builds a cache with build_teacher_cache on every
-rank. ``--fail-rank R`` makes rank R's dataset raise after a few items (to test failures)."""
+rank. ``--fail-rank R`` makes rank R raise after its second batch (to test failures)."""
 
 from __future__ import annotations
 
@@ -16,19 +16,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from target_sft.build import build_teacher_cache
 
 
-class Failing:
-    """A dataset whose item ``at`` raises (only on the rank that should fail)."""
+def fail_after(n: int):
+    """An ``on_batch`` callback raising after the rank's ``n``-th batch (records of earlier
+    batches are committed when the writer closes on the error)."""
 
-    def __init__(self, data: list[dict], at: int) -> None:
-        self.data, self.at = data, at
+    def on_batch(stats) -> None:
+        if stats.batches >= n:
+            raise RuntimeError(f"injected failure after batch {n}")
 
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, i: int) -> dict:
-        if i == self.at:
-            raise RuntimeError(f"injected failure at item {i}")
-        return self.data[i]
+    return on_batch
 
 
 def main() -> None:
@@ -43,19 +39,16 @@ def main() -> None:
     torch.set_num_threads(1)
     data = [json.loads(line) for line in Path(args.data).read_text().splitlines()]
     rank = int(os.environ.get("RANK", "0"))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    # The failing rank fails in its second window, after committing work of its first.
-    at = (rank + world) * args.window
-    dataset = Failing(data, at) if rank == args.fail_rank else data
     res = build_teacher_cache(
         args.model,
-        dataset,
+        data,
         args.out,
         top_k=8,
         codec="exact",
         window=args.window,
         batch_tokens=args.batch_tokens,
         progress=False,
+        on_batch=fail_after(2) if rank == args.fail_rank else None,
     )
     print(
         f"RANK {res.stats.rank} ADDED {res.stats.records_added} TOTAL {res.info.records}",

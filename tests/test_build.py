@@ -379,7 +379,7 @@ def test_a_failing_rank_fails_the_build_and_a_rerun_resumes(model_dir, samples, 
     p = torchrun(*args, "--fail-rank", "1", extra=("--master-port", str(free_port())))
     _, err = p.communicate(timeout=300)
     assert p.returncode != 0
-    assert "rank 1: RuntimeError: injected failure at item 24" in err
+    assert "rank 1: RuntimeError: injected failure after batch 2" in err
     assert BuildError.__name__ in err  # rank 0 raised too, naming the failed rank
     assert not (tmp_path / "c" / "manifest.json").exists()
     kept = json.loads((tmp_path / "c" / "manifest.rank00001-of-00002.json").read_text())

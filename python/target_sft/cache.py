@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -288,6 +288,13 @@ class CacheWriter:
 
     def __contains__(self, key: object) -> bool:
         return self._w is not None and key in self._w
+
+    def drop(self, keys: Iterable[Key]) -> int:
+        """Remove the records of ``keys`` from the shards already committed (append mode, before
+        the first :meth:`add`); returns how many were removed. Each shard holding one is
+        rewritten by copying its other records' encoded frames, crash-safely (docs/FORMAT.md §6).
+        """
+        return int(self._writer().drop_keys(list(keys)))
 
     @property
     def num_records(self) -> int:
