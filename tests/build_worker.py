@@ -35,6 +35,7 @@ def main() -> None:
     p.add_argument("--window", type=int, default=8)
     p.add_argument("--batch-tokens", type=int, default=256)
     p.add_argument("--fail-rank", type=int, default=-1)
+    p.add_argument("--rebuild-changed", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(1)
     data = [json.loads(line) for line in Path(args.data).read_text().splitlines()]
@@ -49,6 +50,7 @@ def main() -> None:
         batch_tokens=args.batch_tokens,
         progress=False,
         on_batch=fail_after(2) if rank == args.fail_rank else None,
+        rebuild_changed=args.rebuild_changed,
     )
     print(
         f"RANK {res.stats.rank} ADDED {res.stats.records_added} TOTAL {res.info.records}",

@@ -383,15 +383,15 @@ def test_resume_accepts_the_same_teacher_under_any_path_and_refuses_other_weight
 
 
 def test_first_batches_without_supervision_and_all_unsupervised_data(model_dir, tmp_path):
-    # the shortest samples (planned first) have no supervised position
-    data = [{"id": i, "input_ids": [7, 8, 9], "labels": [-100] * 3} for i in range(4)]
+    # the shortest samples (planned first: two batches) have no supervised position
+    data = [{"id": i, "input_ids": [7, 8, 9], "labels": [-100] * 3} for i in range(6)]
     data += [{"id": 10 + i, "input_ids": list(range(10, 30 + i))} for i in range(4)]
-    res = build(model_dir, data, tmp_path / "c", batch_tokens=12)
+    res = build(model_dir, data, tmp_path / "c", batch_tokens=9)
     cache = TeacherCache(tmp_path / "c")
-    assert res.info.records == 8 and cache.info.vocab_size == VOCAB
+    assert res.info.records == 10 and cache.info.vocab_size == VOCAB
     assert cache[0].n_supervised == 0 and cache[12].n_supervised == 21
-    with pytest.raises(CacheInputError, match="none of the 4 samples has a supervised position"):
-        build(model_dir, data[:4], tmp_path / "d")
+    with pytest.raises(CacheInputError, match="none of the 6 samples has a supervised position"):
+        build(model_dir, data[:6], tmp_path / "d")
     assert not (tmp_path / "d").exists() or not any((tmp_path / "d").iterdir())
 
 
@@ -551,6 +551,22 @@ def test_torchrun_600_samples_in_one_window_keep_both_ranks_busy(model_dir, tmp_
     finally:
         torch.set_num_threads(os.cpu_count() or 1)
     assert_records_equal(TeacherCache(tmp_path / "c"), TeacherCache(tmp_path / "ref"))
+    # changed samples held by both ranks' parts: refused on every rank, then rebuilt
+    new = changed(samples, {i: "tokens" for i in (3, 100, 250, 420, 599)})
+    args = ("--model", str(model_dir), "--data", str(write_jsonl(tmp_path / "n.jsonl", new)),
+            "--out", str(tmp_path / "c"), "--window", "4096", "--batch-tokens", "16384")  # fmt: skip
+    p = torchrun(*args, extra=("--master-port", str(free_port())))
+    _, err = p.communicate(timeout=300)
+    assert p.returncode != 0 and err.count("5 sample(s) of the dataset differ") >= 2, err
+    p = torchrun(*args, "--rebuild-changed", extra=("--master-port", str(free_port())))
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    added = {int(r): int(n) for r, n in re.findall(r"RANK (\d+) ADDED (\d+)", out)}
+    assert sum(added.values()) == 5
+    cache = TeacherCache(tmp_path / "c")
+    assert cache.verify() == len(samples)
+    for i in (3, 100, 250, 420, 599):
+        assert cache[new[i]["id"]].input_ids.tolist() == new[i]["input_ids"]
 
 
 def test_torchrun_two_nodes_on_localhost(model_dir, samples, tmp_path):
@@ -646,3 +662,18 @@ def test_cli_build_reports_bad_lines(model_dir, tmp_path):
             "--out", str(tmp_path / "c"), "-q")  # fmt: skip
     assert r.returncode == 1
     assert "bad.jsonl:2: a line needs 'input_ids'" in r.stderr
+
+
+def test_cli_rebuild_changed(model_dir, samples, tmp_path):
+    args = ("cache", "build", "--teacher", str(model_dir), "--out", str(tmp_path / "c"),
+            "--top-k", str(K), "-q")  # fmt: skip
+    build(model_dir, samples[:12], tmp_path / "c", codec="compact")  # the CLI's defaults
+    data = write_jsonl(tmp_path / "b.jsonl", changed(samples[:12], {4: "tokens"}))
+    r = cli(*args, "--data", str(data))
+    assert r.returncode == 1
+    assert "1 sample(s) of the dataset differ" in r.stderr and "--rebuild-changed" in r.stderr
+    r = cli(*args, "--data", str(data), "--rebuild-changed")
+    assert r.returncode == 0, r.stderr
+    assert TeacherCache(tmp_path / "c")["s0004"].input_ids.tolist() == [
+        (t + 1) % VOCAB for t in samples[4]["input_ids"]
+    ]

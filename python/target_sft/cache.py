@@ -183,7 +183,9 @@ class CacheWriter:
             docs/FORMAT.md §Codebook) or ``"exact"`` (bit-for-bit).
         temperature: the temperature the log-probs were computed at (recorded in the manifest).
         tokenizer: a fingerprint string or a dict describing the tokenizer (``fingerprint`` key).
-        teacher: a dict describing the teacher: ``name``, ``revision``, ``config_hash``, ``dtype``.
+        teacher: a dict describing the teacher: ``name``, ``revision``, ``config_hash``, ``dtype``
+            (with a ``weights_hash``, ``name`` and ``revision`` are informational: an append
+            compares the other fields; docs/FORMAT.md §1).
         mode: ``"create"`` (the directory must not hold a cache) or ``"append"`` (add to one;
             every recorded setting must match, shards committed after the last manifest are
             adopted, stale temp files of dead writers removed).
