@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -255,7 +255,9 @@ class CacheWriter:
             docs/FORMAT.md §Codebook) or ``"exact"`` (bit-for-bit).
         temperature: the temperature the log-probs were computed at (recorded in the manifest).
         tokenizer: a fingerprint string or a dict describing the tokenizer (``fingerprint`` key).
-        teacher: a dict describing the teacher: ``name``, ``revision``, ``config_hash``, ``dtype``.
+        teacher: a dict describing the teacher: ``name``, ``revision``, ``config_hash``, ``dtype``
+            (with a ``weights_hash``, ``name`` and ``revision`` are informational: an append
+            compares the other fields; docs/FORMAT.md §1).
         mode: ``"create"`` (the directory must not hold a cache) or ``"append"`` (add to one;
             every recorded setting must match, shards committed after the last manifest are
             adopted, stale temp files of dead writers removed).
@@ -366,6 +368,13 @@ class CacheWriter:
 
     def __contains__(self, key: object) -> bool:
         return self._w is not None and key in self._w
+
+    def drop(self, keys: Iterable[Key]) -> int:
+        """Remove the records of ``keys`` from the shards already committed (append mode, before
+        the first :meth:`add`); returns how many were removed. Each shard holding one is
+        rewritten by copying its other records' encoded frames, crash-safely (docs/FORMAT.md §6).
+        """
+        return int(self._writer().drop_keys(list(keys)))
 
     @property
     def num_records(self) -> int:

@@ -12,6 +12,7 @@ pub mod fsutil;
 pub mod hash;
 pub mod manifest;
 pub mod record;
+pub mod resume;
 pub mod shard;
 pub mod stats;
 pub mod writer;

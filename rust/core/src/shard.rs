@@ -78,6 +78,8 @@ pub struct ShardBuilder {
     payload: Vec<u8>,
     tokens: u64,
     supervised: u64,
+    /// Extra `__metadata__` entries (e.g. `replaces`, written by a shard rewrite).
+    pub metadata: BTreeMap<String, String>,
 }
 
 fn le_bytes<T: Copy, const N: usize>(v: &[T], f: impl Fn(T) -> [u8; N]) -> Vec<u8> {
@@ -187,6 +189,9 @@ impl ShardBuilder {
         meta.insert("top_k".to_string(), codec.top_k.to_string());
         meta.insert("vocab_size".to_string(), codec.vocab_size.to_string());
         meta.insert("records".to_string(), n.to_string());
+        for (k, v) in &self.metadata {
+            meta.entry(k.clone()).or_insert_with(|| v.clone());
+        }
         let header = encode_header(&tensors, &meta)?;
         let mut parts: Vec<&[u8]> = vec![&header];
         parts.extend(tensors.iter().map(|t| t.data));

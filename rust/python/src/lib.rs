@@ -256,6 +256,20 @@ impl PyCacheWriter {
         Ok(serde_json::to_string(&m).expect("manifest serialises"))
     }
 
+    /// Remove the records of `keys` from the committed shards (rewriting each shard that holds
+    /// one, crash-safely); returns how many were removed. Only before the first `add`.
+    fn drop_keys(&mut self, py: Python<'_>, keys: Vec<Bound<'_, PyAny>>) -> PyResult<u64> {
+        let keys = keys
+            .iter()
+            .map(key_from_py)
+            .collect::<PyResult<Vec<Key>>>()?;
+        let w = self
+            .inner
+            .as_mut()
+            .ok_or_else(|| err(core::Error::input("drop_keys() on a closed CacheWriter")))?;
+        py.detach(|| w.drop_keys(&keys)).map_err(err)
+    }
+
     /// Stop without finishing: committed shards stay, the manifest stays marked incomplete.
     fn abort(&mut self, py: Python<'_>) {
         if let Some(w) = self.inner.take() {
@@ -410,6 +424,66 @@ fn merge_manifests(
     Ok(serde_json::to_string(&m).expect("manifest serialises"))
 }
 
+/// XXH3-64 of int32 token ids as little-endian bytes: a record's `token_hash` (FORMAT.md §7).
+#[pyfunction]
+fn token_hash(ids: PyReadonlyArrayDyn<'_, i32>) -> PyResult<u64> {
+    let v = take("ids", &ids, 1)?;
+    Ok(core::hash::token_hash(&v))
+}
+
+/// XXH3-128 of a contiguous byte array, as 32 lowercase hex digits (GIL released).
+#[pyfunction]
+fn xxh3_128(py: Python<'_>, data: PyReadonlyArrayDyn<'_, u8>) -> PyResult<String> {
+    let bytes = data.as_slice().map_err(|_| {
+        err(core::Error::input(
+            "xxh3_128 needs a contiguous uint8 array",
+        ))
+    })?;
+    Ok(py.detach(|| format!("{:032x}", xxhash_rust::xxh3::xxh3_128(bytes))))
+}
+
+/// The records listed by the per-writer manifests `manifests` of the cache at `path`: (keys,
+/// token hashes, labels hashes, supervised counts, part index), arrays in manifest order.
+#[pyfunction]
+#[pyo3(signature = (path, manifests, labels=true, threads=0))]
+#[allow(clippy::type_complexity)]
+fn scan_parts<'py>(
+    py: Python<'py>,
+    path: PathBuf,
+    manifests: Vec<String>,
+    labels: bool,
+    threads: usize,
+) -> PyResult<(
+    Vec<Bound<'py, PyAny>>,
+    Bound<'py, PyArray1<u64>>,
+    Bound<'py, PyArray1<u64>>,
+    Bound<'py, PyArray1<u64>>,
+    Bound<'py, PyArray1<u32>>,
+)> {
+    let idx = py
+        .detach(|| {
+            let n = if threads == 0 {
+                std::thread::available_parallelism().map_or(1, |n| n.get())
+            } else {
+                threads
+            };
+            process_pool(n)?.install(|| core::resume::scan_parts(&path, &manifests, labels))
+        })
+        .map_err(err)?;
+    let keys = idx
+        .keys
+        .iter()
+        .map(|k| key_to_py(py, k))
+        .collect::<PyResult<Vec<_>>>()?;
+    Ok((
+        keys,
+        PyArray1::from_vec(py, idx.token_hash),
+        PyArray1::from_vec(py, idx.labels_hash),
+        PyArray1::from_vec(py, idx.n_supervised),
+        PyArray1::from_vec(py, idx.part),
+    ))
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -417,6 +491,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyCacheWriter>()?;
     m.add_class::<PyTeacherCache>()?;
     m.add_function(wrap_pyfunction!(merge_manifests, m)?)?;
+    m.add_function(wrap_pyfunction!(token_hash, m)?)?;
+    m.add_function(wrap_pyfunction!(xxh3_128, m)?)?;
+    m.add_function(wrap_pyfunction!(scan_parts, m)?)?;
     batch::register(m)?;
     Ok(())
 }
