@@ -40,6 +40,7 @@ class CacheWriter:
         tail_step: float,
         floor: float,
         manifest_name: str = "manifest.json",
+        wait_s: float = 0.0,
     ) -> None: ...
     def add(
         self,
@@ -70,7 +71,10 @@ class TeacherCache:
     def __contains__(self, key: Any) -> bool: ...
     def verify(self, progress: Callable[[int, int], Any] | None = None) -> int: ...
 
-def merge_manifests(path: str, parts: list[str], complete: bool) -> str: ...
+def merge_manifests(path: str, parts: list[str], complete: bool, wait_s: float = 0.0) -> str: ...
+def check_writer_locks(
+    path: str, shard_prefix: str, manifest_name: str, wait_s: float = 0.0
+) -> None: ...
 
 # rust/python/src/batch.rs; items are (TeacherCache, position[, input_ids]) or RawRecord tuples
 def build_batch(

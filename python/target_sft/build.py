@@ -45,7 +45,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from target_sft.cache import IGNORE_INDEX, CacheInfo, CacheWriter, merge_manifests
+from target_sft import _core
+from target_sft.cache import IGNORE_INDEX, CacheInfo, CacheWriter, _check_wait, merge_manifests
 from target_sft.errors import BuildError, CacheInputError
 from target_sft.sft_data import JsonlDataset, SFTSource, Truncation, prepare_row, tokenize_sft
 
@@ -643,6 +644,7 @@ def build_teacher_cache(
     world_size: int | None = None,
     dist_timeout: timedelta = timedelta(hours=12),
     on_batch: Callable[[BuildStats], None] | None = None,
+    wait: bool | float = False,
 ) -> BuildResult:
     """Cache a teacher's top-``k`` log-probs for every sample of ``dataset`` in ``path``.
 
@@ -676,6 +678,10 @@ def build_teacher_cache(
         progress: show a tqdm bar (default: on rank 0 when stderr is a terminal or in notebooks).
         rank, world_size: override ``torch.distributed`` / ``RANK``/``WORLD_SIZE``.
         on_batch: called after every batch handed to the writer (for monitoring and tests).
+        wait: when another live process writes this rank's files in ``path`` (another build, or
+            a :class:`~target_sft.cache.CacheWriter` of ``manifest.json``): ``False`` raises
+            :class:`CacheLockedError` when the rank starts, naming it; ``True`` waits; a
+            number waits at most that many seconds (docs/FORMAT.md §6).
 
     Returns:
         :class:`BuildResult` with the merged cache's :class:`CacheInfo` and this rank's stats.
@@ -735,6 +741,7 @@ def build_teacher_cache(
             writer_threads=writer_threads,
             progress=progress,
             on_batch=on_batch,
+            wait=wait,
         )
     except BaseException as e:  # report to the other ranks before raising
         error = e
@@ -754,7 +761,7 @@ def build_teacher_cache(
             )
         if dist.rank == 0:
             parts = [_rank_files(r, dist.world)[1] for r in range(dist.world)]
-            info = merge_manifests(out, parts, complete=True)
+            info = merge_manifests(out, parts, complete=True, wait=wait)
         dist.barrier()
         if dist.rank != 0:
             info = CacheInfo.from_manifest(out, json.loads((out / "manifest.json").read_text()))
@@ -808,10 +815,14 @@ def _run_rank(
     writer_threads: int,
     progress: bool | None,
     on_batch: Callable[[BuildStats], None] | None,
+    wait: bool | float = False,
 ) -> None:
     from tqdm.auto import tqdm
 
     prefix, manifest_name = _rank_files(dist.rank, dist.world)
+    # refuse (or wait) now if another live writer owns this rank's files; the writer takes the
+    # same locks for good when it opens
+    _core.check_writer_locks(str(out), prefix, manifest_name, _check_wait(wait))
     writer: CacheWriter | None = None
     existing = out / manifest_name
 
@@ -829,6 +840,7 @@ def _run_rank(
             threads=writer_threads,
             shard_prefix=prefix,
             manifest_name=manifest_name,
+            wait=wait,
         )
 
     if existing.exists() or any(out.glob(f"{prefix}-*.safetensors")):
