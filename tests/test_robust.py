@@ -148,7 +148,7 @@ _WRITER_CHILD = textwrap.dedent(
     path, first, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     flag = Path(path + ".ready")
     rng = np.random.default_rng(first)
-    w = CacheWriter(path, top_k=8, vocab_size=1000, mode="append", shard_size=600,
+    w = CacheWriter(path, top_k=8, vocab_size=1000, mode="append", shard_size=sys.argv[5],
                     codec="exact", threads=1)
     for i in range(n):
         w.add(**make_record(first + i, rng, t=20 + i % 7))
@@ -164,10 +164,11 @@ _WRITER_CHILD = textwrap.dedent(
 )
 
 
-def _start_writer(path: Path, first: int, n: int) -> subprocess.Popen:
+def _start_writer(path: Path, first: int, n: int, shard_size: str = "600") -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(ROOT / "python"))
+    args = [str(path), str(first), str(n), str(ROOT / "tests"), shard_size]
     p = subprocess.Popen(
-        [sys.executable, "-c", _WRITER_CHILD, str(path), str(first), str(n), str(ROOT / "tests")],
+        [sys.executable, "-c", _WRITER_CHILD, *args],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -254,6 +255,35 @@ def test_kill_9_of_the_holder_frees_the_lock_and_the_resume_is_exact(tmp_path):
             if k not in w:
                 w.add(**expected[k])
     _assert_cache_holds(path, expected)
+
+
+def test_a_build_beside_a_live_writer_is_refused_at_start_then_waits(tmp_path):
+    """A CacheWriter of manifest.json and a build of the same directory never both proceed: the
+    build's rank is refused when it starts (naming the writer's pid), or waits when asked."""
+    import torch
+
+    from target_sft import build_teacher_cache
+
+    path = tmp_path / "c"
+    emb = torch.randn(1000, 1000, generator=torch.Generator().manual_seed(3))
+
+    def bigram(input_ids, attention_mask=None):
+        return emb[input_ids]
+
+    rng = np.random.default_rng(0)
+    data = [{"id": 5000 + i, "input_ids": rng.integers(0, 1000, 12).tolist()} for i in range(6)]
+    kw = dict(top_k=8, codec="exact", progress=False)
+    a = _start_writer(path, 0, 10, shard_size="1MiB")  # nothing committed yet
+    try:
+        with pytest.raises(CacheLockedError, match=rf"pid {a.pid}@"):
+            build_teacher_cache(bigram, data, path, **kw)
+        with pytest.raises(CacheLockedError, match="waited"):
+            build_teacher_cache(bigram, data, path, wait=0.2, **kw)
+    finally:
+        (tmp_path / "c.go").write_text("go")
+        assert a.wait(timeout=60) == 0
+    # the writer finished undisturbed: its records are all there
+    _assert_cache_holds(path, _expected(0, 10))
 
 
 # ---- 3. bad arguments name the argument ----------------------------------------------------------

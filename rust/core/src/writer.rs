@@ -429,11 +429,17 @@ impl CacheWriter {
         }
         let mut p = self.pipeline.take().expect("pipeline");
         drop(p.jobs.take());
-        for h in p.encoders.drain(..) {
-            let _ = h.join();
-        }
+        // a panicked encoder drops its record without an error: never report such a close as
+        // a success (the manifest stays incomplete)
+        let panicked = p.encoders.drain(..).any(|h| h.join().is_err());
         let committed = p.committer.take().expect("committer").join();
         self.check_error()?;
+        if panicked {
+            return Err(Error::new(
+                ErrorKind::Io,
+                "an encoder thread panicked; records added since the last committed shard may be missing — the manifest stays incomplete: append them again",
+            ));
+        }
         let mut m = match committed {
             Ok(r) => r?,
             Err(_) => {
@@ -602,7 +608,7 @@ fn adopt(dir: &Path, file: &str, base: &Manifest) -> Result<ShardEntry> {
     }
     let (mut tokens, mut supervised) = (0, 0);
     for i in 0..r.len() {
-        let row = r.index_row(i);
+        let row = r.checked_row(i)?;
         tokens += row.n_tokens;
         supervised += row.n_supervised;
     }
