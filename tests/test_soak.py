@@ -7,9 +7,9 @@ import os
 
 import numpy as np
 import pytest
-from conftest import make_record
 from torch.utils.data import DataLoader, RandomSampler
 
+from conftest import make_record
 from target_sft import CacheWriter, TargetSFTCollator, TeacherCache
 from target_sft.collate import TeacherCacheDataset
 
