@@ -48,7 +48,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from target_sft.cache import IGNORE_INDEX, CacheInfo, CacheWriter, merge_manifests
+from target_sft import _core
+from target_sft.cache import IGNORE_INDEX, CacheInfo, CacheWriter, _check_wait, merge_manifests
 from target_sft.errors import BuildError, CacheInputError, CacheMismatchError
 from target_sft.fingerprint import tokenizer_fingerprint  # re-exported: the builder's name
 from target_sft.sft_data import JsonlDataset, SFTSource, Truncation, prepare_row, tokenize_sft
@@ -883,6 +884,7 @@ def build_teacher_cache(
     dist_timeout: timedelta = timedelta(hours=12),
     on_batch: Callable[[BuildStats], None] | None = None,
     rebuild_changed: bool = False,
+    wait: bool | float = False,
 ) -> BuildResult:
     """Cache a teacher's top-``k`` log-probs for every sample of ``dataset`` in ``path``.
 
@@ -920,6 +922,11 @@ def build_teacher_cache(
         on_batch: called after every batch handed to the writer (for monitoring and tests).
         rebuild_changed: on resume, drop the cached records whose sample changed (other token
             ids or labels under the same key) and compute them again, instead of raising.
+        wait: when another live process writes this rank's files in ``path`` (another build, or
+            a :class:`~target_sft.cache.CacheWriter` of ``manifest.json``): ``False`` raises
+            :class:`CacheLockedError` once the data is checked (before the teacher loads),
+            naming it; ``True`` waits; a number waits at most that many seconds
+            (docs/FORMAT.md §6).
 
     Returns:
         :class:`BuildResult` with the merged cache's :class:`CacheInfo` and this rank's stats.
@@ -969,6 +976,7 @@ def build_teacher_cache(
         progress=progress,
         on_batch=on_batch,
         rebuild_changed=rebuild_changed,
+        wait=wait,
     )
     error: BaseException | None = None
     # Every rank runs the same steps and meets the others between them (the resume check reads
@@ -992,7 +1000,7 @@ def build_teacher_cache(
             raise error
         if dist.rank == 0:
             parts = [_rank_files(r, dist.world)[1] for r in range(dist.world)]
-            info = merge_manifests(out, parts, complete=True)
+            info = merge_manifests(out, parts, complete=True, wait=wait)
         dist.barrier()
         if dist.rank != 0:
             info = CacheInfo.from_manifest(out, json.loads((out / "manifest.json").read_text()))
@@ -1117,6 +1125,7 @@ class _RankBuild:
             threads=self.writer_threads,
             shard_prefix=self.prefix,
             manifest_name=self.manifest_name,
+            wait=self.wait,
         )
         return self.writer
 
@@ -1140,6 +1149,9 @@ class _RankBuild:
             self.scan.lengths, self.window, self.batch_tokens, self.max_batch_size, dist.world
         )
         self.batches = plan[dist.rank]
+        # refuse (or wait) before the teacher loads if another live writer owns this rank's
+        # files; the writer takes the same locks for good when it opens
+        _core.check_writer_locks(str(out), self.prefix, self.manifest_name, _check_wait(self.wait))
         model = load_teacher(
             self.teacher, dtype=self.dtype, device=self.device, local_rank=dist.local_rank
         )

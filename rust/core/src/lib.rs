@@ -10,6 +10,7 @@ pub mod container;
 pub mod error;
 pub mod fsutil;
 pub mod hash;
+pub mod lock;
 pub mod manifest;
 pub mod record;
 pub mod resume;

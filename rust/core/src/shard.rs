@@ -21,6 +21,12 @@ pub const SHARD_FORMAT: &str = "target-sft-shard";
 /// Columns of the `record_index` tensor.
 pub const INDEX_COLS: usize = 5;
 
+/// Largest token count of one record a reader accepts (batch positions are 32-bit).
+pub const MAX_RECORD_TOKENS: u64 = 1 << 30;
+/// Most bytes a zstd frame can decode to per byte of frame (a block of >= 4 bytes, RLE, yields
+/// at most 128 KiB).
+const MAX_ZSTD_RATIO: u64 = 1 << 15;
+
 /// What the reader needs to know about a record without decoding it.
 #[derive(Debug, Clone)]
 pub struct IndexRow {
@@ -458,7 +464,7 @@ impl ShardReader {
 
     /// Decode record `i`.
     pub fn decode(&self, i: usize) -> Result<Record> {
-        let row = self.index_row(i);
+        let row = self.checked_row(i)?;
         let key = self.key(i)?;
         self.codec
             .decode(
@@ -468,6 +474,71 @@ impl ShardReader {
                 row.n_supervised as usize,
             )
             .map_err(|e| e.at(format!("shard {}, record {i}", self.path.display())))
+    }
+
+    /// Row `i` of the record index, checked before anything is sized by it: `n_tokens` in
+    /// `1..=MAX_RECORD_TOKENS`, `n_supervised < n_tokens`, and both consistent with the content
+    /// size the record's zstd frame declares in its header (which is itself bounded by the
+    /// frame's length: a zstd block of at least 4 bytes yields at most 128 KiB). A damaged index
+    /// (a flipped token count) is a corruption error naming the shard, the record and the field,
+    /// never an allocation sized by the damaged value.
+    pub fn checked_row(&self, i: usize) -> Result<IndexRow> {
+        self.checked_row_inner(i)
+            .map_err(|e| e.at(format!("shard {}, record {i}", self.path.display())))
+    }
+
+    fn checked_row_inner(&self, i: usize) -> Result<IndexRow> {
+        if i >= self.n {
+            return Err(Error::input(format!(
+                "record {i} is out of range: the shard has {} records",
+                self.n
+            )));
+        }
+        let row = self.index_row(i);
+        let (t, s) = (row.n_tokens, row.n_supervised);
+        if t == 0 || t > MAX_RECORD_TOKENS {
+            return Err(Error::corrupt(format!(
+                "record_index field n_tokens = {t} is outside 1..={MAX_RECORD_TOKENS}; the index is damaged — restore the shard or rebuild the cache"
+            )));
+        }
+        if s >= t {
+            return Err(Error::corrupt(format!(
+                "record_index field n_supervised = {s} is not below n_tokens = {t} (position 0 is never supervised); the index is damaged"
+            )));
+        }
+        let frame = self.frame(i);
+        let declared = match zstd::zstd_safe::get_frame_content_size(frame) {
+            Ok(Some(n)) => n,
+            _ => {
+                return Err(Error::corrupt(format!(
+                    "record_index fields offset/length ({}..{}) do not point at a zstd frame with a content size",
+                    row.frame.start, row.frame.end
+                )))
+            }
+        };
+        if declared > (frame.len() as u64).saturating_mul(MAX_ZSTD_RATIO) {
+            return Err(Error::corrupt(format!(
+                "the frame declares {declared} decoded bytes, more than its {} bytes can hold; the payload or the index field length is damaged",
+                frame.len()
+            )));
+        }
+        // The tokens section alone takes 4 bytes per token plus the mask bit.
+        let min_raw = t
+            .saturating_mul(4)
+            .saturating_add(t.div_ceil(8))
+            .saturating_add(3);
+        if min_raw > declared {
+            return Err(Error::corrupt(format!(
+                "record_index field n_tokens = {t} needs at least {min_raw} decoded bytes but the frame declares {declared}; the index is damaged"
+            )));
+        }
+        let cap = self.codec.max_raw_size(t as usize, s as usize) as u64;
+        if declared > cap {
+            return Err(Error::corrupt(format!(
+                "the frame declares {declared} decoded bytes, more than the {cap} a record of n_tokens = {t} / n_supervised = {s} (record_index) can need; the frame header or the index is damaged"
+            )));
+        }
+        Ok(row)
     }
 
     /// The whole mapped file (for checksums).

@@ -18,6 +18,7 @@ use xxhash_rust::xxh3::xxh3_128;
 use crate::codec::{Codebook, CodebookParams, Codec, CodecKind, EncodeScratch, IdTable};
 use crate::error::{Error, ErrorKind, Result};
 use crate::fsutil::TMP_PREFIX;
+use crate::lock::{writer_locks, Lock, LockWait};
 use crate::manifest::{Manifest, ShardEntry, CACHE_FORMAT, FORMAT_VERSION, MANIFEST_NAME};
 use crate::record::{Record, Stamp};
 use crate::shard::{codec_params_json, EncodedRecord, ShardBuilder, ShardReader};
@@ -50,6 +51,8 @@ pub struct WriterOptions {
     /// Add to an existing cache instead of requiring an empty directory.
     pub append: bool,
     pub created_by: String,
+    /// What to do when another writer holds this writer's locks (`crate::lock`).
+    pub lock_wait: LockWait,
 }
 
 impl WriterOptions {
@@ -71,6 +74,7 @@ impl WriterOptions {
             id_table_size: 8192,
             append: false,
             created_by: format!("target-sft-core {}", env!("CARGO_PKG_VERSION")),
+            lock_wait: LockWait::No,
         }
     }
 }
@@ -99,6 +103,8 @@ pub struct CacheWriter {
     error: Arc<Mutex<Option<Error>>>,
     seq: u64,
     closed: bool,
+    /// Held until the writer finishes (or is dropped): see `crate::lock`.
+    locks: Vec<Lock>,
 }
 
 fn first_error(slot: &Mutex<Option<Error>>, e: Error) {
@@ -175,6 +181,8 @@ impl CacheWriter {
         }
         opts.codebook.validate()?;
         std::fs::create_dir_all(dir).map_err(|e| Error::io("cannot create", dir, e))?;
+        // Before anything is read or cleaned up: no other live writer owns these files.
+        let locks = writer_locks(dir, &opts.shard_prefix, &opts.manifest_name, opts.lock_wait)?;
         let codec_params = match opts.codec {
             CodecKind::Exact => codec_params_json(opts.zstd_level, None),
             CodecKind::Compact => {
@@ -255,6 +263,7 @@ impl CacheWriter {
             error: Arc::new(Mutex::new(None)),
             seq: 0,
             closed: false,
+            locks,
         };
         Ok(w)
     }
@@ -448,11 +457,17 @@ impl CacheWriter {
         }
         let mut p = self.pipeline.take().expect("pipeline");
         drop(p.jobs.take());
-        for h in p.encoders.drain(..) {
-            let _ = h.join();
-        }
+        // a panicked encoder drops its record without an error: never report such a close as
+        // a success (the manifest stays incomplete)
+        let panicked = p.encoders.drain(..).any(|h| h.join().is_err());
         let committed = p.committer.take().expect("committer").join();
         self.check_error()?;
+        if panicked {
+            return Err(Error::new(
+                ErrorKind::Io,
+                "an encoder thread panicked; records added since the last committed shard may be missing — the manifest stays incomplete: append them again",
+            ));
+        }
         let mut m = match committed {
             Ok(r) => r?,
             Err(_) => {
@@ -464,6 +479,7 @@ impl CacheWriter {
         };
         m.complete = complete;
         m.store_named(&self.dir, &self.opts.manifest_name)?;
+        self.locks.clear();
         Ok(m)
     }
 }
@@ -601,7 +617,8 @@ fn list_orphans(dir: &Path, known: &[String], prefix: Option<&str>) -> Result<Ve
 
 /// Delete the temp files (`.tmp-{pid}-{name}`) a dead writer left for this writer's own files:
 /// its shards (`{prefix}-…`) and its manifest. Other writers of the same directory (the other
-/// ranks of a build) may be writing theirs right now.
+/// ranks of a build) may be writing theirs right now; no live writer owns these names, since this
+/// one holds their locks (`crate::lock`).
 fn remove_stale_tmp(dir: &Path, prefix: &str, manifest_name: &str) -> Result<()> {
     for ent in std::fs::read_dir(dir)
         .map_err(|e| Error::io("cannot list", dir, e))?
@@ -635,7 +652,7 @@ fn adopt(dir: &Path, file: &str, base: &Manifest) -> Result<ShardEntry> {
     }
     let (mut tokens, mut supervised) = (0, 0);
     for i in 0..r.len() {
-        let row = r.index_row(i);
+        let row = r.checked_row(i)?;
         tokens += row.n_tokens;
         supervised += row.n_supervised;
     }

@@ -26,6 +26,7 @@ fn err(e: core::Error) -> PyErr {
         ErrorKind::KeyNotFound => "CacheKeyError",
         ErrorKind::Mismatch => "CacheMismatchError",
         ErrorKind::Io => "CacheIOError",
+        ErrorKind::Locked => "CacheLockedError",
     };
     Python::attach(|py| {
         let cls = py
@@ -135,7 +136,7 @@ impl PyCacheWriter {
     #[new]
     #[pyo3(signature = (path, *, top_k, vocab_size, codec, zstd_level, shard_bytes, threads, temperature,
         tokenizer_json, teacher_json, shard_prefix, prior_records, append, sqrt_step, tail_step, floor,
-        manifest_name=core::manifest::MANIFEST_NAME.to_string()))]
+        manifest_name=core::manifest::MANIFEST_NAME.to_string(), wait_s=0.0))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -156,6 +157,7 @@ impl PyCacheWriter {
         tail_step: f64,
         floor: f64,
         manifest_name: String,
+        wait_s: f64,
     ) -> PyResult<Self> {
         let parse = |what: &str, s: &str| {
             serde_json::from_str(s)
@@ -173,6 +175,7 @@ impl PyCacheWriter {
         opts.manifest_name = manifest_name;
         opts.prior_records = prior_records;
         opts.append = append;
+        opts.lock_wait = core::lock::LockWait::from_secs(wait_s).map_err(err)?;
         opts.codebook = core::CodebookParams {
             sqrt_step,
             tail_step,
@@ -411,15 +414,41 @@ impl PyTeacherCache {
 
 /// Merge the per-writer manifests `parts` of the cache at `path` into its `manifest.json`;
 /// returns the merged manifest as JSON.
+/// Take and release at once the locks a writer of `shard_prefix`/`manifest_name` in `path` would
+/// hold: a build calls it before its teacher loads, so a contested directory is refused at start.
 #[pyfunction]
+#[pyo3(signature = (path, shard_prefix, manifest_name, wait_s=0.0))]
+fn check_writer_locks(
+    py: Python<'_>,
+    path: PathBuf,
+    shard_prefix: String,
+    manifest_name: String,
+    wait_s: f64,
+) -> PyResult<()> {
+    let wait = core::lock::LockWait::from_secs(wait_s).map_err(err)?;
+    py.detach(|| {
+        std::fs::create_dir_all(&path).map_err(|e| core::Error::io("cannot create", &path, e))?;
+        core::lock::writer_locks(&path, &shard_prefix, &manifest_name, wait).map(drop)
+    })
+    .map_err(err)
+}
+
+/// Holds the directory's manifest lock while it merges (`wait_s` as for a writer).
+#[pyfunction]
+#[pyo3(signature = (path, parts, complete, wait_s=0.0))]
 fn merge_manifests(
     py: Python<'_>,
     path: PathBuf,
     parts: Vec<String>,
     complete: bool,
+    wait_s: f64,
 ) -> PyResult<String> {
+    let wait = core::lock::LockWait::from_secs(wait_s).map_err(err)?;
     let m = py
-        .detach(|| core::Manifest::merge(&path, &parts, complete))
+        .detach(|| {
+            let _locks = core::lock::manifest_locks(&path, wait)?;
+            core::Manifest::merge(&path, &parts, complete)
+        })
         .map_err(err)?;
     Ok(serde_json::to_string(&m).expect("manifest serialises"))
 }
@@ -494,6 +523,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(token_hash, m)?)?;
     m.add_function(wrap_pyfunction!(xxh3_128, m)?)?;
     m.add_function(wrap_pyfunction!(scan_parts, m)?)?;
+    m.add_function(wrap_pyfunction!(check_writer_locks, m)?)?;
     batch::register(m)?;
     Ok(())
 }
