@@ -1,5 +1,5 @@
 """A torchrun worker for tests/test_build.py: builds a cache with build_teacher_cache on every
-rank. ``--fail-rank R`` makes rank R's dataset raise after a few items (to test failures)."""
+rank. ``--fail-rank R`` makes rank R raise after its second batch (to test failures)."""
 
 from __future__ import annotations
 
@@ -16,22 +16,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from target_sft.build import build_teacher_cache
 
 
-class Failing:
-    """A dataset whose item ``at`` raises when the build reads it (only on the rank that should
-    fail): on its second read, the first being the input check before the teacher loads."""
+def fail_after(n: int):
+    """An ``on_batch`` callback raising after the rank's ``n``-th batch (records of earlier
+    batches are committed when the writer closes on the error)."""
 
-    def __init__(self, data: list[dict], at: int) -> None:
-        self.data, self.at, self.reads = data, at, 0
+    def on_batch(stats) -> None:
+        if stats.batches >= n:
+            raise RuntimeError(f"injected failure after batch {n}")
 
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, i: int) -> dict:
-        if i == self.at:
-            self.reads += 1
-            if self.reads > 1:
-                raise RuntimeError(f"injected failure at item {i}")
-        return self.data[i]
+    return on_batch
 
 
 def main() -> None:
@@ -42,23 +35,22 @@ def main() -> None:
     p.add_argument("--window", type=int, default=8)
     p.add_argument("--batch-tokens", type=int, default=256)
     p.add_argument("--fail-rank", type=int, default=-1)
+    p.add_argument("--rebuild-changed", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(1)
     data = [json.loads(line) for line in Path(args.data).read_text().splitlines()]
     rank = int(os.environ.get("RANK", "0"))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    # The failing rank fails in its second window, after committing work of its first.
-    at = (rank + world) * args.window
-    dataset = Failing(data, at) if rank == args.fail_rank else data
     res = build_teacher_cache(
         args.model,
-        dataset,
+        data,
         args.out,
         top_k=8,
         codec="exact",
         window=args.window,
         batch_tokens=args.batch_tokens,
         progress=False,
+        on_batch=fail_after(2) if rank == args.fail_rank else None,
+        rebuild_changed=args.rebuild_changed,
     )
     print(
         f"RANK {res.stats.rank} ADDED {res.stats.records_added} TOTAL {res.info.records}",

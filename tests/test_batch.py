@@ -203,9 +203,9 @@ def test_option_and_item_errors(cache, two_caches, tmp_path):
         build_batch(items, packing=True)
     with pytest.raises(CacheInputError, match='padding="max_length" needs max_length'):
         build_batch(items, padding="max_length")
-    with pytest.raises(CacheInputError, match="max_length must be a positive int"):
+    with pytest.raises(CacheInputError, match="max_length = 0 must be >= 1"):
         build_batch(items, max_length=0)
-    with pytest.raises(CacheInputError, match="pad_to_multiple_of must be >= 1"):
+    with pytest.raises(CacheInputError, match="pad_to_multiple_of = 0 must be >= 1"):
         build_batch(items, pad_to_multiple_of=0)
     with pytest.raises(CacheInputError, match="at least one sample"):
         build_batch([])

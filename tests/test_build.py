@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,6 +24,7 @@ from build_helpers import (
     make_samples,
     reference_logprobs,
     save_tiny_llama,
+    save_tiny_tokenizer,
     write_jsonl,
 )
 from target_sft import TeacherCache
@@ -212,6 +214,11 @@ def test_plan_batches_respects_the_token_budget():
         ({"input_ids": [5, 6], "id": 1.5}, "must be an int or a str"),
         ({"input_ids": []}, "input_ids is empty"),
         ({"input_ids": [[5, 6]]}, "must be a 1-D sequence"),
+        (
+            {"input_ids": [5, VOCAB + 3, 6]},
+            f"input_ids[1] = {VOCAB + 3} is outside the teacher's vocabulary (its input "
+            f"embedding has {VOCAB} rows)",
+        ),
     ],
 )
 def test_bad_items_are_named(model, tmp_path, item, message):
@@ -245,6 +252,184 @@ def test_rerun_of_a_finished_build_adds_nothing(model_dir, samples, tmp_path):
         s["id"] = "new-" + s["id"]
     res = build(model_dir, samples + more, tmp_path / "c")
     assert res.stats.records_added == 10 and res.info.records == 50
+
+
+def changed(samples: list[dict], which: dict[int, str]) -> list[dict]:
+    """A copy of ``samples`` where sample i gets other tokens (``"tokens"``) or the same tokens
+    with other labels (``"labels"``: one more position masked), under the same key."""
+    out = [dict(s) for s in samples]
+    for i, what in which.items():
+        s = out[i]
+        if what == "tokens":
+            s["input_ids"] = [(t + 1) % VOCAB for t in s["input_ids"]]
+            s["labels"] = [t if t == -100 else (t + 1) % VOCAB for t in s["labels"]]
+        else:
+            sup = [t for t, y in enumerate(s["labels"]) if y != -100 and t >= 1]
+            assert sup, "pick a sample with a supervised position"
+            s["labels"] = [-100 if t == sup[0] else y for t, y in enumerate(s["labels"])]
+    return out
+
+
+def test_changed_data_under_cached_keys_is_an_error(model_dir, samples, tmp_path):
+    build(model_dir, samples, tmp_path / "c")
+    before = sorted(f.name for f in (tmp_path / "c").iterdir())
+    new = changed(samples, {5: "tokens", 9: "labels", 17: "tokens"})
+    with pytest.raises(CacheMismatchError) as e:
+        build(model_dir, new, tmp_path / "c")
+    msg = str(e.value)
+    assert "3 sample(s) of the dataset differ from the records cached under their keys" in msg
+    assert "(2 with other token ids, 1 with other labels only)" in msg
+    assert "key 's0005' (dataset item 5: other token ids)" in msg
+    assert "key 's0009' (dataset item 9: the same token ids but other labels" in msg
+    assert "key 's0017'" in msg
+    assert "new directory" in msg and "rebuild_changed=True" in msg and "--rebuild-changed" in msg
+    assert sorted(f.name for f in (tmp_path / "c").iterdir()) == before  # nothing touched
+    # the same check on a resume of an unfinished build, before any teacher batch
+    (tmp_path / "c" / "manifest.json").unlink()
+    batches = []
+    with pytest.raises(CacheMismatchError, match="2 sample"):
+        build(model_dir, changed(samples, {2: "labels", 30: "tokens"}), tmp_path / "c",
+              on_batch=batches.append)  # fmt: skip
+    assert batches == []
+
+
+def shard_files(path: Path) -> list[str]:
+    return sorted(f.name for f in path.iterdir() if f.suffix == ".safetensors")
+
+
+def test_rebuild_changed_replaces_exactly_the_changed_records(model_dir, samples, tmp_path):
+    kw = {"shard_size": 1024, "codec": "compact"}  # several shards, rewritten by frame copy
+    build(model_dir, samples, tmp_path / "c", **kw)
+    new = changed(samples, {1: "tokens", 5: "tokens", 9: "labels", 33: "tokens"})
+    res = build(model_dir, new, tmp_path / "c", rebuild_changed=True, **kw)
+    assert res.stats.records_replaced == 4 and res.stats.records_added == 4
+    assert res.stats.records_skipped == len(samples) - 4
+    build(model_dir, new, tmp_path / "fresh", **kw)
+    got, fresh = TeacherCache(tmp_path / "c"), TeacherCache(tmp_path / "fresh")
+    assert got.verify() == len(samples)  # every key once, every checksum
+    assert_records_equal(got, fresh)
+    assert set(shard_files(tmp_path / "c")) == {s["file"] for s in got.info.shards}
+    assert build(model_dir, new, tmp_path / "c", **kw).stats.records_added == 0  # agreement
+
+
+REBUILD_SCRIPT = """
+import json, sys
+from target_sft.build import build_teacher_cache
+data = json.load(open(sys.argv[2]))
+build_teacher_cache(sys.argv[1], data, sys.argv[3], top_k=8, codec="compact", shard_size=1024,
+                    progress=False, rebuild_changed=True)
+print("DONE", flush=True)
+"""
+
+
+@pytest.mark.parametrize(
+    "fault",
+    ["rewrite:shard-committed@1", "rewrite:manifest-stored@1", "rewrite:shard-committed@3"],
+)
+def test_rebuild_killed_at_any_step_resumes_to_every_record_once(
+    model_dir, samples, tmp_path, fault
+):
+    """kill -9 (SIGKILL from the writer's fault points) after a rewritten shard is committed but
+    not listed, after the manifest lists it but the old shard still exists, and in the middle
+    of several rewrites: the re-run ends with the records of a fresh build, each once."""
+    build(model_dir, samples, tmp_path / "c", codec="compact", shard_size=1024)
+    assert len(shard_files(tmp_path / "c")) > 4
+    new = changed(samples, {1: "tokens", 9: "labels", 20: "tokens", 33: "tokens", 39: "labels"})
+    (tmp_path / "new.json").write_text(json.dumps(new))
+    run = [sys.executable, "-c", REBUILD_SCRIPT, str(model_dir), str(tmp_path / "new.json"),
+           str(tmp_path / "c")]  # fmt: skip
+    killed = subprocess.run(run, capture_output=True, text=True,
+                            env=dict(os.environ, TARGET_SFT_FAULT=fault))  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not (tmp_path / "c" / "manifest.json").exists()  # no manifest naming a deleted shard
+    done = subprocess.run(run, capture_output=True, text=True)
+    assert done.returncode == 0 and "DONE" in done.stdout, done.stderr
+    build(model_dir, new, tmp_path / "fresh", codec="compact", shard_size=1024)
+    got = TeacherCache(tmp_path / "c")
+    assert got.verify() == len(samples)  # no key twice (the key map refuses duplicates)
+    assert_records_equal(got, TeacherCache(tmp_path / "fresh"))
+    assert set(shard_files(tmp_path / "c")) == {s["file"] for s in got.info.shards}
+
+
+def test_resume_accepts_the_same_teacher_under_any_path_and_refuses_other_weights(
+    samples, tmp_path, monkeypatch
+):
+    from transformers import AutoModelForCausalLM
+
+    base = tmp_path / "w"
+    save_tiny_llama(base / "t")
+    (base / "link").symlink_to(base / "t")
+    shutil.copytree(base / "t", tmp_path / "mnt" / "t")  # the same files on another mount
+    out = tmp_path / "c"
+    monkeypatch.chdir(base)
+    assert build("./t", samples[:10], out).stats.records_added == 10
+    assert build("t", samples[:20], out).stats.records_added == 10
+    monkeypatch.chdir(tmp_path)
+    assert build(str(base / "t"), samples[:25], out).stats.records_added == 5
+    assert build(base / "link", samples[:30], out).stats.records_added == 5
+    res = build(tmp_path / "mnt" / "t", samples, out)
+    assert res.stats.records_added == 10 and res.info.records == len(samples)
+    # one weight changed (not one the old 64-per-tensor sample looked at): another teacher
+    m = AutoModelForCausalLM.from_pretrained(base / "t", dtype=torch.float32)
+    with torch.no_grad():
+        m.model.layers[1].mlp.down_proj.weight.view(-1)[1] += 0.25
+    m.save_pretrained(tmp_path / "other")
+    save_tiny_tokenizer(tmp_path / "other")
+    with pytest.raises(CacheMismatchError, match=r"teacher\.weights_hash = "):
+        build(tmp_path / "other", samples, out)
+    # the same weights in another dtype are another teacher too
+    with pytest.raises(CacheMismatchError, match=r"teacher\.dtype = "):
+        build(base / "t", samples, out, dtype="bfloat16")
+
+
+def test_first_batches_without_supervision_and_all_unsupervised_data(model_dir, tmp_path):
+    # the shortest samples (planned first: two batches) have no supervised position
+    data = [{"id": i, "input_ids": [7, 8, 9], "labels": [-100] * 3} for i in range(6)]
+    data += [{"id": 10 + i, "input_ids": list(range(10, 30 + i))} for i in range(4)]
+    res = build(model_dir, data, tmp_path / "c", batch_tokens=9)
+    cache = TeacherCache(tmp_path / "c")
+    assert res.info.records == 10 and cache.info.vocab_size == VOCAB
+    assert cache[0].n_supervised == 0 and cache[12].n_supervised == 21
+    with pytest.raises(CacheInputError, match="none of the 6 samples has a supervised position"):
+        build(model_dir, data[:6], tmp_path / "d")
+    assert not (tmp_path / "d").exists() or not any((tmp_path / "d").iterdir())
+
+
+def test_one_shot_iterators_and_iterables_build_the_same_cache(model_dir, samples, tmp_path):
+    class Iterable:  # re-iterable, no length
+        def __iter__(self):
+            return iter(samples[:12])
+
+    build(model_dir, samples[:12], tmp_path / "a", batch_tokens=100, window=5)
+    build(model_dir, (s for s in samples[:12]), tmp_path / "b", batch_tokens=100, window=5)
+    build(model_dir, Iterable(), tmp_path / "c", batch_tokens=100, window=5)
+    for d in ("b", "c"):
+        assert_records_equal(TeacherCache(tmp_path / d), TeacherCache(tmp_path / "a"))
+
+
+def test_plan_deals_batches_to_every_rank():
+    from target_sft.build import _plan
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(2, 40, 600)
+    for bt, worlds in ((16_384, (2, 3)), (2048, (2, 3, 8))):  # 3 and 8 batches
+        one = _plan(lengths, 4096, bt, 256, 1)[0]
+        assert len(one) == (3 if bt == 16_384 else 8)
+        for world in worlds:
+            plan = _plan(lengths, 4096, bt, 256, world)
+            assert plan == _plan(lengths, 4096, bt, 256, world)  # deterministic
+            assert all(plan)  # no idle rank
+            # the same batches as on one rank (records computed in the same batch)
+            assert sorted(b for p in plan for b in p) == sorted(one)
+    plan = _plan(lengths, 64, 512, 256, 4)
+    padded = [sum(len(b) * max(lengths[b]) for b in p) for p in plan]
+    assert max(padded) - min(padded) <= max(len(b) * max(lengths[b]) for p in plan for b in p)
+    # tiny datasets: fewer batches than ranks are split so that every rank gets a sample
+    for n in (2, 3, 5):
+        plan = _plan(np.full(n, 5), 4096, 16_384, 256, n)
+        assert sorted(i for p in plan for b in p for i in b) == list(range(n))
+        assert all(len(p) == 1 and len(p[0]) == 1 for p in plan)
+    assert _plan(np.full(1, 5), 4096, 16_384, 256, 2) == [[[0]], []]
 
 
 KILL_SCRIPT = """
@@ -346,6 +531,45 @@ def test_torchrun_two_ranks_build_the_same_cache(model_dir, samples, tmp_path):
         build(model_dir, samples, tmp_path / "c")
 
 
+def test_torchrun_600_samples_in_one_window_keep_both_ranks_busy(model_dir, tmp_path):
+    """The issue's case: 600 samples, the default window (4,096) and batch size: one window,
+    whose batches are dealt to both ranks; the records are those of a one-rank build."""
+    samples = make_samples(600, seed=6)
+    data = write_jsonl(tmp_path / "d.jsonl", samples)
+    p = torchrun(
+        "--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "c"),
+        "--window", "4096", "--batch-tokens", "16384",
+        extra=("--master-port", str(free_port())),
+    )  # fmt: skip
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    added = {int(r): int(n) for r, n in re.findall(r"RANK (\d+) ADDED (\d+)", out)}
+    assert sorted(added) == [0, 1] and min(added.values()) > 0, out
+    assert sum(added.values()) == len(samples)
+    torch.set_num_threads(1)
+    try:
+        build(model_dir, samples, tmp_path / "ref")
+    finally:
+        torch.set_num_threads(os.cpu_count() or 1)
+    assert_records_equal(TeacherCache(tmp_path / "c"), TeacherCache(tmp_path / "ref"))
+    # changed samples held by both ranks' parts: refused on every rank, then rebuilt
+    new = changed(samples, {i: "tokens" for i in (3, 100, 250, 420, 599)})
+    args = ("--model", str(model_dir), "--data", str(write_jsonl(tmp_path / "n.jsonl", new)),
+            "--out", str(tmp_path / "c"), "--window", "4096", "--batch-tokens", "16384")  # fmt: skip
+    p = torchrun(*args, extra=("--master-port", str(free_port())))
+    _, err = p.communicate(timeout=300)
+    assert p.returncode != 0 and err.count("5 sample(s) of the dataset differ") >= 2, err
+    p = torchrun(*args, "--rebuild-changed", extra=("--master-port", str(free_port())))
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    added = {int(r): int(n) for r, n in re.findall(r"RANK (\d+) ADDED (\d+)", out)}
+    assert sum(added.values()) == 5
+    cache = TeacherCache(tmp_path / "c")
+    assert cache.verify() == len(samples)
+    for i in (3, 100, 250, 420, 599):
+        assert cache[new[i]["id"]].input_ids.tolist() == new[i]["input_ids"]
+
+
 def test_torchrun_two_nodes_on_localhost(model_dir, samples, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", samples)
     port = str(free_port())
@@ -381,7 +605,7 @@ def test_a_failing_rank_fails_the_build_and_a_rerun_resumes(model_dir, samples, 
     p = torchrun(*args, "--fail-rank", "1", extra=("--master-port", str(free_port())))
     _, err = p.communicate(timeout=300)
     assert p.returncode != 0
-    assert "rank 1: RuntimeError: injected failure at item 24" in err
+    assert "rank 1: RuntimeError: injected failure after batch 2" in err
     assert BuildError.__name__ in err  # rank 0 raised too, naming the failed rank
     assert not (tmp_path / "c" / "manifest.json").exists()
     kept = json.loads((tmp_path / "c" / "manifest.rank00001-of-00002.json").read_text())
@@ -439,3 +663,18 @@ def test_cli_build_reports_bad_lines(model_dir, tmp_path):
             "--out", str(tmp_path / "c"), "-q")  # fmt: skip
     assert r.returncode == 1
     assert "bad.jsonl:2 (sample 1) has no 'input_ids', 'messages'" in r.stderr
+
+
+def test_cli_rebuild_changed(model_dir, samples, tmp_path):
+    args = ("cache", "build", "--teacher", str(model_dir), "--out", str(tmp_path / "c"),
+            "--top-k", str(K), "-q")  # fmt: skip
+    build(model_dir, samples[:12], tmp_path / "c", codec="compact")  # the CLI's defaults
+    data = write_jsonl(tmp_path / "b.jsonl", changed(samples[:12], {4: "tokens"}))
+    r = cli(*args, "--data", str(data))
+    assert r.returncode == 1
+    assert "1 sample(s) of the dataset differ" in r.stderr and "--rebuild-changed" in r.stderr
+    r = cli(*args, "--data", str(data), "--rebuild-changed")
+    assert r.returncode == 0, r.stderr
+    assert TeacherCache(tmp_path / "c")["s0004"].input_ids.tolist() == [
+        (t + 1) % VOCAB for t in samples[4]["input_ids"]
+    ]

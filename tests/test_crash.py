@@ -62,7 +62,11 @@ def test_sigkill_mid_build_then_append_completes(tmp_path):
     assert 0 < n_committed < 400
     assert c.verify() == n_committed
     for name in os.listdir(path):
-        assert name.endswith(".safetensors") or name == "manifest.json" or name.startswith(".tmp-")
+        assert (
+            name.endswith(".safetensors")
+            or name == "manifest.json"
+            or name.startswith((".tmp-", ".lock"))
+        )
 
     # Resume: skip what is there, add the rest.
     recs = all_records()

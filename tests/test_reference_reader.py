@@ -35,6 +35,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 import reference_reader as rr
+from build_helpers import reseal_shard
 from target_sft import CacheWriter, TeacherCache
 from target_sft.errors import (
     CacheCorruptionError,
@@ -1665,21 +1666,6 @@ def test_compact_test_data_covers_every_path(tmp_path_factory):
 
 # --------------------------------------------------------------------------------------------
 # Damaged shard containers and indexes (§8): both readers refuse them.
-
-
-def reseal_shard(raw: bytearray) -> None:
-    """Recompute a version-2 shard's ``checksums`` tensor (§7) over its current bytes, as a
-    writer that wrote these (wrong) tables would have: what is left to catch the damage are the
-    structural checks behind the checksums."""
-    (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8 : 8 + n])
-    names = header["__metadata__"]["checksums"].split(",")
-    sums = [xxhash.xxh3_64_intdigest(bytes(raw[: 8 + n]))]
-    for region in names[1:]:
-        b, e = header[region]["data_offsets"]
-        sums.append(xxhash.xxh3_64_intdigest(bytes(raw[8 + n + b : 8 + n + e])))
-    b, e = header["checksums"]["data_offsets"]
-    raw[8 + n + b : 8 + n + e] = np.array(sums, dtype="<u8").tobytes()
 
 
 def patch_shard(path: Path, fn, reseal: bool = False) -> Path:

@@ -48,6 +48,7 @@ _EXPORTS: dict[str, str] = {
     "CacheKeyError": "target_sft.errors",
     "CacheMismatchError": "target_sft.errors",
     "CacheIOError": "target_sft.errors",
+    "CacheLockedError": "target_sft.errors",
     # losses
     "target_sft_loss": "target_sft.losses",
     "QTargetLoss": "target_sft.losses",
@@ -69,6 +70,7 @@ __all__ = [
     "CacheInfo",
     "CacheInputError",
     "CacheKeyError",
+    "CacheLockedError",
     "CacheMismatchError",
     "CacheRecord",
     "CacheSample",

@@ -6,11 +6,13 @@ One call, on one device or on every rank of a ``torchrun`` job::
 
 How it works (docs/BUILD.md has the details):
 
-* **Plan.** The dataset is cut into *windows* of ``window`` consecutive samples. Window ``w`` belongs
-  to rank ``w % world_size``. Inside a window, samples are sorted by length and packed greedily
-  into batches of at most ``batch_tokens`` padded tokens. The plan depends only on the dataset, so
-  a record is computed from the same batch whatever the world size and however often the build
-  was interrupted.
+* **Plan.** Every rank reads the whole dataset once before the teacher loads (each sample is
+  checked, its length and hashes kept). The dataset is cut into *windows* of ``window``
+  consecutive samples; inside a window, samples are sorted by length and packed greedily into
+  batches of at most ``batch_tokens`` padded tokens. The batches are dealt to the ranks, largest
+  first, to the least loaded rank. The batches depend only on the dataset, so a record is
+  computed from the same batch whatever the world size and however often the build was
+  interrupted (except for a dataset with fewer batches than ranks, see :func:`_plan`).
 * **Teacher.** Each batch runs under ``torch.inference_mode``. Only the logits of supervised
   positions are formed when the model supports it (Hugging Face ``logits_to_keep`` with a boolean
   mask). Log-softmax in float32 at the requested temperature, top-k, the label's log-prob and rank
@@ -21,6 +23,8 @@ How it works (docs/BUILD.md has the details):
   own manifest (``manifest.rank00001-of-00002.json``) through an append-mode
   :class:`~target_sft.cache.CacheWriter`: committed shards are kept, and a re-run skips every
   batch whose records are all present and recomputes the others (with the same composition).
+  Before the teacher runs, every sample whose key is cached is compared with its record (token
+  hash and labels); a difference is an error unless ``rebuild_changed`` drops those records.
 * **Finish.** All ranks report success or their error to each other (``torch.distributed`` on a
   gloo group); if every rank succeeded, rank 0 merges the per-rank manifests into
   ``manifest.json`` (marked complete). If any rank failed, every rank raises
@@ -32,7 +36,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import math
 import os
 import re
 import sys
@@ -45,8 +48,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from target_sft.cache import IGNORE_INDEX, CacheInfo, CacheWriter, merge_manifests
-from target_sft.errors import BuildError, CacheInputError
+from target_sft import _core
+from target_sft.cache import IGNORE_INDEX, CacheInfo, CacheWriter, _check_wait, merge_manifests
+from target_sft.errors import BuildError, CacheInputError, CacheMismatchError
 from target_sft.fingerprint import tokenizer_fingerprint  # re-exported: the builder's name
 from target_sft.sft_data import JsonlDataset, SFTSource, Truncation, prepare_row, tokenize_sft
 
@@ -78,6 +82,7 @@ class BuildStats:
     world_size: int = 1
     records_added: int = 0
     records_skipped: int = 0
+    records_replaced: int = 0  # dropped because their data changed (rebuild_changed=True)
     tokens: int = 0
     supervised: int = 0
     batches: int = 0
@@ -93,7 +98,9 @@ class BuildStats:
         tps = self.supervised / self.seconds if self.seconds > 0 else 0.0
         return (
             f"rank {self.rank}/{self.world_size}: {self.records_added:,} records added "
-            f"({self.records_skipped:,} already cached), {self.tokens:,} tokens "
+            f"({self.records_skipped:,} already cached"
+            + (f", {self.records_replaced:,} replaced" if self.records_replaced else "")
+            + f"), {self.tokens:,} tokens "
             f"({self.supervised:,} supervised) in {self.batches:,} batches, {self.seconds:.1f} s "
             f"({tps:,.0f} supervised tok/s); teacher {self.teacher_seconds:.1f} s, "
             f"other {100 * self.overhead_fraction:.1f}%"
@@ -190,26 +197,51 @@ def _sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _weights_hash(model: Any) -> str:
-    """A cheap fingerprint of the weights: name, shape, dtype and 64 values of each tensor."""
+_HASH_CHUNK = 64 << 20  # bytes of a tensor hashed at once (part of the weights_hash definition)
+
+
+def _tensor_digest(t: torch.Tensor) -> str:
+    """XXH3-128 digests of a tensor's bytes in 64 MiB chunks (copied to the host one chunk at a
+    time), joined: every value counts."""
     import torch
 
+    from target_sft import _core
+
+    if t.is_meta:  # offloaded to disk: no values in memory
+        raise CacheInputError(
+            "the teacher has weights on the meta device (offloaded); load it fully so that its "
+            "weights can be fingerprinted"
+        )
+    flat = t.detach().contiguous().reshape(-1)
+    if flat.dtype == torch.bool:
+        flat = flat.to(torch.uint8)
+    raw = flat.view(torch.uint8) if flat.numel() else flat.to(torch.uint8)
+    parts = []
+    for a in range(0, max(raw.numel(), 1), _HASH_CHUNK):
+        parts.append(_core.xxh3_128(raw[a : a + _HASH_CHUNK].cpu().numpy()))
+    return ",".join(parts)
+
+
+def _weights_hash(model: Any) -> str:
+    """A fingerprint of the weights' content: name, shape, dtype and every byte of each tensor
+    of the state dict (tied tensors hashed once). Independent of where the weights were loaded
+    from (path spelling, mount, file sharding or format)."""
     h = hashlib.sha256()
-    with torch.no_grad():
-        for name, p in sorted(model.state_dict().items()):
-            flat = p.detach().reshape(-1)
-            n = flat.numel()
-            idx = torch.linspace(0, max(n - 1, 0), steps=min(n, 64), device=flat.device).long()
-            sample = flat[idx].float().cpu().numpy().tobytes()
-            h.update(f"{name}:{tuple(p.shape)}:{p.dtype}:".encode())
-            h.update(sample)
+    done: dict[tuple[Any, ...], str] = {}
+    for name, p in sorted(model.state_dict().items()):
+        ident = (p.device, p.data_ptr(), p.dtype, tuple(p.shape), tuple(p.stride()))
+        if ident not in done or p.data_ptr() == 0:
+            done[ident] = _tensor_digest(p)
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}:{done[ident]};".encode())
     return h.hexdigest()
 
 
 def teacher_fingerprint(model: Any) -> dict[str, Any]:
-    """The manifest's ``teacher`` entry: name/path, revision, config hash, dtype, weights hash.
-
-    Two caches agree on it exactly when they were built by the same weights in the same dtype."""
+    """The manifest's ``teacher`` entry: ``architecture``, ``config_hash``, ``dtype`` and
+    ``weights_hash`` (a hash of every weight) identify the teacher; ``name`` (the path or hub
+    name it was loaded from) and ``revision`` are informational. Two builds agree on it exactly
+    when they use the same weights in the same dtype, wherever the files were read from
+    (docs/FORMAT.md §1). A plain callable is identified by its qualified name."""
     config = getattr(model, "config", None)
     if config is None:  # a plain callable
         name = getattr(model, "__qualname__", type(model).__qualname__)
@@ -335,7 +367,46 @@ class _Runner:
         self.pass_positions = "position_ids" in sig
         self.keep_mask = "logits_to_keep" in sig and _supports_mask_keep()
         self.pass_use_cache = "use_cache" in sig
-        self.vocab_size: int | None = None
+        self.vocab_size: int | None = None  # logits per position (from the first forward)
+        self.input_vocab = _input_vocab(model)  # rows of the input embedding, when known
+
+    def output_vocab(self) -> int:
+        """Logits per position: from the forward passes so far, else the output embedding or
+        ``config.vocab_size``, else a one-token probe (for a writer opened before any batch with
+        a supervised position)."""
+        import torch
+
+        if self.vocab_size is None:
+            emb = None if self.callable_only else self.model.get_output_embeddings()
+            rows = getattr(emb, "weight", None)
+            cfg = getattr(self.model, "config", None)
+            if rows is not None and rows.dim() == 2:
+                self.vocab_size = int(rows.shape[0])
+            elif getattr(cfg, "vocab_size", None):
+                self.vocab_size = int(cfg.vocab_size)
+            else:
+                with torch.inference_mode():
+                    out = self.model(torch.zeros((1, 1), dtype=torch.long, device=self.device))
+                logits = getattr(out, "logits", out)
+                if isinstance(logits, (tuple, list)):
+                    logits = logits[0]
+                self.vocab_size = int(logits.shape[-1])
+        return self.vocab_size
+
+    def check_inputs(self, items: Sequence[_Item]) -> None:
+        """Every input id below the teacher's input vocabulary (an id past it would fail inside
+        the embedding without naming the sample)."""
+        v = self.input_vocab
+        if v is None:
+            return
+        for it in items:
+            if len(it.input_ids) and int(it.input_ids.max()) >= v:
+                t = int(np.argmax(it.input_ids >= v))
+                raise CacheInputError(
+                    f"dataset item {it.index} (key {it.key!r}): input_ids[{t}] = "
+                    f"{int(it.input_ids[t])} is outside the teacher's vocabulary (its input "
+                    f"embedding has {v} rows); was the data tokenized for another model?"
+                )
 
     def _logits(
         self, ids: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor, batch: _Batch
@@ -390,12 +461,18 @@ class _Runner:
         if pin:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
+        self.check_inputs(batch.items)
         with torch.inference_mode():
             if n:
                 logits = self._logits(ids, mask, keep, batch)
                 v = int(logits.shape[-1])
                 if self.vocab_size is None:
                     self.vocab_size = v
+                elif v != self.vocab_size:
+                    raise CacheInputError(
+                        f"the teacher returned {v} logits per position for {batch.where(0)} "
+                        f"but {self.vocab_size} before (or in its output embedding)"
+                    )
                 if int(batch.targets.max(initial=0)) >= v:
                     bad = int(np.argmax(batch.targets >= v))
                     raise CacheInputError(
@@ -430,6 +507,20 @@ class _Runner:
         return _Pending(
             batch, out_ids, out_lp, out_lab, out_rank, time.perf_counter() - t0, entropy=out_ent
         )
+
+
+def _input_vocab(model: Any) -> int | None:
+    """Rows of a model's input embedding (else ``config.vocab_size``); None for a callable."""
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        emb = get() if callable(get) else None
+    except (AttributeError, NotImplementedError):
+        emb = None
+    w = getattr(emb, "weight", None)
+    if w is not None and getattr(w, "dim", lambda: 0)() == 2:
+        return int(w.shape[0])
+    v = getattr(getattr(model, "config", None), "vocab_size", None)
+    return int(v) if v else None
 
 
 def _supports_mask_keep() -> bool:
@@ -467,35 +558,194 @@ def _make_item(
     return _Item(index, *prepare_row(index, obj, id_field=id_field))
 
 
-def _windows(
-    dataset: Any, window: int, rank: int, world: int, id_field: str | None
-) -> Iterator[list[_Item]]:
-    """This rank's windows (window ``w`` of ``window`` consecutive items goes to rank
-    ``w % world``). Sized datasets are indexed directly; iterables are walked. An
-    :class:`SFTSource` makes the items (tokenisation, keys, row locations)."""
-    source = dataset if isinstance(dataset, SFTSource) else None
+def _hash_ids(a: np.ndarray) -> int:
+    """XXH3-64 of int32 ids (the records' ``token_hash``, FORMAT.md §7)."""
+    from target_sft import _core
+
+    return int(_core.token_hash(a))
+
+
+@dataclass
+class _Scan:
+    """What the planning pass learnt about every sample (no token ids kept, except for a
+    dataset that can be iterated only once)."""
+
+    keys: list[int | str]
+    lengths: np.ndarray  # int64 [N]
+    n_supervised: np.ndarray  # int64 [N]: rows (labels[t] != -100, t >= 1)
+    token_hash: np.ndarray  # uint64 [N]
+    labels_hash: np.ndarray  # uint64 [N]
+    max_id: np.ndarray  # int64 [N]: the largest input id
+    max_id_at: np.ndarray  # int64 [N]: its first position
+    items: list[_Item] | None = None
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def check_same(self, it: _Item) -> None:
+        """An item read again for the teacher pass is the one that was planned."""
+        i = it.index
+        if (
+            i >= len(self.keys)
+            or it.key != self.keys[i]
+            or _hash_ids(it.input_ids) != int(self.token_hash[i])
+            or _hash_ids(it.labels) != int(self.labels_hash[i])
+        ):
+            raise CacheInputError(
+                f"dataset item {i} (key {it.key!r}) differs between two passes over the dataset "
+                "(planning, then the teacher); the dataset must yield the same samples each time "
+                "it is iterated (no shuffling or random augmentation)"
+            )
+
+
+def _source(dataset: Any) -> SFTSource | None:
+    return dataset if isinstance(dataset, SFTSource) else None
+
+
+def _iter_items(dataset: Any, id_field: str | None) -> Iterator[_Item]:
+    source = _source(dataset)
     if hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
-        n = len(dataset)
-        for w in range(rank, math.ceil(n / window), world):
-            lo, hi = w * window, min(n, (w + 1) * window)
-            yield [_make_item(i, dataset[i], id_field, source) for i in range(lo, hi)]
+        for i in range(len(dataset)):
+            yield _make_item(i, dataset[i], id_field, source)
+    else:
+        for i, obj in enumerate(dataset):
+            yield _make_item(i, obj, id_field, source)
+
+
+def _scan(dataset: Any, id_field: str | None) -> _Scan:
+    """The planning pass: every sample is read and checked once, before the teacher loads."""
+    once = not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")) and (
+        iter(dataset) is dataset
+    )
+    keys: list[int | str] = []
+    cols: list[list[int]] = [[], [], [], [], [], []]
+    kept: list[_Item] | None = [] if once else None
+    for it in _iter_items(dataset, id_field):
+        keys.append(it.key)
+        top = int(np.argmax(it.input_ids))
+        for c, v in zip(
+            cols,
+            (
+                len(it.input_ids),
+                it.n_rows,
+                _hash_ids(it.input_ids),
+                _hash_ids(it.labels),
+                int(it.input_ids[top]),
+                top,
+            ),
+            strict=True,
+        ):
+            c.append(v)
+        if kept is not None:
+            kept.append(it)
+    ln, ns, th, lh, mx, at = cols
+    scan = _Scan(
+        keys,
+        np.asarray(ln, np.int64),
+        np.asarray(ns, np.int64),
+        np.asarray(th, np.uint64),
+        np.asarray(lh, np.uint64),
+        np.asarray(mx, np.int64),
+        np.asarray(at, np.int64),
+        kept,
+    )
+    if len(scan) and not scan.n_supervised.any():
+        raise CacheInputError(
+            f"none of the {len(scan):,} samples has a supervised position (a label other than "
+            "-100 at a position t >= 1): there is nothing to cache. Check the labels (the "
+            "prompt/assistant masking) of the dataset"
+        )
+    return scan
+
+
+def _check_ids_fit(scan: _Scan, runner: _Runner) -> None:
+    """Every sample's input ids below the teacher's input vocabulary (before any forward)."""
+    v = runner.input_vocab
+    if v is None or not len(scan) or int(scan.max_id.max()) < v:
         return
-    buf: list[_Item] = []
+    i = int(np.argmax(scan.max_id >= v))
+    raise CacheInputError(
+        f"dataset item {i} (key {scan.keys[i]!r}): input_ids[{int(scan.max_id_at[i])}] = "
+        f"{int(scan.max_id[i])} is outside the teacher's vocabulary (its input embedding has {v} "
+        "rows); was the data tokenized for another model?"
+    )
+
+
+def _plan(
+    lengths: np.ndarray, window: int, batch_tokens: int, max_batch_size: int, world: int
+) -> list[list[list[int]]]:
+    """Each rank's batches (global sample indices), in the order it runs them.
+
+    Batches are planned per window of ``window`` consecutive samples (:func:`plan_batches`),
+    independently of the world size. They are then dealt to ranks window by window, largest
+    (padded tokens) first, each to the rank with the fewest padded tokens so far (ties: the lower
+    rank), so every rank gets work as soon as there are at least ``world_size`` batches.
+    Exception for tiny datasets: when the whole plan has fewer batches than ranks but at least as
+    many samples, the batches with the most samples are halved until every rank can get one (the
+    batch composition, hence the float noise of the records, then depends on the world size)."""
+    n = len(lengths)
+    windows: list[list[list[int]]] = []
+    for lo in range(0, n, window):
+        part = lengths[lo : lo + window].tolist()
+        windows.append(
+            [[lo + i for i in b] for b in plan_batches(part, batch_tokens, max_batch_size)]
+        )
+    total = sum(len(w) for w in windows)
+    while world > total and n >= world:
+        w, b = max(
+            ((w, b) for w in range(len(windows)) for b in range(len(windows[w]))),
+            key=lambda wb: (len(windows[wb[0]][wb[1]]), -wb[0], -wb[1]),
+        )
+        big = windows[w][b]
+        windows[w][b : b + 1] = [big[: len(big) // 2], big[len(big) // 2 :]]
+        total += 1
+    load = [0] * world
+    out: list[list[list[int]]] = [[] for _ in range(world)]
+    for batches in windows:
+        padded = [len(b) * int(max(lengths[i] for i in b)) for b in batches]
+        owner = [0] * len(batches)
+        for j in sorted(range(len(batches)), key=lambda j: (-padded[j], j)):
+            r = min(range(world), key=lambda r: (load[r], r))
+            owner[j] = r
+            load[r] += padded[j]
+        for j, b in enumerate(batches):  # each rank runs its batches in plan order
+            out[owner[j]].append(b)
+    return out
+
+
+def _batches_of(
+    dataset: Any, scan: _Scan, batches: list[list[int]], id_field: str | None
+) -> Iterator[list[_Item]]:
+    """The items of ``batches`` (this rank's), read again from the dataset and checked against
+    the planning pass. Sized datasets are indexed directly; iterables are walked once."""
+    if scan.items is not None:
+        for b in batches:
+            yield [scan.items[i] for i in b]
+        return
+    if hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
+        for b in batches:
+            items = [_make_item(i, dataset[i], id_field, _source(dataset)) for i in b]
+            for it in items:
+                scan.check_same(it)
+            yield items
+        return
+    mine = {i for b in batches for i in b}
+    got: dict[int, _Item] = {}
+    nb = 0
     for i, obj in enumerate(dataset):
-        if (i // window) % world == rank:
-            buf.append(_make_item(i, obj, id_field, source))
-            if len(buf) == window:
-                yield buf
-                buf = []
-    if buf:
-        yield buf
-
-
-def _rank_share(dataset: Any, window: int, rank: int, world: int) -> int | None:
-    if not hasattr(dataset, "__len__"):
-        return None
-    n = len(dataset)
-    return sum(min(n, (w + 1) * window) - w * window for w in range(rank, -(-n // window), world))
+        if i in mine:
+            it = _make_item(i, obj, id_field, _source(dataset))
+            scan.check_same(it)
+            got[i] = it
+        # the batches of a window are complete once its last sample is read
+        while nb < len(batches) and max(batches[nb]) <= i:
+            yield [got.pop(i) for i in batches[nb]]
+            nb += 1
+    if nb < len(batches):
+        raise CacheInputError(
+            f"the dataset yielded fewer samples on its second pass than on the first "
+            f"({len(scan):,}); it must yield the same samples each time it is iterated"
+        )
 
 
 def plan_batches(lengths: Sequence[int], batch_tokens: int, max_batch_size: int) -> list[list[int]]:
@@ -633,6 +883,8 @@ def build_teacher_cache(
     world_size: int | None = None,
     dist_timeout: timedelta = timedelta(hours=12),
     on_batch: Callable[[BuildStats], None] | None = None,
+    rebuild_changed: bool = False,
+    wait: bool | float = False,
 ) -> BuildResult:
     """Cache a teacher's top-``k`` log-probs for every sample of ``dataset`` in ``path``.
 
@@ -647,11 +899,13 @@ def build_teacher_cache(
             or a ``.jsonl``/``.parquet`` path or ``save_to_disk`` directory. Every row's key and
             schema are checked, and the first rows tokenised, before the teacher loads
             (:class:`~target_sft.sft_data.SFTSource`).
-        path: the cache directory. If it holds an unfinished build, the build resumes.
+        path: the cache directory. If it holds a build, the build resumes: samples whose key
+            is cached are skipped when their token ids and labels equal the cached record's,
+            and are an error (:class:`CacheMismatchError`) when they differ.
         top_k, temperature, codec: what is cached (see :class:`~target_sft.cache.CacheWriter`).
         batch_tokens: padded tokens per teacher batch; ``max_batch_size`` caps samples per batch.
-        window: samples per planning window (sorted by length inside; also the unit of work
-            given to a rank).
+        window: samples per planning window (sorted by length inside); its batches are dealt
+            to the ranks.
         tokenizer: tokenises text rows and is recorded in the manifest (fingerprint); a path
             or object, loaded from the teacher's directory when not given.
         id_field: the row field holding the record key (an int or a str; rows without it are
@@ -666,6 +920,13 @@ def build_teacher_cache(
         progress: show a tqdm bar (default: on rank 0 when stderr is a terminal or in notebooks).
         rank, world_size: override ``torch.distributed`` / ``RANK``/``WORLD_SIZE``.
         on_batch: called after every batch handed to the writer (for monitoring and tests).
+        rebuild_changed: on resume, drop the cached records whose sample changed (other token
+            ids or labels under the same key) and compute them again, instead of raising.
+        wait: when another live process writes this rank's files in ``path`` (another build, or
+            a :class:`~target_sft.cache.CacheWriter` of ``manifest.json``): ``False`` raises
+            :class:`CacheLockedError` once the data is checked (before the teacher loads),
+            naming it; ``True`` waits; a number waits at most that many seconds
+            (docs/FORMAT.md §6).
 
     Returns:
         :class:`BuildResult` with the merged cache's :class:`CacheInfo` and this rank's stats.
@@ -674,7 +935,8 @@ def build_teacher_cache(
         CacheInputError: bad input (a duplicate key, a row in no known format, a turn without
             content, ...), naming the row (``path:line`` for JSONL) and the field; raised
             before the teacher loads.
-        CacheMismatchError: ``path`` holds a build with other settings (names the field).
+        CacheMismatchError: ``path`` holds a build with other settings (names the field), or
+            records whose sample changed (names them; see ``rebuild_changed``).
         BuildError: another rank failed (every rank raises; re-run to resume).
     """
     if top_k < 1:
@@ -688,63 +950,57 @@ def build_teacher_cache(
     out = Path(path)
     dist = _dist_context(rank, world_size, dist_timeout)
     stats = BuildStats(rank=dist.rank, world_size=dist.world)
+    job = _RankBuild(
+        teacher=teacher,
+        tokenizer=tokenizer,
+        dataset=dataset,
+        out=out,
+        dist=dist,
+        stats=stats,
+        top_k=top_k,
+        temperature=float(temperature),
+        codec=codec,
+        batch_tokens=batch_tokens,
+        max_batch_size=max_batch_size,
+        window=window,
+        dtype=dtype,
+        device=device,
+        id_field=id_field,
+        max_length=max_length,
+        truncation=truncation,
+        padding_side=padding_side,
+        pad_token_id=pad_token_id,
+        shard_size=shard_size,
+        writer_threads=writer_threads,
+        chunk_bytes=chunk_bytes,
+        progress=progress,
+        on_batch=on_batch,
+        rebuild_changed=rebuild_changed,
+        wait=wait,
+    )
     error: BaseException | None = None
+    # Every rank runs the same steps and meets the others between them (the resume check reads
+    # every rank's part, so all writers must have opened theirs first; records dropped for a
+    # rebuild must be gone from every part before any rank writes their replacements).
+    steps = (job.prepare, job.check, job.drop, job.run)
+    for i, step in enumerate(steps):
+        if error is None:
+            try:
+                step()
+            except BaseException as e:  # report to the other ranks before raising
+                error = e
+        if i < len(steps) - 1:
+            error = _sync(dist, error, out)
+    if error is not None:
+        job.abort()
     try:
-        _check_directory(out, dist.world)
-        # The data first (the tokenizer is cheap, a teacher takes minutes to load): every rank
-        # checks every row's key and schema and tokenises the first rows.
-        tok = load_tokenizer(teacher, tokenizer)
-        dataset = SFTSource(
-            dataset, tok, id_field=id_field, max_length=max_length, truncation=truncation
-        )
-        dataset.check()
-        model = load_teacher(teacher, dtype=dtype, device=device, local_rank=dist.local_rank)
-        teacher_fp = teacher_fingerprint(model)
-        tok_fp = tokenizer_fingerprint(tok)
-        if pad_token_id is None:
-            pad_token_id = getattr(tok, "pad_token_id", None) or 0
-        runner = _Runner(model, top_k, float(temperature), chunk_bytes)
-        _run_rank(
-            runner,
-            dataset,
-            out,
-            dist,
-            stats,
-            top_k=top_k,
-            temperature=float(temperature),
-            codec=codec,
-            batch_tokens=batch_tokens,
-            max_batch_size=max_batch_size,
-            window=window,
-            id_field=id_field,
-            padding_side=padding_side,
-            pad_id=int(pad_token_id),
-            teacher_fp=teacher_fp,
-            tok_fp=tok_fp,
-            shard_size=shard_size,
-            writer_threads=writer_threads,
-            progress=progress,
-            on_batch=on_batch,
-        )
-    except BaseException as e:  # report to the other ranks before raising
-        error = e
-    try:
-        reports = dist.all_gather(
-            None if error is None else f"{type(error).__name__}: {error}".splitlines()[0]
-        )
+        error = _sync(dist, error, out)
         all_stats = dist.all_gather(stats)
-        failed = [(r, msg) for r, msg in enumerate(reports) if msg is not None]
         if error is not None:
             raise error
-        if failed:
-            raise BuildError(
-                "the build failed on "
-                + "; ".join(f"rank {r}: {msg}" for r, msg in failed)
-                + f". Committed shards are kept in {out}; run the same command again to resume."
-            )
         if dist.rank == 0:
             parts = [_rank_files(r, dist.world)[1] for r in range(dist.world)]
-            info = merge_manifests(out, parts, complete=True)
+            info = merge_manifests(out, parts, complete=True, wait=wait)
         dist.barrier()
         if dist.rank != 0:
             info = CacheInfo.from_manifest(out, json.loads((out / "manifest.json").read_text()))
@@ -776,155 +1032,246 @@ def _bytes_per_token(out: Path, manifest_name: str) -> float | None:
     return sum(s["bytes"] for s in m.get("shards", [])) / sup if sup else None
 
 
-def _run_rank(
-    runner: _Runner,
-    dataset: Any,
-    out: Path,
-    dist: _Dist,
-    stats: BuildStats,
-    *,
-    top_k: int,
-    temperature: float,
-    codec: str,
-    batch_tokens: int,
-    max_batch_size: int,
-    window: int,
-    id_field: str | None,
-    padding_side: str,
-    pad_id: int,
-    teacher_fp: dict[str, Any],
-    tok_fp: dict[str, Any],
-    shard_size: int | str,
-    writer_threads: int,
-    progress: bool | None,
-    on_batch: Callable[[BuildStats], None] | None,
-) -> None:
-    from tqdm.auto import tqdm
+def _sync(dist: _Dist, error: BaseException | None, out: Path) -> BaseException | None:
+    """Tell every rank whether this one failed (all ranks call it at the same points). Returns
+    this rank's error, or a :class:`BuildError` naming the failed ranks when another failed."""
+    if dist.world == 1:
+        return error
+    reports = dist.all_gather(
+        None if error is None else f"{type(error).__name__}: {error}".splitlines()[0]
+    )
+    failed = [(r, msg) for r, msg in enumerate(reports) if msg is not None]
+    if error is not None or not failed:
+        return error
+    return BuildError(
+        "the build failed on "
+        + "; ".join(f"rank {r}: {msg}" for r, msg in failed)
+        + f". Committed shards are kept in {out}; run the same command again to resume."
+    )
 
-    prefix, manifest_name = _rank_files(dist.rank, dist.world)
-    writer: CacheWriter | None = None
-    existing = out / manifest_name
 
-    def open_writer(vocab_size: int) -> CacheWriter:
-        return CacheWriter(
-            out,
-            top_k=top_k,
+def _resume_state(
+    out: Path, world: int, rank: int, scan: _Scan, rebuild_changed: bool
+) -> tuple[set[int | str], list[int | str], int]:
+    """Compare the dataset with what every rank's part of ``out`` holds: returns the keys that
+    stay cached, the keys this rank's part must drop (their data changed and
+    ``rebuild_changed``) and how many changed in all. A changed sample is an error otherwise.
+
+    A sample has changed when its key is cached but its token ids (``token_hash``) or its labels
+    (a hash of the cached labels, decoded from each record's tokens section) differ."""
+    from target_sft import _core
+
+    names = [_rank_files(r, world)[1] for r in range(world)]
+    if not any((out / n).exists() for n in names):
+        return set(), [], 0
+    keys, th, lh, ns, part = _core.scan_parts(str(out), names)
+    index = {k: i for i, k in enumerate(scan.keys)}
+    changed: list[tuple[int | str, int, str]] = []
+    mine: list[int | str] = []
+    for j, k in enumerate(keys):
+        i = index.get(k)
+        if i is None:
+            continue  # a record of a sample that is not in this dataset: kept
+        if th[j] != scan.token_hash[i]:
+            what = "other token ids"
+        elif lh[j] != scan.labels_hash[i]:
+            what = (
+                f"the same token ids but other labels ({int(scan.n_supervised[i])} supervised "
+                f"positions, {int(ns[j])} cached)"
+            )
+        else:
+            continue
+        changed.append((k, i, what))
+        if int(part[j]) == rank:
+            mine.append(k)
+    if changed and not rebuild_changed:
+        n_tok = sum(w == "other token ids" for _, _, w in changed)
+        first = "; ".join(f"key {k!r} (dataset item {i}: {w})" for k, i, w in changed[:5])
+        raise CacheMismatchError(
+            f"{len(changed):,} sample(s) of the dataset differ from the records cached under their "
+            f"keys in {out} ({n_tok:,} with other token ids, {len(changed) - n_tok:,} with other "
+            f"labels only); first: {first}. The cache was built from other data: build into a "
+            "new directory (another path / --out), or pass rebuild_changed=True (CLI "
+            "--rebuild-changed) to drop those records and compute them again"
+        )
+    return set(keys) - {k for k, _, _ in changed}, mine, len(changed)
+
+
+class _RankBuild:
+    """One rank's share of a build, in steps that every rank runs in the same order:
+    :meth:`prepare` (read and plan the dataset, load the teacher, reopen this rank's part),
+    :meth:`check` (compare the dataset with every part), :meth:`drop` (remove changed records
+    from this rank's part, for a rebuild), :meth:`run` (the teacher and the writer)."""
+
+    def __init__(self, **kw: Any) -> None:
+        self.__dict__.update(kw)
+        self.writer: CacheWriter | None = None
+        self.cached: set[int | str] = set()
+        self.drops: list[int | str] = []
+        self.n_changed = 0
+        self.prefix, self.manifest_name = _rank_files(self.dist.rank, self.dist.world)
+
+    def open_writer(self, vocab_size: int) -> CacheWriter:
+        self.writer = CacheWriter(
+            self.out,
+            top_k=self.top_k,
             vocab_size=vocab_size,
-            codec=codec,  # type: ignore[arg-type]
-            temperature=temperature,
-            tokenizer=tok_fp,
-            teacher=teacher_fp,
+            codec=self.codec,
+            temperature=self.temperature,
+            tokenizer=self.tok_fp,
+            teacher=self.teacher_fp,
             mode="append",
-            shard_size=shard_size,
-            threads=writer_threads,
-            shard_prefix=prefix,
-            manifest_name=manifest_name,
+            shard_size=self.shard_size,
+            threads=self.writer_threads,
+            shard_prefix=self.prefix,
+            manifest_name=self.manifest_name,
+            wait=self.wait,
+        )
+        return self.writer
+
+    def prepare(self) -> None:
+        out, dist = self.out, self.dist
+        _check_directory(out, dist.world)
+        tok = load_tokenizer(self.teacher, self.tokenizer)
+        # The data first (the tokenizer is cheap, a teacher takes minutes to load): every rank
+        # checks every row's key and schema, then tokenises every row for the plan (which deals
+        # batches to ranks by their size) and the resume check.
+        self.dataset = SFTSource(
+            self.dataset,
+            tok,
+            id_field=self.id_field,
+            max_length=self.max_length,
+            truncation=self.truncation,
+        )
+        self.dataset.check()
+        self.scan = _scan(self.dataset, self.id_field)
+        plan = _plan(
+            self.scan.lengths, self.window, self.batch_tokens, self.max_batch_size, dist.world
+        )
+        self.batches = plan[dist.rank]
+        # refuse (or wait) before the teacher loads if another live writer owns this rank's
+        # files; the writer takes the same locks for good when it opens
+        _core.check_writer_locks(str(out), self.prefix, self.manifest_name, _check_wait(self.wait))
+        model = load_teacher(
+            self.teacher, dtype=self.dtype, device=self.device, local_rank=dist.local_rank
+        )
+        self.runner = _Runner(model, self.top_k, self.temperature, self.chunk_bytes)
+        _check_ids_fit(self.scan, self.runner)
+        self.teacher_fp = teacher_fingerprint(model)
+        self.tok_fp = tokenizer_fingerprint(tok)
+        pad = self.pad_token_id
+        self.pad_id = int(pad if pad is not None else getattr(tok, "pad_token_id", None) or 0)
+        existing = out / self.manifest_name
+        shards = sorted(out.glob(f"{self.prefix}-*.safetensors"))
+        if existing.exists() or shards:  # reopen this rank's part (settings checked there)
+            vocab = json.loads(existing.read_text())["vocab_size"] if existing.exists() else None
+            if vocab is None:  # shards but no manifest yet: peek at a shard's metadata
+                from safetensors import safe_open
+
+                with safe_open(str(shards[0]), "np") as f:
+                    vocab = int(f.metadata()["vocab_size"])
+            self.open_writer(vocab)
+
+    def check(self) -> None:
+        self.cached, self.drops, self.n_changed = _resume_state(
+            self.out, self.dist.world, self.dist.rank, self.scan, self.rebuild_changed
         )
 
-    if existing.exists() or any(out.glob(f"{prefix}-*.safetensors")):
-        vocab = json.loads(existing.read_text())["vocab_size"] if existing.exists() else None
-        if vocab is None:  # shards but no manifest yet: peek at a shard's metadata
-            from safetensors import safe_open
+    def drop(self) -> None:
+        if not self.drops:
+            return
+        assert self.writer is not None  # this rank's part holds them
+        # The merged manifest lists the shards about to be replaced: remove it first, so that no
+        # reader ever sees a manifest naming a deleted file (the merge writes it again).
+        (self.out / "manifest.json").unlink(missing_ok=True)
+        self.stats.records_replaced = self.writer.drop(self.drops)
 
-            first = sorted(out.glob(f"{prefix}-*.safetensors"))[0]
-            with safe_open(str(first), "np") as f:
-                vocab = int(f.metadata()["vocab_size"])
-        writer = open_writer(vocab)
+    def abort(self) -> None:
+        if self.writer is not None and not self.writer.closed:
+            try:
+                self.writer.close(complete=False)
+            except Exception:
+                pass  # the original exception is the one to report
 
-    bar = tqdm(
-        total=_rank_share(dataset, window, dist.rank, dist.world),
-        unit="rec",
-        desc=f"teacher cache (rank {dist.rank}/{dist.world})"
-        if dist.world > 1
-        else "teacher cache",
-        disable=not _show_progress(progress, dist),
-        dynamic_ncols=True,
-    )
-    t_start = time.perf_counter()
-    last_postfix = 0.0
-    pending: _Pending | None = None
+    def run(self) -> None:
+        from tqdm.auto import tqdm
 
-    def finish(p: _Pending) -> None:
-        nonlocal writer, last_postfix
-        stats.teacher_seconds += p.teacher_seconds()
-        if writer is None:
-            writer = open_writer(int(runner.vocab_size or 0))
-        ids, lp, lab, rk = (x.numpy() for x in (p.ids, p.lp, p.lab, p.rank))
-        ent = None if p.entropy is None else p.entropy.numpy()
-        row = 0
-        for it, c in zip(p.batch.items, p.batch.counts, strict=False):
-            if it.key not in writer:
-                writer.add(
-                    it.key,
-                    it.input_ids,
-                    it.labels,
-                    ids[row : row + c],
-                    lp[row : row + c],
-                    lab[row : row + c],
-                    rk[row : row + c],
-                    entropy=None if ent is None else ent[row : row + c],
+        runner, stats, out, dist = self.runner, self.stats, self.out, self.dist
+        cached = self.cached
+        bar = tqdm(
+            total=sum(len(b) for b in self.batches),
+            unit="rec",
+            desc=f"teacher cache (rank {dist.rank}/{dist.world})"
+            if dist.world > 1
+            else "teacher cache",
+            disable=not _show_progress(self.progress, dist),
+            dynamic_ncols=True,
+        )
+        t_start = time.perf_counter()
+        last_postfix = 0.0
+        pending: _Pending | None = None
+
+        def done(key: int | str) -> bool:
+            return key in cached or (self.writer is not None and key in self.writer)
+
+        def finish(p: _Pending) -> None:
+            nonlocal last_postfix
+            stats.teacher_seconds += p.teacher_seconds()
+            writer = self.writer or self.open_writer(runner.output_vocab())
+            ids, lp, lab, rk = (x.numpy() for x in (p.ids, p.lp, p.lab, p.rank))
+            ent = None if p.entropy is None else p.entropy.numpy()
+            row = 0
+            for it, c in zip(p.batch.items, p.batch.counts, strict=False):
+                if not done(it.key):
+                    writer.add(
+                        it.key,
+                        it.input_ids,
+                        it.labels,
+                        ids[row : row + c],
+                        lp[row : row + c],
+                        lab[row : row + c],
+                        rk[row : row + c],
+                        entropy=None if ent is None else ent[row : row + c],
+                    )
+                    stats.records_added += 1
+                    stats.tokens += len(it.input_ids)
+                    stats.supervised += c
+                else:
+                    stats.records_skipped += 1
+                row += c
+            stats.batches += 1
+            stats.seconds = time.perf_counter() - t_start
+            bar.update(len(p.batch.items))
+            now = time.perf_counter()
+            if now - last_postfix > 2.0:
+                last_postfix = now
+                bpt = _bytes_per_token(out, self.manifest_name)
+                bar.set_postfix(
+                    tok_s=f"{stats.supervised / max(stats.seconds, 1e-9):,.0f}",
+                    B_tok="-" if bpt is None else f"{bpt:.1f}",
                 )
-                stats.records_added += 1
-                stats.tokens += len(it.input_ids)
-                stats.supervised += c
-            else:
-                stats.records_skipped += 1
-            row += c
-        stats.batches += 1
-        stats.seconds = time.perf_counter() - t_start
-        bar.update(len(p.batch.items))
-        now = time.perf_counter()
-        if now - last_postfix > 2.0:
-            last_postfix = now
-            bpt = _bytes_per_token(out, manifest_name)
-            bar.set_postfix(
-                tok_s=f"{stats.supervised / max(stats.seconds, 1e-9):,.0f}",
-                B_tok="-" if bpt is None else f"{bpt:.1f}",
-            )
-        if on_batch is not None:
-            on_batch(stats)
+            if self.on_batch is not None:
+                self.on_batch(stats)
 
-    try:
-        for items in _windows(dataset, window, dist.rank, dist.world, id_field):
-            for idx in plan_batches(
-                [len(it.input_ids) for it in items], batch_tokens, max_batch_size
-            ):
-                batch_items = [items[i] for i in idx]
-                if writer is not None and all(it.key in writer for it in batch_items):
+        try:
+            for batch_items in _batches_of(self.dataset, self.scan, self.batches, self.id_field):
+                if all(done(it.key) for it in batch_items):
                     stats.records_skipped += len(batch_items)
                     bar.update(len(batch_items))
                     continue
-                submitted = runner.submit(_collate(batch_items, pad_id, padding_side))
+                submitted = runner.submit(_collate(batch_items, self.pad_id, self.padding_side))
                 if pending is not None:
                     finish(pending)
                 pending = submitted
-        if pending is not None:
-            finish(pending)
-            pending = None
-        if writer is None:  # nothing to do on this rank (or an empty dataset)
-            writer = open_writer(int(runner.vocab_size or _guess_vocab(runner)))
-        writer.close(complete=True)
-    except BaseException:
-        if writer is not None and not writer.closed:
-            try:
-                writer.close(complete=False)
-            except Exception:
-                pass  # the original exception is the one to report
-        raise
-    finally:
-        stats.seconds = time.perf_counter() - t_start
-        bar.close()
-
-
-def _guess_vocab(runner: _Runner) -> int:
-    cfg = getattr(runner.model, "config", None)
-    v = getattr(cfg, "vocab_size", None) if cfg is not None else None
-    if v is None:
-        raise CacheInputError(
-            "this rank had no sample to run and the teacher has no config.vocab_size; give it "
-            "at least one sample"
-        )
-    return int(v)
+            if pending is not None:
+                finish(pending)
+                pending = None
+            # a rank with nothing to do still writes its (empty) part
+            writer = self.writer or self.open_writer(runner.output_vocab())
+            writer.close(complete=True)
+        finally:
+            stats.seconds = time.perf_counter() - t_start
+            bar.close()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,8 +17,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -27,7 +28,7 @@ import numpy as np
 import numpy.typing as npt
 
 from target_sft import _core
-from target_sft.errors import CacheInputError
+from target_sft.errors import CacheInputError, CacheKeyError
 
 IGNORE_INDEX = -100
 Key = int | str
@@ -227,22 +228,61 @@ def _as_float64(name: str, x: Any) -> npt.NDArray[np.float64]:
     return np.ascontiguousarray(a, dtype=np.float64)
 
 
-def _parse_size(size: int | str) -> int:
-    if isinstance(size, int):
-        return size
-    s = size.strip().upper().replace(" ", "")
-    for suffix, mult in (
-        ("KIB", 1 << 10),
-        ("MIB", 1 << 20),
-        ("GIB", 1 << 30),
-        ("KB", 1000),
-        ("MB", 10**6),
-        ("GB", 10**9),
-        ("B", 1),
-    ):
-        if s.endswith(suffix):
-            return int(float(s[: -len(suffix)]) * mult)
-    return int(s)
+def _check_int(name: str, v: Any, lo: int | None = None, hi: int | None = None) -> int:
+    """``v`` as an int in ``[lo, hi]``, else :class:`CacheInputError` naming the argument ``name``
+    (bools and floats are refused: ``True`` or ``2.5`` is never a count)."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+        raise CacheInputError(f"{name} must be an int, got {v!r} ({type(v).__name__})")
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        bound = f">= {lo}" if hi is None else f"<= {hi}" if lo is None else f"in [{lo}, {hi}]"
+        raise CacheInputError(f"{name} = {int(v)} must be {bound}")
+    return int(v)
+
+
+_SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 1000,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 1 << 10,
+    "MIB": 1 << 20,
+    "GIB": 1 << 30,
+    "TIB": 1 << 40,
+}
+_SIZE_RE = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*")
+
+
+def _parse_size(size: int | str, name: str = "size", lo: int = 0) -> int:
+    """A byte count given as an int or a string such as ``"256MiB"``/``"1.5 GB"``; anything else
+    (``"12 parsecs"``, a negative or too small value) is a :class:`CacheInputError` naming the
+    argument ``name``."""
+    if isinstance(size, str):
+        m = _SIZE_RE.fullmatch(size)
+        unit = m.group(2).upper() if m else None
+        if m is None or unit not in _SIZE_UNITS:
+            raise CacheInputError(
+                f"{name} = {size!r} is not a size: use a number of bytes or a number with a unit "
+                '(B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), e.g. "256MiB"'
+            )
+        value = float(m.group(1)) * _SIZE_UNITS[unit]
+        if value >= 2**63:
+            raise CacheInputError(f"{name} = {size!r} is too large")
+        size = int(value)
+    return _check_int(name, size, lo, 2**63 - 1)
+
+
+def _check_wait(wait: bool | float) -> float:
+    """``wait`` (False, True or seconds) as seconds for the native lock (0: refuse at once)."""
+    if isinstance(wait, (bool, np.bool_)):
+        return float("inf") if wait else 0.0
+    if not isinstance(wait, (int, float, np.integer, np.floating)) or not wait >= 0:
+        raise CacheInputError(
+            f"wait must be False (refuse at once), True (wait as long as it takes) or a number "
+            f"of seconds >= 0, got {wait!r}"
+        )
+    return float(wait)
 
 
 class CacheWriter:
@@ -256,13 +296,20 @@ class CacheWriter:
             docs/FORMAT.md §Codebook) or ``"exact"`` (bit-for-bit).
         temperature: the temperature the log-probs were computed at (recorded in the manifest).
         tokenizer: a fingerprint string or a dict describing the tokenizer (``fingerprint`` key).
-        teacher: a dict describing the teacher: ``name``, ``revision``, ``config_hash``, ``dtype``.
+        teacher: a dict describing the teacher: ``name``, ``revision``, ``config_hash``, ``dtype``
+            (with a ``weights_hash``, ``name`` and ``revision`` are informational: an append
+            compares the other fields; docs/FORMAT.md §1).
         mode: ``"create"`` (the directory must not hold a cache) or ``"append"`` (add to one;
             every recorded setting must match, shards committed after the last manifest are
             adopted, stale temp files of dead writers removed).
         shard_size: commit a shard when its payload reaches this size (bytes, or "256MiB").
         threads: encoder threads (0 = one per core).
         zstd_level: zstd compression level.
+        wait: what to do when another live writer holds this writer's files (the same shard
+            prefix in the same directory, or any writer of ``manifest.json`` there, e.g. a
+            build; docs/FORMAT.md §6): ``False`` raises :class:`CacheLockedError` at once naming
+            it (pid@host, since when), ``True`` waits until it finishes, a number waits at most
+            that many seconds.
         shard_prefix: shard files are ``{prefix}-{n:06}.safetensors`` (one prefix per rank).
         manifest_name: the manifest file this writer keeps. Several writers filling one directory
             (one per rank) each keep their own (``manifest.rank00003.json``) and
@@ -297,31 +344,36 @@ class CacheWriter:
         compact_sqrt_step: float = 2.5e-3,
         compact_tail_step: float = 2.5,
         compact_floor: float = -48.0,
+        wait: bool | float = False,
     ) -> None:
         if mode not in ("create", "append"):
             raise CacheInputError(f'mode must be "create" or "append", got {mode!r}')
+        for name, s in (("shard_prefix", shard_prefix), ("manifest_name", manifest_name)):
+            if not isinstance(s, str):
+                raise CacheInputError(f"{name} must be a str, got {s!r}")
         if isinstance(tokenizer, str):
             tokenizer = {"fingerprint": tokenizer}
         self.path = Path(path)
-        self.top_k = int(top_k)
+        self.top_k = _check_int("top_k", top_k, 1, 256)
         self._w: _core.CacheWriter | None = _core.CacheWriter(
             str(self.path),
             top_k=self.top_k,
-            vocab_size=int(vocab_size),
+            vocab_size=_check_int("vocab_size", vocab_size, 1, 2**31),
             codec=codec,
-            zstd_level=int(zstd_level),
-            shard_bytes=_parse_size(shard_size),
-            threads=int(threads),
+            zstd_level=_check_int("zstd_level", zstd_level, -7, 22),
+            shard_bytes=_parse_size(shard_size, "shard_size", lo=1),
+            threads=_check_int("threads", threads, 0, 4096),
             temperature=float(temperature),
             tokenizer_json=json.dumps(tokenizer or {}, sort_keys=True),
             teacher_json=json.dumps(teacher or {}, sort_keys=True),
             shard_prefix=shard_prefix,
             manifest_name=manifest_name,
-            prior_records=int(prior_records),
+            prior_records=_check_int("prior_records", prior_records, 1),
             append=mode == "append",
             sqrt_step=float(compact_sqrt_step),
             tail_step=float(compact_tail_step),
             floor=float(compact_floor),
+            wait_s=_check_wait(wait),
         )
         self.info: CacheInfo | None = None
 
@@ -368,6 +420,13 @@ class CacheWriter:
     def __contains__(self, key: object) -> bool:
         return self._w is not None and key in self._w
 
+    def drop(self, keys: Iterable[Key]) -> int:
+        """Remove the records of ``keys`` from the shards already committed (append mode, before
+        the first :meth:`add`); returns how many were removed. Each shard holding one is
+        rewritten by copying its other records' encoded frames, crash-safely (docs/FORMAT.md §6).
+        """
+        return int(self._writer().drop_keys(list(keys)))
+
     @property
     def num_records(self) -> int:
         """Records in the cache (those of earlier writers in append mode included)."""
@@ -402,12 +461,16 @@ class CacheWriter:
 
 
 def merge_manifests(
-    path: str | os.PathLike[str], parts: Sequence[str], complete: bool = True
+    path: str | os.PathLike[str],
+    parts: Sequence[str],
+    complete: bool = True,
+    wait: bool | float = False,
 ) -> CacheInfo:
     """Join the per-writer manifests ``parts`` of the cache directory ``path`` (in that order)
     into its ``manifest.json``. Every part must have the same settings (codec, top_k, vocab,
-    temperature, tokenizer, teacher), else :class:`CacheMismatchError` names the field."""
-    m = json.loads(_core.merge_manifests(str(path), list(parts), bool(complete)))
+    temperature, tokenizer, teacher), else :class:`CacheMismatchError` names the field. Holds
+    the directory's manifest lock while merging (``wait`` as for :class:`CacheWriter`)."""
+    m = json.loads(_core.merge_manifests(str(path), list(parts), bool(complete), _check_wait(wait)))
     return CacheInfo.from_manifest(path, m)
 
 
@@ -476,21 +539,37 @@ class TeacherCache:
         ids = None if input_ids is None else _as_int32("input_ids", input_ids)
         return CacheRecord(*self._c.get(key, ids))
 
+    def _position(self, position: Any, name: str = "position") -> int:
+        """A global position checked against ``[0, len(cache))`` (no negative indexing: a
+        position is an address in the cache, not a Python index)."""
+        p = _check_int(name, position)
+        if not 0 <= p < len(self):
+            raise CacheKeyError(
+                f"{name} = {p} is out of range: the cache at {self.path} has {len(self)} "
+                f"records (positions 0..{len(self) - 1})"
+            )
+        return p
+
     def record_at(self, position: int) -> CacheRecord:
         """The record at a global position in ``[0, len(cache))`` (shard order)."""
-        return CacheRecord(*self._c.get_at(position))
+        return CacheRecord(*self._c.get_at(self._position(position)))
 
     def records_at(self, positions: Sequence[int], threads: int = 0) -> list[CacheRecord]:
         """Decode several records in parallel (``threads=0``: all cores)."""
-        return [CacheRecord(*r) for r in self._c.get_many_at(list(positions), threads)]
+        if isinstance(positions, (str, bytes)) or not hasattr(positions, "__iter__"):
+            raise CacheInputError(f"positions must be a sequence of ints, got {positions!r}")
+        pos = [self._position(p, f"positions[{i}]") for i, p in enumerate(positions)]
+        threads = _check_int("threads", threads, 0, 4096)
+        return [CacheRecord(*r) for r in self._c.get_many_at(pos, threads)]
 
     def position(self, key: Key) -> int:
         return self._c.position(key)
 
     def key_at(self, position: int) -> Key:
-        return self._c.key_at(position)
+        return self._c.key_at(self._position(position))
 
     def keys(self, chunk: int = 65_536) -> Iterator[Key]:
+        chunk = _check_int("chunk", chunk, 1)
         n = len(self)
         for start in range(0, n, chunk):
             yield from self._c.keys_range(start, min(n, start + chunk))

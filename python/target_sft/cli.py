@@ -258,6 +258,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         device=args.device,
         shard_size=args.shard_size,
         progress=not args.quiet,
+        rebuild_changed=args.rebuild_changed,
     )
     if result.stats.rank == 0:
         i = result.info
@@ -489,6 +490,12 @@ def build_parser() -> argparse.ArgumentParser:
     bld.add_argument("--dtype", help="bfloat16, float16 or float32 (default: bf16 on GPU)")
     bld.add_argument("--device", help="e.g. cuda:0 or cpu (default: this rank's GPU, else CPU)")
     bld.add_argument("--shard-size", default="256MiB", help="payload bytes per shard file")
+    bld.add_argument(
+        "--rebuild-changed",
+        action="store_true",
+        help="on resume, recompute the cached records whose sample changed (other token ids or "
+        "labels under the same key) instead of stopping with an error",
+    )
     bld.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     bld.set_defaults(func=cmd_build)
 

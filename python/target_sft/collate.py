@@ -26,7 +26,14 @@ from typing import Any, Literal
 import numpy as np
 
 from target_sft import _core
-from target_sft.cache import CacheRecord, CacheSample, Key, TeacherCache, _as_int32
+from target_sft.cache import (
+    CacheRecord,
+    CacheSample,
+    Key,
+    TeacherCache,
+    _as_int32,
+    _check_int,
+)
 from target_sft.errors import CacheInputError, CacheKeyError
 from target_sft.fingerprint import TokenizerCheck
 
@@ -102,10 +109,10 @@ def _options(
 ) -> dict[str, Any]:
     if padding not in ("longest", "max_length"):
         raise CacheInputError(f'padding must be "longest" or "max_length", got {padding!r}')
-    if max_length is not None and (isinstance(max_length, bool) or int(max_length) < 1):
-        raise CacheInputError(f"max_length must be a positive int or None, got {max_length!r}")
-    if pad_to_multiple_of is not None and int(pad_to_multiple_of) < 1:
-        raise CacheInputError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of!r}")
+    if max_length is not None:
+        max_length = _check_int("max_length", max_length, 1)
+    if pad_to_multiple_of is not None:
+        pad_to_multiple_of = _check_int("pad_to_multiple_of", pad_to_multiple_of, 1)
     if packing and max_length is None:
         raise CacheInputError(
             "packing=True needs max_length: samples are packed into rows of max_length tokens"
@@ -180,7 +187,7 @@ def build_batch(
         native,
         pad_token_id=int(pad_token_id),
         label_in_support=bool(label_in_support),
-        threads=int(threads),
+        threads=_check_int("threads", threads, 0, 4096),
         out=out,
         **opts,
     )
@@ -260,10 +267,9 @@ class TargetSFTCollator:
             raise CacheInputError(f'return_tensors must be "pt" or "np", got {return_tensors!r}')
         if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, (int, np.integer)):
             raise CacheInputError(f"pad_token_id must be an int, got {pad_token_id!r}")
-        if threads is not None and int(threads) < 0:
-            raise CacheInputError(f"threads must be >= 0 or None, got {threads!r}")
-        if int(shared_memory_slots) < 0:
-            raise CacheInputError(f"shared_memory_slots must be >= 0, got {shared_memory_slots!r}")
+        if threads is not None:
+            threads = _check_int("threads", threads, 0, 4096)
+        _check_int("shared_memory_slots", shared_memory_slots, 0)
         self.cache = cache
         self.pad_token_id = int(pad_token_id)
         self.max_length = max_length

@@ -43,6 +43,11 @@ class CacheIOError(CacheError, OSError):
     """An operating-system I/O failure while reading or writing the cache."""
 
 
+class CacheLockedError(CacheIOError):
+    """Another writer (pid@host named in the message) holds the lock of the files this writer
+    needs; wait for it (``wait=True`` or a timeout) or write elsewhere (docs/FORMAT.md §6)."""
+
+
 class BuildError(CacheError, RuntimeError):
     """A rank of a multi-rank cache build failed (the message names it); re-running resumes."""
 
@@ -55,6 +60,7 @@ __all__ = [
     "CacheIOError",
     "CacheInputError",
     "CacheKeyError",
+    "CacheLockedError",
     "CacheMismatchError",
     "CacheVersionError",
 ]

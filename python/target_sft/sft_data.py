@@ -571,6 +571,18 @@ class JsonlDataset:
             yield out
 
 
+def _require(module: str, what: str) -> Any:
+    """Import ``module`` for ``what``, or say which extra brings it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise CacheInputError(
+            f"{what} needs the {module.split('.')[0]!r} package: pip install 'target-sft[data]'"
+        ) from None
+
+
 class ParquetDataset:
     """The rows of a Parquet file (``pyarrow``), read lazily in record batches; ``len()`` is
     the file's row count."""
@@ -580,8 +592,7 @@ class ParquetDataset:
         self.batch_size = batch_size
         if not self.path.is_file():
             raise CacheInputError(f"{self.path} is not a file")
-        import pyarrow.parquet as pq
-
+        pq = _require("pyarrow.parquet", f"reading {self.path}")
         try:
             self._meta = pq.ParquetFile(self.path).metadata
         except Exception as e:  # pyarrow's ArrowInvalid and friends
@@ -605,8 +616,7 @@ def open_dataset(path: str | os.PathLike[str]) -> Any:
     p = Path(path)
     if p.is_dir():
         if (p / "state.json").exists() or (p / "dataset_dict.json").exists():
-            import datasets
-
+            datasets = _require("datasets", f"reading {p}")
             ds = datasets.load_from_disk(str(p))
             if isinstance(ds, datasets.DatasetDict):
                 raise CacheInputError(

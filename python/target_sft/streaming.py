@@ -52,7 +52,7 @@ import numpy.typing as npt
 from torch.utils.data import IterableDataset, get_worker_info
 
 from target_sft import _core
-from target_sft.cache import CacheInfo, CacheSample, TeacherCache, _parse_size
+from target_sft.cache import CacheInfo, CacheSample, TeacherCache, _check_int, _parse_size
 from target_sft.errors import (
     CacheCorruptionError,
     CacheFormatError,
@@ -681,12 +681,6 @@ def _resolve_rank_world(
     return 0, 1
 
 
-def _check_int(name: str, v: Any, lo: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
-        raise CacheInputError(f"{name} must be an int >= {lo}, got {v!r}")
-    return int(v)
-
-
 # --------------------------------------------------------------------------------------------
 # The dataset
 # --------------------------------------------------------------------------------------------
@@ -776,9 +770,7 @@ class StreamingTeacherDataset(IterableDataset):  # type: ignore[type-arg]
                 raise CacheInputError(f"rank must be in [0, {world_size}), got {rank}")
         self._explicit = (rank, world_size)
         self._captured: tuple[int, int] | None = None
-        self.cache_limit = None if cache_limit is None else _parse_size(cache_limit)
-        if self.cache_limit is not None and self.cache_limit < 0:
-            raise CacheInputError(f"cache_limit must be >= 0, got {cache_limit!r}")
+        self.cache_limit = None if cache_limit is None else _parse_size(cache_limit, "cache_limit")
         self.storage_options = dict(storage_options or {})
 
         src = os.fspath(path_or_url)

@@ -175,7 +175,8 @@ impl BatchPlan {
                 } => {
                     let (s, index) = cache.locate(*position).map_err(|e| item_err(i, None, e))?;
                     let shard = cache.shard(s).map_err(|e| item_err(i, None, e))?;
-                    let row = shard.index_row(index);
+                    // checked before the batch is sized by it
+                    let row = shard.checked_row(index).map_err(|e| item_err(i, None, e))?;
                     if let Some(ids) = input_ids {
                         if hash::token_hash(ids) != row.token_hash {
                             let key = shard.key(index)?;

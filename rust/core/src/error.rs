@@ -22,6 +22,8 @@ pub enum ErrorKind {
     Mismatch,
     /// An operating-system I/O failure.
     Io,
+    /// Another writer holds a lock this writer needs (`crate::lock`; the message names it).
+    Locked,
 }
 
 /// The error type of the core.

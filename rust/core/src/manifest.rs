@@ -138,6 +138,50 @@ pub struct Manifest {
     pub stats: Option<Fidelity>,
 }
 
+/// The `teacher` field holding a content fingerprint of the weights; when present, the fields in
+/// [`TEACHER_INFO`] are informational (docs/FORMAT.md §1).
+pub const TEACHER_CONTENT: &str = "weights_hash";
+/// Informational teacher fields: where the weights were loaded from and the hub revision.
+pub const TEACHER_INFO: &[&str] = &["name", "revision"];
+/// The `tokenizer` field holding a content fingerprint (vocabulary, merges, special tokens,
+/// chat template).
+pub const TOKENIZER_CONTENT: &str = "fingerprint";
+/// Informational tokenizer fields: its path or hub name and its Python class.
+pub const TOKENIZER_INFO: &[&str] = &["name", "class"];
+
+/// The identifying part of a free-form `teacher`/`tokenizer` object: without its informational
+/// fields when it carries the content fingerprint `content`; the whole value otherwise (a
+/// description without a fingerprint can only be compared as a whole).
+pub fn identity(v: &Value, content: &str, info: &[&str]) -> Value {
+    match v {
+        Value::Object(m) if m.contains_key(content) => Value::Object(
+            m.iter()
+                .filter(|(k, _)| !info.contains(&k.as_str()))
+                .map(|(k, x)| (k.clone(), x.clone()))
+                .collect(),
+        ),
+        _ => v.clone(),
+    }
+}
+
+/// `field = value` for the first (sub)field in which two settings differ: for objects, the first
+/// key (sorted) whose values differ, e.g. `teacher.weights_hash = "…" vs "…"`.
+pub fn first_difference(field: &str, ours: &Value, theirs: &Value) -> String {
+    if let (Value::Object(a), Value::Object(b)) = (ours, theirs) {
+        let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+        keys.sort();
+        keys.dedup();
+        for k in keys {
+            let (x, y) = (a.get(k), b.get(k));
+            if x != y {
+                let show = |v: Option<&Value>| v.map_or("(absent)".to_string(), Value::to_string);
+                return format!("{field}.{k} = {} vs {}", show(x), show(y));
+            }
+        }
+    }
+    format!("{field} = {ours} vs {theirs}")
+}
+
 impl Manifest {
     pub fn load(dir: &Path) -> Result<Self> {
         Self::load_named(dir, MANIFEST_NAME)
@@ -249,7 +293,9 @@ impl Manifest {
         Ok(m)
     }
 
-    /// The settings two parts of one cache must share, as (field, value) pairs.
+    /// The settings two parts of one cache must share, as (field, value) pairs. `tokenizer` and
+    /// `teacher` enter through their identifying fields only ([`identity`]): the same weights
+    /// loaded from `./t`, `/abs/t` or a copy on another node are the same teacher.
     pub fn settings(&self) -> [(&'static str, Value); 7] {
         [
             ("codec", Value::from(self.codec.clone())),
@@ -257,8 +303,14 @@ impl Manifest {
             ("top_k", Value::from(self.top_k)),
             ("vocab_size", Value::from(self.vocab_size)),
             ("temperature", Value::from(self.temperature)),
-            ("tokenizer", self.tokenizer.clone()),
-            ("teacher", self.teacher.clone()),
+            (
+                "tokenizer",
+                identity(&self.tokenizer, TOKENIZER_CONTENT, TOKENIZER_INFO),
+            ),
+            (
+                "teacher",
+                identity(&self.teacher, TEACHER_CONTENT, TEACHER_INFO),
+            ),
         ]
     }
 
@@ -267,7 +319,8 @@ impl Manifest {
         for ((field, ours), (_, theirs)) in self.settings().iter().zip(other.settings().iter()) {
             if ours != theirs {
                 return Err(Error::mismatch(format!(
-                    "{what}: {field} = {theirs} differs from {ours}; all parts of one cache must be built with the same settings"
+                    "{what}: {} (this part vs the first); all parts of one cache must be built with the same settings",
+                    first_difference(field, theirs, ours)
                 )));
             }
         }

@@ -26,6 +26,12 @@ pub const CHECKSUMS: &str = "checksums";
 /// The name of `checksums[0]`: XXH3-64 of the file's first `8 + N` bytes (length and header).
 pub const HEADER_REGION: &str = "header";
 
+/// Largest token count of one record a reader accepts (batch positions are 32-bit).
+pub const MAX_RECORD_TOKENS: u64 = 1 << 30;
+/// Most bytes a zstd frame can decode to per byte of frame (a block of >= 4 bytes, RLE, yields
+/// at most 128 KiB).
+const MAX_ZSTD_RATIO: u64 = 1 << 15;
+
 /// What the reader needs to know about a record without decoding it.
 #[derive(Debug, Clone)]
 pub struct IndexRow {
@@ -83,6 +89,8 @@ pub struct ShardBuilder {
     payload: Vec<u8>,
     tokens: u64,
     supervised: u64,
+    /// Extra `__metadata__` entries (e.g. `replaces`, written by a shard rewrite).
+    pub metadata: BTreeMap<String, String>,
 }
 
 fn le_bytes<T: Copy, const N: usize>(v: &[T], f: impl Fn(T) -> [u8; N]) -> Vec<u8> {
@@ -220,6 +228,9 @@ impl ShardBuilder {
         meta.insert("top_k".to_string(), codec.top_k.to_string());
         meta.insert("vocab_size".to_string(), codec.vocab_size.to_string());
         meta.insert("records".to_string(), n.to_string());
+        for (k, v) in &self.metadata {
+            meta.entry(k.clone()).or_insert_with(|| v.clone());
+        }
         meta.insert(CHECKSUMS.to_string(), names.join(","));
         let header = encode_header(&tensors, &meta)?;
         sums[0] = hash::region_checksum(&header);
@@ -358,6 +369,37 @@ fn check_regions(bytes: &[u8], h: &Header) -> Result<bool> {
         }
     }
     Ok(true)
+}
+
+/// Recompute the region checksums of the shard file `bytes` in place over its current content:
+/// what a writer that wrote exactly these bytes would have stored (docs/FORMAT.md §7). For tests
+/// and fuzz targets that damage a shard and must reach the checks behind the checksums; a
+/// version-1 shard (no `checksums` tensor) is left as it is.
+pub fn reseal_checksums(bytes: &mut [u8]) -> Result<()> {
+    let h = parse_header(bytes, bytes.len())?;
+    let Some(t) = h.tensors.get(CHECKSUMS) else {
+        return Ok(());
+    };
+    let names: Vec<&str> = h
+        .metadata
+        .get(CHECKSUMS)
+        .map(|s| s.split(',').collect())
+        .unwrap_or_default();
+    if t.dtype != Dtype::U64 || t.shape != [names.len()] || names.first() != Some(&HEADER_REGION) {
+        return Err(Error::format(
+            "the checksums tensor does not match its region list",
+        ));
+    }
+    let mut sums = vec![hash::region_checksum(&bytes[..h.data_start])];
+    for name in &names[1..] {
+        let r = h
+            .tensors
+            .get(*name)
+            .ok_or_else(|| Error::format(format!("region {name} is not a tensor")))?;
+        sums.push(hash::region_checksum(&bytes[r.range.clone()]));
+    }
+    bytes[t.range.clone()].copy_from_slice(&le_bytes(&sums, u64::to_le_bytes));
+    Ok(())
 }
 
 impl ShardReader {
@@ -583,7 +625,7 @@ impl ShardReader {
 
     /// Decode record `i`.
     pub fn decode(&self, i: usize) -> Result<Record> {
-        let row = self.index_row(i);
+        let row = self.checked_row(i)?;
         let key = self.key(i)?;
         self.codec
             .decode(
@@ -593,6 +635,71 @@ impl ShardReader {
                 row.n_supervised as usize,
             )
             .map_err(|e| e.at(format!("shard {}, record {i}", self.path.display())))
+    }
+
+    /// Row `i` of the record index, checked before anything is sized by it: `n_tokens` in
+    /// `1..=MAX_RECORD_TOKENS`, `n_supervised < n_tokens`, and both consistent with the content
+    /// size the record's zstd frame declares in its header (which is itself bounded by the
+    /// frame's length: a zstd block of at least 4 bytes yields at most 128 KiB). A damaged index
+    /// (a flipped token count) is a corruption error naming the shard, the record and the field,
+    /// never an allocation sized by the damaged value.
+    pub fn checked_row(&self, i: usize) -> Result<IndexRow> {
+        self.checked_row_inner(i)
+            .map_err(|e| e.at(format!("shard {}, record {i}", self.path.display())))
+    }
+
+    fn checked_row_inner(&self, i: usize) -> Result<IndexRow> {
+        if i >= self.n {
+            return Err(Error::input(format!(
+                "record {i} is out of range: the shard has {} records",
+                self.n
+            )));
+        }
+        let row = self.index_row(i);
+        let (t, s) = (row.n_tokens, row.n_supervised);
+        if t == 0 || t > MAX_RECORD_TOKENS {
+            return Err(Error::corrupt(format!(
+                "record_index field n_tokens = {t} is outside 1..={MAX_RECORD_TOKENS}; the index is damaged — restore the shard or rebuild the cache"
+            )));
+        }
+        if s >= t {
+            return Err(Error::corrupt(format!(
+                "record_index field n_supervised = {s} is not below n_tokens = {t} (position 0 is never supervised); the index is damaged"
+            )));
+        }
+        let frame = self.frame(i);
+        let declared = match zstd::zstd_safe::get_frame_content_size(frame) {
+            Ok(Some(n)) => n,
+            _ => {
+                return Err(Error::corrupt(format!(
+                    "record_index fields offset/length ({}..{}) do not point at a zstd frame with a content size",
+                    row.frame.start, row.frame.end
+                )))
+            }
+        };
+        if declared > (frame.len() as u64).saturating_mul(MAX_ZSTD_RATIO) {
+            return Err(Error::corrupt(format!(
+                "the frame declares {declared} decoded bytes, more than its {} bytes can hold; the payload or the index field length is damaged",
+                frame.len()
+            )));
+        }
+        // The tokens section alone takes 4 bytes per token plus the mask bit.
+        let min_raw = t
+            .saturating_mul(4)
+            .saturating_add(t.div_ceil(8))
+            .saturating_add(3);
+        if min_raw > declared {
+            return Err(Error::corrupt(format!(
+                "record_index field n_tokens = {t} needs at least {min_raw} decoded bytes but the frame declares {declared}; the index is damaged"
+            )));
+        }
+        let cap = self.codec.max_raw_size(t as usize, s as usize) as u64;
+        if declared > cap {
+            return Err(Error::corrupt(format!(
+                "the frame declares {declared} decoded bytes, more than the {cap} a record of n_tokens = {t} / n_supervised = {s} (record_index) can need; the frame header or the index is damaged"
+            )));
+        }
+        Ok(row)
     }
 
     /// The whole mapped file (for checksums).

@@ -18,6 +18,7 @@ use xxhash_rust::xxh3::xxh3_128;
 use crate::codec::{Codebook, CodebookParams, Codec, CodecKind, EncodeScratch, IdTable};
 use crate::error::{Error, ErrorKind, Result};
 use crate::fsutil::TMP_PREFIX;
+use crate::lock::{writer_locks, Lock, LockWait};
 use crate::manifest::{Manifest, ShardEntry, CACHE_FORMAT, FORMAT_VERSION, MANIFEST_NAME};
 use crate::record::{Record, Stamp};
 use crate::shard::{codec_params_json, EncodedRecord, ShardBuilder, ShardReader};
@@ -50,6 +51,8 @@ pub struct WriterOptions {
     /// Add to an existing cache instead of requiring an empty directory.
     pub append: bool,
     pub created_by: String,
+    /// What to do when another writer holds this writer's locks (`crate::lock`).
+    pub lock_wait: LockWait,
 }
 
 impl WriterOptions {
@@ -71,6 +74,7 @@ impl WriterOptions {
             id_table_size: 8192,
             append: false,
             created_by: format!("target-sft-core {}", env!("CARGO_PKG_VERSION")),
+            lock_wait: LockWait::No,
         }
     }
 }
@@ -99,6 +103,8 @@ pub struct CacheWriter {
     error: Arc<Mutex<Option<Error>>>,
     seq: u64,
     closed: bool,
+    /// Held until the writer finishes (or is dropped): see `crate::lock`.
+    locks: Vec<Lock>,
 }
 
 fn first_error(slot: &Mutex<Option<Error>>, e: Error) {
@@ -111,7 +117,8 @@ fn first_error(slot: &Mutex<Option<Error>>, e: Error) {
 fn compare(field: &str, cached: &Value, ours: &Value) -> Result<()> {
     if cached != ours {
         return Err(Error::mismatch(format!(
-            "cannot append: the cache has {field} = {cached} but this writer has {ours}; write to a new directory or use the cache's settings"
+            "cannot append: {} (the cache's vs this writer's); write to a new directory or use the cache's settings",
+            crate::manifest::first_difference(field, cached, ours)
         )));
     }
     Ok(())
@@ -174,6 +181,8 @@ impl CacheWriter {
         }
         opts.codebook.validate()?;
         std::fs::create_dir_all(dir).map_err(|e| Error::io("cannot create", dir, e))?;
+        // Before anything is read or cleaned up: no other live writer owns these files.
+        let locks = writer_locks(dir, &opts.shard_prefix, &opts.manifest_name, opts.lock_wait)?;
         let codec_params = match opts.codec {
             CodecKind::Exact => codec_params_json(opts.zstd_level, None),
             CodecKind::Compact => {
@@ -216,8 +225,10 @@ impl CacheWriter {
             base.shards = old.shards;
             base.created_by = old.created_by;
         }
-        // Remove temp files of dead writers, adopt shards committed after the last manifest.
+        // Remove temp files of dead writers, finish interrupted shard rewrites, adopt shards
+        // committed after the last manifest.
         remove_stale_tmp(dir, &opts.shard_prefix, &opts.manifest_name)?;
+        finish_rewrites(dir, &mut base, &opts.shard_prefix, &opts.manifest_name)?;
         let known: Vec<String> = base.shards.iter().map(|s| s.file.clone()).collect();
         // Only shards with this writer's prefix: other writers of a multi-writer build own theirs.
         for file in list_orphans(dir, &known, Some(&opts.shard_prefix))? {
@@ -240,7 +251,7 @@ impl CacheWriter {
         if !base.shards.is_empty() {
             base.store_named(dir, &opts.manifest_name)?;
         }
-        let mut w = Self {
+        let w = Self {
             dir: dir.to_path_buf(),
             opts,
             base,
@@ -252,11 +263,8 @@ impl CacheWriter {
             error: Arc::new(Mutex::new(None)),
             seq: 0,
             closed: false,
+            locks,
         };
-        if w.opts.codec == CodecKind::Exact {
-            let codec = Codec::exact(w.opts.top_k, w.opts.vocab_size, w.opts.zstd_level);
-            w.start(codec);
-        }
         Ok(w)
     }
 
@@ -304,6 +312,9 @@ impl CacheWriter {
                 rec.key
             )));
         }
+        if self.pipeline.is_none() && self.opts.codec == CodecKind::Exact {
+            self.start_pipeline();
+        }
         if self.pipeline.is_none() {
             self.pending.push((rec, entropy));
             if self.pending.len() >= self.opts.prior_records.max(1) {
@@ -338,6 +349,19 @@ impl CacheWriter {
             self.dispatch(rec, entropy)?;
         }
         Ok(())
+    }
+
+    /// Start the encoder and committer threads (lazily, at the first record or at close, so that
+    /// [`CacheWriter::drop_keys`] can still rewrite committed shards before).
+    fn start_pipeline(&mut self) {
+        match self.opts.codec {
+            CodecKind::Exact => {
+                let codec =
+                    Codec::exact(self.opts.top_k, self.opts.vocab_size, self.opts.zstd_level);
+                self.start(codec);
+            }
+            CodecKind::Compact => self.start_compact(),
+        }
     }
 
     fn start_compact(&mut self) {
@@ -428,16 +452,22 @@ impl CacheWriter {
         }
         self.closed = true;
         if self.pipeline.is_none() {
-            self.start_compact();
+            self.start_pipeline();
             self.flush_pending()?;
         }
         let mut p = self.pipeline.take().expect("pipeline");
         drop(p.jobs.take());
-        for h in p.encoders.drain(..) {
-            let _ = h.join();
-        }
+        // a panicked encoder drops its record without an error: never report such a close as
+        // a success (the manifest stays incomplete)
+        let panicked = p.encoders.drain(..).any(|h| h.join().is_err());
         let committed = p.committer.take().expect("committer").join();
         self.check_error()?;
+        if panicked {
+            return Err(Error::new(
+                ErrorKind::Io,
+                "an encoder thread panicked; records added since the last committed shard may be missing — the manifest stays incomplete: append them again",
+            ));
+        }
         let mut m = match committed {
             Ok(r) => r?,
             Err(_) => {
@@ -449,6 +479,7 @@ impl CacheWriter {
         };
         m.complete = complete;
         m.store_named(&self.dir, &self.opts.manifest_name)?;
+        self.locks.clear();
         Ok(m)
     }
 }
@@ -586,7 +617,8 @@ fn list_orphans(dir: &Path, known: &[String], prefix: Option<&str>) -> Result<Ve
 
 /// Delete the temp files (`.tmp-{pid}-{name}`) a dead writer left for this writer's own files:
 /// its shards (`{prefix}-…`) and its manifest. Other writers of the same directory (the other
-/// ranks of a build) may be writing theirs right now.
+/// ranks of a build) may be writing theirs right now; no live writer owns these names, since this
+/// one holds their locks (`crate::lock`).
 fn remove_stale_tmp(dir: &Path, prefix: &str, manifest_name: &str) -> Result<()> {
     for ent in std::fs::read_dir(dir)
         .map_err(|e| Error::io("cannot list", dir, e))?
@@ -620,7 +652,7 @@ fn adopt(dir: &Path, file: &str, base: &Manifest) -> Result<ShardEntry> {
     }
     let (mut tokens, mut supervised) = (0, 0);
     for i in 0..r.len() {
-        let row = r.index_row(i);
+        let row = r.checked_row(i)?;
         tokens += row.n_tokens;
         supervised += row.n_supervised;
     }
@@ -633,4 +665,156 @@ fn adopt(dir: &Path, file: &str, base: &Manifest) -> Result<ShardEntry> {
         supervised,
         stats: None, // the entropies and exact values behind the statistics are gone
     })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dropping records (a rebuild of records whose data changed) and its crash recovery.
+
+/// Shard metadata naming the shard file a rewritten shard replaces (docs/FORMAT.md §6).
+pub const REPLACES: &str = "replaces";
+
+impl CacheWriter {
+    /// Remove the records of `keys` from this writer's committed shards (keys it does not hold
+    /// are ignored); returns how many were removed. Must be called before the first `add`.
+    ///
+    /// Each shard holding a dropped key is rewritten: the raw frames of its other records are
+    /// copied (no decoding) into a new shard whose metadata names the old one (`replaces`),
+    /// committed atomically; then the manifest lists the new shard in the old one's place; then
+    /// the old file is deleted. After a crash at any point, [`CacheWriter::create`] in append mode
+    /// completes the step (an orphan that replaces a listed shard takes its place; a file that a
+    /// shard replaces is deleted), so every kept record is listed exactly once.
+    pub fn drop_keys(&mut self, keys: &[crate::record::Key]) -> Result<u64> {
+        if self.closed || self.pipeline.is_some() || !self.pending.is_empty() || self.seq > 0 {
+            return Err(Error::input(
+                "drop_keys() must be called before the first add() of a writer",
+            ));
+        }
+        let doomed: HashSet<Vec<u8>> = keys.iter().map(crate::record::Key::encode).collect();
+        let mut dropped = 0u64;
+        for idx in 0..self.base.shards.len() {
+            let entry = self.base.shards[idx].clone();
+            let old_path = self.dir.join(&entry.file);
+            let r = ShardReader::open(&old_path, Some(entry.bytes))?;
+            let hit: Vec<usize> = (0..r.len())
+                .filter(|&i| doomed.contains(r.key_bytes(i)))
+                .collect();
+            if hit.is_empty() {
+                continue;
+            }
+            let mut b = ShardBuilder::default();
+            let mut h = hit.iter().peekable();
+            for i in 0..r.len() {
+                if h.peek() == Some(&&i) {
+                    h.next();
+                    continue;
+                }
+                let row = r.index_row(i);
+                b.push(EncodedRecord {
+                    key: r.key_bytes(i).to_vec(),
+                    key_hash: r.key_hash(i),
+                    n_tokens: row.n_tokens,
+                    n_supervised: row.n_supervised,
+                    token_hash: row.token_hash,
+                    frame: r.frame(i).to_vec(),
+                });
+            }
+            b.metadata.insert(REPLACES.into(), entry.file.clone());
+            let file = format!(
+                "{}-{:06}.safetensors",
+                self.opts.shard_prefix, self.next_shard
+            );
+            self.next_shard += 1;
+            let new_entry = b.commit(&self.dir, &file, &r.codec)?;
+            fault_point("rewrite:shard-committed");
+            self.base.shards[idx] = new_entry;
+            self.base.recount();
+            self.base.store_named(&self.dir, &self.opts.manifest_name)?;
+            fault_point("rewrite:manifest-stored");
+            for &i in &hit {
+                self.seen.remove(&xxh3_128(r.key_bytes(i)));
+            }
+            dropped += hit.len() as u64;
+            drop(r);
+            remove_if_present(&old_path)?;
+            crate::fsutil::sync_dir(&self.dir)?;
+        }
+        Ok(dropped)
+    }
+}
+
+fn remove_if_present(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(Error::io("cannot delete", path, e))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Complete the shard rewrites a dead writer left half done (see [`CacheWriter::drop_keys`]):
+/// an orphan shard (this prefix, not listed) that `replaces` a listed shard takes that shard's
+/// place in the manifest (stored at once); then every unlisted file that a listed or orphan
+/// shard `replaces` is deleted, so that it is never adopted as an orphan.
+fn finish_rewrites(
+    dir: &Path,
+    base: &mut Manifest,
+    prefix: &str,
+    manifest_name: &str,
+) -> Result<()> {
+    let listed = |b: &Manifest| b.shards.iter().map(|s| s.file.clone()).collect::<Vec<_>>();
+    let orphans = list_orphans(dir, &listed(base), Some(prefix))?;
+    let replaces = |file: &str, bytes: Option<u64>| -> Result<Option<String>> {
+        let r = ShardReader::open(&dir.join(file), bytes)?;
+        Ok(r.metadata().get(REPLACES).cloned())
+    };
+    let mut rolled = false;
+    let mut retired = Vec::new();
+    for file in &orphans {
+        if let Some(old) = replaces(file, None)? {
+            if let Some(pos) = base.shards.iter().position(|s| s.file == old) {
+                base.shards[pos] = adopt(dir, file, base)?;
+                rolled = true;
+            }
+            retired.push(old);
+        }
+    }
+    if rolled {
+        base.recount();
+        base.store_named(dir, manifest_name)?;
+    }
+    for s in &base.shards {
+        if let Some(old) = replaces(&s.file, Some(s.bytes))? {
+            retired.push(old);
+        }
+    }
+    let now = listed(base);
+    for old in retired {
+        if !now.contains(&old) && shard_number(&old, prefix).is_some() {
+            remove_if_present(&dir.join(&old))?;
+        }
+    }
+    Ok(())
+}
+
+/// Fault injection for crash tests: when the environment variable `TARGET_SFT_FAULT` is `name`
+/// (or `name@N`: the N-th time this point is reached in this process), the process kills itself
+/// with SIGKILL here, as `kill -9` would.
+pub fn fault_point(name: &str) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static HITS: AtomicU64 = AtomicU64::new(0);
+    let Ok(spec) = std::env::var("TARGET_SFT_FAULT") else {
+        return;
+    };
+    let (point, nth) = match spec.split_once('@') {
+        Some((p, n)) => (p.to_string(), n.parse::<u64>().unwrap_or(1)),
+        None => (spec, 1),
+    };
+    if point == name && HITS.fetch_add(1, Ordering::SeqCst) + 1 == nth {
+        #[cfg(unix)]
+        // SAFETY: raise() only sends a signal to this process; SIGKILL cannot be handled.
+        unsafe {
+            libc::raise(libc::SIGKILL);
+        }
+        std::process::abort();
+    }
 }

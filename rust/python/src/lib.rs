@@ -26,6 +26,7 @@ fn err(e: core::Error) -> PyErr {
         ErrorKind::KeyNotFound => "CacheKeyError",
         ErrorKind::Mismatch => "CacheMismatchError",
         ErrorKind::Io => "CacheIOError",
+        ErrorKind::Locked => "CacheLockedError",
     };
     Python::attach(|py| {
         let cls = py
@@ -135,7 +136,7 @@ impl PyCacheWriter {
     #[new]
     #[pyo3(signature = (path, *, top_k, vocab_size, codec, zstd_level, shard_bytes, threads, temperature,
         tokenizer_json, teacher_json, shard_prefix, prior_records, append, sqrt_step, tail_step, floor,
-        manifest_name=core::manifest::MANIFEST_NAME.to_string()))]
+        manifest_name=core::manifest::MANIFEST_NAME.to_string(), wait_s=0.0))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -156,6 +157,7 @@ impl PyCacheWriter {
         tail_step: f64,
         floor: f64,
         manifest_name: String,
+        wait_s: f64,
     ) -> PyResult<Self> {
         let parse = |what: &str, s: &str| {
             serde_json::from_str(s)
@@ -173,6 +175,7 @@ impl PyCacheWriter {
         opts.manifest_name = manifest_name;
         opts.prior_records = prior_records;
         opts.append = append;
+        opts.lock_wait = core::lock::LockWait::from_secs(wait_s).map_err(err)?;
         opts.codebook = core::CodebookParams {
             sqrt_step,
             tail_step,
@@ -254,6 +257,20 @@ impl PyCacheWriter {
             .ok_or_else(|| err(core::Error::input("close() called twice")))?;
         let m = py.detach(|| w.finish(complete)).map_err(err)?;
         Ok(serde_json::to_string(&m).expect("manifest serialises"))
+    }
+
+    /// Remove the records of `keys` from the committed shards (rewriting each shard that holds
+    /// one, crash-safely); returns how many were removed. Only before the first `add`.
+    fn drop_keys(&mut self, py: Python<'_>, keys: Vec<Bound<'_, PyAny>>) -> PyResult<u64> {
+        let keys = keys
+            .iter()
+            .map(key_from_py)
+            .collect::<PyResult<Vec<Key>>>()?;
+        let w = self
+            .inner
+            .as_mut()
+            .ok_or_else(|| err(core::Error::input("drop_keys() on a closed CacheWriter")))?;
+        py.detach(|| w.drop_keys(&keys)).map_err(err)
     }
 
     /// Stop without finishing: committed shards stay, the manifest stays marked incomplete.
@@ -397,15 +414,41 @@ impl PyTeacherCache {
 
 /// Merge the per-writer manifests `parts` of the cache at `path` into its `manifest.json`;
 /// returns the merged manifest as JSON.
+/// Take and release at once the locks a writer of `shard_prefix`/`manifest_name` in `path` would
+/// hold: a build calls it before its teacher loads, so a contested directory is refused at start.
 #[pyfunction]
+#[pyo3(signature = (path, shard_prefix, manifest_name, wait_s=0.0))]
+fn check_writer_locks(
+    py: Python<'_>,
+    path: PathBuf,
+    shard_prefix: String,
+    manifest_name: String,
+    wait_s: f64,
+) -> PyResult<()> {
+    let wait = core::lock::LockWait::from_secs(wait_s).map_err(err)?;
+    py.detach(|| {
+        std::fs::create_dir_all(&path).map_err(|e| core::Error::io("cannot create", &path, e))?;
+        core::lock::writer_locks(&path, &shard_prefix, &manifest_name, wait).map(drop)
+    })
+    .map_err(err)
+}
+
+/// Holds the directory's manifest lock while it merges (`wait_s` as for a writer).
+#[pyfunction]
+#[pyo3(signature = (path, parts, complete, wait_s=0.0))]
 fn merge_manifests(
     py: Python<'_>,
     path: PathBuf,
     parts: Vec<String>,
     complete: bool,
+    wait_s: f64,
 ) -> PyResult<String> {
+    let wait = core::lock::LockWait::from_secs(wait_s).map_err(err)?;
     let m = py
-        .detach(|| core::Manifest::merge(&path, &parts, complete))
+        .detach(|| {
+            let _locks = core::lock::manifest_locks(&path, wait)?;
+            core::Manifest::merge(&path, &parts, complete)
+        })
         .map_err(err)?;
     Ok(serde_json::to_string(&m).expect("manifest serialises"))
 }
@@ -438,6 +481,66 @@ fn seal_manifest<'py>(py: Python<'py>, manifest_json: &str) -> PyResult<Bound<'p
     Ok(PyBytes::new(py, &m.to_bytes()))
 }
 
+/// XXH3-64 of int32 token ids as little-endian bytes: a record's `token_hash` (FORMAT.md §7).
+#[pyfunction]
+fn token_hash(ids: PyReadonlyArrayDyn<'_, i32>) -> PyResult<u64> {
+    let v = take("ids", &ids, 1)?;
+    Ok(core::hash::token_hash(&v))
+}
+
+/// XXH3-128 of a contiguous byte array, as 32 lowercase hex digits (GIL released).
+#[pyfunction]
+fn xxh3_128(py: Python<'_>, data: PyReadonlyArrayDyn<'_, u8>) -> PyResult<String> {
+    let bytes = data.as_slice().map_err(|_| {
+        err(core::Error::input(
+            "xxh3_128 needs a contiguous uint8 array",
+        ))
+    })?;
+    Ok(py.detach(|| format!("{:032x}", xxhash_rust::xxh3::xxh3_128(bytes))))
+}
+
+/// The records listed by the per-writer manifests `manifests` of the cache at `path`: (keys,
+/// token hashes, labels hashes, supervised counts, part index), arrays in manifest order.
+#[pyfunction]
+#[pyo3(signature = (path, manifests, labels=true, threads=0))]
+#[allow(clippy::type_complexity)]
+fn scan_parts<'py>(
+    py: Python<'py>,
+    path: PathBuf,
+    manifests: Vec<String>,
+    labels: bool,
+    threads: usize,
+) -> PyResult<(
+    Vec<Bound<'py, PyAny>>,
+    Bound<'py, PyArray1<u64>>,
+    Bound<'py, PyArray1<u64>>,
+    Bound<'py, PyArray1<u64>>,
+    Bound<'py, PyArray1<u32>>,
+)> {
+    let idx = py
+        .detach(|| {
+            let n = if threads == 0 {
+                std::thread::available_parallelism().map_or(1, |n| n.get())
+            } else {
+                threads
+            };
+            process_pool(n)?.install(|| core::resume::scan_parts(&path, &manifests, labels))
+        })
+        .map_err(err)?;
+    let keys = idx
+        .keys
+        .iter()
+        .map(|k| key_to_py(py, k))
+        .collect::<PyResult<Vec<_>>>()?;
+    Ok((
+        keys,
+        PyArray1::from_vec(py, idx.token_hash),
+        PyArray1::from_vec(py, idx.labels_hash),
+        PyArray1::from_vec(py, idx.n_supervised),
+        PyArray1::from_vec(py, idx.part),
+    ))
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -445,6 +548,10 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyCacheWriter>()?;
     m.add_class::<PyTeacherCache>()?;
     m.add_function(wrap_pyfunction!(merge_manifests, m)?)?;
+    m.add_function(wrap_pyfunction!(token_hash, m)?)?;
+    m.add_function(wrap_pyfunction!(xxh3_128, m)?)?;
+    m.add_function(wrap_pyfunction!(scan_parts, m)?)?;
+    m.add_function(wrap_pyfunction!(check_writer_locks, m)?)?;
     m.add_function(wrap_pyfunction!(reseal_manifest, m)?)?;
     m.add_function(wrap_pyfunction!(check_manifest, m)?)?;
     m.add_function(wrap_pyfunction!(seal_manifest, m)?)?;

@@ -27,18 +27,16 @@ impl IdTable {
     /// Build from the stored table of a shard (`M` distinct ids below `vocab_size`). Readers
     /// need only `id_of_rank`; duplicates are found with a bitset.
     pub fn from_stored(id_of_rank: Vec<u32>, vocab_size: usize) -> Result<Self> {
-        let mut seen = vec![0u64; vocab_size.div_ceil(64)];
-        for &id in &id_of_rank {
-            if id as usize >= vocab_size {
-                return Err(Error::corrupt(format!(
-                    "id table entry {id} is outside the vocabulary"
-                )));
-            }
-            let (w, b) = (id as usize / 64, id % 64);
-            if seen[w] >> b & 1 == 1 {
-                return Err(Error::corrupt(format!("id table lists id {id} twice")));
-            }
-            seen[w] |= 1 << b;
+        // sorted copy rather than a vocabulary-sized bitset: memory bounded by the table read
+        let mut sorted = id_of_rank.clone();
+        sorted.sort_unstable();
+        if let Some(&id) = sorted.last().filter(|&&id| id as usize >= vocab_size) {
+            return Err(Error::corrupt(format!(
+                "id table entry {id} is outside the vocabulary"
+            )));
+        }
+        if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
+            return Err(Error::corrupt(format!("id table lists id {} twice", w[0])));
         }
         Ok(Self {
             id_of_rank,

@@ -187,7 +187,7 @@ impl Codec {
     }
 
     /// Upper bound on a decoded frame's size, used to refuse absurd content sizes.
-    fn max_raw_size(&self, n_tokens: usize, n_sup: usize) -> usize {
+    pub(crate) fn max_raw_size(&self, n_tokens: usize, n_sup: usize) -> usize {
         n_tokens
             .saturating_mul(14)
             .saturating_add(n_sup.saturating_mul(self.top_k * 24 + 48))
@@ -238,6 +238,18 @@ impl Codec {
             ));
         }
         let raw: &'a [u8] = &scratch.raw;
+        self.parse_raw(raw, n_tokens, n_sup)
+    }
+
+    /// Check the header of an already decompressed frame (`raw`) against the shard index's
+    /// `n_tokens`/`n_sup` and return it ready for [`Frame::tokens`] and [`Frame::rows`]. Every
+    /// read is bounds-checked: arbitrary bytes give an error, never a panic.
+    pub fn parse_raw<'a>(
+        &'a self,
+        raw: &'a [u8],
+        n_tokens: usize,
+        n_sup: usize,
+    ) -> Result<Frame<'a>> {
         let mut c = Cursor::new(raw);
         let t = c.count("n_tokens", usize::MAX)?;
         let s = c.count("n_supervised", usize::MAX)?;
