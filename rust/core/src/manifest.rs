@@ -364,3 +364,73 @@ impl Manifest {
         self.stats = Fidelity::fold(self.shards.iter().filter_map(|s| s.stats.as_ref()));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Manifest {
+        Manifest {
+            format: CACHE_FORMAT.into(),
+            format_version: FORMAT_VERSION,
+            codec: "exact".into(),
+            codec_params: serde_json::json!({"zstd_level": 3}),
+            top_k: 4,
+            vocab_size: 100,
+            temperature: 1.0,
+            tokenizer: serde_json::json!({"fingerprint": "f"}),
+            teacher: serde_json::json!({"name": "t"}),
+            complete: true,
+            num_records: 0,
+            num_tokens: 0,
+            num_supervised: 0,
+            shards: vec![],
+            created_by: "test".into(),
+            stats: None,
+        }
+    }
+
+    #[test]
+    fn the_seal_covers_every_byte_before_it() {
+        let bytes = sample().to_bytes();
+        let text = String::from_utf8(bytes.clone()).unwrap();
+        assert!(
+            text.ends_with("\"\n}\n") && text.contains(",\n  \"manifest_checksum\": \"xxh3-64:")
+        );
+        assert_eq!(Manifest::from_bytes(&bytes, "m", true).unwrap(), sample());
+        // every byte flip before the closing brace is refused or changes nothing
+        for at in 0..bytes.len() - 2 {
+            let mut b = bytes.clone();
+            b[at] ^= 0x01;
+            if let Ok(m) = Manifest::from_bytes(&b, "m", true) {
+                assert_eq!(m, sample(), "byte {at}");
+            }
+        }
+        // an edit is refused, saying how to re-seal; without the check it parses
+        let edited = text.replace("\"t\"", "\"u\"");
+        let e = Manifest::from_bytes(edited.as_bytes(), "m", true).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Corruption);
+        assert!(e
+            .message
+            .contains("m: region manifest body fails its checksum"));
+        assert!(e.message.contains("target-sft cache verify --reseal"));
+        assert!(Manifest::from_bytes(edited.as_bytes(), "m", false).is_ok());
+        // version 2 requires the seal; version 1 has none
+        let mut v: Value = serde_json::from_slice(&bytes).unwrap();
+        v.as_object_mut().unwrap().remove(MANIFEST_CHECKSUM);
+        let bare = serde_json::to_vec(&v).unwrap();
+        let e = Manifest::from_bytes(&bare, "m", true).unwrap_err();
+        assert!(
+            e.message.contains("region manifest_checksum is missing"),
+            "{e}"
+        );
+        v["format_version"] = Value::from(1);
+        let old = serde_json::to_vec(&v).unwrap();
+        assert_eq!(
+            Manifest::from_bytes(&old, "m", true)
+                .unwrap()
+                .format_version,
+            1
+        );
+    }
+}
