@@ -8,8 +8,9 @@ planes are vectorised with numpy.
 
 Public functions:
 
-* :func:`read_manifest` — ``manifest.json`` as a dict, validated (§1).
-* :class:`RefShard` — one shard: container checks (§2), keys (§3), frame decoding (§4, §5).
+* :func:`read_manifest` — ``manifest.json`` as a dict, validated, its seal verified (§1).
+* :class:`RefShard` — one shard: container checks (§2), region checksums of the header and every
+  table (§7, format version 2), keys (§3), frame decoding (§4, §5).
 * :func:`read_cache` — every record in global order, as dicts of numpy arrays.
 * :func:`verify_checksums` — file sizes and XXH3-128 checksums of every shard (§7).
 * :func:`build_codebook` — the codebook a writer builds from ``codec_params`` (§5.1).
