@@ -214,3 +214,31 @@ def save_chat_tokenizer(path: Path, *, generation_marks: bool = True, vocab: int
     fast.chat_template = chat_template(generation_marks)
     fast.save_pretrained(path)
     return fast
+
+
+def write_manifest(cache_dir: Path, manifest: dict[str, Any]) -> None:
+    """Store a manifest edited on purpose by a test and re-seal it (its ``manifest_checksum``,
+    docs/FORMAT.md §1), as ``target-sft cache verify --reseal`` does for a user's edit."""
+    from target_sft import _core
+
+    (Path(cache_dir) / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    _core.reseal_manifest(str(cache_dir))
+
+
+def reseal_shard(raw: bytearray) -> None:
+    """Recompute a version-2 shard's ``checksums`` tensor (§7) over its current bytes, as a
+    writer that wrote these (wrong) tables would have: what is left to catch the damage are the
+    structural checks behind the checksums."""
+    import struct
+
+    import xxhash
+
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    names = header["__metadata__"]["checksums"].split(",")
+    sums = [xxhash.xxh3_64_intdigest(bytes(raw[: 8 + n]))]
+    for region in names[1:]:
+        b, e = header[region]["data_offsets"]
+        sums.append(xxhash.xxh3_64_intdigest(bytes(raw[8 + n + b : 8 + n + e])))
+    b, e = header["checksums"]["data_offsets"]
+    raw[8 + n + b : 8 + n + e] = np.array(sums, dtype="<u8").tobytes()

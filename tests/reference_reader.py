@@ -8,8 +8,9 @@ planes are vectorised with numpy.
 
 Public functions:
 
-* :func:`read_manifest` — ``manifest.json`` as a dict, validated (§1).
-* :class:`RefShard` — one shard: container checks (§2), keys (§3), frame decoding (§4, §5).
+* :func:`read_manifest` — ``manifest.json`` as a dict, validated, its seal verified (§1).
+* :class:`RefShard` — one shard: container checks (§2), region checksums of the header and every
+  table (§7, format version 2), keys (§3), frame decoding (§4, §5).
 * :func:`read_cache` — every record in global order, as dicts of numpy arrays.
 * :func:`verify_checksums` — file sizes and XXH3-128 checksums of every shard (§7).
 * :func:`build_codebook` — the codebook a writer builds from ``codec_params`` (§5.1).
@@ -49,7 +50,9 @@ from safetensors import safe_open
 
 FORMAT = "target-sft-cache"
 SHARD_FORMAT = "target-sft-shard"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+CHECKSUMMED_VERSION = 2  # §7: manifests and shards from this version on carry region checksums
+MANIFEST_CHECKSUM = "manifest_checksum"
 IGNORE_INDEX = -100
 CODECS = ("exact", "compact")
 
@@ -65,6 +68,7 @@ _TENSORS = {
         ("record_index", "U64"),
         ("key_hash", "U64"),
         ("key_offsets", "U64"),
+        ("checksums", "U64"),
         ("key_bytes", "U8"),
         ("payload", "U8"),
     ],
@@ -72,6 +76,7 @@ _TENSORS = {
         ("record_index", "U64"),
         ("key_hash", "U64"),
         ("key_offsets", "U64"),
+        ("checksums", "U64"),
         ("codebook", "F32"),
         ("id_table", "U32"),
         ("key_bytes", "U8"),
@@ -319,7 +324,8 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Load and validate ``manifest.json`` of the cache directory ``path``."""
     mpath = Path(path) / "manifest.json"
     try:
-        m = json.loads(mpath.read_text(encoding="utf-8"))
+        raw = mpath.read_bytes()
+        m = json.loads(raw.decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RefFormatError(f"{mpath}: cannot read manifest: {e}") from e
     if not isinstance(m, dict) or m.get("format") != FORMAT:
@@ -329,6 +335,20 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise RefFormatError(f"{mpath}: bad format_version {version!r}")
     if version > FORMAT_VERSION:
         raise RefVersionError(f"{mpath}: format_version {version} > {FORMAT_VERSION}")
+    # §1: the seal. XXH3-64 of the bytes before the last occurrence of '"manifest_checksum"'.
+    if MANIFEST_CHECKSUM in m or version >= CHECKSUMMED_VERSION:
+        stored = m.get(MANIFEST_CHECKSUM)
+        at = raw.rfind(b'"' + MANIFEST_CHECKSUM.encode() + b'"')
+        digits = stored[len("xxh3-64:") :] if isinstance(stored, str) else ""
+        if (
+            at < 0
+            or not stored.startswith("xxh3-64:")
+            or len(digits) != 16
+            or any(ch not in "0123456789abcdef" for ch in digits)
+        ):
+            raise RefCorruptionError(f"{mpath}: manifest_checksum missing or malformed")
+        if xxhash.xxh3_64_hexdigest(raw[:at]) != digits:
+            raise RefCorruptionError(f"{mpath}: manifest_checksum does not match")
     if m.get("codec") not in CODECS:
         raise RefFormatError(f"{mpath}: unknown codec {m.get('codec')!r}")
     params = m.get("codec_params")
@@ -413,10 +433,11 @@ class RefShard:
             raise RefCorruptionError(f"{self.name}: __metadata__ missing or not all strings")
         if meta.get("format") != SHARD_FORMAT:
             raise RefFormatError(f"{self.name}: metadata format {meta.get('format')!r}")
-        if meta.get("format_version") != str(FORMAT_VERSION):
-            if meta.get("format_version", "").isdigit() and int(meta["format_version"]) > 1:
+        if meta.get("format_version") not in ("1", "2"):
+            if meta.get("format_version", "").isdigit() and int(meta["format_version"]) > 2:
                 raise RefVersionError(f"{self.name}: format_version {meta['format_version']}")
             raise RefFormatError(f"{self.name}: format_version {meta.get('format_version')!r}")
+        self.format_version = int(meta["format_version"])
         self.codec = meta.get("codec")
         if self.codec not in CODECS:
             raise RefFormatError(f"{self.name}: unknown codec {self.codec!r}")
@@ -443,7 +464,9 @@ class RefShard:
         # the order writers use; §8 only asks readers for the tiling, and a shard re-saved by the
         # safetensors library (which orders tensors by alignment, then name) is still valid, so
         # the order is recorded in ``tensor_order`` but not enforced.
-        order = _TENSORS[self.codec]
+        order = [
+            (t, d) for t, d in _TENSORS[self.codec] if t != "checksums" or self.format_version >= 2
+        ]
         if set(header) != {t for t, _ in order}:
             raise RefCorruptionError(
                 f"{self.name}: tensors {sorted(header)}, expected {[t for t, _ in order]}"
@@ -474,6 +497,28 @@ class RefShard:
         for tname in ("key_bytes", "payload", "codebook", "id_table"):
             if tname in header and len(header[tname]["shape"]) != 1:
                 raise RefCorruptionError(f"{self.name}: {tname} is not 1-D")
+
+        # §7: region checksums (version 2): the header, then every table but the payload.
+        if self.format_version >= CHECKSUMMED_VERSION:
+            if header["checksums"]["shape"] != [len(order) - 1]:
+                raise RefCorruptionError(f"{self.name}: checksums shape {header['checksums']}")
+            names = meta.get("checksums", "").split(",")
+            if names[0] != "header" or sorted(names[1:]) != sorted(
+                t for t, _ in order if t not in ("checksums", "payload")
+            ):
+                raise RefCorruptionError(f"{self.name}: metadata checksums = {names}")
+            with open(self.path, "rb") as f:
+                whole = f.read()
+            begin, end = header["checksums"]["data_offsets"]
+            sums = np.frombuffer(whole[8 + n + begin : 8 + n + end], dtype="<u8")
+            for i, region in enumerate(names):
+                if region == "header":
+                    part = whole[: 8 + n]
+                else:
+                    b, e = header[region]["data_offsets"]
+                    part = whole[8 + n + b : 8 + n + e]
+                if xxhash.xxh3_64_intdigest(part) != int(sums[i]):
+                    raise RefCorruptionError(f"{self.name}: region {region} fails its checksum")
 
         # Now through the safetensors library: it must accept the file and agree with us.
         with safe_open(str(self.path), framework="numpy") as st:

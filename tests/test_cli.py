@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from build_helpers import write_manifest
 from target_sft import CacheWriter, TeacherCache
 
 SCRIPT = Path(sys.executable).parent / "target-sft"
@@ -111,7 +112,7 @@ def test_inspect_stats_exact_codec_without_entropy_and_old_caches(tmp_path, reco
     del m["stats"]
     for s in m["shards"]:
         del s["stats"]
-    (tmp_path / "e" / "manifest.json").write_text(json.dumps(m))
+    write_manifest(tmp_path / "e", m)
     p = run("cache", "inspect", str(tmp_path / "e"), "--stats")
     assert p.returncode == 0, p.stderr
     assert "statistics     none recorded" in p.stdout and "kept mass" not in p.stdout

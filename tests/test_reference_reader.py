@@ -35,6 +35,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 import reference_reader as rr
+from build_helpers import reseal_shard
 from target_sft import CacheWriter, TeacherCache
 from target_sft.errors import (
     CacheCorruptionError,
@@ -43,6 +44,10 @@ from target_sft.errors import (
     CacheMismatchError,
     CacheVersionError,
 )
+
+#: Caches written by format version 1 (target-sft before the region checksums), kept to test
+#: that they still read: see tests/test_checksums.py.
+V1_CACHES = Path(__file__).parent / "data" / "v1"
 
 FIELDS = rr.RECORD_FIELDS[1:]  # the array fields
 DEFAULT_PARAMS = {"sqrt_step": 2.5e-3, "tail_step": 2.5, "floor": -48.0}  # §5.1 defaults
@@ -663,7 +668,7 @@ def test_shards_are_safetensors(built):
         with safe_open(str(built.path / e["file"]), framework="numpy") as st:
             assert set(st.keys()) == expected
             meta = st.metadata()
-            assert meta["format"] == "target-sft-shard" and meta["format_version"] == "1"
+            assert meta["format"] == "target-sft-shard" and meta["format_version"] == "2"
             assert meta["codec"] == built.codec and int(meta["top_k"]) == built.k
             assert int(meta["vocab_size"]) == built.vocab and int(meta["records"]) == e["records"]
             assert json.loads(meta["codec_params"]) == m["codec_params"]
@@ -677,7 +682,7 @@ def test_writer_uses_the_tensor_order_of_section_2(built):
 
 def test_manifest(built):
     m = rr.read_manifest(built.path)
-    assert m["format"] == "target-sft-cache" and m["format_version"] == 1
+    assert m["format"] == "target-sft-cache" and m["format_version"] == 2
     assert m["codec"] == built.codec and m["top_k"] == built.k and m["vocab_size"] == built.vocab
     assert m["complete"] is True
     assert m["num_records"] == len(built.written)
@@ -851,7 +856,7 @@ def test_append_mode(tmp_path):
 def test_newer_format_version_is_refused(small_cache, tmp_path):
     path = copy_cache(small_cache, tmp_path / "c")
     m = json.loads((path / "manifest.json").read_text())
-    m["format_version"] = 2
+    m["format_version"] = 3
     (path / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(rr.RefVersionError):
         rr.read_manifest(path)
@@ -1050,7 +1055,16 @@ def test_writer_accepts_section_3_edge_cases(codec, tmp_path):
 
 
 def write_shard(path: Path, meta: dict[str, str], tensors: list[tuple[str, str, np.ndarray]]):
-    """A shard container written by hand from FORMAT.md §2 (tensors in the listed order)."""
+    """A shard container written by hand from FORMAT.md §2 (tensors in the listed order). A
+    version-2 shard (``meta["format_version"] == "2"``) gets its ``checksums`` tensor computed
+    here from §7 (any ``checksums`` given is replaced)."""
+    tensors = [t for t in tensors if t[0] != "checksums"]
+    checked = meta.get("format_version") == "2"
+    if checked:
+        regions = [name for name, _, _ in tensors if name != "payload"]
+        meta = {**meta, "checksums": ",".join(["header", *regions])}
+        at = [name for name, _, _ in tensors].index("key_offsets") + 1
+        tensors.insert(at, ("checksums", "U64", np.zeros(len(regions) + 1, np.uint64)))
     header: dict[str, Any] = {"__metadata__": meta}
     pos, blobs = 0, []
     for name, dtype, arr in tensors:
@@ -1064,7 +1078,25 @@ def write_shard(path: Path, meta: dict[str, str], tensors: list[tuple[str, str, 
         pos += len(blob)
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
-    path.write_bytes(struct.pack("<Q", len(text)) + text + b"".join(blobs))
+    head = struct.pack("<Q", len(text)) + text
+    if checked:
+        by_name = {name: blob for (name, _, _), blob in zip(tensors, blobs, strict=True)}
+        sums = [xxhash.xxh3_64_intdigest(head)]
+        sums += [xxhash.xxh3_64_intdigest(by_name[r]) for r in regions]
+        by_name["checksums"] = np.array(sums, dtype="<u8").tobytes()
+        blobs = [by_name[name] for name, _, _ in tensors]
+    path.write_bytes(head + b"".join(blobs))
+
+
+def write_manifest(path: Path, m: dict[str, Any]) -> None:
+    """``manifest.json`` written by hand from FORMAT.md §1: pretty JSON whose last member is the
+    ``manifest_checksum``, XXH3-64 of every byte before the member's opening quote."""
+    body = {k: v for k, v in m.items() if k != "manifest_checksum"}
+    head = json.dumps(body, indent=2).encode().rstrip()
+    assert head.endswith(b"}")
+    head = head[:-1].rstrip() + b",\n  "
+    seal = f'"manifest_checksum": "xxh3-64:{xxhash.xxh3_64_hexdigest(head)}"\n}}\n'
+    (path / "manifest.json").write_bytes(head + seal.encode())
 
 
 def rewrite_frames(path: Path, mutate, codebook: np.ndarray | None = None) -> None:
@@ -1098,7 +1130,7 @@ def rewrite_frames(path: Path, mutate, codebook: np.ndarray | None = None) -> No
         data = shard.path.read_bytes()
         e["bytes"] = len(data)
         e["checksum"] = "xxh3-128:" + xxhash.xxh3_128_hexdigest(data)
-    (path / "manifest.json").write_text(json.dumps(m, indent=2))
+    write_manifest(path, m)
 
 
 def tokens_end(shard: rr.RefShard, raw: bytes) -> tuple[int, int, int]:
@@ -1636,12 +1668,15 @@ def test_compact_test_data_covers_every_path(tmp_path_factory):
 # Damaged shard containers and indexes (§8): both readers refuse them.
 
 
-def patch_shard(path: Path, fn) -> Path:
-    """Apply ``fn(raw: bytearray, header_len, header)`` to the first shard of the cache."""
+def patch_shard(path: Path, fn, reseal: bool = False) -> Path:
+    """Apply ``fn(raw: bytearray, header_len, header)`` to the first shard of the cache (and
+    recompute its region checksums with ``reseal``)."""
     f = path / rr.read_manifest(path)["shards"][0]["file"]
     raw = bytearray(f.read_bytes())
     (n,) = struct.unpack("<Q", raw[:8])
     fn(raw, n, json.loads(raw[8 : 8 + n]))
+    if reseal:
+        reseal_shard(raw)
     f.write_bytes(bytes(raw))
     return f
 
@@ -1681,9 +1716,14 @@ def header_garbage(raw: bytearray, n: int, header: dict[str, Any]) -> None:
         pytest.param(header_garbage, id="header-garbage"),
     ],
 )
-def test_damaged_shard_is_refused_by_both(damage, small_cache, tmp_path):
+@pytest.mark.parametrize("reseal", [False, True], ids=["as-damaged", "checksums-recomputed"])
+def test_damaged_shard_is_refused_by_both(damage, reseal, small_cache, tmp_path):
+    """Refused by the region checksums (§7), and with checksums recomputed over the damage (a
+    writer bug) by the structural checks behind them (§8)."""
     path = copy_cache(small_cache, tmp_path / "c")
-    patch_shard(path, damage)
+    if reseal and damage is header_garbage:
+        pytest.skip("a header that does not parse has no checksums to recompute")
+    patch_shard(path, damage, reseal=reseal)
     with pytest.raises(rr.RefFormatError):
         rr.read_cache(path)
     with pytest.raises(CacheError):
@@ -1707,11 +1747,11 @@ def test_shard_metadata_disagreeing_with_manifest(small_cache, tmp_path):
         write_shard(f, meta, [(n, d, t[n]) for n, d in rr._TENSORS["compact"]])
         data = f.read_bytes()
         e["bytes"], e["checksum"] = len(data), "xxh3-128:" + xxhash.xxh3_128_hexdigest(data)
-    (path / "manifest.json").write_text(json.dumps(m))
+    write_manifest(path, m)
     for i, (ref, rec) in enumerate(read_both(path)):
         assert_same_record(ref, rec, f"position {i}")
     m["codec_params"]["tail_step"] = 0.5
-    (path / "manifest.json").write_text(json.dumps(m))
+    write_manifest(path, m)
     with pytest.raises(rr.RefFormatError, match="codec_params"):
         rr.read_cache(path)
 
@@ -1719,7 +1759,7 @@ def test_shard_metadata_disagreeing_with_manifest(small_cache, tmp_path):
 def test_wrong_token_hash(small_cache, tmp_path):
     """§3/§7: a reader given token ids compares hashes; verify recomputes every token_hash."""
     path = copy_cache(small_cache, tmp_path / "c")
-    patch_shard(path, index_patch(0, 4, 12345))
+    patch_shard(path, index_patch(0, 4, 12345), reseal=True)  # a writer's wrong token_hash
     with pytest.raises(rr.RefCorruptionError):
         rr.read_cache(path)
     ref = rr.read_cache(path, check_token_hash=False)[0]
@@ -1731,11 +1771,8 @@ def test_wrong_token_hash(small_cache, tmp_path):
         cache.verify()
 
 
-def test_shard_resaved_by_safetensors_reads_identically(small_cache, tmp_path):
-    """A shard re-serialised by ``safetensors.numpy.save_file`` (tensors in the library's own
-    order, not the order listed in §2) still tiles its data buffer: both readers accept it."""
-    path = copy_cache(small_cache, tmp_path / "c")
-    before = rr.read_cache(path)
+def _resave_with_safetensors(path: Path, seal: bool = True) -> None:
+    """Re-serialise every shard with ``safetensors.numpy.save_file``, fix the manifest."""
     m = rr.read_manifest(path)
     for e in m["shards"]:
         f = path / e["file"]
@@ -1744,9 +1781,36 @@ def test_shard_resaved_by_safetensors_reads_identically(small_cache, tmp_path):
         save_file(tensors, str(f), metadata=meta)
         data = f.read_bytes()
         e["bytes"], e["checksum"] = len(data), "xxh3-128:" + xxhash.xxh3_128_hexdigest(data)
-    (path / "manifest.json").write_text(json.dumps(m))
+    if seal:
+        write_manifest(path, m)
+    else:
+        (path / "manifest.json").write_text(json.dumps(m))
+
+
+def test_shard_resaved_by_safetensors_is_refused_by_its_header_checksum(small_cache, tmp_path):
+    """A version-2 shard re-serialised by ``safetensors.numpy.save_file`` (its own tensor order
+    and header spelling) no longer has the header bytes its ``checksums[0]`` covers (§7): both
+    readers refuse it, naming the header region, rather than trust a header nobody checked."""
+    path = copy_cache(small_cache, tmp_path / "c")
+    _resave_with_safetensors(path)
+    with pytest.raises(rr.RefCorruptionError, match="region header"):
+        rr.read_cache(path)
+    with pytest.raises(CacheCorruptionError, match="region header"):
+        TeacherCache(path).record_at(0)
+
+
+def test_version1_shard_resaved_by_safetensors_reads_identically(tmp_path):
+    """A version-1 shard (no checksums) re-serialised by ``safetensors.numpy.save_file``
+    (tensors in the library's own order, not the order listed in §2) still tiles its data
+    buffer: both readers accept it."""
+    path = tmp_path / "c"
+    shutil.copytree(V1_CACHES / "compact", path)
+    before = rr.read_cache(path)
+    _resave_with_safetensors(path, seal=False)  # version 1: no manifest_checksum
     assert rr.open_shards(path)[1][0].tensor_order[0] != "record_index"
-    for i, (ref, rec) in enumerate(read_both(path)):
-        assert_same_record(ref, rec, f"position {i}")
-        assert_same_record(before[i], rec, f"position {i}")
-    assert TeacherCache(path).verify() == len(before)
+    with pytest.warns(UserWarning, match="format-version-1"):
+        cache = TeacherCache(path)
+    for i, ref in enumerate(rr.read_cache(path)):
+        assert_same_record(ref, cache.record_at(i), f"position {i}")
+        assert_same_record(before[i], cache.record_at(i), f"position {i}")
+    assert cache.verify() == len(before)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from build_helpers import reseal_shard
 from conftest import make_record
 from target_sft import (
     CacheCorruptionError,
@@ -53,10 +54,14 @@ def _index_field_offset(shard: Path, record: int, column: int) -> int:
     return 8 + hlen + start + (record * 5 + column) * 8
 
 
-def _patch_u64(path: Path, offset: int, value: int) -> int:
+def _patch_u64(path: Path, offset: int, value: int, reseal: bool = False) -> int:
+    """Overwrite a u64 of a shard; with ``reseal``, recompute the shard's region checksums over
+    the damage (as a writer that wrote it would have), so that the checks behind them are met."""
     b = bytearray(path.read_bytes())
     old = int.from_bytes(b[offset : offset + 8], "little")
     b[offset : offset + 8] = value.to_bytes(8, "little")
+    if reseal:
+        reseal_shard(b)
     path.write_bytes(bytes(b))
     return old
 
@@ -89,21 +94,24 @@ _BOUNDED_CHILD = textwrap.dedent(
 )
 
 
+@pytest.mark.parametrize("reseal", [False, True], ids=["as-damaged", "checksums-recomputed"])
 @pytest.mark.parametrize("codec", ["exact", "compact"])
 @pytest.mark.parametrize(
     ("column", "field", "value"),
     [(2, "n_tokens", 1 << 28), (2, "n_tokens", 1 << 62), (3, "n_supervised", 1 << 40)],
 )
 def test_damaged_index_field_is_corruption_before_any_allocation(
-    tmp_path, codec, column, field, value
+    tmp_path, codec, column, field, value, reseal
 ):
     """One flipped token count in the record index used to make every DataLoader worker allocate
     outputs sized by it (8 GiB per teacher array for 8 samples). Under a 2 GiB address-space
-    limit every read path must now raise CacheCorruptionError naming shard, record and field."""
+    limit every read path must now raise CacheCorruptionError naming the shard and the region
+    (the record_index checksum, docs/FORMAT.md §7), and, with checksums recomputed over the
+    damage (a writer's bug), the record and the field (§8)."""
     path = tmp_path / "c"
     _write(path, _records(10), codec=codec)
     shard = next(path.glob("*.safetensors"))
-    _patch_u64(shard, _index_field_offset(shard, 2, column), value)
+    _patch_u64(shard, _index_field_offset(shard, 2, column), value, reseal=reseal)
     env = dict(os.environ, PYTHONPATH=str(ROOT / "python"))
     out = subprocess.run(
         [sys.executable, "-c", _BOUNDED_CHILD, str(path)],
@@ -117,7 +125,10 @@ def test_damaged_index_field_is_corruption_before_any_allocation(
     for what in ("collator", "build_batch", "record_at", "get"):
         (line,) = [x for x in lines if x.startswith(what + " ")]
         assert " CORRUPT " in line, line
-        assert shard.name in line and "record 2" in line and field in line, line
+        if reseal:
+            assert shard.name in line and "record 2" in line and field in line, line
+        else:
+            assert shard.name in line and "region record_index" in line, line
     assert float(lines[-1].split()[1]) < 10
 
 
@@ -127,6 +138,9 @@ def test_undamaged_records_of_a_damaged_shard_still_read(tmp_path):
     _write(path, recs, codec="exact")
     shard = next(path.glob("*.safetensors"))
     _patch_u64(shard, _index_field_offset(shard, 4, 2), 10**12)
+    with pytest.raises(CacheCorruptionError, match="region record_index fails its checksum"):
+        TeacherCache(path).record_at(3)  # a damaged index: the shard is refused as a whole
+    _patch_u64(shard, _index_field_offset(shard, 4, 2), 10**12, reseal=True)  # a writer's bug
     c = TeacherCache(path)
     got = c.record_at(3)
     for f in FIELDS:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from build_helpers import make_samples, reference_logprobs, save_tiny_llama
+from build_helpers import make_samples, reference_logprobs, save_tiny_llama, write_manifest
 from target_sft import CacheWriter, TeacherCache
 from target_sft.build import build_teacher_cache
 from target_sft.cache import KEPT_MASS_BINS, FidelityStats, merge_manifests
@@ -223,7 +223,7 @@ def test_manifest_without_stats_still_reads(tmp_path, recs):
     m.pop("stats")
     for s in m["shards"]:
         s.pop("stats")
-    (c / "manifest.json").write_text(json.dumps(m, indent=2))
+    write_manifest(c, m)
     cache = TeacherCache(c)
     assert cache.info.stats is None and len(cache) == 20
     assert cache.verify() == 20

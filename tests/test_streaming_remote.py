@@ -197,6 +197,14 @@ def test_missing_or_bad_manifest(server, tmp_path):
     (bad / "manifest.json").write_text(json.dumps({**m, "format_version": 99}))
     with pytest.raises(CacheError, match="newer"):
         StreamingTeacherDataset(f"{server.url}/badver", local_dir=tmp_path)
+    # one flipped byte in a field readers use: refused by the manifest's seal (FORMAT.md §1)
+    flipped = server.root / "flipped"
+    flipped.mkdir(exist_ok=True)
+    raw = (server.root / "good" / "manifest.json").read_bytes()
+    at = raw.index(b'"num_tokens": ') + len(b'"num_tokens": ')
+    (flipped / "manifest.json").write_bytes(raw[:at] + bytes([raw[at] ^ 0x01]) + raw[at + 1 :])
+    with pytest.raises(CacheCorruptionError, match=r"flipped/manifest\.json: region manifest body"):
+        StreamingTeacherDataset(f"{server.url}/flipped", local_dir=tmp_path)
 
 
 @pytest.mark.timeout(120)

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import re
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -473,6 +474,29 @@ def merge_manifests(
     return CacheInfo.from_manifest(path, m)
 
 
+#: Cache directories already warned about (one warning per directory per process).
+_WARNED_V1: set[str] = set()
+
+
+def _warn_if_unchecksummed(path: Path, format_version: int) -> None:
+    """Warn once per process and directory about a format-version-1 cache, whose tables and
+    manifest carry no checksums (docs/FORMAT.md §7)."""
+    if format_version >= 2:
+        return
+    key = os.path.realpath(path)
+    if key in _WARNED_V1:
+        return
+    _WARNED_V1.add(key)
+    warnings.warn(
+        f"{path} is a format-version-{format_version} cache: its manifest and its shards' tables "
+        "carry no checksums, so a damaged byte there can go unnoticed by a plain read (record "
+        "payloads are still checked); run `target-sft cache verify` on it once, or rebuild it "
+        "to get format version 2 (docs/FORMAT.md §7)",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
 class TeacherCache:
     """Read a teacher cache.
 
@@ -486,6 +510,7 @@ class TeacherCache:
         self.path = Path(path)
         self._c = _core.TeacherCache(str(self.path))
         self._info = CacheInfo.from_manifest(self.path, json.loads(self._c.manifest_json()))
+        _warn_if_unchecksummed(self.path, self._info.format_version)
 
     @property
     def info(self) -> CacheInfo:

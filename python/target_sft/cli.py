@@ -214,8 +214,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from target_sft import _core
     from target_sft.cache import TeacherCache
 
+    if args.reseal:
+        # a deliberate edit of manifest.json: accept its content, then verify every shard
+        # against it as usual (docs/FORMAT.md §1)
+        _core.reseal_manifest(str(args.path))
+        print(f"resealed {Path(args.path) / 'manifest.json'} (its manifest_checksum)")
     cache = TeacherCache(args.path)
     total = cache.info.records
     t0 = time.perf_counter()
@@ -424,6 +430,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ver.add_argument("path", help="cache directory")
     ver.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    ver.add_argument(
+        "--reseal",
+        action="store_true",
+        help="first re-seal manifest.json after a deliberate hand edit: accept its current "
+        "content and rewrite its manifest_checksum (every other check still applies)",
+    )
     ver.set_defaults(func=cmd_verify)
 
     bld = csub.add_parser(

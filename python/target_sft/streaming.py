@@ -429,7 +429,8 @@ class _ShardStore:
             num_supervised=entry["supervised"],
             complete=True,
         )
-        one_json = (json.dumps(one, indent=1) + "\n").encode()
+        one.pop("manifest_checksum", None)
+        one_json = _core.seal_manifest(json.dumps(one))  # a valid, sealed manifest (FORMAT.md §1)
         size = int(entry["bytes"]) + len(one_json)  # what the directory will hold
         dl = self._lock_fd(f"{h}.dl")
         tmp: Path | None = None
@@ -656,6 +657,7 @@ def _fetch_manifest(url: str, storage_options: dict[str, Any]) -> dict[str, Any]
             if not isinstance(s.get(k), int) or s[k] < 0:
                 raise CacheFormatError(f"{shown}: shard {f!r} has no valid {k!r}")
         _checksum_hex(s, shown)
+    _core.check_manifest(raw, shown)  # its manifest_checksum and the rest, as a local open
     return m
 
 

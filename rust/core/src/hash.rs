@@ -24,6 +24,12 @@ pub fn parts_checksum(parts: &[&[u8]]) -> String {
     format!("xxh3-128:{:032x}", h.digest128())
 }
 
+/// Region checksum of format version 2 (shard tables and header, the manifest's seal): XXH3-64,
+/// seed 0.
+pub fn region_checksum(bytes: &[u8]) -> u64 {
+    xxh3_64(bytes)
+}
+
 fn as_le_bytes_i32(v: &[i32]) -> std::borrow::Cow<'_, [u8]> {
     if cfg!(target_endian = "little") {
         // SAFETY: i32 has no padding and any byte pattern is a valid u8; the slice covers

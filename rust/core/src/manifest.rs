@@ -11,8 +11,89 @@ use crate::stats::Fidelity;
 
 pub const MANIFEST_NAME: &str = "manifest.json";
 pub const CACHE_FORMAT: &str = "target-sft-cache";
-/// The format version this library writes and the newest it reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format version this library writes and the newest it reads. Version 2 added the
+/// checksums of every region a reader uses (the shards' `checksums` tensor, the manifest's
+/// `manifest_checksum`); version 1 caches are still read, with the weaker guarantee of
+/// docs/FORMAT.md §7.
+pub const FORMAT_VERSION: u32 = 2;
+/// The first format version whose manifests and shards carry checksums of every region.
+pub const CHECKSUMMED_VERSION: u32 = 2;
+/// The manifest's last field: XXH3-64 of the file's bytes before it (docs/FORMAT.md §1).
+pub const MANIFEST_CHECKSUM: &str = "manifest_checksum";
+/// What a `manifest_checksum` value starts with (then 16 lowercase hex digits).
+pub const MANIFEST_CHECKSUM_PREFIX: &str = "xxh3-64:";
+
+/// Append the `manifest_checksum` field to the pretty JSON `body` of a manifest (an object whose
+/// last line is `}`): the checksum covers every byte before the field's opening quote.
+pub fn seal(body: &[u8]) -> Vec<u8> {
+    let end = body
+        .iter()
+        .rposition(|&b| b == b'}')
+        .expect("a manifest is a JSON object");
+    let mut head = body[..end].to_vec();
+    while head.last().is_some_and(u8::is_ascii_whitespace) {
+        head.pop();
+    }
+    head.extend_from_slice(b",\n  ");
+    let sum = crate::hash::region_checksum(&head);
+    head.extend_from_slice(
+        format!("\"{MANIFEST_CHECKSUM}\": \"{MANIFEST_CHECKSUM_PREFIX}{sum:016x}\"\n}}\n")
+            .as_bytes(),
+    );
+    head
+}
+
+/// Check the seal of the manifest file `bytes` (already parsed into `value`), shown as `shown`
+/// in errors. A `manifest_checksum` is verified whatever the version; from version 2 on it is
+/// required. A manifest of a newer version whose seal does not verify is a version error (a
+/// newer format may seal differently).
+fn check_seal(bytes: &[u8], value: &Value, version: u64, shown: &str) -> Result<()> {
+    let newer = version > u64::from(FORMAT_VERSION);
+    let fail = |what: String| {
+        if newer {
+            Error::new(
+                ErrorKind::Version,
+                format!(
+                    "{shown} was written with cache format version {version}, newer than the version {FORMAT_VERSION} this target-sft reads ({what} under this version's rules: if you expected no newer version, the file is damaged); upgrade target-sft"
+                ),
+            )
+        } else {
+            Error::corrupt(format!(
+                "{shown}: {what}; the manifest was damaged or edited by hand — restore it from a copy or rebuild the cache (if you edited it on purpose, re-seal it with `target-sft cache verify --reseal DIR`, which accepts its current content)"
+            ))
+        }
+    };
+    let stored = value.get(MANIFEST_CHECKSUM);
+    let Some(stored) = stored else {
+        if version >= u64::from(CHECKSUMMED_VERSION) {
+            return Err(fail(format!(
+                "region manifest_checksum is missing (format version {version} requires it)"
+            )));
+        }
+        return Ok(());
+    };
+    let needle = format!("\"{MANIFEST_CHECKSUM}\"");
+    let at = bytes
+        .windows(needle.len())
+        .rposition(|w| w == needle.as_bytes());
+    let want = stored
+        .as_str()
+        .and_then(|s| s.strip_prefix(MANIFEST_CHECKSUM_PREFIX))
+        .filter(|h| h.len() == 16 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+        .and_then(|h| u64::from_str_radix(h, 16).ok());
+    let (Some(at), Some(want)) = (at, want) else {
+        return Err(fail(format!(
+            "region manifest_checksum is not \"{MANIFEST_CHECKSUM_PREFIX}\" + 16 lowercase hex digits"
+        )));
+    };
+    let got = crate::hash::region_checksum(&bytes[..at]);
+    if got != want {
+        return Err(fail(format!(
+            "region manifest body fails its checksum (stored {want:016x}, computed {got:016x})"
+        )));
+    }
+    Ok(())
+}
 
 /// One committed shard.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -122,37 +203,46 @@ impl Manifest {
                 Error::io("cannot read", &path, e)
             }
         })?;
-        let value: Value = serde_json::from_slice(&bytes)
-            .map_err(|e| Error::corrupt(format!("{} is not valid JSON ({e})", path.display())))?;
+        Self::from_bytes(&bytes, &path.display().to_string(), true)
+    }
+
+    /// Parse and check the manifest file `bytes`, shown as `shown` in errors. With `sealed`
+    /// false, its `manifest_checksum` is not verified (re-sealing a hand-edited manifest).
+    pub fn from_bytes(bytes: &[u8], shown: &str, sealed: bool) -> Result<Self> {
+        let value: Value = serde_json::from_slice(bytes)
+            .map_err(|e| Error::corrupt(format!("{} is not valid JSON ({e})", shown)))?;
         if value.get("format").and_then(Value::as_str) != Some(CACHE_FORMAT) {
             return Err(Error::format(format!(
                 "{} is not a target-sft cache manifest (its \"format\" field is not {CACHE_FORMAT:?})",
-                path.display()
+                shown
             )));
         }
         let version = value
             .get("format_version")
             .and_then(Value::as_u64)
             .unwrap_or(0);
+        if sealed {
+            check_seal(bytes, &value, version, shown)?;
+        }
         if version > u64::from(FORMAT_VERSION) {
             return Err(Error::new(
                 ErrorKind::Version,
                 format!(
                     "{} was written with cache format version {version}, newer than the version {FORMAT_VERSION} this target-sft reads; upgrade target-sft",
-                    path.display()
+                    shown
                 ),
             ));
         }
         if version == 0 {
             return Err(Error::format(format!(
                 "{} has no valid format_version",
-                path.display()
+                shown
             )));
         }
         let mut m: Manifest = serde_json::from_value(value).map_err(|e| {
             Error::format(format!(
                 "{} does not have the manifest's fields ({e})",
-                path.display()
+                shown
             ))
         })?;
         let sum = |f: fn(&ShardEntry) -> u64| m.shards.iter().map(f).sum::<u64>();
@@ -162,15 +252,14 @@ impl Manifest {
         {
             return Err(Error::corrupt(format!(
                 "{}: the totals do not equal the sums over its shards",
-                path.display()
+                shown
             )));
         }
         for s in &m.shards {
             if s.file.contains('/') || s.file.contains('\\') || s.file.starts_with('.') {
                 return Err(Error::format(format!(
                     "{}: shard file name {:?} is not a plain file name",
-                    path.display(),
-                    s.file
+                    shown, s.file
                 )));
             }
         }
@@ -183,9 +272,25 @@ impl Manifest {
     }
 
     pub fn store_named(&self, dir: &Path, name: &str) -> Result<()> {
-        let mut bytes = serde_json::to_vec_pretty(self).expect("manifest serialises");
-        bytes.push(b'\n');
-        write_atomic(&dir.join(name), &[&bytes])
+        write_atomic(&dir.join(name), &[&self.to_bytes()])
+    }
+
+    /// The manifest file's bytes: pretty JSON, sealed with its `manifest_checksum` (version 2;
+    /// a manifest written by this library is always of the current version).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut m = self.clone();
+        m.format_version = FORMAT_VERSION;
+        seal(&serde_json::to_vec_pretty(&m).expect("manifest serialises"))
+    }
+
+    /// Re-seal the manifest file `name` of `dir` after a deliberate edit: parse it without
+    /// verifying its `manifest_checksum` (every other check applies) and store it sealed.
+    pub fn reseal(dir: &Path, name: &str) -> Result<Self> {
+        let path = dir.join(name);
+        let bytes = std::fs::read(&path).map_err(|e| Error::io("cannot read", &path, e))?;
+        let m = Self::from_bytes(&bytes, &path.display().to_string(), false)?;
+        m.store_named(dir, name)?;
+        Ok(m)
     }
 
     /// The settings two parts of one cache must share, as (field, value) pairs. `tokenizer` and
@@ -257,5 +362,75 @@ impl Manifest {
         self.num_tokens = self.shards.iter().map(|s| s.tokens).sum();
         self.num_supervised = self.shards.iter().map(|s| s.supervised).sum();
         self.stats = Fidelity::fold(self.shards.iter().filter_map(|s| s.stats.as_ref()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Manifest {
+        Manifest {
+            format: CACHE_FORMAT.into(),
+            format_version: FORMAT_VERSION,
+            codec: "exact".into(),
+            codec_params: serde_json::json!({"zstd_level": 3}),
+            top_k: 4,
+            vocab_size: 100,
+            temperature: 1.0,
+            tokenizer: serde_json::json!({"fingerprint": "f"}),
+            teacher: serde_json::json!({"name": "t"}),
+            complete: true,
+            num_records: 0,
+            num_tokens: 0,
+            num_supervised: 0,
+            shards: vec![],
+            created_by: "test".into(),
+            stats: None,
+        }
+    }
+
+    #[test]
+    fn the_seal_covers_every_byte_before_it() {
+        let bytes = sample().to_bytes();
+        let text = String::from_utf8(bytes.clone()).unwrap();
+        assert!(
+            text.ends_with("\"\n}\n") && text.contains(",\n  \"manifest_checksum\": \"xxh3-64:")
+        );
+        assert_eq!(Manifest::from_bytes(&bytes, "m", true).unwrap(), sample());
+        // every byte flip before the closing brace is refused or changes nothing
+        for at in 0..bytes.len() - 2 {
+            let mut b = bytes.clone();
+            b[at] ^= 0x01;
+            if let Ok(m) = Manifest::from_bytes(&b, "m", true) {
+                assert_eq!(m, sample(), "byte {at}");
+            }
+        }
+        // an edit is refused, saying how to re-seal; without the check it parses
+        let edited = text.replace("\"t\"", "\"u\"");
+        let e = Manifest::from_bytes(edited.as_bytes(), "m", true).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Corruption);
+        assert!(e
+            .message
+            .contains("m: region manifest body fails its checksum"));
+        assert!(e.message.contains("target-sft cache verify --reseal"));
+        assert!(Manifest::from_bytes(edited.as_bytes(), "m", false).is_ok());
+        // version 2 requires the seal; version 1 has none
+        let mut v: Value = serde_json::from_slice(&bytes).unwrap();
+        v.as_object_mut().unwrap().remove(MANIFEST_CHECKSUM);
+        let bare = serde_json::to_vec(&v).unwrap();
+        let e = Manifest::from_bytes(&bare, "m", true).unwrap_err();
+        assert!(
+            e.message.contains("region manifest_checksum is missing"),
+            "{e}"
+        );
+        v["format_version"] = Value::from(1);
+        let old = serde_json::to_vec(&v).unwrap();
+        assert_eq!(
+            Manifest::from_bytes(&old, "m", true)
+                .unwrap()
+                .format_version,
+            1
+        );
     }
 }

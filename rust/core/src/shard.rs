@@ -14,12 +14,17 @@ use crate::container::{encode_header, parse_header, Dtype, Header, TensorOut};
 use crate::error::{Error, ErrorKind, Result};
 use crate::fsutil::write_atomic;
 use crate::hash;
-use crate::manifest::{ShardEntry, FORMAT_VERSION};
+use crate::manifest::{ShardEntry, CHECKSUMMED_VERSION, FORMAT_VERSION};
 use crate::record::{Key, Record};
 
 pub const SHARD_FORMAT: &str = "target-sft-shard";
 /// Columns of the `record_index` tensor.
 pub const INDEX_COLS: usize = 5;
+/// The tensor (U64 `[K]`) and the metadata field (its entries' region names, comma-separated)
+/// of a shard's region checksums (format version 2, docs/FORMAT.md §7).
+pub const CHECKSUMS: &str = "checksums";
+/// The name of `checksums[0]`: XXH3-64 of the file's first `8 + N` bytes (length and header).
+pub const HEADER_REGION: &str = "header";
 
 /// Largest token count of one record a reader accepts (batch positions are 32-bit).
 pub const MAX_RECORD_TOKENS: u64 = 1 << 30;
@@ -134,6 +139,31 @@ impl ShardBuilder {
         let index = le_bytes(&self.index, u64::to_le_bytes);
         let key_hash = le_bytes(&self.key_hash, u64::to_le_bytes);
         let key_offsets_b = le_bytes(&key_offsets, u64::to_le_bytes);
+        let (codebook, id_table) = match (&codec.codebook, &codec.ids) {
+            (Some(cb), Some(ids)) => (
+                Some(le_bytes(&cb.levels, f32::to_le_bytes)),
+                Some(le_bytes(&ids.id_of_rank, u32::to_le_bytes)),
+            ),
+            _ => (None, None),
+        };
+        // The checksummed regions (docs/FORMAT.md §7), in tensor order; entry 0 of the
+        // `checksums` tensor is the header's, filled in once the header is encoded.
+        let mut regions: Vec<(&str, &[u8])> = vec![
+            ("record_index", &index),
+            ("key_hash", &key_hash),
+            ("key_offsets", &key_offsets_b),
+        ];
+        if let (Some(cb), Some(ids)) = (&codebook, &id_table) {
+            regions.push(("codebook", cb));
+            regions.push(("id_table", ids));
+        }
+        regions.push(("key_bytes", &self.key_bytes));
+        let mut sums = vec![0u64];
+        sums.extend(regions.iter().map(|(_, b)| hash::region_checksum(b)));
+        let names: Vec<&str> = std::iter::once(HEADER_REGION)
+            .chain(regions.iter().map(|(n, _)| *n))
+            .collect();
+        let placeholder = vec![0u8; 8 * sums.len()];
         let mut tensors = vec![
             TensorOut {
                 name: "record_index",
@@ -153,22 +183,25 @@ impl ShardBuilder {
                 shape: vec![n + 1],
                 data: &key_offsets_b,
             },
+            TensorOut {
+                name: CHECKSUMS,
+                dtype: Dtype::U64,
+                shape: vec![sums.len()],
+                data: &placeholder,
+            },
         ];
-        let (codebook, id_table);
-        if let (Some(cb), Some(ids)) = (&codec.codebook, &codec.ids) {
-            codebook = le_bytes(&cb.levels, f32::to_le_bytes);
-            id_table = le_bytes(&ids.id_of_rank, u32::to_le_bytes);
+        if let (Some(cb), Some(ids)) = (&codebook, &id_table) {
             tensors.push(TensorOut {
                 name: "codebook",
                 dtype: Dtype::F32,
-                shape: vec![cb.levels.len()],
-                data: &codebook,
+                shape: vec![cb.len() / 4],
+                data: cb,
             });
             tensors.push(TensorOut {
                 name: "id_table",
                 dtype: Dtype::U32,
-                shape: vec![ids.id_of_rank.len()],
-                data: &id_table,
+                shape: vec![ids.len() / 4],
+                data: ids,
             });
         }
         tensors.push(TensorOut {
@@ -198,9 +231,18 @@ impl ShardBuilder {
         for (k, v) in &self.metadata {
             meta.entry(k.clone()).or_insert_with(|| v.clone());
         }
+        meta.insert(CHECKSUMS.to_string(), names.join(","));
         let header = encode_header(&tensors, &meta)?;
+        sums[0] = hash::region_checksum(&header);
+        let sums_b = le_bytes(&sums, u64::to_le_bytes);
         let mut parts: Vec<&[u8]> = vec![&header];
-        parts.extend(tensors.iter().map(|t| t.data));
+        parts.extend(tensors.iter().map(|t| {
+            if t.name == CHECKSUMS {
+                &sums_b[..]
+            } else {
+                t.data
+            }
+        }));
         let bytes: u64 = parts.iter().map(|p| p.len() as u64).sum();
         let checksum = hash::parts_checksum(&parts);
         write_atomic(&dir.join(file), &parts)?;
@@ -222,6 +264,9 @@ pub struct ShardReader {
     mmap: Mmap,
     header: Header,
     pub codec: Codec,
+    /// Whether the shard carries region checksums (format version 2), all verified at open; a
+    /// version-1 shard has only the manifest's whole-file checksum, which `verify` checks.
+    pub checksummed: bool,
     n: usize,
     // file offsets of the hot tensors (validated at open)
     index_at: usize,
@@ -242,6 +287,119 @@ fn meta_usize(h: &Header, key: &str) -> Result<usize> {
     meta(h, key)?
         .parse()
         .map_err(|_| Error::format(format!("shard metadata {key:?} is not an integer")))
+}
+
+/// Verify a shard's region checksums (docs/FORMAT.md §7): the header first (which covers the
+/// `checksums` tensor's description and the region list), then every table a reader uses.
+/// Returns false for a version-1 shard, which has none.
+fn check_regions(bytes: &[u8], h: &Header) -> Result<bool> {
+    let version = h
+        .metadata
+        .get("format_version")
+        .and_then(|v| v.parse::<u32>().ok());
+    let newer = version.is_some_and(|v| v > FORMAT_VERSION);
+    let fail = |what: String| {
+        if newer {
+            Error::new(
+                ErrorKind::Version,
+                format!(
+                    "written with shard format version {}, newer than {FORMAT_VERSION} ({what} under this version's rules: if you expected no newer version, the file is damaged); upgrade target-sft",
+                    version.unwrap_or_default()
+                ),
+            )
+        } else {
+            Error::corrupt(format!(
+                "{what}; the file is damaged — restore it or rebuild the cache"
+            ))
+        }
+    };
+    let Some(t) = h.tensors.get(CHECKSUMS) else {
+        if version.is_some_and(|v| (CHECKSUMMED_VERSION..=FORMAT_VERSION).contains(&v)) {
+            return Err(fail(format!(
+                "region {CHECKSUMS} is missing (format version {} requires it)",
+                version.unwrap_or_default()
+            )));
+        }
+        return Ok(false);
+    };
+    if t.dtype != Dtype::U64 || t.shape.len() != 1 || t.shape[0] == 0 {
+        return Err(fail(format!(
+            "region {CHECKSUMS}: the tensor is not U64 [K >= 1]"
+        )));
+    }
+    let sums: Vec<u64> = bytes[t.range.clone()]
+        .chunks_exact(8)
+        .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    let header_sum = hash::region_checksum(&bytes[..h.data_start]);
+    if header_sum != sums[0] {
+        return Err(fail(format!(
+            "region {HEADER_REGION} (header length, tensor table and __metadata__) fails its checksum (stored {:016x}, computed {header_sum:016x})",
+            sums[0]
+        )));
+    }
+    // The header is now trusted: its region list must name every table exactly once.
+    let names: Vec<&str> = h
+        .metadata
+        .get(CHECKSUMS)
+        .map(|s| s.split(',').collect())
+        .unwrap_or_default();
+    let mut want: Vec<&str> = h
+        .tensors
+        .keys()
+        .map(String::as_str)
+        .filter(|n| *n != CHECKSUMS && *n != "payload")
+        .collect();
+    let mut listed: Vec<&str> = names.iter().skip(1).copied().collect();
+    want.sort_unstable();
+    listed.sort_unstable();
+    if names.len() != sums.len() || names.first() != Some(&HEADER_REGION) || want != listed {
+        return Err(Error::format(format!(
+            "region {CHECKSUMS}: metadata {CHECKSUMS:?} = {:?} does not name the header and every table but the payload once, in the {} entries of the tensor",
+            names.join(","),
+            sums.len()
+        )));
+    }
+    for (name, &stored) in names.iter().zip(&sums).skip(1) {
+        let got = hash::region_checksum(&bytes[h.tensors[*name].range.clone()]);
+        if got != stored {
+            return Err(fail(format!(
+                "region {name} fails its checksum (stored {stored:016x}, computed {got:016x})"
+            )));
+        }
+    }
+    Ok(true)
+}
+
+/// Recompute the region checksums of the shard file `bytes` in place over its current content:
+/// what a writer that wrote exactly these bytes would have stored (docs/FORMAT.md §7). For tests
+/// and fuzz targets that damage a shard and must reach the checks behind the checksums; a
+/// version-1 shard (no `checksums` tensor) is left as it is.
+pub fn reseal_checksums(bytes: &mut [u8]) -> Result<()> {
+    let h = parse_header(bytes, bytes.len())?;
+    let Some(t) = h.tensors.get(CHECKSUMS) else {
+        return Ok(());
+    };
+    let names: Vec<&str> = h
+        .metadata
+        .get(CHECKSUMS)
+        .map(|s| s.split(',').collect())
+        .unwrap_or_default();
+    if t.dtype != Dtype::U64 || t.shape != [names.len()] || names.first() != Some(&HEADER_REGION) {
+        return Err(Error::format(
+            "the checksums tensor does not match its region list",
+        ));
+    }
+    let mut sums = vec![hash::region_checksum(&bytes[..h.data_start])];
+    for name in &names[1..] {
+        let r = h
+            .tensors
+            .get(*name)
+            .ok_or_else(|| Error::format(format!("region {name} is not a tensor")))?;
+        sums.push(hash::region_checksum(&bytes[r.range.clone()]));
+    }
+    bytes[t.range.clone()].copy_from_slice(&le_bytes(&sums, u64::to_le_bytes));
+    Ok(())
 }
 
 impl ShardReader {
@@ -275,6 +433,8 @@ impl ShardReader {
         // mmap-based reader. Every read from the map is bounds-checked against `len`.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io("cannot map", path, e))?;
         let header = parse_header(&mmap, mmap.len())?;
+        // Before anything in the header or a table is trusted (docs/FORMAT.md §7, §8).
+        let checksummed = check_regions(&mmap, &header)?;
         if meta(&header, "format")? != SHARD_FORMAT {
             return Err(Error::format(
                 "not a target-sft shard (metadata \"format\" differs)",
@@ -310,6 +470,7 @@ impl ShardReader {
             mmap,
             header,
             codec: Codec::exact(top_k, vocab, zstd_level),
+            checksummed,
             n,
             index_at: 0,
             key_hash_at: 0,

@@ -202,7 +202,7 @@ fn newer_format_version_is_refused() {
     let p = dir.join("manifest.json");
     let s = std::fs::read_to_string(&p)
         .unwrap()
-        .replace("\"format_version\": 1", "\"format_version\": 2");
+        .replace("\"format_version\": 2", "\"format_version\": 3");
     std::fs::write(&p, s).unwrap();
     let e = TeacherCache::open(&dir).err().unwrap();
     assert_eq!(e.kind, ErrorKind::Version);

@@ -56,6 +56,11 @@ fn check(dir: &Path, recs: &[Record], dropped: &[i64]) {
     w.close().unwrap();
     Manifest::merge(dir, &["manifest.json".to_string()], true).unwrap();
     let c = TeacherCache::open(dir).unwrap();
+    // rewritten shards go through the shard builder: they carry region checksums (FORMAT.md §7),
+    // verified when the shard is opened
+    for s in 0..c.num_shards() {
+        assert!(c.shard(s).unwrap().checksummed, "shard {s}");
+    }
     assert_eq!(
         c.verify(|_, _| {}).unwrap(),
         (recs.len() - dropped.len()) as u64

@@ -12,7 +12,7 @@ use numpy::ndarray::Array2;
 use numpy::{PyArray1, PyArray2, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
-use pyo3::types::{PyTuple, PyType};
+use pyo3::types::{PyBytes, PyTuple, PyType};
 use rayon::prelude::*;
 use target_sft_core as core;
 use target_sft_core::{CodecKind, ErrorKind, Key, Record};
@@ -453,6 +453,34 @@ fn merge_manifests(
     Ok(serde_json::to_string(&m).expect("manifest serialises"))
 }
 
+/// Re-seal the manifest file `name` of the cache at `path` after a deliberate edit: every check
+/// but its `manifest_checksum` applies, then it is stored sealed; returns it as JSON.
+#[pyfunction]
+#[pyo3(signature = (path, name="manifest.json".to_string()))]
+fn reseal_manifest(py: Python<'_>, path: PathBuf, name: String) -> PyResult<String> {
+    let m = py
+        .detach(|| core::Manifest::reseal(&path, &name))
+        .map_err(err)?;
+    Ok(serde_json::to_string(&m).expect("manifest serialises"))
+}
+
+/// Check the manifest file content `data` (shown as `shown` in errors) as a reader does at open:
+/// its `manifest_checksum`, version and fields; returns it as JSON.
+#[pyfunction]
+fn check_manifest(data: &[u8], shown: &str) -> PyResult<String> {
+    let m = core::Manifest::from_bytes(data, shown, true).map_err(err)?;
+    Ok(serde_json::to_string(&m).expect("manifest serialises"))
+}
+
+/// The bytes of a manifest file holding the manifest `manifest_json` (JSON text), sealed with
+/// its `manifest_checksum` (any `manifest_checksum` in the input is replaced).
+#[pyfunction]
+fn seal_manifest<'py>(py: Python<'py>, manifest_json: &str) -> PyResult<Bound<'py, PyBytes>> {
+    let m = core::Manifest::from_bytes(manifest_json.as_bytes(), "the manifest given", false)
+        .map_err(err)?;
+    Ok(PyBytes::new(py, &m.to_bytes()))
+}
+
 /// XXH3-64 of int32 token ids as little-endian bytes: a record's `token_hash` (FORMAT.md §7).
 #[pyfunction]
 fn token_hash(ids: PyReadonlyArrayDyn<'_, i32>) -> PyResult<u64> {
@@ -524,6 +552,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(xxh3_128, m)?)?;
     m.add_function(wrap_pyfunction!(scan_parts, m)?)?;
     m.add_function(wrap_pyfunction!(check_writer_locks, m)?)?;
+    m.add_function(wrap_pyfunction!(reseal_manifest, m)?)?;
+    m.add_function(wrap_pyfunction!(check_manifest, m)?)?;
+    m.add_function(wrap_pyfunction!(seal_manifest, m)?)?;
     batch::register(m)?;
     Ok(())
 }
