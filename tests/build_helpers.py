@@ -14,11 +14,9 @@ import torch
 VOCAB = 1000
 
 
-def save_tiny_llama(path: Path, seed: int = 0, vocab: int = VOCAB, tokenizer: bool = True) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
+def tiny_config(vocab: int = VOCAB, **extra: Any) -> dict[str, Any]:
+    """The shape of every tiny test model (Llama, Qwen2, ...): 2 layers, 4 heads, GQA."""
+    return dict(
         vocab_size=vocab,
         hidden_size=32,
         intermediate_size=64,
@@ -26,10 +24,15 @@ def save_tiny_llama(path: Path, seed: int = 0, vocab: int = VOCAB, tokenizer: bo
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
+        **extra,
     )
+
+
+def save_tiny_llama(path: Path, seed: int = 0, vocab: int = VOCAB, tokenizer: bool = True) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(**tiny_config(vocab, bos_token_id=1, eos_token_id=2, pad_token_id=0))
     model = LlamaForCausalLM(cfg)
     model.save_pretrained(path)
     if tokenizer:

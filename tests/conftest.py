@@ -54,3 +54,15 @@ def make_record(key, rng: np.random.Generator, *, vocab: int = 1000, k: int = 8,
 def records():
     rng = np.random.default_rng(1234)
     return [make_record(i if i % 4 else f"doc-{i}", rng) for i in range(12)]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for the module (tiny matrices: fastest, and steady on a shared machine).
+    A module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

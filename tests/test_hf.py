@@ -28,7 +28,7 @@ from transformers import (
 )
 
 from batch_reference import make_sample
-from build_helpers import save_tiny_llama
+from build_helpers import save_tiny_llama, tiny_config
 from target_sft import (
     CacheWriter,
     StreamingTeacherDataset,
@@ -47,13 +47,7 @@ K, V, N = 8, 256, 16
 ETA = 0.5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is fastest, and steady on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -356,16 +350,7 @@ def test_packed_batches_give_the_padded_loss(cache, model_dir, tmp_path):
 
 def save_tiny_qwen2(path, vocab=V, seed=0):
     torch.manual_seed(seed)
-    cfg = Qwen2Config(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
-    Qwen2ForCausalLM(cfg).save_pretrained(path)
+    Qwen2ForCausalLM(Qwen2Config(**tiny_config(vocab))).save_pretrained(path)
     return path
 
 
