@@ -36,10 +36,13 @@ def main() -> None:
     p.add_argument("--batch-tokens", type=int, default=256)
     p.add_argument("--fail-rank", type=int, default=-1)
     p.add_argument("--rebuild-changed", action="store_true")
+    p.add_argument("--drop-last-on-rank", type=int, default=-1, help="that rank reads less data")
     args = p.parse_args()
     torch.set_num_threads(1)
     data = [json.loads(line) for line in Path(args.data).read_text().splitlines()]
     rank = int(os.environ.get("RANK", "0"))
+    if rank == args.drop_last_on_rank:
+        data = data[:-1]
     res = build_teacher_cache(
         args.model,
         data,

@@ -531,6 +531,21 @@ def test_torchrun_two_ranks_build_the_same_cache(model_dir, samples, tmp_path):
         build(model_dir, samples, tmp_path / "c")
 
 
+def test_torchrun_ranks_given_different_data_are_refused(model_dir, samples, tmp_path):
+    """Each rank plans the whole dataset: a rank that reads other data (here one sample less) is
+    an error on every rank before the teacher runs, not a cache with samples missing."""
+    data = write_jsonl(tmp_path / "d.jsonl", samples)
+    p = torchrun(
+        "--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "c"),
+        "--drop-last-on-rank", "1", extra=("--master-port", str(free_port())),
+    )  # fmt: skip
+    _, err = p.communicate(timeout=300)
+    assert p.returncode != 0
+    assert err.count("the ranks read different datasets") >= 2, err
+    assert f"rank 0: {len(samples):,} samples" in err and f"rank 1: {len(samples) - 1:,}" in err
+    assert not list((tmp_path / "c").glob("*.safetensors"))  # no teacher batch was written
+
+
 def test_torchrun_600_samples_in_one_window_keep_both_ranks_busy(model_dir, tmp_path):
     """The issue's case: 600 samples, the default window (4,096) and batch size: one window,
     whose batches are dealt to both ranks; the records are those of a one-rank build."""

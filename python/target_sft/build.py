@@ -582,6 +582,14 @@ class _Scan:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def digest(self) -> str:
+        """SHA-256 of every sample's key, token hash and labels hash, in order: what every rank
+        must agree on (each plans the whole dataset and takes its own share of the plan)."""
+        h = hashlib.sha256(json.dumps(self.keys).encode())
+        h.update(self.token_hash.tobytes())
+        h.update(self.labels_hash.tobytes())
+        return h.hexdigest()
+
     def check_same(self, it: _Item) -> None:
         """An item read again for the teacher pass is the one that was planned."""
         i = it.index
@@ -1050,6 +1058,23 @@ def _sync(dist: _Dist, error: BaseException | None, out: Path) -> BaseException 
     )
 
 
+def _check_ranks_agree(dist: _Dist, scan: _Scan) -> None:
+    """Every rank read the same dataset (each takes its share of a plan of the whole): a rank
+    given other data (another file, another order, a per-rank shuffle) would write records of
+    samples no other rank planned and leave others out."""
+    seen = dist.all_gather((len(scan), scan.digest()))
+    differ = [r for r, d in enumerate(seen) if d != seen[0]]
+    if differ:
+        raise CacheInputError(
+            "the ranks read different datasets: "
+            + "; ".join(
+                f"rank {r}: {n:,} samples, digest {d[:12]}" for r, (n, d) in enumerate(seen)
+            )
+            + ". Every rank must be given the same samples in the same order (the same file, no "
+            "per-rank sharding or shuffling: the build deals the work to the ranks itself)"
+        )
+
+
 def _resume_state(
     out: Path, world: int, rank: int, scan: _Scan, rebuild_changed: bool
 ) -> tuple[set[int | str], list[int | str], int]:
@@ -1173,6 +1198,7 @@ class _RankBuild:
             self.open_writer(vocab)
 
     def check(self) -> None:
+        _check_ranks_agree(self.dist, self.scan)
         self.cached, self.drops, self.n_changed = _resume_state(
             self.out, self.dist.world, self.dist.rank, self.scan, self.rebuild_changed
         )
