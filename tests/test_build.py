@@ -171,6 +171,9 @@ def test_model_object_and_plain_callable_teacher(model, samples, tmp_path):
         return emb[input_ids]  # logits of a bigram teacher: [B, T, V]
 
     build(bigram, samples[:10], tmp_path / "f")
+    # a callable cannot be fingerprinted: resuming with one is said out loud, not assumed
+    with pytest.warns(UserWarning, match="nothing checks that it is the same teacher"):
+        build(bigram, samples[:12], tmp_path / "f")
     f = TeacherCache(tmp_path / "f")
     assert f.info.teacher["kind"] == "callable" and f.info.tokenizer == {}
     for s in samples[2:10]:

@@ -40,6 +40,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -1189,6 +1190,14 @@ class _RankBuild:
         existing = out / self.manifest_name
         shards = sorted(out.glob(f"{self.prefix}-*.safetensors"))
         if existing.exists() or shards:  # reopen this rank's part (settings checked there)
+            if self.teacher_fp.get("kind") == "callable":
+                warnings.warn(
+                    f"{out}: resuming a build whose teacher is a plain callable "
+                    f"({self.teacher_fp.get('name')}): it has no weights or config to fingerprint, "
+                    "so nothing checks that it is the same teacher as before; pass a "
+                    "transformers model (identified by its weights) to have it checked",
+                    stacklevel=2,
+                )
             vocab = json.loads(existing.read_text())["vocab_size"] if existing.exists() else None
             if vocab is None:  # shards but no manifest yet: peek at a shard's metadata
                 from safetensors import safe_open
