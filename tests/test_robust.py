@@ -329,12 +329,12 @@ def test_writer_arguments_are_named(tmp_path, kw, message):
 
 
 def test_sizes_parse():
-    from target_sft.cache import _parse_size
+    from target_sft.checks import parse_size
 
-    assert _parse_size("256MiB") == 256 << 20
-    assert _parse_size("1.5 GB") == 1_500_000_000
-    assert _parse_size(" 4096 ") == 4096
-    assert _parse_size("2kib") == 2048
+    assert parse_size("256MiB") == 256 << 20
+    assert parse_size("1.5 GB") == 1_500_000_000
+    assert parse_size(" 4096 ") == 4096
+    assert parse_size("2kib") == 2048
 
 
 def test_reader_positions_are_checked_and_named(tmp_path):

@@ -50,7 +50,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from target_sft import _core
-from target_sft.cache import IGNORE_INDEX, CacheInfo, CacheWriter, _check_wait, merge_manifests
+from target_sft.cache import IGNORE_INDEX, CacheInfo, CacheWriter, merge_manifests
+from target_sft.checks import check_wait
 from target_sft.errors import BuildError, CacheInputError, CacheMismatchError
 from target_sft.fingerprint import tokenizer_fingerprint  # re-exported: the builder's name
 from target_sft.sft_data import JsonlDataset, SFTSource, Truncation, prepare_row, tokenize_sft
@@ -1177,7 +1178,7 @@ class _RankBuild:
         self.batches = plan[dist.rank]
         # refuse (or wait) before the teacher loads if another live writer owns this rank's
         # files; the writer takes the same locks for good when it opens
-        _core.check_writer_locks(str(out), self.prefix, self.manifest_name, _check_wait(self.wait))
+        _core.check_writer_locks(str(out), self.prefix, self.manifest_name, check_wait(self.wait))
         model = load_teacher(
             self.teacher, dtype=self.dtype, device=self.device, local_rank=dist.local_rank
         )

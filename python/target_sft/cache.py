@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from target_sft import _core
+from target_sft.checks import as_float32, as_float64, as_int32, check_int, check_wait, parse_size
 from target_sft.errors import CacheInputError, CacheKeyError
 
 IGNORE_INDEX = -100
@@ -187,104 +187,6 @@ class CacheInfo:
         )
 
 
-def _to_numpy(name: str, x: Any) -> np.ndarray:
-    if hasattr(x, "detach") and hasattr(x, "cpu"):  # torch.Tensor, without importing torch
-        x = x.detach().cpu()
-        if str(x.dtype) in ("torch.bfloat16", "torch.float16"):
-            x = x.float()
-        x = x.numpy()
-    try:
-        return np.asarray(x)
-    except Exception as e:  # pragma: no cover - exotic inputs
-        raise CacheInputError(f"{name} cannot be converted to an array: {e}") from e
-
-
-def _as_int32(name: str, x: Any) -> npt.NDArray[np.int32]:
-    a = _to_numpy(name, x)
-    if a.dtype == np.int32:
-        return np.ascontiguousarray(a)
-    if a.dtype.kind not in "iu":
-        raise CacheInputError(f"{name} must hold integers, got dtype {a.dtype}")
-    if a.size and (a.min() < -(2**31) or a.max() >= 2**31):
-        i = int(np.argmax((a < -(2**31)) | (a >= 2**31)))
-        idx = np.unravel_index(i, a.shape)
-        raise CacheInputError(
-            f"{name}[{', '.join(map(str, idx))}] = {a[idx]} does not fit in int32"
-        )
-    return np.ascontiguousarray(a, dtype=np.int32)
-
-
-def _as_float32(name: str, x: Any) -> npt.NDArray[np.float32]:
-    a = _to_numpy(name, x)
-    if a.dtype.kind != "f":
-        raise CacheInputError(f"{name} must hold floating-point log-probs, got dtype {a.dtype}")
-    return np.ascontiguousarray(a, dtype=np.float32)
-
-
-def _as_float64(name: str, x: Any) -> npt.NDArray[np.float64]:
-    a = _to_numpy(name, x)
-    if a.dtype.kind not in "fiu":
-        raise CacheInputError(f"{name} must hold numbers, got dtype {a.dtype}")
-    return np.ascontiguousarray(a, dtype=np.float64)
-
-
-def _check_int(name: str, v: Any, lo: int | None = None, hi: int | None = None) -> int:
-    """``v`` as an int in ``[lo, hi]``, else :class:`CacheInputError` naming the argument ``name``
-    (bools and floats are refused: ``True`` or ``2.5`` is never a count)."""
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
-        raise CacheInputError(f"{name} must be an int, got {v!r} ({type(v).__name__})")
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        bound = f">= {lo}" if hi is None else f"<= {hi}" if lo is None else f"in [{lo}, {hi}]"
-        raise CacheInputError(f"{name} = {int(v)} must be {bound}")
-    return int(v)
-
-
-_SIZE_UNITS = {
-    "": 1,
-    "B": 1,
-    "KB": 1000,
-    "MB": 10**6,
-    "GB": 10**9,
-    "TB": 10**12,
-    "KIB": 1 << 10,
-    "MIB": 1 << 20,
-    "GIB": 1 << 30,
-    "TIB": 1 << 40,
-}
-_SIZE_RE = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*")
-
-
-def _parse_size(size: int | str, name: str = "size", lo: int = 0) -> int:
-    """A byte count given as an int or a string such as ``"256MiB"``/``"1.5 GB"``; anything else
-    (``"12 parsecs"``, a negative or too small value) is a :class:`CacheInputError` naming the
-    argument ``name``."""
-    if isinstance(size, str):
-        m = _SIZE_RE.fullmatch(size)
-        unit = m.group(2).upper() if m else None
-        if m is None or unit not in _SIZE_UNITS:
-            raise CacheInputError(
-                f"{name} = {size!r} is not a size: use a number of bytes or a number with a unit "
-                '(B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), e.g. "256MiB"'
-            )
-        value = float(m.group(1)) * _SIZE_UNITS[unit]
-        if value >= 2**63:
-            raise CacheInputError(f"{name} = {size!r} is too large")
-        size = int(value)
-    return _check_int(name, size, lo, 2**63 - 1)
-
-
-def _check_wait(wait: bool | float) -> float:
-    """``wait`` (False, True or seconds) as seconds for the native lock (0: refuse at once)."""
-    if isinstance(wait, (bool, np.bool_)):
-        return float("inf") if wait else 0.0
-    if not isinstance(wait, (int, float, np.integer, np.floating)) or not wait >= 0:
-        raise CacheInputError(
-            f"wait must be False (refuse at once), True (wait as long as it takes) or a number "
-            f"of seconds >= 0, got {wait!r}"
-        )
-    return float(wait)
-
-
 class CacheWriter:
     """Write a teacher cache (a context manager).
 
@@ -354,26 +256,26 @@ class CacheWriter:
         if isinstance(tokenizer, str):
             tokenizer = {"fingerprint": tokenizer}
         self.path = Path(path)
-        self.top_k = _check_int("top_k", top_k, 1, 256)
+        self.top_k = check_int("top_k", top_k, 1, 256)
         self._w: _core.CacheWriter | None = _core.CacheWriter(
             str(self.path),
             top_k=self.top_k,
-            vocab_size=_check_int("vocab_size", vocab_size, 1, 2**31),
+            vocab_size=check_int("vocab_size", vocab_size, 1, 2**31),
             codec=codec,
-            zstd_level=_check_int("zstd_level", zstd_level, -7, 22),
-            shard_bytes=_parse_size(shard_size, "shard_size", lo=1),
-            threads=_check_int("threads", threads, 0, 4096),
+            zstd_level=check_int("zstd_level", zstd_level, -7, 22),
+            shard_bytes=parse_size(shard_size, "shard_size", lo=1),
+            threads=check_int("threads", threads, 0, 4096),
             temperature=float(temperature),
             tokenizer_json=json.dumps(tokenizer or {}, sort_keys=True),
             teacher_json=json.dumps(teacher or {}, sort_keys=True),
             shard_prefix=shard_prefix,
             manifest_name=manifest_name,
-            prior_records=_check_int("prior_records", prior_records, 1),
+            prior_records=check_int("prior_records", prior_records, 1),
             append=mode == "append",
             sqrt_step=float(compact_sqrt_step),
             tail_step=float(compact_tail_step),
             floor=float(compact_floor),
-            wait_s=_check_wait(wait),
+            wait_s=check_wait(wait),
         )
         self.info: CacheInfo | None = None
 
@@ -408,13 +310,13 @@ class CacheWriter:
             raise CacheInputError(f"key must be an int or a str, not {type(key).__name__}")
         self._writer().add(
             int(key) if isinstance(key, np.integer) else key,
-            _as_int32("input_ids", input_ids),
-            _as_int32("labels", labels),
-            _as_int32("topk_ids", topk_ids),
-            _as_float32("topk_logprobs", topk_logprobs),
-            _as_float32("label_logprobs", label_logprobs),
-            _as_int32("label_ranks", label_ranks),
-            None if entropy is None else _as_float64("entropy", entropy),
+            as_int32("input_ids", input_ids),
+            as_int32("labels", labels),
+            as_int32("topk_ids", topk_ids),
+            as_float32("topk_logprobs", topk_logprobs),
+            as_float32("label_logprobs", label_logprobs),
+            as_int32("label_ranks", label_ranks),
+            None if entropy is None else as_float64("entropy", entropy),
         )
 
     def __contains__(self, key: object) -> bool:
@@ -470,7 +372,7 @@ def merge_manifests(
     into its ``manifest.json``. Every part must have the same settings (codec, top_k, vocab,
     temperature, tokenizer, teacher), else :class:`CacheMismatchError` names the field. Holds
     the directory's manifest lock while merging (``wait`` as for :class:`CacheWriter`)."""
-    m = json.loads(_core.merge_manifests(str(path), list(parts), bool(complete), _check_wait(wait)))
+    m = json.loads(_core.merge_manifests(str(path), list(parts), bool(complete), check_wait(wait)))
     return CacheInfo.from_manifest(path, m)
 
 
@@ -536,13 +438,13 @@ class TeacherCache:
     def get(self, key: Key, input_ids: Any | None = None) -> CacheRecord:
         """The record of ``key``. With ``input_ids``, first check that they are the tokens the
         record was built from (:class:`CacheMismatchError` otherwise)."""
-        ids = None if input_ids is None else _as_int32("input_ids", input_ids)
+        ids = None if input_ids is None else as_int32("input_ids", input_ids)
         return CacheRecord(*self._c.get(key, ids))
 
     def _position(self, position: Any, name: str = "position") -> int:
         """A global position checked against ``[0, len(cache))`` (no negative indexing: a
         position is an address in the cache, not a Python index)."""
-        p = _check_int(name, position)
+        p = check_int(name, position)
         if not 0 <= p < len(self):
             raise CacheKeyError(
                 f"{name} = {p} is out of range: the cache at {self.path} has {len(self)} "
@@ -559,7 +461,7 @@ class TeacherCache:
         if isinstance(positions, (str, bytes)) or not hasattr(positions, "__iter__"):
             raise CacheInputError(f"positions must be a sequence of ints, got {positions!r}")
         pos = [self._position(p, f"positions[{i}]") for i, p in enumerate(positions)]
-        threads = _check_int("threads", threads, 0, 4096)
+        threads = check_int("threads", threads, 0, 4096)
         return [CacheRecord(*r) for r in self._c.get_many_at(pos, threads)]
 
     def position(self, key: Key) -> int:
@@ -569,7 +471,7 @@ class TeacherCache:
         return self._c.key_at(self._position(position))
 
     def keys(self, chunk: int = 65_536) -> Iterator[Key]:
-        chunk = _check_int("chunk", chunk, 1)
+        chunk = check_int("chunk", chunk, 1)
         n = len(self)
         for start in range(0, n, chunk):
             yield from self._c.keys_range(start, min(n, start + chunk))

@@ -31,9 +31,8 @@ from target_sft.cache import (
     CacheSample,
     Key,
     TeacherCache,
-    _as_int32,
-    _check_int,
 )
+from target_sft.checks import as_int32, check_int
 from target_sft.errors import CacheInputError, CacheKeyError
 from target_sft.fingerprint import TokenizerCheck
 
@@ -77,7 +76,7 @@ def _native_item(i: int, item: Any, cache: TeacherCache | None) -> tuple[Any, ..
             )
         key = item["key"]
         if item.get("input_ids") is not None:
-            input_ids = _as_int32(f"batch item {i}: input_ids", item["input_ids"])
+            input_ids = as_int32(f"batch item {i}: input_ids", item["input_ids"])
             if input_ids.ndim != 1:
                 raise CacheInputError(
                     f"batch item {i} (key {key!r}): input_ids must be 1-D, got shape "
@@ -110,9 +109,9 @@ def _options(
     if padding not in ("longest", "max_length"):
         raise CacheInputError(f'padding must be "longest" or "max_length", got {padding!r}')
     if max_length is not None:
-        max_length = _check_int("max_length", max_length, 1)
+        max_length = check_int("max_length", max_length, 1)
     if pad_to_multiple_of is not None:
-        pad_to_multiple_of = _check_int("pad_to_multiple_of", pad_to_multiple_of, 1)
+        pad_to_multiple_of = check_int("pad_to_multiple_of", pad_to_multiple_of, 1)
     if packing and max_length is None:
         raise CacheInputError(
             "packing=True needs max_length: samples are packed into rows of max_length tokens"
@@ -187,7 +186,7 @@ def build_batch(
         native,
         pad_token_id=int(pad_token_id),
         label_in_support=bool(label_in_support),
-        threads=_check_int("threads", threads, 0, 4096),
+        threads=check_int("threads", threads, 0, 4096),
         out=out,
         **opts,
     )
@@ -268,8 +267,8 @@ class TargetSFTCollator:
         if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, (int, np.integer)):
             raise CacheInputError(f"pad_token_id must be an int, got {pad_token_id!r}")
         if threads is not None:
-            threads = _check_int("threads", threads, 0, 4096)
-        _check_int("shared_memory_slots", shared_memory_slots, 0)
+            threads = check_int("threads", threads, 0, 4096)
+        check_int("shared_memory_slots", shared_memory_slots, 0)
         self.cache = cache
         self.pad_token_id = int(pad_token_id)
         self.max_length = max_length

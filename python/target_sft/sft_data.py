@@ -53,7 +53,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from target_sft.cache import IGNORE_INDEX, _as_int32
+from target_sft.cache import IGNORE_INDEX
+from target_sft.checks import as_int32
 from target_sft.errors import CacheInputError
 
 __all__ = [
@@ -372,7 +373,7 @@ def _to_int_array(name: str, x: Any, where: str) -> np.ndarray:
     if not hasattr(x, "detach") and len(np.shape(x)) == 1 and np.size(x) == 0:
         return np.zeros(0, np.int32)  # an empty list is float64 to numpy
     try:
-        a = _as_int32(name, x)
+        a = as_int32(name, x)
     except CacheInputError as e:
         raise CacheInputError(f"{where}: {e}") from None
     if a.ndim != 1:

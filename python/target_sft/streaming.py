@@ -52,7 +52,8 @@ import numpy.typing as npt
 from torch.utils.data import IterableDataset, get_worker_info
 
 from target_sft import _core
-from target_sft.cache import CacheInfo, CacheSample, TeacherCache, _check_int, _parse_size
+from target_sft.cache import CacheInfo, CacheSample, TeacherCache
+from target_sft.checks import check_int, parse_size
 from target_sft.errors import (
     CacheCorruptionError,
     CacheFormatError,
@@ -753,24 +754,24 @@ class StreamingTeacherDataset(IterableDataset):  # type: ignore[type-arg]
         if not isinstance(drop_last, (bool, np.bool_)):
             raise CacheInputError(f"drop_last must be a bool, got {drop_last!r}")
         self.shuffle = bool(shuffle)
-        self.seed = _check_int("seed", seed, 0)
+        self.seed = check_int("seed", seed, 0)
         if self.seed >= 2**64:
             raise CacheInputError(f"seed must be < 2**64, got {seed}")
-        self.batch_size = _check_int("batch_size", batch_size, 1)
+        self.batch_size = check_int("batch_size", batch_size, 1)
         self.drop_last = bool(drop_last)
-        self.shuffle_block_size = _check_int("shuffle_block_size", shuffle_block_size, 1)
-        self.prefetch_shards = _check_int("prefetch_shards", prefetch_shards, 0)
-        self.download_threads = _check_int("download_threads", download_threads, 1)
-        self.download_retries = _check_int("download_retries", download_retries, 0)
+        self.shuffle_block_size = check_int("shuffle_block_size", shuffle_block_size, 1)
+        self.prefetch_shards = check_int("prefetch_shards", prefetch_shards, 0)
+        self.download_threads = check_int("download_threads", download_threads, 1)
+        self.download_retries = check_int("download_retries", download_retries, 0)
         if (rank is None) != (world_size is None):
             raise CacheInputError("pass both rank and world_size, or neither")
         if world_size is not None:
-            _check_int("world_size", world_size, 1)
-            if not 0 <= _check_int("rank", rank, 0) < world_size:
+            check_int("world_size", world_size, 1)
+            if not 0 <= check_int("rank", rank, 0) < world_size:
                 raise CacheInputError(f"rank must be in [0, {world_size}), got {rank}")
         self._explicit = (rank, world_size)
         self._captured: tuple[int, int] | None = None
-        self.cache_limit = None if cache_limit is None else _parse_size(cache_limit, "cache_limit")
+        self.cache_limit = None if cache_limit is None else parse_size(cache_limit, "cache_limit")
         self.storage_options = dict(storage_options or {})
 
         src = os.fspath(path_or_url)
@@ -798,7 +799,7 @@ class StreamingTeacherDataset(IterableDataset):  # type: ignore[type-arg]
         self.fingerprint = hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:32]
 
         # position: epoch, start of the epoch's remaining segment, per-worker resume
-        self._epoch = _check_int("epoch", epoch, 0)
+        self._epoch = check_int("epoch", epoch, 0)
         self._start = 0
         self._worker_resume: dict[str, Any] | None = None
         # progress of the iteration running in this process (None: none started)
@@ -818,7 +819,7 @@ class StreamingTeacherDataset(IterableDataset):  # type: ignore[type-arg]
         """Iterate ``epoch`` next. Call it before every epoch on every rank (the order of an
         epoch is a function of the seed and the epoch). A resumed position is kept when
         ``epoch`` is the resumed epoch, and dropped otherwise."""
-        epoch = _check_int("epoch", epoch, 0)
+        epoch = check_int("epoch", epoch, 0)
         if epoch != self._epoch:
             self._epoch, self._start, self._worker_resume = epoch, 0, None
         self._progress = None
@@ -898,9 +899,9 @@ class StreamingTeacherDataset(IterableDataset):  # type: ignore[type-arg]
             if batches_consumed is not None and samples_consumed is not None:
                 raise CacheInputError("pass batches_consumed or samples_consumed, not both")
             k = (
-                _check_int("batches_consumed", batches_consumed, 0) * self.batch_size
+                check_int("batches_consumed", batches_consumed, 0) * self.batch_size
                 if batches_consumed is not None
-                else _check_int("samples_consumed", samples_consumed, 0)
+                else check_int("samples_consumed", samples_consumed, 0)
             )
         elif self._progress is not None and self._progress["layout"].num_workers == 1:
             k = self._progress["yielded"]
