@@ -1,6 +1,6 @@
 """Fused Triton kernels for the Q-target losses (see ``docs/KERNELS.md``).
 
-* :mod:`.triton_logits` — the two sweeps of :mod:`target_sft.losses._kernel` (row statistics and
+* :mod:`.triton_logits` — the two sweeps of :mod:`target_sft.kernels.reference` (row statistics and
   the logit gradient ``p − Q``) as Triton kernels over materialised logits; selected with
   ``impl="triton"`` (or ``"auto"`` on CUDA) in :class:`~target_sft.losses.QTargetLoss`, every preset
   and :func:`~target_sft.losses.target_sft_loss`.
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ._dispatch import IMPLS, resolve_impl, triton_unsupported_reason
+from .dispatch import IMPLS, resolve_impl, triton_unsupported_reason
 
 __all__ = [
     "IMPLS",

@@ -29,12 +29,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..losses._kernel import GradPlan, RowStats
 from ..losses._validate import check_eta
 from ..losses.presets import TargetSFT
 from ..losses.qtarget import QTargetLoss, _plan, reduce_loss
 from ..losses.trust import TokenContext
-from ._dispatch import check_impl, interpreting, resolve_impl
+from .dispatch import check_impl, interpreting, resolve_impl
+from .reference import GradPlan, RowStats
 from .triton_logits import round_to_bf16
 
 __all__ = ["FusedLinearBlocks", "fused_linear_qtarget_loss", "fused_linear_target_sft_loss"]

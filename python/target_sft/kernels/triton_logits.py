@@ -1,4 +1,4 @@
-"""Triton kernels over materialised logits: the two sweeps of :mod:`target_sft.losses._kernel`.
+"""Triton kernels over materialised logits: the two sweeps of :mod:`target_sft.kernels.reference`.
 
 * :func:`row_stats_triton` — one program per row streams the vocabulary once in ``BLOCK_V`` tiles
   with an online log-sum-exp (running max ``m`` and ``s = Σ e^{z−m}``, rescaled when ``m`` grows),
@@ -13,7 +13,7 @@
   written by one lane only.
 
 The per-row quantities (κ, the sparse masses, the uniform mass) come from the same preset code as
-the PyTorch reference (:class:`~target_sft.losses._kernel.GradPlan`), so every preset whose target
+the PyTorch reference (:class:`~target_sft.kernels.reference.GradPlan`), so every preset whose target
 is sparse, uniform or self-residual runs here unchanged.
 """
 
@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..losses._kernel import (
+from .dispatch import interpreting
+from .reference import (
     DEFAULT_CHUNK_ELEMENTS,
     GradPlan,
     RowStats,
@@ -32,7 +33,6 @@ from ..losses._kernel import (
     _rows_per_chunk,
     compute_dtype,
 )
-from ._dispatch import interpreting
 
 __all__ = ["logit_grad_triton", "round_to_bf16", "row_stats_triton", "sparse_fixup_plan"]
 
@@ -188,7 +188,7 @@ def row_stats_triton(
     *,
     block_v: int | None = None,
 ) -> RowStats:
-    """Triton version of :func:`target_sft.losses._kernel.row_stats` (same contract)."""
+    """Triton version of :func:`target_sft.kernels.reference.row_stats` (same contract)."""
     if request.dense:
         raise ValueError("the Triton kernels do not implement dense target terms (GEM)")
     if z.dtype == torch.float64:
@@ -263,7 +263,7 @@ def logit_grad_triton(
     inplace: bool = False,
     block_v: int | None = None,
 ) -> Tensor:
-    """Triton version of :func:`target_sft.losses._kernel.logit_grad`.
+    """Triton version of :func:`target_sft.kernels.reference.logit_grad`.
 
     With ``inplace=True`` the gradient overwrites ``z`` (whose values are consumed: the caller
     must not use the logits after the backward), as Liger-Kernel does; otherwise a new buffer of

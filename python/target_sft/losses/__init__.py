@@ -19,7 +19,7 @@ allocate no ``N × V`` tensor besides the logit gradient (see ``docs/LOSSES.md``
 
 from __future__ import annotations
 
-from ._kernel import (
+from ..kernels.reference import (
     DEFAULT_CHUNK_ELEMENTS,
     DEFAULT_CUDA_CHUNK_ELEMENTS,
     DenseTerm,

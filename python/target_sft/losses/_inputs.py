@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._kernel import compute_dtype
+from ..kernels.reference import compute_dtype
 from ._validate import (
     check_labels,
     check_logits,

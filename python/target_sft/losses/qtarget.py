@@ -3,7 +3,7 @@
 :class:`QTargetLoss` composes a :class:`~target_sft.losses.trust.Trust` (γ) and a
 :class:`~target_sft.losses.residual.Residual` (π̃). Its value is exactly
 ``Σ_t s_t · CE(Q_t, π_θ(·|x_t))`` with ``Q_t`` held fixed (Eq. 3) and its logit gradient is exactly
-``s_t (p_t − Q_t)`` (Eq. 6), computed by the chunked kernel in :mod:`._kernel` without any extra
+``s_t (p_t − Q_t)`` (Eq. 6), computed by the chunked kernel in :mod:`target_sft.kernels.reference` without any extra
 ``N × V`` buffer. The named presets (:mod:`.presets`) subclass it and report the value of their
 own published objective instead (same gradient).
 """
@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..kernels._dispatch import check_impl, resolve_impl
+from ..kernels.dispatch import check_impl, resolve_impl
+from ..kernels.reference import GradPlan, QTargetFunction, StatRequest, row_stats
 from ._inputs import FlatBatch, prepare
-from ._kernel import GradPlan, QTargetFunction, StatRequest, row_stats
 from ._validate import check_logits, check_num_items, check_reduction, first_index, fmt_index
 from .residual import Residual, ResidualParts, residual_from_name
 from .trust import ConstantTrust, TokenContext, Trust

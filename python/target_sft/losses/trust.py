@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..kernels.reference import RowStats, StatRequest
 from ._inputs import FlatBatch
-from ._kernel import RowStats, StatRequest
 from ._validate import check_probability_like
 
 __all__ = [

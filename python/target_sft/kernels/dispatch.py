@@ -2,7 +2,7 @@
 
 Rules (documented in ``docs/KERNELS.md``):
 
-* ``"torch"``: the chunked PyTorch reference (:mod:`target_sft.losses._kernel`), everywhere.
+* ``"torch"``: the chunked PyTorch reference (:mod:`target_sft.kernels.reference`), everywhere.
 * ``"triton"``: the Triton kernels. CUDA tensors, or CPU tensors when Triton runs in interpreter
   mode (``TRITON_INTERPRET=1`` set before ``triton`` is first imported; slow, for tests). Anything
   else — CPU without the interpreter, Triton missing, a loss the kernels do not implement (GEM's
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:  # no runtime import: target_sft.losses imports this module
-    from ..losses._kernel import StatRequest
+    from .reference import StatRequest
 
 __all__ = ["IMPLS", "check_impl", "resolve_impl", "triton_unsupported_reason"]
 

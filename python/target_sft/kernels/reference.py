@@ -308,7 +308,7 @@ class QTargetFunction(torch.autograd.Function):
             return None, None, None
         plan: GradPlan = ctx.plan  # type: ignore[attr-defined]
         if plan.impl == "triton":
-            from ..kernels.triton_logits import logit_grad_triton
+            from .triton_logits import logit_grad_triton
 
             return logit_grad_triton(z, plan, grad_values, inplace=plan.inplace), None, None
         return logit_grad(z, plan, grad_values), None, None
