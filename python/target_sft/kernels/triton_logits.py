@@ -31,7 +31,6 @@ from .reference import (
     RowStats,
     StatRequest,
     _rows_per_chunk,
-    compute_dtype,
 )
 
 __all__ = ["logit_grad_triton", "round_to_bf16", "row_stats_triton", "sparse_fixup_plan"]
@@ -305,7 +304,3 @@ def logit_grad_triton(
             ROUND_BF16=out.dtype == torch.bfloat16 and interpreting(),
         )
     return out
-
-
-def supported_dtype(dtype: torch.dtype) -> bool:
-    return compute_dtype(dtype) == torch.float32

@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..kernels.reference import compute_dtype
@@ -219,8 +218,3 @@ def prepare(
             )
         batch.sequence_weights = sequence_weights.to(device=z.device, dtype=cdt)
     return batch
-
-
-def pad_like_hf(labels: Tensor, ignore_index: int = -100) -> Tensor:
-    """``F.pad(labels, (0, 1), value=ignore_index)[..., 1:]`` — HF's label shift (for reference)."""
-    return F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
