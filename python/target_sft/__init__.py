@@ -53,7 +53,7 @@ _EXPORTS: dict[str, str] = {
     "target_sft_loss": "target_sft.losses",
     "QTargetLoss": "target_sft.losses",
     "induced_target": "target_sft.losses",
-    "fused_linear_target_sft_loss": "target_sft.kernels",
+    "fused_linear_target_sft_loss": "target_sft.losses",
     # report
     "write_report": "target_sft.report",
     # Hugging Face Trainer (imports transformers)
@@ -122,8 +122,12 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers only
         CacheVersionError,
     )
     from target_sft.hf import TargetSFTTrainer
-    from target_sft.kernels import fused_linear_target_sft_loss
-    from target_sft.losses import QTargetLoss, induced_target, target_sft_loss
+    from target_sft.losses import (
+        QTargetLoss,
+        fused_linear_target_sft_loss,
+        induced_target,
+        target_sft_loss,
+    )
     from target_sft.report import write_report
     from target_sft.sft_data import tokenize_sft
     from target_sft.streaming import StreamingTeacherDataset

@@ -38,7 +38,7 @@ from target_sft.fingerprint import (
     check_student_vocab,
     student_vocab,
 )
-from target_sft.losses import QTargetLoss, get_preset
+from target_sft.losses import LOSS_INPUT_NAMES, QTargetLoss, get_preset
 from target_sft.losses.target_sft import target_sft_loss
 
 __all__ = [
@@ -52,17 +52,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: batch entries that go to the loss, never to the model (all aligned with ``labels``, except
+#: batch entries that go to the loss, never to the model: the fields of
+#: :class:`target_sft.losses.LossInputs` (all aligned with ``labels``, except
 #: ``sequence_weights``/``sequence_ids``; see docs/LOSSES.md)
-LOSS_INPUT_KEYS: tuple[str, ...] = (
-    "teacher_ids",
-    "teacher_logprobs",
-    "token_weights",
-    "sequence_weights",
-    "sequence_ids",
-    "ref_logprobs",
-    "old_logprobs",
-)
+LOSS_INPUT_KEYS: tuple[str, ...] = LOSS_INPUT_NAMES
 #: packed-layout entries that become flash-attention varlen kwargs (or are dropped)
 _VARLEN_KEYS = ("cu_seqlens", "max_seqlen")
 #: columns a dataset item may carry that the collator reads (kept by ``remove_unused_columns``)

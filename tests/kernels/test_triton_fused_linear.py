@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from triton_helpers import as64, make_batch, require_interpreter
 
 from target_sft import losses as L
-from target_sft.kernels import fused_linear_qtarget_loss, fused_linear_target_sft_loss
-from target_sft.kernels.triton_fused_linear import FusedLinearBlocks
-from triton_helpers import as64, make_batch, require_interpreter
+from target_sft.losses import (
+    FusedLinearBlocks,
+    fused_linear_qtarget_loss,
+    fused_linear_target_sft_loss,
+)
 
 require_interpreter()
 
@@ -188,3 +191,17 @@ def test_dispatch_rules() -> None:
         fused_linear_qtarget_loss(L.SFT(), e, w[:, :-1], y, impl="triton")
     # EAFT / GEM under auto: the reference (documented fallback).
     assert torch.isfinite(fused_linear_qtarget_loss(L.EAFT(k=5), e, w, y))
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy NaN arithmetic in the interpreter
+def test_non_finite_hidden_or_weight_is_a_clear_error() -> None:
+    """The fused path checks the rows like the logits path (it never returns a NaN loss silently)."""
+    e, w, b, y, _ = make(torch.float32, seed=4)
+    sup = int(torch.nonzero(y != -100)[0, 0])
+    e[sup, 3] = float("nan")
+    with pytest.raises(ValueError, match=rf"hidden\[{sup}, 3\] = nan is not finite"):
+        fused_linear_qtarget_loss(L.SFT(), e, w, y, bias=b, impl="triton", blocks=BLOCKS)
+    e, w, b, y, _ = make(torch.float32, seed=4)
+    w[7, 2] = float("inf")
+    with pytest.raises(ValueError, match=r"lm_head_weight\[7, 2\] = inf is not finite"):
+        fused_linear_qtarget_loss(L.SFT(), e, w, y, bias=b, impl="triton", blocks=BLOCKS)

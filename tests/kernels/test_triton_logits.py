@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from triton_helpers import SUPPORTED, as64, make_batch, preset_id, require_interpreter
 
 from target_sft import losses as L
 from target_sft.kernels import triton_logits
-from triton_helpers import SUPPORTED, as64, make_batch, preset_id, require_interpreter
 
 require_interpreter()
 

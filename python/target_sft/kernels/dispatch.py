@@ -2,33 +2,42 @@
 
 Rules (documented in ``docs/KERNELS.md``):
 
-* ``"torch"``: the chunked PyTorch reference (:mod:`target_sft.kernels.reference`), everywhere.
+* ``"torch"``: the chunked PyTorch reference (:mod:`.reference`), everywhere.
 * ``"triton"``: the Triton kernels. CUDA tensors, or CPU tensors when Triton runs in interpreter
   mode (``TRITON_INTERPRET=1`` set before ``triton`` is first imported; slow, for tests). Anything
-  else — CPU without the interpreter, Triton missing, a loss the kernels do not implement (GEM's
-  dense sharpened-softmax term) — raises an error that says why; it never silently computes
-  something else.
-* ``"auto"`` (default): ``"triton"`` for CUDA tensors when Triton is importable and the loss is
-  supported by the kernels, the PyTorch reference otherwise (CPU, GEM, no Triton).
+  else — CPU without the interpreter, Triton missing, float64 inputs, a loss the kernels do not
+  implement (GEM's dense sharpened-softmax term; EAFT's top-k for the fused-linear kernel) —
+  raises an error that says why; it never silently computes something else.
+* ``"auto"`` (default): ``"triton"`` for CUDA float32/bf16/fp16 tensors when Triton is importable
+  and the loss is supported by the kernels, the PyTorch reference otherwise (CPU, float64, GEM,
+  no Triton).
+
+This module never imports Triton (it only asks whether it is installed).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:  # no runtime import: target_sft.losses imports this module
-    from .reference import StatRequest
+from .contract import StatRequest
 
-__all__ = ["IMPLS", "check_impl", "resolve_impl", "triton_unsupported_reason"]
+__all__ = [
+    "IMPLS",
+    "check_impl",
+    "device_problem",
+    "interpreting",
+    "resolve_impl",
+    "triton_unsupported_reason",
+]
 
 IMPLS = ("auto", "torch", "triton")
 
 
 def check_impl(impl: str) -> str:
+    """``impl`` itself when it is one of :data:`IMPLS`, else a ``ValueError``."""
     if impl not in IMPLS:
         raise ValueError(f"impl = {impl!r} is not one of {IMPLS}")
     return impl
@@ -75,11 +84,23 @@ def device_problem(device: torch.device) -> str | None:
 
 
 def resolve_impl(
-    impl: str, device: torch.device, request: StatRequest, *, fused_linear: bool = False
+    impl: str,
+    device: torch.device,
+    request: StatRequest,
+    *,
+    dtype: torch.dtype | None = None,
+    fused_linear: bool = False,
 ) -> str:
-    """``"torch"`` or ``"triton"`` for a loss needing ``request`` on ``device`` (see module doc)."""
+    """``"torch"`` or ``"triton"`` for a loss needing ``request`` on inputs of ``dtype`` on
+    ``device`` (``fused_linear``: the inputs are hidden states and the LM head; see the module
+    docstring for the rules)."""
     check_impl(impl)
     if impl == "torch":
+        return "torch"
+    if dtype == torch.float64:
+        if impl == "triton":
+            what = "inputs" if fused_linear else "logits"
+            raise ValueError(f"impl='triton' takes float32/bf16/fp16 {what}, not float64")
         return "torch"
     reason = triton_unsupported_reason(request, fused_linear=fused_linear)
     where = device_problem(device)

@@ -1,68 +1,33 @@
-"""Chunked row kernels: the PyTorch reference that the fused (Triton) kernels will mirror.
+"""The chunked PyTorch reference of the two sweeps (the Triton kernels mirror it).
 
-Every Q-target loss in this package is computed in two sweeps over the logits, one row chunk at a
-time, so that no float32 tensor of size ``N × V`` is ever allocated beyond the gradient itself:
+* :func:`row_stats` — the forward sweep: :class:`~.contract.RowStats` of ``z`` ([N, V]), one row
+  chunk at a time (``chunk_elements`` rows × V), so that no float32 ``N × V`` tensor exists.
+* :func:`logit_grad` — the backward sweep: ``g = κ·p − Q̂`` per row from a
+  :class:`~.contract.GradPlan`, formed in float32 (float64 for float64 logits) chunk by chunk and
+  written once into a buffer of the logits' dtype. So ``p − Q`` is never formed in bf16, and the
+  only ``N × V`` buffer is the gradient.
+* :class:`QTargetFunction` — the autograd Function that attaches the per-row loss values
+  (computed by the caller from the row statistics) to ``z``; its backward is :func:`logit_grad`.
 
-* **forward** (:func:`row_stats`): per row, ``lse = logsumexp(z)``, the label logit ``z_y``, the
-  logits gathered at the sparse support ``S`` and, only when a loss asks for them, the entropy
-  ``H(p)``, ``Σ_v z_v``, the top-k entropy and ``CE(D, p)`` for dense detached distributions ``D``.
-* **backward** (:class:`QTargetFunction`): the logit gradient of ``Σ_t s_t · CE(Q_t, π_θ)`` is
-  ``g_t = κ_t · p_t − Q̂_t`` where ``Q̂_t`` (the target mass, scale included) is sparse plus a few
-  structured parts::
-
-      Q̂_t = a_t · δ_{y_t} + Σ_j w_{t,j} · δ_{S_{t,j}} + (c_t / V) · 1 + Σ_i e_{t,i} · D_i(z_t)
-
-  and ``κ_t = s_t − (mass that Q̂_t puts on sg[p_t])``. It is formed in float32 (float64 for
-  float64 logits) chunk by chunk and written once into the gradient buffer, in the dtype of the
-  logits. So ``p − Q`` is never formed in bf16, and the only ``N × V`` buffer is the gradient.
-
-The loss *value* is computed from the per-row statistics by the caller and handed to
-:class:`QTargetFunction`, whose forward only attaches it to the autograd graph.
+Exact in float64; the Triton kernels are tested against it.
 """
 
 from __future__ import annotations
-
-from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = [
-    "DEFAULT_CHUNK_ELEMENTS",
-    "DEFAULT_CUDA_CHUNK_ELEMENTS",
-    "DenseTerm",
-    "GradPlan",
-    "QTargetFunction",
-    "RowStats",
-    "SharpenedSoftmax",
-    "StatRequest",
-    "compute_dtype",
-    "default_chunk_elements",
-    "logit_grad",
-    "row_stats",
-]
+from .contract import (
+    GradPlan,
+    RowStats,
+    StatRequest,
+    compute_dtype,
+    default_chunk_elements,
+    rows_per_chunk,
+)
 
-#: Elements of one row chunk (rows × V) on CPU: 4 MiB of float32, so that the few passes over a
-#: chunk run from cache (1.5-3x faster than 2^24-element chunks on a 2-core EPYC, V = 151,936).
-DEFAULT_CHUNK_ELEMENTS: int = 1 << 20
-#: ... and on CUDA, where each chunk costs kernel launches: 256 MiB of float32 per temporary.
-DEFAULT_CUDA_CHUNK_ELEMENTS: int = 1 << 26
-
-
-def default_chunk_elements(device: torch.device) -> int:
-    """Chunk size (rows × V elements) used when a loss is given ``chunk_elements=None``."""
-    return DEFAULT_CUDA_CHUNK_ELEMENTS if device.type == "cuda" else DEFAULT_CHUNK_ELEMENTS
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the loss is computed in: float64 for float64 logits, float32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _rows_per_chunk(n_rows: int, vocab: int, chunk_elements: int) -> int:
-    return max(1, min(max(n_rows, 1), chunk_elements // max(vocab, 1)))
+__all__ = ["QTargetFunction", "logit_grad", "row_stats"]
 
 
 def _chunk(z: Tensor, start: int, stop: int, cdt: torch.dtype) -> tuple[Tensor, bool]:
@@ -71,77 +36,6 @@ def _chunk(z: Tensor, start: int, stop: int, cdt: torch.dtype) -> tuple[Tensor, 
     if rows.dtype == cdt:
         return rows, False
     return rows.to(cdt), True
-
-
-class DenseTerm(ABC):
-    """A detached dense distribution ``D(z)`` over the vocabulary, recomputed from each chunk.
-
-    Used for targets that cannot be sparse (GEM's sharpened model distribution). ``density``
-    receives a chunk of logits in the compute dtype and its row ``logsumexp``; it must return a
-    new ``[rows, V]`` tensor whose rows sum to one.
-    """
-
-    @abstractmethod
-    def density(self, z: Tensor, lse: Tensor) -> Tensor:
-        """``D`` for a chunk of rows ``z`` ([rows, V], compute dtype) with ``lse`` ([rows])."""
-
-
-class SharpenedSoftmax(DenseTerm):
-    """``D = softmax(z / β) ∝ sg[π_θ]^{1/β}``: the β-sharpened model distribution (GEM)."""
-
-    def __init__(self, beta: float) -> None:
-        if not (beta > 0.0):
-            raise ValueError(f"beta = {beta} must be > 0")
-        self.beta = float(beta)
-
-    def density(self, z: Tensor, lse: Tensor) -> Tensor:
-        return torch.softmax(z / self.beta, dim=-1)
-
-    def __repr__(self) -> str:
-        return f"SharpenedSoftmax(beta={self.beta})"
-
-
-@dataclass(frozen=True)
-class StatRequest:
-    """Which optional per-row statistics a loss needs from the forward sweep."""
-
-    entropy: bool = False
-    sum_logits: bool = False
-    topk: int | None = None
-    dense: tuple[DenseTerm, ...] = ()
-
-    def __or__(self, other: StatRequest) -> StatRequest:
-        if self.topk is not None and other.topk is not None and self.topk != other.topk:
-            raise ValueError(f"conflicting top-k requests: {self.topk} and {other.topk}")
-        dense = self.dense + tuple(d for d in other.dense if all(d is not e for e in self.dense))
-        return StatRequest(
-            entropy=self.entropy or other.entropy,
-            sum_logits=self.sum_logits or other.sum_logits,
-            topk=self.topk if self.topk is not None else other.topk,
-            dense=dense,
-        )
-
-
-@dataclass
-class RowStats:
-    """Per-row statistics of the logits, all detached, in the compute dtype."""
-
-    lse: Tensor
-    z_label: Tensor
-    z_support: Tensor | None = None
-    entropy: Tensor | None = None
-    sum_logits: Tensor | None = None
-    topk_entropy: Tensor | None = None
-    topk: int | None = None
-    dense_ce: list[Tensor] = field(default_factory=list)
-    dense_terms: tuple[DenseTerm, ...] = ()
-
-    def ce_to(self, term: DenseTerm) -> Tensor:
-        """``CE(D, π_θ) = −Σ_v D_v log p_v`` for a requested dense term."""
-        for t, value in zip(self.dense_terms, self.dense_ce, strict=True):
-            if t is term:
-                return value
-        raise KeyError(f"{term!r} was not requested from the forward sweep")
 
 
 @torch.no_grad()
@@ -172,7 +66,7 @@ def row_stats(
     needs_raw = bool(entropy is not None or sum_logits is not None or k is not None or dense_ce)
     if chunk_elements is None:
         chunk_elements = default_chunk_elements(z.device)
-    step = _rows_per_chunk(n, vocab, chunk_elements)
+    step = rows_per_chunk(n, vocab, chunk_elements)
     for start in range(0, n, step):
         stop = min(start + step, n)
         zc, private = _chunk(z, start, stop, cdt)
@@ -217,33 +111,6 @@ def row_stats(
     )
 
 
-@dataclass
-class GradPlan:
-    """Everything the backward sweep needs: ``g = κ·p − Q̂`` per row (see module docstring).
-
-    All tensors are detached, in the compute dtype, and zero on unsupervised rows.
-    """
-
-    lse: Tensor
-    kappa: Tensor
-    labels: Tensor
-    label_mass: Tensor
-    support: Tensor | None = None
-    support_mass: Tensor | None = None
-    uniform_mass: Tensor | None = None
-    dense: list[tuple[DenseTerm, Tensor]] = field(default_factory=list)
-    chunk_elements: int | None = None
-    #: which sweep computes the gradient: ``"torch"`` (:func:`logit_grad`) or ``"triton"``
-    #: (:func:`target_sft.kernels.triton_logits.logit_grad_triton`, which also needs the fields below)
-    impl: str = "torch"
-    #: Triton only: float32 logits at ``[label, support...]`` from the forward, ``[N, 1 (+K)]``
-    z_sparse: Tensor | None = None
-    #: Triton only: which support entries are real (not ``-1`` padding), ``[N, K]``
-    support_valid: Tensor | None = None
-    #: Triton only: write the gradient into the logits buffer (the logits are consumed)
-    inplace: bool = False
-
-
 @torch.no_grad()
 def logit_grad(z: Tensor, plan: GradPlan, row_grad: Tensor) -> Tensor:
     """``∂/∂z`` of ``Σ_t row_grad_t · ℓ_t`` for the plan's per-row losses ``ℓ_t``.
@@ -261,7 +128,7 @@ def logit_grad(z: Tensor, plan: GradPlan, row_grad: Tensor) -> Tensor:
 
     out = torch.empty_like(z, memory_format=torch.contiguous_format)
     chunk_elements = plan.chunk_elements or default_chunk_elements(z.device)
-    step = _rows_per_chunk(n, vocab, chunk_elements)
+    step = rows_per_chunk(n, vocab, chunk_elements)
     for start in range(0, n, step):
         stop = min(start + step, n)
         zc, private = _chunk(z, start, stop, cdt)
@@ -307,8 +174,4 @@ class QTargetFunction(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:  # type: ignore[attr-defined]
             return None, None, None
         plan: GradPlan = ctx.plan  # type: ignore[attr-defined]
-        if plan.impl == "triton":
-            from .triton_logits import logit_grad_triton
-
-            return logit_grad_triton(z, plan, grad_values, inplace=plan.inplace), None, None
         return logit_grad(z, plan, grad_values), None, None

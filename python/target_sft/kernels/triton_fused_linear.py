@@ -14,9 +14,13 @@
    softcap chain rule, and accumulates ``dE += g W`` and ``dW += gᵀ E`` (and ``db``) into float32
    buffers with atomic adds.
 
-The per-row masses (κ, the sparse target, the uniform mass) come from the same preset code as the
-PyTorch reference, so every preset whose target is sparse, uniform or self-residual is supported
-(not GEM — a dense term — and not EAFT, whose top-k entropy needs the logits).
+Entry points, on the contract of :mod:`.contract`: :func:`fused_linear_row_stats` (the forward
+sweep: :class:`~.contract.RowStats` from the hidden states) and :class:`FusedLinearFunction` (the
+autograd Function whose backward is the recomputing kernel, driven by a
+:class:`~.contract.GradPlan`). The per-row masses (κ, the sparse target, the uniform mass) come
+from the loss code shared with the PyTorch reference, so every loss whose target is sparse,
+uniform or self-residual is supported (not GEM — a dense term — and not EAFT, whose top-k entropy
+needs the logits). The loss entry points live in :mod:`target_sft.losses.fused_linear`.
 """
 
 from __future__ import annotations
@@ -24,39 +28,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..losses._validate import check_eta
-from ..losses.presets import TargetSFT
-from ..losses.qtarget import QTargetLoss, _plan, reduce_loss
-from ..losses.trust import TokenContext
-from .dispatch import check_impl, interpreting, resolve_impl
-from .reference import GradPlan, RowStats
+from .contract import FusedLinearBlocks, GradPlan, RowStats, StatRequest
+from .dispatch import interpreting
 from .triton_logits import round_to_bf16
 
-__all__ = ["FusedLinearBlocks", "fused_linear_qtarget_loss", "fused_linear_target_sft_loss"]
-
-
-class FusedLinearBlocks:
-    """Tile sizes of the fused-linear kernels (tests use small ones; defaults target H100)."""
-
-    def __init__(
-        self,
-        block_m: int = 64,
-        block_n: int = 128,
-        block_h: int = 64,
-        bwd_block_m: int = 64,
-        bwd_block_n: int = 64,
-        num_warps: int = 8,
-        num_stages: int = 3,
-        splits: int | None = None,
-    ) -> None:
-        self.block_m, self.block_n, self.block_h = block_m, block_n, block_h
-        self.bwd_block_m, self.bwd_block_n = bwd_block_m, bwd_block_n
-        self.num_warps, self.num_stages, self.splits = num_warps, num_stages, splits
+__all__ = ["FusedLinearBlocks", "FusedLinearFunction", "fused_linear_row_stats"]
 
 
 @triton.jit
@@ -328,31 +308,44 @@ def _splits(n_row_blocks: int, n_tiles: int, device: torch.device, want: int | N
     return max(1, min(n_tiles, triton.cdiv(4 * sms, max(n_row_blocks, 1))))
 
 
-class _FusedLinear:
-    """Everything the fused backward needs besides the saved tensors."""
-
-    def __init__(self, blocks: FusedLinearBlocks, softcap: float | None) -> None:
-        self.blocks = blocks
-        self.softcap = softcap
-        self.plan: GradPlan | None = None
-        self.active: Tensor | None = None
-        self.ids: Tensor | None = None
-        self.mass: Tensor | None = None
+def _active(rows: Tensor) -> Tensor:
+    """The kernels' ``int32`` row mask."""
+    return rows.to(torch.int32).contiguous()
 
 
-def _stats(
-    e: Tensor,
-    w: Tensor,
-    b: Tensor | None,
-    active: Tensor,
-    ids: Tensor,
-    request: Any,
-    fl: _FusedLinear,
-) -> tuple[RowStats, Tensor]:
-    n, hdim = e.shape
-    vocab = int(w.shape[0])
-    bl = fl.blocks
-    dev = e.device
+@torch.no_grad()
+def fused_linear_row_stats(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    labels: Tensor,
+    support: Tensor | None,
+    rows: Tensor,
+    request: StatRequest,
+    *,
+    softcap: float | None = None,
+    blocks: FusedLinearBlocks | None = None,
+) -> RowStats:
+    """:class:`~.contract.RowStats` of ``z = softcap·tanh((hidden Wᵀ + bias)/softcap)`` without
+    materialising ``z`` (the fused counterpart of :func:`.reference.row_stats`).
+
+    ``hidden`` is ``[N, H]`` (last dimension contiguous), ``weight`` ``[V, H]`` of the same dtype,
+    ``bias`` ``[V]`` or ``None``; ``labels`` ([N]) and ``support`` ([N, K]) are valid column indices
+    (the caller clamps ignored labels and padding to 0), ``rows`` ([N], bool) marks the rows whose
+    statistics are needed: the others get ``lse = 0`` (their row blocks are skipped when no row
+    of the block is needed). ``request`` may ask for the entropy and ``Σ z``, not for a top-k or
+    dense terms (:func:`.dispatch.triton_unsupported_reason` with ``fused_linear=True``).
+    """
+    if request.dense or request.topk is not None:
+        raise ValueError("the fused-linear kernel computes no top-k entropy and no dense term")
+    bl = blocks or FusedLinearBlocks()
+    n, hdim = hidden.shape
+    vocab = int(weight.shape[0])
+    dev = hidden.device
+    active = _active(rows)
+    label_col = labels[:, None]
+    ids = label_col if support is None else torch.cat([label_col, support], dim=1)
+    ids = ids.to(torch.int32).contiguous()
     n_tiles = triton.cdiv(vocab, bl.block_n)
     n_rb = triton.cdiv(max(n, 1), bl.block_m)
     splits = _splits(n_rb, n_tiles, dev, bl.splits)
@@ -364,12 +357,12 @@ def _stats(
     tot = torch.empty_like(m) if request.sum_logits else m
     n_ids = int(ids.shape[1])
     zs = torch.empty(n, n_ids, dtype=torch.float32, device=dev)
-    cap = 0.0 if fl.softcap is None else float(fl.softcap)
+    cap = 0.0 if softcap is None else float(softcap)
     if n > 0:
         _lse_kernel[(n_rb, splits)](
-            e,
-            w,
-            w if b is None else b,
+            hidden,
+            weight,
+            weight if bias is None else bias,
             active,
             m,
             s,
@@ -378,15 +371,15 @@ def _stats(
             n,
             vocab,
             hdim,
-            e.stride(0),
-            w.stride(0),
+            hidden.stride(0),
+            weight.stride(0),
             per,
             cap,
-            HAS_BIAS=b is not None,
-            SOFTCAP=fl.softcap is not None,
+            HAS_BIAS=bias is not None,
+            SOFTCAP=softcap is not None,
             ENTROPY=bool(request.entropy),
             SUM=bool(request.sum_logits),
-            DOT_F32=_dot_f32(e),
+            DOT_F32=_dot_f32(hidden),
             BLOCK_M=bl.block_m,
             BLOCK_N=bl.block_n,
             BLOCK_H=bl.block_h,
@@ -394,18 +387,18 @@ def _stats(
             num_stages=bl.num_stages,
         )
         _gather_kernel[(n,)](
-            e,
-            w,
-            w if b is None else b,
+            hidden,
+            weight,
+            weight if bias is None else bias,
             ids,
             zs,
             n_ids,
             hdim,
-            e.stride(0),
-            w.stride(0),
+            hidden.stride(0),
+            weight.stride(0),
             cap,
-            HAS_BIAS=b is not None,
-            SOFTCAP=fl.softcap is not None,
+            HAS_BIAS=bias is not None,
+            SOFTCAP=softcap is not None,
             BLOCK_K=max(2, triton.next_power_of_2(n_ids)),
             BLOCK_H=min(128, max(16, triton.next_power_of_2(hdim))),
         )
@@ -420,17 +413,36 @@ def _stats(
     if request.entropy:
         entropy = torch.where(live, lse - (t * scale).sum(0) / ssum, torch.zeros_like(lse))
     sum_logits = tot.sum(0) if request.sum_logits else None
-    stats = RowStats(
+    return RowStats(
         lse=lse,
         z_label=zs[:, 0],
         z_support=zs[:, 1:] if n_ids > 1 else None,
         entropy=entropy,
         sum_logits=sum_logits,
     )
-    return stats, zs
 
 
-class _FusedLinearFunction(torch.autograd.Function):
+def _sparse_target(plan: GradPlan) -> tuple[Tensor, Tensor]:
+    """``(ids [N, 1 (+K)] int32, mass float32)`` of the sparse target (padding: id −1)."""
+    ids = [plan.labels[:, None]]
+    mass = [plan.label_mass[:, None]]
+    if plan.support is not None and plan.support_mass is not None:
+        valid = plan.support_valid if plan.support_valid is not None else plan.support_mass != 0
+        ids.append(torch.where(valid, plan.support, -1))
+        mass.append(plan.support_mass)
+    ids_t = torch.cat(ids, dim=1).to(torch.int32).contiguous()
+    return ids_t, torch.cat(mass, dim=1).float().contiguous()
+
+
+class FusedLinearFunction(torch.autograd.Function):
+    """Attach precomputed per-row loss values to ``(hidden, weight, bias)``; the backward
+    recomputes the logit tiles and accumulates ``d hidden``, ``d weight`` and ``d bias`` from the
+    plan's ``g = κ·p − Q̂`` (float32 buffers, cast to the inputs' dtypes at the end).
+
+    ``forward(hidden [N, H], weight [V, H], bias [V] | None, values [N], plan, rows [N] bool,
+    softcap, blocks)`` returns ``values`` (a copy).
+    """
+
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any,
@@ -438,26 +450,31 @@ class _FusedLinearFunction(torch.autograd.Function):
         weight: Tensor,
         bias: Tensor | None,
         values: Tensor,
-        fl: _FusedLinear,
+        plan: GradPlan,
+        rows: Tensor,
+        softcap: float | None,
+        blocks: FusedLinearBlocks | None,
     ) -> Tensor:
         ctx.save_for_backward(hidden, weight, bias)
-        ctx.fl = fl
+        ctx.plan = plan
+        ctx.active = _active(rows)
+        ctx.ids, ctx.mass = _sparse_target(plan)
+        ctx.softcap = softcap
+        ctx.blocks = blocks or FusedLinearBlocks()
         return values.clone()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_values: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         hidden, weight, bias = ctx.saved_tensors
-        fl: _FusedLinear = ctx.fl
-        plan = fl.plan
-        assert plan is not None and fl.active is not None and fl.ids is not None
-        assert fl.mass is not None
+        plan: GradPlan = ctx.plan
+        softcap: float | None = ctx.softcap
         n, hdim = hidden.shape
         vocab = int(weight.shape[0])
         g = grad_values.to(torch.float32)
         kappa = (plan.kappa * g).float().contiguous()
         uniform = None if plan.uniform_mass is None else (plan.uniform_mass * g / vocab).float()
-        mass = (fl.mass * g[:, None]).float().contiguous()
+        mass = (ctx.mass * g[:, None]).float().contiguous()
         de = torch.zeros(n, hdim, dtype=torch.float32, device=hidden.device)
         dw = torch.zeros(vocab, hdim, dtype=torch.float32, device=hidden.device)
         db = (
@@ -465,18 +482,18 @@ class _FusedLinearFunction(torch.autograd.Function):
             if bias is not None
             else dw
         )
-        bl = fl.blocks
+        bl: FusedLinearBlocks = ctx.blocks
         if n > 0:
             grid = (triton.cdiv(n, bl.bwd_block_m), triton.cdiv(vocab, bl.bwd_block_n))
             _backward_kernel[grid](
                 hidden,
                 weight,
                 weight if bias is None else bias,
-                fl.active,
+                ctx.active,
                 plan.lse,
                 kappa,
                 kappa if uniform is None else uniform.contiguous(),
-                fl.ids,
+                ctx.ids,
                 mass,
                 de,
                 dw,
@@ -484,12 +501,12 @@ class _FusedLinearFunction(torch.autograd.Function):
                 n,
                 vocab,
                 hdim,
-                int(fl.ids.shape[1]),
+                int(ctx.ids.shape[1]),
                 hidden.stride(0),
                 weight.stride(0),
-                0.0 if fl.softcap is None else float(fl.softcap),
+                0.0 if softcap is None else float(softcap),
                 HAS_BIAS=bias is not None,
-                SOFTCAP=fl.softcap is not None,
+                SOFTCAP=softcap is not None,
                 UNIFORM=uniform is not None,
                 DOT_F32=_dot_f32(hidden),
                 ROUND_BF16=hidden.dtype == torch.bfloat16 and interpreting(),
@@ -504,177 +521,4 @@ class _FusedLinearFunction(torch.autograd.Function):
         d_bias = None
         if bias is not None and ctx.needs_input_grad[2]:
             d_bias = db.to(bias.dtype)
-        return d_hidden, d_weight, d_bias, None, None
-
-
-def _torch_reference(
-    loss_fn: QTargetLoss,
-    hidden: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    softcap: float | None,
-    labels: Tensor,
-    inputs: dict[str, Any],
-) -> Tensor:
-    logits = F.linear(hidden, weight, bias)
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
-    return loss_fn(logits, labels, **inputs)
-
-
-def fused_linear_qtarget_loss(
-    loss_fn: QTargetLoss,
-    hidden: Tensor,
-    lm_head_weight: Tensor,
-    labels: Tensor,
-    *,
-    bias: Tensor | None = None,
-    softcap: float | None = None,
-    impl: str = "auto",
-    blocks: FusedLinearBlocks | None = None,
-    teacher_ids: Tensor | None = None,
-    teacher_logprobs: Tensor | None = None,
-    token_weights: Tensor | None = None,
-    sequence_weights: Tensor | None = None,
-    sequence_ids: Tensor | None = None,
-    ref_logprobs: Tensor | None = None,
-    old_logprobs: Tensor | None = None,
-    num_items_in_batch: int | float | Tensor | None = None,
-    reduction: str | None = None,
-) -> Tensor:
-    """``loss_fn`` (any supported preset) of ``softcap·tanh((hidden Wᵀ + bias)/softcap)``.
-
-    ``hidden`` is ``[B, L, H]`` (shifted against ``[B, L]`` labels exactly like ``[B, L, V]``
-    logits) or ``[N, H]``; ``lm_head_weight`` is ``[V, H]``. With ``impl="triton"`` (or ``"auto"``
-    on CUDA) the logits are never materialised; ``impl="torch"`` (or ``"auto"`` elsewhere)
-    computes them with ``F.linear`` and runs the PyTorch reference of ``loss_fn``. Same value and
-    gradients (w.r.t. ``hidden``, ``lm_head_weight`` and ``bias``) either way.
-    """
-    check_impl(impl)
-    if hidden.dim() not in (2, 3):
-        raise ValueError(f"hidden has shape {tuple(hidden.shape)}: expected [B, L, H] or [N, H]")
-    if lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(
-            f"lm_head_weight has shape {tuple(lm_head_weight.shape)} but hidden has shape "
-            f"{tuple(hidden.shape)}: expected [V, {hidden.shape[-1]}]"
-        )
-    vocab = int(lm_head_weight.shape[0])
-    if bias is not None and tuple(bias.shape) != (vocab,):
-        raise ValueError(f"bias has shape {tuple(bias.shape)}: expected ({vocab},)")
-    if softcap is not None and not float(softcap) > 0:
-        raise ValueError(f"softcap = {softcap} must be > 0 (or None)")
-    inputs: dict[str, Any] = {
-        "teacher_ids": teacher_ids,
-        "teacher_logprobs": teacher_logprobs,
-        "token_weights": token_weights,
-        "sequence_weights": sequence_weights,
-        "sequence_ids": sequence_ids,
-        "ref_logprobs": ref_logprobs,
-        "old_logprobs": old_logprobs,
-    }
-    request = loss_fn._request()
-    which = "torch"
-    if hidden.dtype == torch.float64:
-        if impl == "triton":
-            raise ValueError("impl='triton' takes float32/bf16/fp16 inputs, not float64")
-    else:
-        which = resolve_impl(impl, hidden.device, request, fused_linear=True)
-    if which == "torch":
-        extra = {"num_items_in_batch": num_items_in_batch, "reduction": reduction}
-        return _torch_reference(
-            loss_fn, hidden, lm_head_weight, bias, softcap, labels, {**inputs, **extra}
-        )
-
-    red = loss_fn.reduction if reduction is None else reduction
-    fl = _FusedLinear(blocks or FusedLinearBlocks(), None if softcap is None else float(softcap))
-    h2d = hidden.reshape(-1, hidden.shape[-1])
-    if h2d.stride(-1) != 1:
-        h2d = h2d.contiguous()
-    w = lm_head_weight if lm_head_weight.stride(-1) == 1 else lm_head_weight.contiguous()
-    if w.dtype != h2d.dtype:
-        raise ValueError(f"hidden is {h2d.dtype} but lm_head_weight is {w.dtype}: they must match")
-    # A zero-stride stand-in with the logits' shape: validation and shifting need only the shape.
-    shape_only = h2d.new_zeros(()).expand(*hidden.shape[:-1], vocab)
-    with torch.no_grad():
-        batch = loss_fn._prepare(
-            shape_only, labels, inputs, flat_logits=shape_only.reshape(-1, vocab)
-        )
-        active = batch.mask.to(torch.int32).contiguous()
-        label_col = batch.safe_labels[:, None]
-        if batch.teacher_ids is not None:
-            support, valid = batch.support()
-            gather_ids = torch.cat([label_col, support], dim=1).to(torch.int32).contiguous()
-        else:
-            gather_ids = label_col.to(torch.int32).contiguous()
-        stats, _ = _stats(
-            h2d.detach(),
-            w.detach(),
-            None if bias is None else bias.detach(),
-            active,
-            gather_ids,
-            request,
-            fl,
-        )
-        ctx = TokenContext(batch=batch, stats=stats)
-        target = loss_fn._target(ctx)
-        value = loss_fn._value(ctx, target)
-        value = torch.where(batch.mask, value, torch.zeros_like(value))
-        plan = _plan(ctx, target, None)
-        ids = [plan.labels[:, None]]
-        mass = [plan.label_mass[:, None]]
-        if plan.support is not None and plan.support_mass is not None:
-            _, valid = batch.support()
-            ids.append(torch.where(valid, plan.support, -1))
-            mass.append(plan.support_mass)
-        fl.plan = plan
-        fl.active = active
-        fl.ids = torch.cat(ids, dim=1).to(torch.int32).contiguous()
-        fl.mass = torch.cat(mass, dim=1).float().contiguous()
-    per_row = _FusedLinearFunction.apply(h2d, w, bias, value, fl)
-    return reduce_loss(per_row, batch, red, num_items_in_batch)
-
-
-def fused_linear_target_sft_loss(
-    hidden: Tensor,
-    lm_head_weight: Tensor,
-    labels: Tensor,
-    teacher_ids: Tensor,
-    teacher_logprobs: Tensor,
-    *,
-    eta: float = 0.5,
-    bias: Tensor | None = None,
-    softcap: float | None = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    num_items_in_batch: int | float | Tensor | None = None,
-    check_inputs: bool = True,
-    impl: str = "auto",
-    blocks: FusedLinearBlocks | None = None,
-) -> Tensor:
-    """TARGET-SFT (:func:`~target_sft.losses.target_sft_loss`) straight from the hidden states.
-
-    ``logits = softcap·tanh((hidden @ lm_head_weightᵀ + bias)/softcap)`` (no softcap / bias when
-    ``None``) are never materialised with ``impl="triton"`` (``"auto"`` on CUDA): an online
-    log-sum-exp over vocabulary tiles, indexed dots at ``S ∪ {y}``, and a backward that recomputes
-    the logit tiles and accumulates ``d hidden``, ``d weight`` (and ``d bias``) in float32.
-    ``hidden`` ``[B, L, H]`` is shifted against ``labels`` ``[B, L]`` like HF causal-LM logits.
-    """
-    loss_fn = TargetSFT(
-        eta=check_eta(eta),
-        ignore_index=ignore_index,
-        reduction=reduction,
-        check_inputs=check_inputs,
-    )
-    return fused_linear_qtarget_loss(
-        loss_fn,
-        hidden,
-        lm_head_weight,
-        labels,
-        bias=bias,
-        softcap=softcap,
-        impl=impl,
-        blocks=blocks,
-        teacher_ids=teacher_ids,
-        teacher_logprobs=teacher_logprobs,
-        num_items_in_batch=num_items_in_batch,
-    )
+        return d_hidden, d_weight, d_bias, None, None, None, None, None

@@ -1,4 +1,4 @@
-"""Triton kernels over materialised logits: the two sweeps of :mod:`target_sft.kernels.reference`.
+"""Triton kernels over materialised logits: the two sweeps of :mod:`.reference`, on the GPU.
 
 * :func:`row_stats_triton` — one program per row streams the vocabulary once in ``BLOCK_V`` tiles
   with an online log-sum-exp (running max ``m`` and ``s = Σ e^{z−m}``, rescaled when ``m`` grows),
@@ -11,10 +11,12 @@
   is never formed in bf16 (no cancellation for confident tokens) and no float32 ``N × V`` buffer
   exists. Duplicates (label inside the support) are merged on the host so that every position is
   written by one lane only.
+* :class:`TritonLogitsFunction` — the autograd Function whose backward is
+  :func:`logit_grad_triton` (the counterpart of :class:`.reference.QTargetFunction`).
 
-The per-row quantities (κ, the sparse masses, the uniform mass) come from the same preset code as
-the PyTorch reference (:class:`~target_sft.kernels.reference.GradPlan`), so every preset whose target
-is sparse, uniform or self-residual runs here unchanged.
+Same contract as the reference (:mod:`.contract`: :class:`~.contract.StatRequest` in,
+:class:`~.contract.RowStats` out, :class:`~.contract.GradPlan` for the backward), so every loss
+whose target is sparse, uniform or self-residual runs here unchanged.
 """
 
 from __future__ import annotations
@@ -23,17 +25,19 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
+from .contract import DEFAULT_CHUNK_ELEMENTS, GradPlan, RowStats, StatRequest, rows_per_chunk
 from .dispatch import interpreting
-from .reference import (
-    DEFAULT_CHUNK_ELEMENTS,
-    GradPlan,
-    RowStats,
-    StatRequest,
-    _rows_per_chunk,
-)
 
-__all__ = ["logit_grad_triton", "round_to_bf16", "row_stats_triton", "sparse_fixup_plan"]
+__all__ = [
+    "TritonLogitsFunction",
+    "logit_grad_triton",
+    "round_to_bf16",
+    "row_stats_triton",
+    "sparse_fixup_plan",
+    "sparse_logits",
+]
 
 #: Vocabulary tile of one program iteration (elements). Tests pass smaller tiles.
 DEFAULT_BLOCK_V = 4096
@@ -171,7 +175,7 @@ def _topk_entropy(z: Tensor, k: int) -> Tensor:
     """EAFT's top-k entropy, chunked in PyTorch (``torch.topk`` on the stored dtype)."""
     n, vocab = z.shape
     out = torch.empty(n, dtype=torch.float32, device=z.device)
-    step = _rows_per_chunk(n, vocab, DEFAULT_CHUNK_ELEMENTS * 16)
+    step = rows_per_chunk(n, vocab, DEFAULT_CHUNK_ELEMENTS * 16)
     for a in range(0, n, step):
         top = z[a : a + step].topk(k, dim=-1, sorted=False).values.float()
         out[a : a + step] = torch.special.entr(torch.softmax(top, dim=-1)).sum(-1)
@@ -187,7 +191,7 @@ def row_stats_triton(
     *,
     block_v: int | None = None,
 ) -> RowStats:
-    """Triton version of :func:`target_sft.kernels.reference.row_stats` (same contract)."""
+    """Triton version of :func:`.reference.row_stats` (same contract)."""
     if request.dense:
         raise ValueError("the Triton kernels do not implement dense target terms (GEM)")
     if z.dtype == torch.float64:
@@ -232,6 +236,16 @@ def row_stats_triton(
     )
 
 
+def sparse_logits(stats: RowStats, plan: GradPlan) -> Tensor:
+    """The float32 logits at ``[label, support...]`` (``[N, 1 (+K)]``) from the forward sweep: what
+    :func:`logit_grad_triton` rewrites the sparse positions from (columns as in the plan)."""
+    if plan.support is None:
+        return stats.z_label[:, None].float().contiguous()
+    if stats.z_support is None:
+        raise RuntimeError("the plan has support mass but the forward gathered no support logits")
+    return torch.cat([stats.z_label[:, None], stats.z_support], dim=1).float().contiguous()
+
+
 def sparse_fixup_plan(plan: GradPlan) -> tuple[Tensor, Tensor]:
     """``(ids [N, 1+K] int32, mass [N, 1+K] float32)``: the sparse target mass, merged.
 
@@ -258,11 +272,12 @@ def logit_grad_triton(
     z: Tensor,
     plan: GradPlan,
     row_grad: Tensor,
+    z_sparse: Tensor,
     *,
     inplace: bool = False,
     block_v: int | None = None,
 ) -> Tensor:
-    """Triton version of :func:`target_sft.kernels.reference.logit_grad`.
+    """Triton version of :func:`.reference.logit_grad`; ``z_sparse`` is :func:`sparse_logits`.
 
     With ``inplace=True`` the gradient overwrites ``z`` (whose values are consumed: the caller
     must not use the logits after the backward), as Liger-Kernel does; otherwise a new buffer of
@@ -270,8 +285,6 @@ def logit_grad_triton(
     """
     if plan.dense:
         raise ValueError("the Triton kernels do not implement dense target terms (GEM)")
-    if plan.z_sparse is None:
-        raise RuntimeError("the plan has no gathered logits (was the forward run with Triton?)")
     n, vocab = z.shape
     g = row_grad.to(torch.float32)
     kappa = (plan.kappa * g).float().contiguous()
@@ -295,7 +308,7 @@ def logit_grad_triton(
             kappa if uniform is None else uniform.contiguous(),
             ids,
             mass,
-            plan.z_sparse,
+            z_sparse,
             int(ids.shape[1]),
             vocab,
             BLOCK_V=_block_v(vocab, block_v),
@@ -304,3 +317,44 @@ def logit_grad_triton(
             ROUND_BF16=out.dtype == torch.bfloat16 and interpreting(),
         )
     return out
+
+
+class TritonLogitsFunction(torch.autograd.Function):
+    """Attach precomputed per-row loss values to ``z``; the backward is :func:`logit_grad_triton`.
+
+    ``forward(z, values, plan, stats, inplace)``: ``stats`` is the forward's
+    :class:`~.contract.RowStats` (its float32 logits at the label and the support are kept for the
+    backward); with ``inplace=True`` the backward writes the gradient into ``z``'s own storage.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        z: Tensor,
+        values: Tensor,
+        plan: GradPlan,
+        stats: RowStats,
+        inplace: bool,
+    ) -> Tensor:
+        ctx.save_for_backward(z)
+        ctx.plan = plan  # type: ignore[attr-defined]
+        ctx.z_sparse = sparse_logits(stats, plan)  # type: ignore[attr-defined]
+        ctx.inplace = inplace  # type: ignore[attr-defined]
+        return values.clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad_values: Tensor
+    ) -> tuple[Tensor | None, None, None, None, None]:
+        (z,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        if not ctx.needs_input_grad[0]:  # type: ignore[attr-defined]
+            return None, None, None, None, None
+        grad = logit_grad_triton(
+            z,
+            ctx.plan,  # type: ignore[attr-defined]
+            grad_values,
+            ctx.z_sparse,  # type: ignore[attr-defined]
+            inplace=ctx.inplace,  # type: ignore[attr-defined]
+        )
+        return grad, None, None, None, None

@@ -12,6 +12,16 @@ Target Distribution Design*); ``Q = p − ∂L/∂z`` recovers it from any loss 
   :class:`LabelSmoothing`, :class:`SFTKL`, :class:`ASFT`, :class:`ProximalSFT`, :class:`GEM`,
   :class:`KD`, :class:`HybridKD`, :class:`TargetSFT`.
 * :func:`induced_target` (Eq. 6) and :func:`induced_target_curve` (Figure 3 data).
+* :func:`fused_linear_target_sft_loss` and :func:`fused_linear_qtarget_loss` (:mod:`.fused_linear`):
+  the same losses straight from the last hidden states and the LM head, without materialising the
+  logits (Triton; ``docs/KERNELS.md``).
+* :class:`LossInputs`: the per-token tensors every loss takes besides logits and labels
+  (:data:`LOSS_INPUT_NAMES`, the keyword arguments).
+
+Every loss runs one pipeline (:meth:`QTargetLoss.pipeline`) against a backend (:mod:`.backend`):
+materialised logits (PyTorch reference or Triton row kernels) or the fused LM head. The sweeps
+themselves and their contract (:class:`StatRequest`, :class:`DenseTerm`, …) live in
+:mod:`target_sft.kernels` and are re-exported here.
 
 All losses compute in float32 (float64 for float64 logits), form ``p − Q`` in float32, and
 allocate no ``N × V`` tensor besides the logit gradient (see ``docs/LOSSES.md``).
@@ -19,13 +29,16 @@ allocate no ``N × V`` tensor besides the logit gradient (see ``docs/LOSSES.md``
 
 from __future__ import annotations
 
-from ..kernels.reference import (
+from ..kernels.contract import (
     DEFAULT_CHUNK_ELEMENTS,
     DEFAULT_CUDA_CHUNK_ELEMENTS,
     DenseTerm,
+    FusedLinearBlocks,
     SharpenedSoftmax,
     StatRequest,
 )
+from ._inputs import LOSS_INPUT_NAMES, LossInputs
+from .fused_linear import fused_linear_qtarget_loss, fused_linear_target_sft_loss
 from .induced import InducedTargetCurve, induced_target, induced_target_curve, p_loss_closed_form
 from .presets import (
     ASFT,
@@ -79,6 +92,7 @@ __all__ = [
     "EAFT",
     "GEM",
     "KD",
+    "LOSS_INPUT_NAMES",
     "PRESETS",
     "SFT",
     "SFTKL",
@@ -86,6 +100,7 @@ __all__ = [
     "ClippedRatioTrust",
     "ConstantTrust",
     "DenseTerm",
+    "FusedLinearBlocks",
     "GEMResidual",
     "GuidedResidual",
     "HybridKD",
@@ -93,6 +108,7 @@ __all__ = [
     "InducedTargetCurve",
     "IwSFT",
     "LabelSmoothing",
+    "LossInputs",
     "ModelProbTrust",
     "ProFiT",
     "ProximalSFT",
@@ -112,6 +128,8 @@ __all__ = [
     "TopKEntropyTrust",
     "Trust",
     "UniformResidual",
+    "fused_linear_qtarget_loss",
+    "fused_linear_target_sft_loss",
     "get_preset",
     "induced_target",
     "induced_target_curve",

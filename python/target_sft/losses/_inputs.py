@@ -1,4 +1,5 @@
-"""Flattening, HF-style shifting and validation of the loss inputs.
+"""The loss inputs: :class:`LossInputs` (the per-token tensors), their validation, flattening and
+HF-style shifting (:func:`prepare` → :class:`FlatBatch`).
 
 With ``[B, L, V]`` logits and ``[B, L]`` labels the loss shifts exactly as HF's ``ForCausalLMLoss``:
 the labels are padded on the right with ``ignore_index`` and shifted left by one, so logits row
@@ -10,12 +11,12 @@ With ``[N, V]`` logits and ``[N]`` labels nothing is shifted.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
 
-from ..kernels.reference import compute_dtype
+from ..kernels.contract import compute_dtype
 from ._validate import (
     check_labels,
     check_logits,
@@ -25,7 +26,41 @@ from ._validate import (
     fmt_index,
 )
 
-__all__ = ["FlatBatch", "prepare"]
+__all__ = ["LOSS_INPUT_NAMES", "FlatBatch", "LossInputs", "prepare"]
+
+
+@dataclass(frozen=True)
+class LossInputs:
+    """The tensors a loss takes besides the logits and the labels (every one optional).
+
+    Which ones a loss needs depends on its trust and residual choices (docs/LOSSES.md). All are
+    aligned with ``labels`` (``[B, L, ...]`` or ``[N, ...]``; ``teacher_ids[b, t]`` belongs to
+    ``labels[b, t]``) except the per-sequence ones. The field names are the keyword arguments of
+    every loss call and the batch keys a trainer routes to the loss (:data:`LOSS_INPUT_NAMES`).
+    """
+
+    #: teacher / reference top-k ids ``[..., K]`` (integer, ``-1`` pads)
+    teacher_ids: Tensor | None = None
+    #: their log-probs ``[..., K]`` (log-softmax over the full vocabulary, ``-inf`` pads)
+    teacher_logprobs: Tensor | None = None
+    #: per-token weights (CFT's critical-token mask, …)
+    token_weights: Tensor | None = None
+    #: per-sequence weights ``[B]`` (``[N, V]`` logits: indexed by ``sequence_ids``)
+    sequence_weights: Tensor | None = None
+    #: ``[N]`` sequence index of each row, for ``[N, V]`` logits
+    sequence_ids: Tensor | None = None
+    #: reference-model log-prob of each label (iw-SFT)
+    ref_logprobs: Tensor | None = None
+    #: old-policy log-prob of each label (Proximal SFT)
+    old_logprobs: Tensor | None = None
+
+    def as_dict(self) -> dict[str, Tensor | None]:
+        """``{name: tensor or None}`` in field order (the keyword arguments of a loss call)."""
+        return {name: getattr(self, name) for name in LOSS_INPUT_NAMES}
+
+
+#: the field names of :class:`LossInputs`, in order
+LOSS_INPUT_NAMES: tuple[str, ...] = tuple(f.name for f in fields(LossInputs))
 
 
 @dataclass
@@ -105,23 +140,21 @@ def _shift(t: Tensor, pad_value: float | int) -> Tensor:
 def prepare(
     logits: Tensor,
     labels: Tensor,
+    inputs: LossInputs,
     *,
     ignore_index: int = -100,
-    teacher_ids: Tensor | None = None,
-    teacher_logprobs: Tensor | None = None,
-    token_weights: Tensor | None = None,
-    ref_logprobs: Tensor | None = None,
-    old_logprobs: Tensor | None = None,
-    sequence_weights: Tensor | None = None,
-    sequence_ids: Tensor | None = None,
     check: bool = True,
     flat_logits: Tensor | None = None,
 ) -> FlatBatch:
     """Validate and flatten the inputs (see the module docstring for the alignment contract).
 
-    ``flat_logits`` is an already flattened ``[N, V]`` alias of ``logits`` (to avoid a second copy
-    when ``logits`` cannot be viewed as ``[N, V]``).
+    ``logits`` may be a stand-in with the logits' shape, dtype and device (zero strides: only its
+    shape is read) when the logits are never materialised; ``flat_logits`` is an already flattened
+    ``[N, V]`` alias of ``logits`` (to avoid a second copy when ``logits`` cannot be viewed as
+    ``[N, V]``).
     """
+    teacher_ids, teacher_logprobs = inputs.teacher_ids, inputs.teacher_logprobs
+    sequence_ids, sequence_weights = inputs.sequence_ids, inputs.sequence_weights
     check_logits(logits)
     check_labels(labels, logits, ignore_index, values=check)
     vocab = int(logits.shape[-1])
@@ -133,9 +166,9 @@ def prepare(
     if teacher_ids is not None and teacher_logprobs is not None:
         check_teacher(teacher_ids, teacher_logprobs, labels, vocab, values=check)
     per_token = {
-        "token_weights": token_weights,
-        "ref_logprobs": ref_logprobs,
-        "old_logprobs": old_logprobs,
+        "token_weights": inputs.token_weights,
+        "ref_logprobs": inputs.ref_logprobs,
+        "old_logprobs": inputs.old_logprobs,
     }
     for name, t in per_token.items():
         if t is not None:

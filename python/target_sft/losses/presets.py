@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..kernels.reference import StatRequest
+from ..kernels.contract import StatRequest
 from ._validate import check_probability_like
 from .qtarget import QTarget, QTargetLoss, ce_value, support_ce
 from .residual import GEMResidual, GuidedResidual, SelfResidual, SparseResidual, UniformResidual

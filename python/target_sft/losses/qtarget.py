@@ -3,9 +3,13 @@
 :class:`QTargetLoss` composes a :class:`~target_sft.losses.trust.Trust` (γ) and a
 :class:`~target_sft.losses.residual.Residual` (π̃). Its value is exactly
 ``Σ_t s_t · CE(Q_t, π_θ(·|x_t))`` with ``Q_t`` held fixed (Eq. 3) and its logit gradient is exactly
-``s_t (p_t − Q_t)`` (Eq. 6), computed by the chunked kernel in :mod:`target_sft.kernels.reference` without any extra
-``N × V`` buffer. The named presets (:mod:`.presets`) subclass it and report the value of their
-own published objective instead (same gradient).
+``s_t (p_t − Q_t)`` (Eq. 6), computed by the sweeps of :mod:`target_sft.kernels` without any
+extra ``N × V`` buffer. The named presets (:mod:`.presets`) subclass it and report the value of
+their own published objective instead (same gradient).
+
+The loss pipeline (:meth:`QTargetLoss.pipeline`) runs once for every loss and every backend
+(:mod:`.backend`): materialised logits (``forward``) or the fused LM head
+(:mod:`.fused_linear`).
 """
 
 from __future__ import annotations
@@ -15,10 +19,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..kernels.contract import GradPlan, StatRequest
 from ..kernels.dispatch import check_impl, resolve_impl
-from ..kernels.reference import GradPlan, QTargetFunction, StatRequest, row_stats
-from ._inputs import FlatBatch, prepare
-from ._validate import check_logits, check_num_items, check_reduction, first_index, fmt_index
+from ._inputs import FlatBatch, LossInputs, prepare
+from ._validate import check_logits, check_num_items, check_reduction, first_index
+from .backend import Backend, LogitsBackend
 from .residual import Residual, ResidualParts, residual_from_name
 from .trust import ConstantTrust, TokenContext, Trust
 
@@ -172,59 +177,80 @@ class QTargetLoss(nn.Module):
         """Per-row loss value; the framework's is ``s · CE(Q, π_θ)`` exactly."""
         return ce_value(ctx, target)
 
-    # ----------------------------------------------------------------- main entry points
-    def _prepare(
+    # ----------------------------------------------------------------- the pipeline
+    def stat_request(self) -> StatRequest:
+        """Row statistics the forward sweep must compute for this loss (trust and value)."""
+        return self.gamma.request() | self._value_request()
+
+    def kernel_impl(
         self,
-        logits: Tensor,
+        device: torch.device,
+        dtype: torch.dtype,
+        *,
+        impl: str | None = None,
+        fused_linear: bool = False,
+    ) -> str:
+        """``"torch"`` or ``"triton"`` for inputs on ``device`` of ``dtype`` (``impl``: this loss's
+        own by default; rules in ``docs/KERNELS.md``)."""
+        request = self.stat_request() | self.residual.request()
+        return resolve_impl(
+            self.impl if impl is None else impl,
+            device,
+            request,
+            dtype=dtype,
+            fused_linear=fused_linear,
+        )
+
+    def pipeline(
+        self,
+        backend: Backend,
         labels: Tensor,
-        inputs: dict[str, Tensor | None],
-        flat_logits: Tensor | None = None,
-    ) -> FlatBatch:
-        needs_teacher = self.residual.needs_teacher
-        if needs_teacher and (
-            inputs.get("teacher_ids") is None or inputs.get("teacher_logprobs") is None
+        inputs: LossInputs,
+        *,
+        num_items_in_batch: int | float | Tensor | None = None,
+        reduction: str | None = None,
+    ) -> Tensor:
+        """The loss against a backend (:mod:`.backend`): the one pipeline of every loss.
+
+        Inputs validated and flattened against the backend's logits shape → row statistics (the
+        backend's forward sweep) → the Q-target (γ, scale, residual masses) → the per-row value →
+        the gradient plan → the backend's autograd Function → the reduction.
+        """
+        red = check_reduction(self.reduction if reduction is None else reduction)
+        check_num_items(num_items_in_batch)
+        with torch.no_grad():
+            batch = self._prepare(backend, labels, inputs)
+            ctx = self._stats(batch, backend)
+            target = self._target(ctx)
+            value = self._value(ctx, target)
+            value = torch.where(batch.mask, value, torch.zeros_like(value))
+            plan = _plan(ctx, target)
+        per_row = backend.attach(value, plan, ctx)
+        return reduce_loss(per_row, batch, red, num_items_in_batch)
+
+    def _prepare(self, backend: Backend, labels: Tensor, inputs: LossInputs) -> FlatBatch:
+        if self.residual.needs_teacher and (
+            inputs.teacher_ids is None or inputs.teacher_logprobs is None
         ):
             raise ValueError(
                 f"{type(self).__name__} with residual {self.residual!r} needs teacher_ids and "
                 "teacher_logprobs (the sparse distribution from the cache)"
             )
         return prepare(
-            logits,
+            backend.logits,
             labels,
+            inputs,
             ignore_index=self.ignore_index,
             check=self.check_inputs,
-            flat_logits=flat_logits,
-            **inputs,
+            flat_logits=backend.flat_logits,
         )
 
-    def _request(self) -> StatRequest:
-        return self.gamma.request() | self._value_request()
-
-    def _resolve_impl(self, z: Tensor) -> str:
-        """``"torch"`` or ``"triton"`` for these logits (rules in ``docs/KERNELS.md``)."""
-        if self.impl == "torch":
-            return "torch"
-        if z.dtype == torch.float64:
-            if self.impl == "triton":
-                raise ValueError("impl='triton' takes float32/bf16/fp16 logits, not float64")
-            return "torch"
-        return resolve_impl(self.impl, z.device, self._request() | self.residual.request())
-
-    def _stats(self, batch: FlatBatch, impl: str = "torch") -> TokenContext:
-        request = self._request()
-        support = None
-        if batch.teacher_ids is not None:
-            support, _ = batch.support()
-        if impl == "triton":
-            from ..kernels.triton_logits import row_stats_triton
-
-            stats = row_stats_triton(batch.logits, batch.safe_labels, support, request)
-        else:
-            stats = row_stats(
-                batch.logits, batch.safe_labels, support, request, self.chunk_elements
-            )
+    def _stats(self, batch: FlatBatch, backend: Backend) -> TokenContext:
+        stats = backend.row_stats(batch, self.stat_request())
         if self.check_inputs:
-            _check_rows_finite(batch, stats.lse)
+            bad = first_index(~torch.isfinite(stats.lse))
+            if bad is not None:
+                raise ValueError(backend.bad_row(batch, bad[0]))
         return TokenContext(batch=batch, stats=stats)
 
     def _target(self, ctx: TokenContext) -> QTarget:
@@ -240,12 +266,13 @@ class QTargetLoss(nn.Module):
             gamma=gamma, scale=scale, parts=parts, mask=b.mask, batch=b, lse=ctx.stats.lse
         )
 
+    # ----------------------------------------------------------------- entry points
     def target(self, logits: Tensor, labels: Tensor, **inputs: Tensor | None) -> QTarget:
         """The Q-target decomposition (γ, scale, residual mass) for these inputs, no graph."""
         with torch.no_grad():
-            batch = self._prepare(logits.detach(), labels, inputs)
-            ctx = self._stats(batch)
-            return self._target(ctx)
+            backend = LogitsBackend(logits.detach(), chunk_elements=self.chunk_elements)
+            batch = self._prepare(backend, labels, LossInputs(**inputs))
+            return self._target(self._stats(batch, backend))
 
     def forward(
         self,
@@ -262,34 +289,27 @@ class QTargetLoss(nn.Module):
         num_items_in_batch: int | float | Tensor | None = None,
         reduction: str | None = None,
     ) -> Tensor:
-        """The loss (see the class docstring for the arguments)."""
-        red = check_reduction(self.reduction if reduction is None else reduction)
-        check_num_items(num_items_in_batch)
-        inputs = {
-            "teacher_ids": teacher_ids,
-            "teacher_logprobs": teacher_logprobs,
-            "token_weights": token_weights,
-            "sequence_weights": sequence_weights,
-            "sequence_ids": sequence_ids,
-            "ref_logprobs": ref_logprobs,
-            "old_logprobs": old_logprobs,
-        }
+        """The loss (see the class docstring for the arguments; the per-token ones are the fields
+        of :class:`~target_sft.losses.LossInputs`)."""
+        inputs = LossInputs(
+            teacher_ids=teacher_ids,
+            teacher_logprobs=teacher_logprobs,
+            token_weights=token_weights,
+            sequence_weights=sequence_weights,
+            sequence_ids=sequence_ids,
+            ref_logprobs=ref_logprobs,
+            old_logprobs=old_logprobs,
+        )
         check_logits(logits)
-        # The [N, V] view that autograd sees is taken with grad mode on (a copy only if the
-        # logits are not viewable, e.g. a non-contiguous slice); the sweeps use its detached alias.
-        z2d = logits.reshape(-1, logits.shape[-1])
-        impl = self._resolve_impl(logits)
-        with torch.no_grad():
-            batch = self._prepare(logits, labels, inputs, flat_logits=z2d.detach())
-            ctx = self._stats(batch, impl)
-            target = self._target(ctx)
-            value = self._value(ctx, target)
-            value = torch.where(batch.mask, value, torch.zeros_like(value))
-            plan = _plan(ctx, target, self.chunk_elements)
-            if impl == "triton":
-                _triton_plan(plan, ctx, inplace=self.inplace_grad)
-        per_row = QTargetFunction.apply(z2d, value, plan)
-        return reduce_loss(per_row, batch, red, num_items_in_batch)
+        backend = LogitsBackend(
+            logits,
+            impl=self.kernel_impl(logits.device, logits.dtype),
+            chunk_elements=self.chunk_elements,
+            inplace_grad=self.inplace_grad,
+        )
+        return self.pipeline(
+            backend, labels, inputs, num_items_in_batch=num_items_in_batch, reduction=reduction
+        )
 
     def extra_repr(self) -> str:
         text = f"gamma={self.gamma!r}, residual={self.residual!r}, reduction={self.reduction!r}"
@@ -314,24 +334,6 @@ def _mask_parts(parts: ResidualParts, mask: Tensor) -> ResidualParts:
         support_mass=m(parts.support_mass),
         dense=[(term, m(e)) for term, e in parts.dense],  # type: ignore[misc]
     )
-
-
-def _check_rows_finite(batch: FlatBatch, lse: Tensor) -> None:
-    bad = first_index(~torch.isfinite(lse))
-    if bad is None:
-        return
-    r = bad[0]
-    row = batch.logits[r]
-    where = batch.logits_index(r)
-    nan = first_index(torch.isnan(row))
-    if nan is not None:
-        raise ValueError(f"logits[{fmt_index((*where, nan[0]))}] is NaN")
-    pinf = first_index(row == float("inf"))
-    if pinf is not None:
-        raise ValueError(
-            f"logits[{fmt_index((*where, pinf[0]))}] = inf; logits must be finite or -inf"
-        )
-    raise ValueError(f"logits[{fmt_index(where)}, :] are all -inf")
 
 
 def ce_value(ctx: TokenContext, target: QTarget) -> Tensor:
@@ -363,36 +365,22 @@ def support_ce(ctx: TokenContext, mass: Tensor) -> Tensor:
     return torch.where(mass != 0, mass * nll, torch.zeros_like(mass)).sum(-1)
 
 
-def _triton_plan(plan: GradPlan, ctx: TokenContext, *, inplace: bool) -> None:
-    """Add what the Triton backward needs: the float32 logits gathered at ``[y, S...]``."""
-    st = ctx.stats
-    plan.impl = "triton"
-    plan.inplace = inplace
-    if plan.support is not None:
-        assert st.z_support is not None
-        plan.z_sparse = torch.cat([st.z_label[:, None], st.z_support], dim=1).contiguous()
-        ids = ctx.batch.teacher_ids
-        assert ids is not None
-        plan.support_valid = ids >= 0
-    else:
-        plan.z_sparse = st.z_label[:, None].contiguous()
-
-
-def _plan(ctx: TokenContext, target: QTarget, chunk_elements: int | None) -> GradPlan:
+def _plan(ctx: TokenContext, target: QTarget) -> GradPlan:
+    """The backward sweep's per-row quantities (``g = κ·p − Q̂``) of a Q-target."""
     b = ctx.batch
     parts = target.parts
     p_mass = parts.p_mass if parts.p_mass is not None else torch.zeros_like(target.scale)
-    support = None
+    support = valid = None
     if parts.support_mass is not None:
-        support, _ = b.support()
+        support, valid = b.support()
     return GradPlan(
         lse=ctx.stats.lse,
         kappa=target.scale - p_mass,
         labels=b.safe_labels,
         label_mass=target.scale * target.gamma,
         support=support,
+        support_valid=valid,
         support_mass=parts.support_mass,
         uniform_mass=parts.uniform_mass,
         dense=list(parts.dense),
-        chunk_elements=chunk_elements,
     )

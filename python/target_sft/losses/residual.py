@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..kernels.reference import DenseTerm, SharpenedSoftmax, StatRequest
+from ..kernels.contract import DenseTerm, SharpenedSoftmax, StatRequest
 from ._validate import check_eta, first_index, fmt_index
 from .trust import TokenContext
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..kernels.reference import RowStats, StatRequest
+from ..kernels.contract import RowStats, StatRequest
 from ._inputs import FlatBatch
 from ._validate import check_probability_like
 

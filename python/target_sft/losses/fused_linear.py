@@ -1,0 +1,147 @@
+"""The losses straight from the last hidden states and the LM head (Cut Cross-Entropy style).
+
+``logits = softcap·tanh((hidden Wᵀ + bias)/softcap)`` (no cap / bias when ``None``). With
+``impl="triton"`` (``"auto"`` on CUDA) the loss runs its one pipeline
+(:meth:`QTargetLoss.pipeline <target_sft.losses.QTargetLoss.pipeline>`) against the fused-linear
+backend (:class:`~target_sft.losses.backend.FusedLinearBackend`): the logits are never
+materialised. With ``impl="torch"`` (``"auto"`` elsewhere, and for the losses the fused kernel
+does not implement) the logits are computed with ``F.linear`` and the loss runs on them: same
+value and gradients, not the memory savings. Kernels: ``docs/KERNELS.md``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..kernels.contract import FusedLinearBlocks
+from ..kernels.dispatch import check_impl
+from ._inputs import LossInputs
+from ._validate import check_eta
+from .backend import FusedLinearBackend
+from .presets import TargetSFT
+from .qtarget import QTargetLoss
+
+__all__ = ["FusedLinearBlocks", "fused_linear_qtarget_loss", "fused_linear_target_sft_loss"]
+
+
+def _check_head(
+    hidden: Tensor, lm_head_weight: Tensor, bias: Tensor | None, softcap: float | None
+) -> None:
+    if hidden.dim() not in (2, 3):
+        raise ValueError(f"hidden has shape {tuple(hidden.shape)}: expected [B, L, H] or [N, H]")
+    if lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"lm_head_weight has shape {tuple(lm_head_weight.shape)} but hidden has shape "
+            f"{tuple(hidden.shape)}: expected [V, {hidden.shape[-1]}]"
+        )
+    vocab = int(lm_head_weight.shape[0])
+    if bias is not None and tuple(bias.shape) != (vocab,):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}: expected ({vocab},)")
+    if softcap is not None and not float(softcap) > 0:
+        raise ValueError(f"softcap = {softcap} must be > 0 (or None)")
+
+
+def fused_linear_qtarget_loss(
+    loss_fn: QTargetLoss,
+    hidden: Tensor,
+    lm_head_weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None = None,
+    softcap: float | None = None,
+    impl: str = "auto",
+    blocks: FusedLinearBlocks | None = None,
+    teacher_ids: Tensor | None = None,
+    teacher_logprobs: Tensor | None = None,
+    token_weights: Tensor | None = None,
+    sequence_weights: Tensor | None = None,
+    sequence_ids: Tensor | None = None,
+    ref_logprobs: Tensor | None = None,
+    old_logprobs: Tensor | None = None,
+    num_items_in_batch: int | float | Tensor | None = None,
+    reduction: str | None = None,
+) -> Tensor:
+    """``loss_fn`` (any supported preset) of ``softcap·tanh((hidden Wᵀ + bias)/softcap)``.
+
+    ``hidden`` is ``[B, L, H]`` (shifted against ``[B, L]`` labels exactly like ``[B, L, V]``
+    logits) or ``[N, H]``; ``lm_head_weight`` is ``[V, H]``. With ``impl="triton"`` (or ``"auto"``
+    on CUDA) the logits are never materialised; ``impl="torch"`` (or ``"auto"`` elsewhere)
+    computes them with ``F.linear`` and runs the PyTorch reference of ``loss_fn``. Same value and
+    gradients (w.r.t. ``hidden``, ``lm_head_weight`` and ``bias``) either way. The per-token
+    inputs are the fields of :class:`~target_sft.losses.LossInputs`.
+    """
+    check_impl(impl)
+    _check_head(hidden, lm_head_weight, bias, softcap)
+    inputs = LossInputs(
+        teacher_ids=teacher_ids,
+        teacher_logprobs=teacher_logprobs,
+        token_weights=token_weights,
+        sequence_weights=sequence_weights,
+        sequence_ids=sequence_ids,
+        ref_logprobs=ref_logprobs,
+        old_logprobs=old_logprobs,
+    )
+    which = loss_fn.kernel_impl(hidden.device, hidden.dtype, impl=impl, fused_linear=True)
+    if which == "torch":
+        logits = F.linear(hidden, lm_head_weight, bias)
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
+        return loss_fn(
+            logits,
+            labels,
+            **inputs.as_dict(),
+            num_items_in_batch=num_items_in_batch,
+            reduction=reduction,
+        )
+    backend = FusedLinearBackend(hidden, lm_head_weight, bias, softcap=softcap, blocks=blocks)
+    return loss_fn.pipeline(
+        backend, labels, inputs, num_items_in_batch=num_items_in_batch, reduction=reduction
+    )
+
+
+def fused_linear_target_sft_loss(
+    hidden: Tensor,
+    lm_head_weight: Tensor,
+    labels: Tensor,
+    teacher_ids: Tensor,
+    teacher_logprobs: Tensor,
+    *,
+    eta: float = 0.5,
+    bias: Tensor | None = None,
+    softcap: float | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items_in_batch: int | float | Tensor | None = None,
+    check_inputs: bool = True,
+    impl: str = "auto",
+    blocks: FusedLinearBlocks | None = None,
+) -> Tensor:
+    """TARGET-SFT (:func:`~target_sft.losses.target_sft_loss`) straight from the hidden states.
+
+    ``logits = softcap·tanh((hidden @ lm_head_weightᵀ + bias)/softcap)`` (no softcap / bias when
+    ``None``) are never materialised with ``impl="triton"`` (``"auto"`` on CUDA): an online
+    log-sum-exp over vocabulary tiles, indexed dots at ``S ∪ {y}``, and a backward that recomputes
+    the logit tiles and accumulates ``d hidden``, ``d weight`` (and ``d bias``) in float32.
+    ``hidden`` ``[B, L, H]`` is shifted against ``labels`` ``[B, L]`` like HF causal-LM logits.
+    """
+    loss_fn = TargetSFT(
+        eta=check_eta(eta),
+        ignore_index=ignore_index,
+        reduction=reduction,
+        check_inputs=check_inputs,
+    )
+    return fused_linear_qtarget_loss(
+        loss_fn,
+        hidden,
+        lm_head_weight,
+        labels,
+        bias=bias,
+        softcap=softcap,
+        impl=impl,
+        blocks=blocks,
+        teacher_ids=teacher_ids,
+        teacher_logprobs=teacher_logprobs,
+        num_items_in_batch=num_items_in_batch,
+    )
