@@ -1,4 +1,4 @@
-"""Q-target losses for supervised fine-tuning (pure PyTorch, CPU and GPU).
+"""Q-target losses for supervised fine-tuning (PyTorch, CPU and GPU; Triton kernels on GPU).
 
 Every token-level SFT loss drives the model toward a target distribution
 ``Q_t = γ_t δ_{y_t} + (1 − γ_t) π̃_t`` (§4–5 of *A Unifying Lens on Supervised Fine-Tuning Through
