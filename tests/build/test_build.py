@@ -31,8 +31,9 @@ from target_sft import TeacherCache
 from target_sft.build import build_teacher_cache, plan_batches
 from target_sft.errors import BuildError, CacheInputError, CacheMismatchError
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+HERE = Path(__file__).resolve().parent  # tests/build
+TESTS = HERE.parent  # the shared helpers (build_helpers.py, ...)
+ROOT = TESTS.parent
 K = 8
 
 
@@ -483,11 +484,11 @@ def free_port() -> int:
 def torchrun(
     *args: str, nproc: int = 2, extra: tuple[str, ...] = (), cli: bool = False
 ) -> subprocess.Popen:
-    """torchrun of tests/build_worker.py (the Python API), or of ``target-sft cache build``
+    """torchrun of tests/build/build_worker.py (the Python API), or of ``target-sft cache build``
     through ``--no-python`` when ``cli``."""
     # this checkout's package first (not an installed one), and the helpers
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "python"), str(HERE)])
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "python"), str(TESTS)])
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     target = ["--no-python", "target-sft"] if cli else [str(HERE / "build_worker.py")]
     cmd = [
