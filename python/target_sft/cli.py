@@ -9,7 +9,7 @@ Verbs (one function each, below):
 * ``target-sft cache build --teacher M --data F.jsonl --out DIR`` — run a teacher over a dataset
   (JSONL, Parquet, a ``save_to_disk`` directory; any row format of
   :func:`target_sft.tokenize_sft`) and cache its top-k
-  (:func:`target_sft.build.build_teacher_cache`; resumable, torchrun-aware).
+  (:func:`target_sft.builder.build_teacher_cache`; resumable, torchrun-aware).
 * ``target-sft plot --cache DIR --model CKPT --out DIR`` — the paper's figures for a cache and a
   student checkpoint (:func:`target_sft.report.write_report`; ``docs/REPORT.md``).
 * ``target-sft demo [--quick]`` — the main job, end to end (:mod:`target_sft.demo.run`).
@@ -237,7 +237,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_build(args: argparse.Namespace) -> int:
     """Build a cache from a teacher and a dataset file (under torchrun: on every rank)."""
-    from target_sft.build import build_teacher_cache
+    from target_sft.builder import build_teacher_cache
     from target_sft.sft_data import open_dataset
 
     result = build_teacher_cache(
@@ -308,7 +308,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
         except OSError as e:
             return fail(f"--table {args.table}: {e}")
     cache = TeacherCache(args.cache)  # a CacheError (not a cache, …) is reported by main()
-    from target_sft.build import load_teacher, load_tokenizer
+    from target_sft.models import load_teacher, load_tokenizer
     from target_sft.report import _check_tokenizer, _decoder
 
     # the tokenizer check before the (possibly long) model load; the vocabulary is checked

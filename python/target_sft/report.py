@@ -370,7 +370,7 @@ def _select_keys(cache: TeacherCache, keys: Iterable[Key] | None, max_records: i
 
 def _load_model(model: Any, device: str | None, dtype: Any) -> Any:
     if isinstance(model, (str, os.PathLike)):
-        from target_sft.build import load_teacher
+        from target_sft.models import load_teacher
 
         return load_teacher(model, dtype=dtype, device=device)
     if hasattr(model, "eval"):
@@ -1047,7 +1047,7 @@ def write_report(
     th = {"student_low": student_low, "teacher_high": teacher_high, "teacher_low": teacher_low}
 
     if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
-        from target_sft.build import load_tokenizer
+        from target_sft.models import load_tokenizer
 
         tokenizer = load_tokenizer(model, tokenizer)  # None: ids are shown as [id]
     _check_tokenizer(tokenizer, c, "write_report", allow_tokenizer_mismatch)

@@ -412,7 +412,7 @@ def test_one_shot_iterators_and_iterables_build_the_same_cache(model_dir, sample
 
 
 def test_plan_deals_batches_to_every_rank():
-    from target_sft.build import _plan
+    from target_sft.builder.plan import plan_ranks as _plan
 
     rng = np.random.default_rng(0)
     lengths = rng.integers(2, 40, 600)
