@@ -17,7 +17,8 @@ Row formats (the first that applies, in this order; ``None`` counts as absent):
   prompt/completion); without one, plain-text prompt/completion.
 * **text**: language modelling, every token supervised.
 
-The masks are TRL's (``SFTTrainer`` of trl 1.x, checked against it in ``tests/build/test_sft_data.py``):
+The masks are TRL's (``SFTTrainer`` of trl 1.x, checked against it in
+``tests/builder/test_sft_data.py``):
 
 * conversations: ``assistant_only_loss`` — the template's ``{% generation %}`` marks when it has
   them (``apply_chat_template(..., return_assistant_tokens_mask=True)``); otherwise by templating

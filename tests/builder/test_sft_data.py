@@ -27,7 +27,7 @@ from target_sft.build import JsonlDataset, build_teacher_cache
 from target_sft.errors import CacheInputError
 from target_sft.sft_data import SFTSource
 
-HERE = Path(__file__).resolve().parent  # tests/build
+HERE = Path(__file__).resolve().parent  # tests/builder
 TESTS = HERE.parent  # the shared helpers (build_helpers.py, ...)
 ROOT = TESTS.parent
 K = 4

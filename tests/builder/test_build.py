@@ -31,7 +31,7 @@ from target_sft import TeacherCache
 from target_sft.build import build_teacher_cache, plan_batches
 from target_sft.errors import BuildError, CacheInputError, CacheMismatchError
 
-HERE = Path(__file__).resolve().parent  # tests/build
+HERE = Path(__file__).resolve().parent  # tests/builder
 TESTS = HERE.parent  # the shared helpers (build_helpers.py, ...)
 ROOT = TESTS.parent
 K = 8
@@ -484,7 +484,7 @@ def free_port() -> int:
 def torchrun(
     *args: str, nproc: int = 2, extra: tuple[str, ...] = (), cli: bool = False
 ) -> subprocess.Popen:
-    """torchrun of tests/build/build_worker.py (the Python API), or of ``target-sft cache build``
+    """torchrun of tests/builder/build_worker.py (the Python API), or of ``target-sft cache build``
     through ``--no-python`` when ``cli``."""
     # this checkout's package first (not an installed one), and the helpers
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -1,5 +1,5 @@
-"""A torchrun worker for tests/build/test_build.py: builds a cache with build_teacher_cache on every
-rank. ``--fail-rank R`` makes rank R raise after its second batch (to test failures)."""
+"""A torchrun worker for tests/builder/test_build.py: builds a cache with build_teacher_cache on
+every rank. ``--fail-rank R`` makes rank R raise after its second batch (to test failures)."""
 
 from __future__ import annotations
 
