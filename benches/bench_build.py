@@ -35,6 +35,7 @@ from target_sft import CacheWriter, TeacherCache
 from target_sft.builder import build_teacher_cache, plan_batches
 from target_sft.builder.inputs import make_item
 from target_sft.builder.teacher import TeacherRunner, collate
+from target_sft.sft_data import SFTSource
 
 PRESETS = {
     # name: (hidden, layers, heads, kv heads, intermediate, vocab)
@@ -79,7 +80,8 @@ def make_samples(n: int, mean_len: int, vocab: int, seed: int = 0) -> list[dict]
 def forward_only(model, samples, *, top_k, batch_tokens, window) -> tuple[float, list]:
     """The teacher's work on the build's own batch plan; returns (seconds, host results)."""
     runner = TeacherRunner(model, top_k, 1.0, 1 << 30)
-    items = [make_item(i, s, "id") for i, s in enumerate(samples)]
+    src = SFTSource(samples)
+    items = [make_item(src, i, s) for i, s in enumerate(samples)]
     t0 = time.perf_counter()
     results = []
     for w in range(0, len(items), window):

@@ -16,7 +16,7 @@ import numpy as np
 from target_sft import _core
 from target_sft.cache import IGNORE_INDEX
 from target_sft.errors import CacheInputError
-from target_sft.sft_data import SFTSource, prepare_row, tokenize_sft
+from target_sft.sft_data import SFTSource, tokenize_sft
 
 __all__ = [
     "Item",
@@ -41,13 +41,10 @@ class Item:
         return int(np.count_nonzero(self.labels[1:] != IGNORE_INDEX))
 
 
-def make_item(index: int, obj: Any, id_field: str | None, source: SFTSource | None = None) -> Item:
-    """The item of row ``index``: its key, tokens and labels as ``source`` (the build's input)
-    makes them (:func:`target_sft.sft_data.prepare_row`: any row format, checked, naming the
-    row); without a source, pre-tokenised rows keyed by ``id_field``."""
-    if source is not None:
-        return Item(index, *source.prepare(index, obj))
-    return Item(index, *prepare_row(index, obj, id_field=id_field))
+def make_item(source: SFTSource, index: int, row: Any) -> Item:
+    """The item of row ``index``: its key, tokens and labels as ``source`` makes them
+    (:func:`target_sft.sft_data.prepare_row`: any row format, checked, naming the row)."""
+    return Item(index, *source.prepare(index, row))
 
 
 def hash_ids(a: np.ndarray) -> int:
@@ -57,8 +54,7 @@ def hash_ids(a: np.ndarray) -> int:
 
 @dataclass
 class Scan:
-    """What the planning pass learnt about every sample (no token ids kept, except for a
-    dataset that can be iterated only once)."""
+    """What the planning pass learnt about every sample (no token ids kept)."""
 
     keys: list[int | str]
     lengths: np.ndarray  # int64 [N]
@@ -67,7 +63,6 @@ class Scan:
     labels_hash: np.ndarray  # uint64 [N]
     max_id: np.ndarray  # int64 [N]: the largest input id
     max_id_at: np.ndarray  # int64 [N]: its first position
-    items: list[Item] | None = None
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -96,29 +91,14 @@ class Scan:
             )
 
 
-def _source(dataset: Any) -> SFTSource | None:
-    return dataset if isinstance(dataset, SFTSource) else None
-
-
-def _iter_items(dataset: Any, id_field: str | None) -> Iterator[Item]:
-    source = _source(dataset)
-    if hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
-        for i in range(len(dataset)):
-            yield make_item(i, dataset[i], id_field, source)
-    else:
-        for i, obj in enumerate(dataset):
-            yield make_item(i, obj, id_field, source)
-
-
-def scan_source(dataset: Any, id_field: str | None) -> Scan:
-    """The planning pass: every sample is read and checked once, before the teacher loads."""
-    once = not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")) and (
-        iter(dataset) is dataset
-    )
+def scan_source(source: SFTSource) -> Scan:
+    """The planning pass, before the teacher loads: every row is read once
+    (:meth:`SFTSource.rows <target_sft.sft_data.SFTSource.rows>`: keys unique, rows counted),
+    checked and tokenised, and its length, supervised count, hashes and largest id are kept."""
     keys: list[int | str] = []
     cols: list[list[int]] = [[], [], [], [], [], []]
-    kept: list[Item] | None = [] if once else None
-    for it in _iter_items(dataset, id_field):
+    for i, _key, row in source.rows():
+        it = make_item(source, i, row)
         keys.append(it.key)
         top = int(np.argmax(it.input_ids))
         for c, v in zip(
@@ -134,8 +114,6 @@ def scan_source(dataset: Any, id_field: str | None) -> Scan:
             strict=True,
         ):
             c.append(v)
-        if kept is not None:
-            kept.append(it)
     ln, ns, th, lh, mx, at = cols
     scan = Scan(
         keys,
@@ -145,9 +123,8 @@ def scan_source(dataset: Any, id_field: str | None) -> Scan:
         np.asarray(lh, np.uint64),
         np.asarray(mx, np.int64),
         np.asarray(at, np.int64),
-        kept,
     )
-    if len(scan) and not scan.n_supervised.any():
+    if not scan.n_supervised.any():
         raise CacheInputError(
             f"none of the {len(scan):,} samples has a supervised position (a label other than "
             "-100 at a position t >= 1): there is nothing to cache. Check the labels (the "
@@ -156,18 +133,12 @@ def scan_source(dataset: Any, id_field: str | None) -> Scan:
     return scan
 
 
-def read_batches(
-    dataset: Any, scan: Scan, batches: list[list[int]], id_field: str | None
-) -> Iterator[list[Item]]:
-    """The items of ``batches`` (this rank's), read again from the dataset and checked against
-    the planning pass. Sized datasets are indexed directly; iterables are walked once."""
-    if scan.items is not None:
+def read_batches(source: SFTSource, scan: Scan, batches: list[list[int]]) -> Iterator[list[Item]]:
+    """The items of ``batches`` (this rank's), read again from ``source`` and checked against
+    the planning pass. A sequence is indexed directly; an iterable is walked once more."""
+    if hasattr(source, "__getitem__"):
         for b in batches:
-            yield [scan.items[i] for i in b]
-        return
-    if hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
-        for b in batches:
-            items = [make_item(i, dataset[i], id_field, _source(dataset)) for i in b]
+            items = [make_item(source, i, source[i]) for i in b]
             for it in items:
                 scan.check_same(it)
             yield items
@@ -175,9 +146,9 @@ def read_batches(
     mine = {i for b in batches for i in b}
     got: dict[int, Item] = {}
     nb = 0
-    for i, obj in enumerate(dataset):
+    for i, row in enumerate(source):
         if i in mine:
-            it = make_item(i, obj, id_field, _source(dataset))
+            it = make_item(source, i, row)
             scan.check_same(it)
             got[i] = it
         # the batches of a window are complete once its last sample is read

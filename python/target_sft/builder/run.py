@@ -132,7 +132,7 @@ class _RankBuild:
     ) -> None:
         self.teacher = teacher
         self.tokenizer = tokenizer
-        self.dataset = dataset  # as given; an SFTSource once prepared
+        self.dataset = dataset  # as given (read through an SFTSource by prepare)
         self.out = out
         self.dist = dist
         self.opts = opts
@@ -166,17 +166,16 @@ class _RankBuild:
         check_directory(out, dist.world)
         tok = load_tokenizer(self.teacher, self.tokenizer)
         # The data first (the tokenizer is cheap, a teacher takes minutes to load): every rank
-        # checks every row's key and schema, then tokenises every row for the plan (which deals
-        # batches to ranks by their size) and the resume check.
-        self.dataset = SFTSource(
+        # reads the whole dataset once, checking every key and row and tokenising every row for
+        # the plan (which deals batches to ranks by their size) and the resume check.
+        self.source = SFTSource(
             self.dataset,
             tok,
             id_field=self.opts.id_field,
             max_length=self.opts.max_length,
             truncation=self.opts.truncation,
         )
-        self.dataset.check()
-        self.scan = scan_source(self.dataset, self.opts.id_field)
+        self.scan = scan_source(self.source)
         plan = plan_ranks(
             self.scan.lengths,
             self.opts.window,
@@ -303,9 +302,7 @@ class _RankBuild:
                 self.opts.on_batch(stats)
 
         try:
-            for batch_items in read_batches(
-                self.dataset, self.scan, self.batches, self.opts.id_field
-            ):
+            for batch_items in read_batches(self.source, self.scan, self.batches):
                 if all(done(it.key) for it in batch_items):
                     stats.records_skipped += len(batch_items)
                     bar.update(len(batch_items))
