@@ -309,7 +309,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
             return fail(f"--table {args.table}: {e}")
     cache = TeacherCache(args.cache)  # a CacheError (not a cache, …) is reported by main()
     from target_sft.models import load_teacher, load_tokenizer
-    from target_sft.report import _check_tokenizer, _decoder
+    from target_sft.report import check_tokenizer, token_decoder
 
     # the tokenizer check before the (possibly long) model load; the vocabulary is checked
     # against the loaded model by write_report
@@ -318,7 +318,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         return fail(f"--tokenizer {args.tokenizer or args.model}: cannot load a tokenizer: {e}")
     try:
-        _check_tokenizer(tokenizer, cache, "target-sft plot", args.allow_tokenizer_mismatch)
+        check_tokenizer(tokenizer, cache, "target-sft plot", args.allow_tokenizer_mismatch)
     except ValueError as e:
         return fail(f"{e} (--allow-tokenizer-mismatch to continue)")
     try:
@@ -331,7 +331,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
             args.out,
             cache=cache,
             model=model,
-            tokenizer=_decoder(tokenizer),  # checked above
+            tokenizer=token_decoder(tokenizer),  # checked above
             histories=histories,
             table_markdown=table,
             max_records=args.records,
