@@ -118,9 +118,10 @@ def _resolve_dtype(dtype: Any, device: str) -> Any:
 def load_teacher(
     teacher: Any, *, dtype: Any = None, device: str | None = None, local_rank: int = 0
 ) -> Any:
-    """A causal LM ready for :func:`build_teacher_cache`: a model object is used as it is; a
-    path or hub name is loaded with ``AutoModelForCausalLM`` (bfloat16 on a GPU, float32 on CPU
-    unless ``dtype`` says otherwise) onto ``device`` (this rank's GPU, else the CPU)."""
+    """A causal LM in eval mode (for :func:`~target_sft.build_teacher_cache` and the report): a
+    model object or a callable is used as it is; a path or hub name is loaded with
+    ``AutoModelForCausalLM`` (bfloat16 on a GPU, float32 on CPU unless ``dtype`` says otherwise)
+    onto ``device`` (GPU ``local_rank`` of this node, else the CPU)."""
     if not isinstance(teacher, (str, os.PathLike)):
         if not callable(teacher):
             raise CacheInputError(

@@ -17,6 +17,9 @@ __all__ = ["Dist", "dist_context", "sync_errors"]
 
 @dataclass
 class Dist:
+    """This process's place among the ranks of a build, and the collectives the build uses
+    (no-ops on one rank)."""
+
     rank: int
     world: int
     local_rank: int
