@@ -734,7 +734,7 @@ class SFTSource:
         for i, row in enumerate(rows):
             yield i, row, self.where(i)
 
-    # -- the protocol build.py reads
+    # -- the protocol the builder (target_sft.builder) reads
     def __len__(self) -> int:
         if self._count is None:
             raise TypeError("the row count is known after check()")

@@ -23,7 +23,7 @@ from target_sft.builder.plan import plan_ranks
 from target_sft.builder.resume import check_directory, rank_files, resume_state
 from target_sft.builder.teacher import PendingBatch, TeacherRunner, check_ids_fit, collate
 from target_sft.cache import CacheInfo, CacheWriter, merge_manifests
-from target_sft.checks import check_wait
+from target_sft.checks import check_int, check_wait
 from target_sft.errors import CacheInputError
 from target_sft.fingerprint import tokenizer_fingerprint
 from target_sft.models import load_teacher, load_tokenizer, teacher_fingerprint
@@ -107,14 +107,12 @@ class BuildOptions:
     rebuild_changed: bool
 
     def __post_init__(self) -> None:
-        if self.top_k < 1:
-            raise CacheInputError(f"top_k = {self.top_k} must be at least 1")
+        for name in ("top_k", "batch_tokens", "max_batch_size", "window"):
+            check_int(name, getattr(self, name), 1)
         t = self.temperature
         if not (isinstance(t, (int, float)) and t > 0):
             raise CacheInputError(f"temperature = {t} must be a positive number")
         object.__setattr__(self, "temperature", float(t))
-        if self.batch_tokens < 1 or self.max_batch_size < 1 or self.window < 1:
-            raise CacheInputError("batch_tokens, max_batch_size and window must be positive")
         if self.padding_side not in ("right", "left"):
             raise CacheInputError(
                 f'padding_side must be "right" or "left", got {self.padding_side!r}'
