@@ -65,6 +65,6 @@ def plan_ranks(
             r = min(range(world), key=lambda r: (load[r], r))
             owner[j] = r
             load[r] += padded[j]
-        for j, b in enumerate(batches):  # each rank runs its batches in plan order
-            out[owner[j]].append(b)
+        for j, batch in enumerate(batches):  # each rank runs its batches in plan order
+            out[owner[j]].append(batch)
     return out
