@@ -32,7 +32,10 @@ import numpy as np
 import torch
 
 from target_sft import CacheWriter, TeacherCache
-from target_sft.build import _collate, _make_item, _Runner, build_teacher_cache, plan_batches
+from target_sft.builder import build_teacher_cache, plan_batches
+from target_sft.builder.inputs import make_item
+from target_sft.builder.teacher import TeacherRunner, collate
+from target_sft.sft_data import SFTSource
 
 PRESETS = {
     # name: (hidden, layers, heads, kv heads, intermediate, vocab)
@@ -76,14 +79,15 @@ def make_samples(n: int, mean_len: int, vocab: int, seed: int = 0) -> list[dict]
 
 def forward_only(model, samples, *, top_k, batch_tokens, window) -> tuple[float, list]:
     """The teacher's work on the build's own batch plan; returns (seconds, host results)."""
-    runner = _Runner(model, top_k, 1.0, 1 << 30)
-    items = [_make_item(i, s, "id") for i, s in enumerate(samples)]
+    runner = TeacherRunner(model, top_k, 1.0, 1 << 30)
+    src = SFTSource(samples)
+    items = [make_item(src, i, s) for i, s in enumerate(samples)]
     t0 = time.perf_counter()
     results = []
     for w in range(0, len(items), window):
         win = items[w : w + window]
         for idx in plan_batches([len(it.input_ids) for it in win], batch_tokens, 256):
-            p = runner.submit(_collate([win[i] for i in idx], 0, "right"))
+            p = runner.submit(collate([win[i] for i in idx], 0, "right"))
             p.teacher_seconds()  # waits for the device
             results.append(p)
     return time.perf_counter() - t0, results

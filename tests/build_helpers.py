@@ -1,5 +1,5 @@
-"""Shared by the cache-builder tests and their torchrun worker (tests/build_worker.py): a tiny
-random Llama saved with ``save_pretrained``, a tiny word-level tokenizer with a chat template,
+"""Shared by the cache-builder tests and their torchrun worker (tests/builder/build_worker.py):
+a tiny random Llama saved with ``save_pretrained``, a tiny word-level tokenizer with a chat template,
 generated samples, and a float64 reference for what the cache must hold."""
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def assert_records_equal(a: Any, b: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# A real BPE tokenizer trained here with a chat template (tests/test_sft_data.py)
+# A real BPE tokenizer trained here with a chat template (tests/builder/test_sft_data.py)
 
 CHAT_SPECIAL = ["<|pad|>", "<|bos|>", "<|eos|>", "<|end|>", "<|call|>"]
 CHAT_ROLES = ["system", "user", "assistant", "tool"]

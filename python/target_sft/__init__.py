@@ -29,8 +29,8 @@ _EXPORTS: dict[str, str] = {
     "CacheInfo": "target_sft.cache",
     "CacheSample": "target_sft.cache",
     # building a cache from a teacher
-    "build_teacher_cache": "target_sft.build",
-    "BuildResult": "target_sft.build",
+    "build_teacher_cache": "target_sft.builder",
+    "BuildResult": "target_sft.builder",
     "tokenize_sft": "target_sft.sft_data",
     # streaming
     "StreamingTeacherDataset": "target_sft.streaming",
@@ -107,7 +107,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers only
-    from target_sft.build import BuildResult, build_teacher_cache
+    from target_sft.builder import BuildResult, build_teacher_cache
     from target_sft.cache import CacheInfo, CacheRecord, CacheSample, CacheWriter, TeacherCache
     from target_sft.collate import TargetSFTCollator, TeacherCacheDataset, build_batch
     from target_sft.errors import (

@@ -9,7 +9,7 @@ Verbs (one function each, below):
 * ``target-sft cache build --teacher M --data F.jsonl --out DIR`` — run a teacher over a dataset
   (JSONL, Parquet, a ``save_to_disk`` directory; any row format of
   :func:`target_sft.tokenize_sft`) and cache its top-k
-  (:func:`target_sft.build.build_teacher_cache`; resumable, torchrun-aware).
+  (:func:`target_sft.builder.build_teacher_cache`; resumable, torchrun-aware).
 * ``target-sft plot --cache DIR --model CKPT --out DIR`` — the paper's figures for a cache and a
   student checkpoint (:func:`target_sft.report.write_report`; ``docs/REPORT.md``).
 * ``target-sft demo [--quick]`` — the main job, end to end (:mod:`target_sft.demo.run`).
@@ -237,7 +237,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_build(args: argparse.Namespace) -> int:
     """Build a cache from a teacher and a dataset file (under torchrun: on every rank)."""
-    from target_sft.build import build_teacher_cache
+    from target_sft.builder import build_teacher_cache
     from target_sft.sft_data import open_dataset
 
     result = build_teacher_cache(
@@ -308,8 +308,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
         except OSError as e:
             return fail(f"--table {args.table}: {e}")
     cache = TeacherCache(args.cache)  # a CacheError (not a cache, …) is reported by main()
-    from target_sft.build import load_teacher, load_tokenizer
-    from target_sft.report import _check_tokenizer, _decoder
+    from target_sft.models import load_teacher, load_tokenizer
+    from target_sft.report import check_tokenizer, token_decoder
 
     # the tokenizer check before the (possibly long) model load; the vocabulary is checked
     # against the loaded model by write_report
@@ -318,7 +318,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         return fail(f"--tokenizer {args.tokenizer or args.model}: cannot load a tokenizer: {e}")
     try:
-        _check_tokenizer(tokenizer, cache, "target-sft plot", args.allow_tokenizer_mismatch)
+        check_tokenizer(tokenizer, cache, "target-sft plot", args.allow_tokenizer_mismatch)
     except ValueError as e:
         return fail(f"{e} (--allow-tokenizer-mismatch to continue)")
     try:
@@ -331,7 +331,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
             args.out,
             cache=cache,
             model=model,
-            tokenizer=_decoder(tokenizer),  # checked above
+            tokenizer=token_decoder(tokenizer),  # checked above
             histories=histories,
             table_markdown=table,
             max_records=args.records,

@@ -49,6 +49,7 @@ __all__ = [
     "ObservedTokenStats",
     "RescueFilterView",
     "TeacherGivenStudent",
+    "check_tokenizer",
     "classify_tokens",
     "observed_token_stats",
     "parse_preset_spec",
@@ -57,6 +58,7 @@ __all__ = [
     "plot_teacher_given_student",
     "rescue_filter_html",
     "teacher_given_student_matrix",
+    "token_decoder",
     "write_report",
 ]
 
@@ -370,7 +372,7 @@ def _select_keys(cache: TeacherCache, keys: Iterable[Key] | None, max_records: i
 
 def _load_model(model: Any, device: str | None, dtype: Any) -> Any:
     if isinstance(model, (str, os.PathLike)):
-        from target_sft.build import load_teacher
+        from target_sft.models import load_teacher
 
         return load_teacher(model, dtype=dtype, device=device)
     if hasattr(model, "eval"):
@@ -674,7 +676,9 @@ def classify_tokens(
     return out
 
 
-def _decoder(tokenizer_or_decode: Any) -> Callable[[int], str]:
+def token_decoder(tokenizer_or_decode: Any) -> Callable[[int], str]:
+    """How the report shows a token id: ``tokenizer.decode`` of it for a tokenizer, the callable
+    itself for an ``id -> str`` callable, ``[id]`` for ``None``."""
     if tokenizer_or_decode is None:
         return lambda i: f"[{i}]"
     if hasattr(tokenizer_or_decode, "decode"):
@@ -767,7 +771,7 @@ def rescue_filter_html(
             tokenizer is not the one the cache was built with (content fingerprint).
     """
     c = _open_cache(cache)
-    _check_tokenizer(tokenizer_or_decode, c, "rescue_filter_html", allow_tokenizer_mismatch)
+    check_tokenizer(tokenizer_or_decode, c, "rescue_filter_html", allow_tokenizer_mismatch)
     if keys is None:
         ks = (
             list(stats.keys[:max_records])
@@ -785,7 +789,7 @@ def rescue_filter_html(
             c, model, missing, max_records=None, batch_size=batch_size, device=device,
             allow_tokenizer_mismatch=allow_tokenizer_mismatch,
         )  # fmt: skip
-    decode = _decoder(tokenizer_or_decode)
+    decode = token_decoder(tokenizer_or_decode)
     cache_text: dict[int, str] = {}
 
     def text(i: int) -> str:
@@ -986,8 +990,10 @@ def _pick_html_keys(stats: ObservedTokenStats, n: int, **thresholds: float) -> l
     return [stats.keys[i] for i in order[:n]]
 
 
-def _check_tokenizer(tokenizer: Any, cache: TeacherCache, where: str, allow: bool) -> None:
-    """A tokenizer (not a decode callable, not ``None``) must be the cache's (by content)."""
+def check_tokenizer(tokenizer: Any, cache: TeacherCache, where: str, allow: bool) -> None:
+    """A tokenizer (not a decode callable, not ``None``) must be the cache's (by content):
+    :class:`CacheMismatchError` naming both (a warning when ``allow``), ``where`` naming the
+    caller."""
     if tokenizer is None or not hasattr(tokenizer, "get_vocab"):
         return
     TokenizerCheck(tokenizer, allow_mismatch=allow, what="the tokenizer").check(cache.info, where)
@@ -1047,10 +1053,10 @@ def write_report(
     th = {"student_low": student_low, "teacher_high": teacher_high, "teacher_low": teacher_low}
 
     if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
-        from target_sft.build import load_tokenizer
+        from target_sft.models import load_tokenizer
 
         tokenizer = load_tokenizer(model, tokenizer)  # None: ids are shown as [id]
-    _check_tokenizer(tokenizer, c, "write_report", allow_tokenizer_mismatch)
+    check_tokenizer(tokenizer, c, "write_report", allow_tokenizer_mismatch)
     fig3 = plot_induced_targets(out / "figure3_induced_targets.png", presets)
     paths["figure3"] = fig3.path
     stats = observed_token_stats(
@@ -1081,7 +1087,7 @@ def write_report(
         out / "rescue_filter.html",
         c,
         None,
-        _decoder(tokenizer),  # checked above
+        token_decoder(tokenizer),  # checked above
         _pick_html_keys(stats, html_records, **th),
         stats=stats,
         **th,

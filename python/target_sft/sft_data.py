@@ -17,7 +17,8 @@ Row formats (the first that applies, in this order; ``None`` counts as absent):
   prompt/completion); without one, plain-text prompt/completion.
 * **text**: language modelling, every token supervised.
 
-The masks are TRL's (``SFTTrainer`` of trl 1.x, checked against it in ``tests/test_sft_data.py``):
+The masks are TRL's (``SFTTrainer`` of trl 1.x, checked against it in
+``tests/builder/test_sft_data.py``):
 
 * conversations: ``assistant_only_loss`` — the template's ``{% generation %}`` marks when it has
   them (``apply_chat_template(..., return_assistant_tokens_mask=True)``); otherwise by templating
@@ -648,14 +649,15 @@ class SFTSource:
     sequence), where each one is (line numbers for JSONL), and how each one becomes
     ``(key, input_ids, labels)``.
 
-    :meth:`check` walks every row once, before the teacher loads: it counts them (the progress
-    bar's total), checks that keys are unique, checks every row's schema and tokenises the first
-    :data:`HEAD_ROWS`. Every rank runs it on the whole dataset, since duplicates can straddle
-    ranks. Inputs:
+    :meth:`rows` walks every row once, counting them and checking that keys are unique (every
+    rank walks the whole dataset, since duplicates can straddle ranks): the builder tokenises
+    each row it yields in its planning pass, before the teacher loads; :meth:`check` checks
+    every row's schema and tokenises the first :data:`HEAD_ROWS`. Inputs:
 
     * a sequence (``len`` and indexing: a list, a ``datasets.Dataset``): rows read by index;
     * a re-iterable (``JsonlDataset``, ``ParquetDataset``, a ``datasets.IterableDataset``, any
-      object whose ``__iter__`` starts afresh): walked once to check, once more to build;
+      object whose ``__iter__`` starts afresh): walked once to check and plan, once more to
+      build;
     * a one-shot iterator (a generator: ``iter(x) is x``): read into a list first, since it
       cannot be walked twice; so everything is checked before the teacher loads and before any
       record is written, at the cost of holding the rows in memory (use a file or a
@@ -732,7 +734,7 @@ class SFTSource:
         for i, row in enumerate(rows):
             yield i, row, self.where(i)
 
-    # -- the protocol build.py reads
+    # -- the protocol the builder (target_sft.builder) reads
     def __len__(self) -> int:
         if self._count is None:
             raise TypeError("the row count is known after check()")
@@ -755,9 +757,12 @@ class SFTSource:
             where=self.where(index),
         )
 
-    def check(self, head: int = HEAD_ROWS) -> int:
-        """Walk every row: count, unique keys, schema; tokenise the first ``head`` rows.
-        Returns the row count. Raises :class:`CacheInputError` on the first problem."""
+    def rows(self) -> Iterator[tuple[int, int | str, Any]]:
+        """Every row once, in order, as ``(index, key, row)``, its key checked against every
+        key before it: a duplicate is a :class:`CacheInputError` naming the key and both rows
+        (``path:line`` for JSONL). Once walked, the row count is known (``len``); an empty
+        dataset is an error. The one pass that :meth:`check` and the builder's planning pass
+        make over the data."""
         seen: dict[int | str, int] = {}
         n = 0
         for i, row, where in self._located():
@@ -775,22 +780,29 @@ class SFTSource:
                     "instead: id_field=None (CLI: --id-field none)"
                 )
             seen[key] = i
-            if i < head:
-                self.prepare(i, row)
-            else:
-                where = _keyed(where, key, i)
-                parsed = _parse_row(row, where)
-                if parsed.needs_tokenizer and self.tokenizer is None:
-                    _encode(parsed, None, where)  # raises: text without a tokenizer
-                if parsed.kind == "tokens":
-                    _check_tokens(parsed.input_ids, parsed.labels, where)
+            yield i, key, row
             n += 1
         if n == 0:
             raise CacheInputError(f"the dataset is empty ({self._describe_data()} has no rows)")
         if self._count is not None and self._count != n:  # pragma: no cover - a lying __len__
             raise CacheInputError(f"the dataset says it has {self._count} rows but holds {n}")
         self._count = n
-        return n
+
+    def check(self, head: int = HEAD_ROWS) -> int:
+        """Walk every row (:meth:`rows`: count, unique keys), check its schema, and tokenise the
+        first ``head`` rows. Returns the row count. Raises :class:`CacheInputError` on the first
+        problem."""
+        for i, key, row in self.rows():
+            if i < head:
+                self.prepare(i, row)
+            else:
+                where = _keyed(self.where(i), key, i)
+                parsed = _parse_row(row, where)
+                if parsed.needs_tokenizer and self.tokenizer is None:
+                    _encode(parsed, None, where)  # raises: text without a tokenizer
+                if parsed.kind == "tokens":
+                    _check_tokens(parsed.input_ids, parsed.labels, where)
+        return len(self)
 
     def _describe_data(self) -> str:
         path = getattr(self.data, "path", None)

@@ -27,7 +27,9 @@ from target_sft.build import JsonlDataset, build_teacher_cache
 from target_sft.errors import CacheInputError
 from target_sft.sft_data import SFTSource
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent  # tests/builder
+TESTS = HERE.parent  # the shared helpers (build_helpers.py, ...)
+ROOT = TESTS.parent
 K = 4
 
 TOOLS = json.dumps(
@@ -171,7 +173,7 @@ def build(teacher, data, out, **kw):
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent / "python"), str(HERE)]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "python"), str(TESTS)]))
     return subprocess.run(
         [sys.executable, "-m", "target_sft.cli", *args], capture_output=True, text=True, env=env
     )
@@ -561,7 +563,7 @@ def test_every_rank_refuses_duplicates_that_straddle_ranks(tok, tmp_path):
     env = dict(
         os.environ,
         OMP_NUM_THREADS="1",
-        PYTHONPATH=os.pathsep.join([str(HERE.parent / "python"), str(HERE)]),
+        PYTHONPATH=os.pathsep.join([str(ROOT / "python"), str(TESTS)]),
     )
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
            f"--master-port={port}", "-m", "target_sft.cli", "cache", "build",

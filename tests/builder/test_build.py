@@ -31,8 +31,9 @@ from target_sft import TeacherCache
 from target_sft.build import build_teacher_cache, plan_batches
 from target_sft.errors import BuildError, CacheInputError, CacheMismatchError
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+HERE = Path(__file__).resolve().parent  # tests/builder
+TESTS = HERE.parent  # the shared helpers (build_helpers.py, ...)
+ROOT = TESTS.parent
 K = 8
 
 
@@ -411,7 +412,7 @@ def test_one_shot_iterators_and_iterables_build_the_same_cache(model_dir, sample
 
 
 def test_plan_deals_batches_to_every_rank():
-    from target_sft.build import _plan
+    from target_sft.builder.plan import plan_ranks as _plan
 
     rng = np.random.default_rng(0)
     lengths = rng.integers(2, 40, 600)
@@ -483,11 +484,11 @@ def free_port() -> int:
 def torchrun(
     *args: str, nproc: int = 2, extra: tuple[str, ...] = (), cli: bool = False
 ) -> subprocess.Popen:
-    """torchrun of tests/build_worker.py (the Python API), or of ``target-sft cache build``
+    """torchrun of tests/builder/build_worker.py (the Python API), or of ``target-sft cache build``
     through ``--no-python`` when ``cli``."""
     # this checkout's package first (not an installed one), and the helpers
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "python"), str(HERE)])
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "python"), str(TESTS)])
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     target = ["--no-python", "target-sft"] if cli else [str(HERE / "build_worker.py")]
     cmd = [

@@ -1,17 +1,14 @@
-"""A torchrun worker for tests/test_build.py: builds a cache with build_teacher_cache on every
-rank. ``--fail-rank R`` makes rank R raise after its second batch (to test failures)."""
+"""A torchrun worker for tests/builder/test_build.py: builds a cache with build_teacher_cache on
+every rank. ``--fail-rank R`` makes rank R raise after its second batch (to test failures)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from target_sft.build import build_teacher_cache
 
