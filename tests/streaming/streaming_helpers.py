@@ -8,7 +8,8 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(__file__))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # these helpers, and tests/ (conftest)
 
 from conftest import make_record
 from target_sft import CacheWriter

@@ -1,4 +1,4 @@
-"""One rank of the torchrun tests of tests/test_streaming_dist.py (not a test module).
+"""One rank of the torchrun tests of tests/streaming/test_streaming_dist.py (not a test module).
 
 Usage: torchrun ... streaming_dist_child.py CACHE OUT PHASE
 

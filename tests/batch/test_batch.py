@@ -228,7 +228,7 @@ def test_stub_declares_build_batch_with_the_native_signature():
 
     import target_sft._core as core
 
-    stub = Path(__file__).resolve().parent.parent / "python" / "target_sft" / "_core.pyi"
+    stub = Path(__file__).resolve().parents[2] / "python" / "target_sft" / "_core.pyi"
     funcs = {n.name: n for n in ast.parse(stub.read_text()).body if isinstance(n, ast.FunctionDef)}
     native = {n for n, v in vars(core).items() if inspect.isbuiltin(v)}
     assert set(funcs) == native
