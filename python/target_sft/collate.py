@@ -1,5 +1,6 @@
-"""Training batches from the teacher cache: :func:`build_batch`, :class:`TargetSFTCollator` (a
-``collate_fn`` for ``torch.utils.data.DataLoader``) and :class:`TeacherCacheDataset`.
+"""Training batches from the teacher cache: :func:`build_batch` and :class:`TargetSFTCollator` (a
+``collate_fn`` for ``torch.utils.data.DataLoader``). :class:`~target_sft.cache.TeacherCacheDataset`
+lives beside :class:`~target_sft.cache.CacheSample` in ``cache.py`` and is re-exported here.
 
 A whole batch is built by one native call: with the GIL released, in parallel over samples, each
 cached record is decoded straight into its place in the output arrays. The layout (padded or
@@ -31,6 +32,7 @@ from target_sft.cache import (
     CacheSample,
     Key,
     TeacherCache,
+    TeacherCacheDataset,  # re-exported: it lived here before it moved beside CacheSample
 )
 from target_sft.checks import as_int32, check_int
 from target_sft.errors import CacheInputError, CacheKeyError
@@ -409,36 +411,3 @@ def _in_torch_worker() -> bool:
     """Whether this process is a DataLoader worker (without importing torch)."""
     mod = sys.modules.get("torch.utils.data")
     return mod is not None and mod.get_worker_info() is not None
-
-
-class TeacherCacheDataset:
-    """A map-style dataset over every record of a cache: item ``i`` is ``CacheSample(cache, i)``.
-
-    The cache holds the token ids, so no second dataset is needed; pair it with
-    :class:`TargetSFTCollator`. The dataset holds no per-sample Python objects, so forked
-    DataLoader workers do not copy-on-write a large list; it pickles as the cache path.
-    """
-
-    def __init__(self, cache: TeacherCache | str | os.PathLike[str]) -> None:
-        self.cache = cache if isinstance(cache, TeacherCache) else TeacherCache(cache)
-        self._len = len(self.cache)
-
-    def __len__(self) -> int:
-        return self._len
-
-    def __getitem__(self, index: int) -> CacheSample:
-        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
-            raise TypeError(f"index must be an int, got {type(index).__name__}")
-        i = int(index)
-        if i < 0:
-            i += self._len
-        if not 0 <= i < self._len:
-            raise IndexError(f"index {int(index)} is out of range for {self._len} records")
-        return CacheSample(self.cache, i)
-
-    def __getitems__(self, indices: Sequence[int]) -> list[CacheSample]:
-        """Batched fetch (used by ``DataLoader`` when present)."""
-        return [self[i] for i in indices]
-
-    def __repr__(self) -> str:
-        return f"TeacherCacheDataset({self.cache!r})"

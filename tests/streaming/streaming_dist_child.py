@@ -21,9 +21,9 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+from streaming_helpers import keys_of
 from torch.utils.data import DataLoader
 
-from streaming_helpers import keys_of
 from target_sft import StreamingTeacherDataset
 
 BATCH = 4

@@ -8,8 +8,8 @@ import sys
 
 import numpy as np
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # these helpers, and tests/ (conftest)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: conftest
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # these helpers
 
 from conftest import make_record
 from target_sft import CacheWriter

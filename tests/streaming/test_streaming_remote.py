@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from streaming_helpers import keys_of, make_cache
 from torch.utils.data import DataLoader
 
-from streaming_helpers import keys_of, make_cache
 from target_sft import (
     CacheCorruptionError,
     CacheError,
