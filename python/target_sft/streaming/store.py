@@ -23,13 +23,12 @@ from typing import Any
 
 from target_sft import _core
 from target_sft.cache import TeacherCache
-from target_sft.errors import CacheCorruptionError, CacheFormatError, CacheIOError
+from target_sft.errors import CacheCorruptionError, CacheIOError
+from target_sft.streaming.manifest import MANIFEST_NAME
 
-__all__ = ["NoRoom", "ShardStore", "checksum_hex", "default_local_dir", "is_url"]
+__all__ = ["NoRoom", "ShardStore", "default_local_dir", "is_url", "shard_hex"]
 
 log = logging.getLogger(__name__)
-
-_MANIFEST = "manifest.json"
 
 _HEX = re.compile(r"^[0-9a-f]{32}$")
 _TMP = re.compile(r"^\.tmp-([0-9a-f]{32})-(\d+)-")
@@ -43,14 +42,10 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def checksum_hex(entry: dict[str, Any], where: str) -> str:
-    c = str(entry.get("checksum", ""))
-    if not c.startswith("xxh3-128:") or not _HEX.match(c[9:]):
-        raise CacheFormatError(
-            f"{where}: shard {entry.get('file')!r} has checksum {c!r}, expected 'xxh3-128:' "
-            "followed by 32 lowercase hex digits"
-        )
-    return c[9:]
+def shard_hex(entry: dict[str, Any]) -> str:
+    """The 32 hex digits of a shard entry's ``checksum`` (``"xxh3-128:<hex>"``, checked when the
+    manifest was parsed): the shard's name in the store."""
+    return str(entry["checksum"]).removeprefix("xxh3-128:")
 
 
 class NoRoom(Exception):
@@ -155,7 +150,7 @@ class ShardStore:
         as a single-shard cache. ``demanded()`` says whether the consumer waits for it now: then
         it is fetched even when pinned shards leave no room under the limit."""
         entry = self.manifest["shards"][shard]
-        h = checksum_hex(entry, self.url)
+        h = shard_hex(entry)
         with self._mutex:
             held = self._held.get(h)
             if held is not None:
@@ -188,7 +183,7 @@ class ShardStore:
         return cache
 
     def release(self, shard: int) -> None:
-        h = self.manifest["shards"][shard]["checksum"][9:]
+        h = shard_hex(self.manifest["shards"][shard])
         with self._mutex:
             held = self._held[h]
             held.refs -= 1
@@ -222,7 +217,6 @@ class ShardStore:
             num_supervised=entry["supervised"],
             complete=True,
         )
-        one.pop("manifest_checksum", None)
         one_json = _core.seal_manifest(json.dumps(one))  # a valid, sealed manifest (FORMAT.md §1)
         size = int(entry["bytes"]) + len(one_json)  # what the directory will hold
         dl = self._lock_fd(f"{h}.dl")
@@ -239,7 +233,7 @@ class ShardStore:
             if tmp is None:
                 raise NoRoom(h)
             self._fetch_verified(entry, h, tmp, stop)
-            with open(tmp / _MANIFEST, "wb") as f:
+            with open(tmp / MANIFEST_NAME, "wb") as f:
                 f.write(one_json)
                 f.flush()
                 os.fsync(f.fileno())
