@@ -1,29 +1,15 @@
-"""The streaming dataset: stream a teacher cache to every rank and DataLoader worker of a (multi-node) training job.
+"""The streaming dataset: :class:`StreamingTeacherDataset` streams a teacher cache to every rank
+and DataLoader worker of a (multi-node) training job.
 
-:class:`StreamingTeacherDataset` is a ``torch.utils.data.IterableDataset`` that yields
-:class:`~target_sft.cache.CacheSample` references (a cache and a record position); the collator
-decodes a batch of them in one native call. ``docs/STREAMING.md`` describes the design; in short:
+It is a ``torch.utils.data.IterableDataset`` that yields :class:`~target_sft.cache.CacheSample`
+references (a cache and a record position); the collator decodes a batch of them in one native
+call. It puts together the epoch order (``order.py``), the rank × worker partition
+(``partition.py``) and, for a remote cache, the fetched manifest (``manifest.py``) and the
+node-local shard store (``store.py``); ``docs/STREAMING.md`` describes the design.
 
-* **Order.** The sample order of an epoch is a pure function of (manifest, ``seed``, epoch,
-  ``shuffle``, ``shuffle_block_size``): shards are permuted, the concatenated records are cut into
-  blocks of ``shuffle_block_size`` records and each block is permuted on its own (the shards in
-  use at once are those of one block). Shards are ordered by a splitmix64 hash and blocks
-  permuted by a keyed Feistel network, so no array of the block's size is ever built, any
-  position is computed in O(1), and nothing depends on numpy's generator algorithms.
-* **Partitioning.** Position ``k`` of the epoch order goes to rank ``k % world_size`` (ranks
-  consume the order in lockstep, so the samples consumed by all ranks are always a *prefix* of
-  it); inside a rank, batch ``j`` goes to DataLoader worker ``j % num_workers`` (the DataLoader's
-  round robin then returns the rank's stream in order). Every rank gets the same number of
-  samples and batches: the remainder is padded by repeating the first samples of the epoch
-  (``drop_last=False``) or dropped (``drop_last=True``).
-* **Resume.** The state is (epoch, samples consumed by all ranks): the same on every rank, and
-  valid for any other world size, worker count or batch size. Inside DataLoader workers
-  (torchdata's ``StatefulDataLoader``) each worker saves its own exact position instead.
-* **Remote shards** (``s3://``, ``gs://``, ``http(s)://``, any fsspec URL) are downloaded ahead
-  on background threads into a node-local directory shared by every process of the node (file
-  locks: one download per shard per node), verified against the manifest's size and XXH3-128
-  checksum, committed by an atomic rename and evicted least-recently-used under a size limit;
-  shards in use are pinned. Local caches are memory-mapped in place.
+**Resume.** The state is (epoch, samples consumed by all ranks): the same on every rank, and valid
+for any other world size, worker count or batch size. Inside DataLoader workers (torchdata's
+``StatefulDataLoader``) each worker saves its own exact position instead.
 """
 
 from __future__ import annotations
