@@ -37,7 +37,7 @@ _EXPORTS: dict[str, str] = {
     # batches
     "build_batch": "target_sft.collate",
     "TargetSFTCollator": "target_sft.collate",
-    "TeacherCacheDataset": "target_sft.collate",
+    "TeacherCacheDataset": "target_sft.cache",
     # errors
     "BuildError": "target_sft.errors",
     "CacheError": "target_sft.errors",
@@ -108,8 +108,15 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers only
     from target_sft.builder import BuildResult, build_teacher_cache
-    from target_sft.cache import CacheInfo, CacheRecord, CacheSample, CacheWriter, TeacherCache
-    from target_sft.collate import TargetSFTCollator, TeacherCacheDataset, build_batch
+    from target_sft.cache import (
+        CacheInfo,
+        CacheRecord,
+        CacheSample,
+        CacheWriter,
+        TeacherCache,
+        TeacherCacheDataset,
+    )
+    from target_sft.collate import TargetSFTCollator, build_batch
     from target_sft.errors import (
         BuildError,
         CacheCorruptionError,

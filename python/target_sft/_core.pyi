@@ -89,7 +89,7 @@ def scan_parts(
     npt.NDArray[np.uint32],
 ]: ...
 def reseal_manifest(path: str, name: str = "manifest.json") -> str: ...
-def check_manifest(data: bytes, shown: str) -> str: ...
+def parse_manifest(data: bytes, shown: str) -> str: ...
 def seal_manifest(manifest_json: str) -> bytes: ...
 
 # rust/python/src/batch.rs; items are (TeacherCache, position[, input_ids]) or RawRecord tuples
@@ -98,7 +98,7 @@ def build_batch(
     *,
     packing: bool = False,
     max_length: int | None = None,
-    pad_to_max_length: bool = False,
+    padding: str = "longest",
     pad_to_multiple_of: int = 1,
     pad_token_id: int = 0,
     label_in_support: bool = False,
@@ -107,3 +107,10 @@ def build_batch(
     | Callable[[str, tuple[int, ...], str], npt.NDArray[Any]]
     | None = None,
 ) -> dict[str, Any]: ...
+def check_batch_options(
+    *,
+    packing: bool = False,
+    max_length: int | None = None,
+    padding: str = "longest",
+    pad_to_multiple_of: int = 1,
+) -> None: ...

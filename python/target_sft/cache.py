@@ -10,6 +10,9 @@ Example::
         w.add(key, input_ids, labels, topk_ids, topk_logprobs, label_logprobs, label_ranks)
     cache = TeacherCache("cache/")
     rec = cache[key]            # CacheRecord of numpy arrays
+
+:class:`CacheSample` references one record (what the datasets yield and the collator batches);
+:class:`TeacherCacheDataset` is the map-style dataset of every record of a cache.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ __all__ = [
     "CacheWriter",
     "FidelityStats",
     "TeacherCache",
+    "TeacherCacheDataset",
     "merge_manifests",
 ]
 
@@ -515,3 +519,36 @@ class CacheSample:
     def record(self) -> CacheRecord:
         """Decode the record (one native call)."""
         return self.cache.record_at(self.position)
+
+
+class TeacherCacheDataset:
+    """A map-style dataset over every record of a cache: item ``i`` is ``CacheSample(cache, i)``.
+
+    The cache holds the token ids, so no second dataset is needed; pair it with
+    :class:`TargetSFTCollator`. The dataset holds no per-sample Python objects, so forked
+    DataLoader workers do not copy-on-write a large list; it pickles as the cache path.
+    """
+
+    def __init__(self, cache: TeacherCache | str | os.PathLike[str]) -> None:
+        self.cache = cache if isinstance(cache, TeacherCache) else TeacherCache(cache)
+        self._len = len(self.cache)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, index: int) -> CacheSample:
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+            raise TypeError(f"index must be an int, got {type(index).__name__}")
+        i = int(index)
+        if i < 0:
+            i += self._len
+        if not 0 <= i < self._len:
+            raise IndexError(f"index {int(index)} is out of range for {self._len} records")
+        return CacheSample(self.cache, i)
+
+    def __getitems__(self, indices: Sequence[int]) -> list[CacheSample]:
+        """Batched fetch (used by ``DataLoader`` when present)."""
+        return [self[i] for i in indices]
+
+    def __repr__(self) -> str:
+        return f"TeacherCacheDataset({self.cache!r})"

@@ -1,5 +1,6 @@
-"""Training batches from the teacher cache: :func:`build_batch`, :class:`TargetSFTCollator` (a
-``collate_fn`` for ``torch.utils.data.DataLoader``) and :class:`TeacherCacheDataset`.
+"""Training batches from the teacher cache: :func:`build_batch` and :class:`TargetSFTCollator` (a
+``collate_fn`` for ``torch.utils.data.DataLoader``). :class:`~target_sft.cache.TeacherCacheDataset`
+lives beside :class:`~target_sft.cache.CacheSample` in ``cache.py`` and is re-exported here.
 
 A whole batch is built by one native call: with the GIL released, in parallel over samples, each
 cached record is decoded straight into its place in the output arrays. The layout (padded or
@@ -31,6 +32,7 @@ from target_sft.cache import (
     CacheSample,
     Key,
     TeacherCache,
+    TeacherCacheDataset,  # re-exported: it lived here before it moved beside CacheSample
 )
 from target_sft.checks import as_int32, check_int
 from target_sft.errors import CacheInputError, CacheKeyError
@@ -39,6 +41,7 @@ from target_sft.fingerprint import TokenizerCheck
 __all__ = ["TargetSFTCollator", "TeacherCacheDataset", "build_batch"]
 
 _ALIGN = 64  # byte alignment of each output inside a shared-memory slot
+_I64_MAX = 2**63 - 1  # the native options are int64
 
 BatchItem = CacheSample | CacheRecord | Key | Mapping[str, Any]
 """What a batch is built from: a :class:`CacheSample`, a key of the collator's cache, a dict
@@ -106,23 +109,22 @@ def _native_item(i: int, item: Any, cache: TeacherCache | None) -> tuple[Any, ..
 def _options(
     padding: str, max_length: int | None, pad_to_multiple_of: int | None, packing: bool
 ) -> dict[str, Any]:
-    if padding not in ("longest", "max_length"):
-        raise CacheInputError(f'padding must be "longest" or "max_length", got {padding!r}')
-    if max_length is not None:
-        max_length = check_int("max_length", max_length, 1)
-    if pad_to_multiple_of is not None:
-        pad_to_multiple_of = check_int("pad_to_multiple_of", pad_to_multiple_of, 1)
-    if packing and max_length is None:
-        raise CacheInputError(
-            "packing=True needs max_length: samples are packed into rows of max_length tokens"
-        )
-    if padding == "max_length" and max_length is None:
-        raise CacheInputError('padding="max_length" needs max_length')
+    """The layout options as the native ``build_batch`` takes them. Only types are converted
+    here (errors naming the argument); every rule (ranges, ``padding`` values, what needs
+    ``max_length``) is checked once, by the native core (``BatchOptions::check``)."""
+    if not isinstance(padding, str):
+        raise CacheInputError(f"padding must be a str, got {padding!r} ({type(padding).__name__})")
     return {
         "packing": bool(packing),
-        "max_length": None if max_length is None else int(max_length),
-        "pad_to_max_length": padding == "max_length",
-        "pad_to_multiple_of": 1 if pad_to_multiple_of is None else int(pad_to_multiple_of),
+        "max_length": None
+        if max_length is None
+        else check_int("max_length", max_length, None, _I64_MAX),
+        "padding": padding,
+        "pad_to_multiple_of": (
+            1
+            if pad_to_multiple_of is None
+            else check_int("pad_to_multiple_of", pad_to_multiple_of, None, _I64_MAX)
+        ),
     }
 
 
@@ -280,7 +282,7 @@ class TargetSFTCollator:
         self.threads = threads
         self.shared_memory_slots = int(shared_memory_slots)
         # validate now, not on the first batch in a worker
-        self._opts = _options(padding, max_length, pad_to_multiple_of, self.packing)
+        _core.check_batch_options(**_options(padding, max_length, pad_to_multiple_of, self.packing))
         self._tokenizer_check: TokenizerCheck | None = None
         if tokenizer is not None:
             self.set_tokenizer(tokenizer, allow_tokenizer_mismatch=allow_tokenizer_mismatch)
@@ -409,36 +411,3 @@ def _in_torch_worker() -> bool:
     """Whether this process is a DataLoader worker (without importing torch)."""
     mod = sys.modules.get("torch.utils.data")
     return mod is not None and mod.get_worker_info() is not None
-
-
-class TeacherCacheDataset:
-    """A map-style dataset over every record of a cache: item ``i`` is ``CacheSample(cache, i)``.
-
-    The cache holds the token ids, so no second dataset is needed; pair it with
-    :class:`TargetSFTCollator`. The dataset holds no per-sample Python objects, so forked
-    DataLoader workers do not copy-on-write a large list; it pickles as the cache path.
-    """
-
-    def __init__(self, cache: TeacherCache | str | os.PathLike[str]) -> None:
-        self.cache = cache if isinstance(cache, TeacherCache) else TeacherCache(cache)
-        self._len = len(self.cache)
-
-    def __len__(self) -> int:
-        return self._len
-
-    def __getitem__(self, index: int) -> CacheSample:
-        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
-            raise TypeError(f"index must be an int, got {type(index).__name__}")
-        i = int(index)
-        if i < 0:
-            i += self._len
-        if not 0 <= i < self._len:
-            raise IndexError(f"index {int(index)} is out of range for {self._len} records")
-        return CacheSample(self.cache, i)
-
-    def __getitems__(self, indices: Sequence[int]) -> list[CacheSample]:
-        """Batched fetch (used by ``DataLoader`` when present)."""
-        return [self[i] for i in indices]
-
-    def __repr__(self) -> str:
-        return f"TeacherCacheDataset({self.cache!r})"

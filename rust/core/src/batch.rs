@@ -58,7 +58,7 @@ pub struct BatchOptions {
     pub packing: bool,
     /// Samples longer than this are truncated (teacher rows with them). Required for packing.
     pub max_length: Option<usize>,
-    /// Pad every row to `max_length` instead of the longest row.
+    /// Pad every row to `max_length` instead of the longest row (`padding="max_length"`).
     pub pad_to_max_length: bool,
     /// Round the row length up to a multiple of this (1: no rounding).
     pub pad_to_multiple_of: usize,
@@ -79,6 +79,71 @@ impl Default for BatchOptions {
             pad_token_id: 0,
             label_in_support: false,
         }
+    }
+}
+
+/// `v` as a count of at least 1, else an input error naming the argument `name` and the value.
+fn at_least_one(name: &str, v: i128) -> Result<usize> {
+    if v < 1 {
+        return Err(Error::input(format!("{name} = {v} must be >= 1")));
+    }
+    usize::try_from(v).map_err(|_| Error::input(format!("{name} = {v} is too large")))
+}
+
+impl BatchOptions {
+    /// The options from the arguments of `build_batch` / `TargetSFTCollator` (`padding` is
+    /// `"longest"` or `"max_length"`), checked by [`BatchOptions::check`]. Errors name the
+    /// argument as the caller spelled it.
+    pub fn from_args(
+        packing: bool,
+        max_length: Option<i64>,
+        padding: &str,
+        pad_to_multiple_of: i64,
+        pad_token_id: i64,
+        label_in_support: bool,
+    ) -> Result<Self> {
+        let pad_to_max_length = match padding {
+            "longest" => false,
+            "max_length" => true,
+            other => {
+                return Err(Error::input(format!(
+                    "padding must be \"longest\" or \"max_length\", got {other:?}"
+                )))
+            }
+        };
+        let opts = Self {
+            packing,
+            max_length: max_length
+                .map(|v| at_least_one("max_length", v.into()))
+                .transpose()?,
+            pad_to_max_length,
+            pad_to_multiple_of: at_least_one("pad_to_multiple_of", pad_to_multiple_of.into())?,
+            pad_token_id,
+            label_in_support,
+        };
+        opts.check()?;
+        Ok(opts)
+    }
+
+    /// The rules of a batch layout, the one place they are checked (every batch plan checks its
+    /// options here): `max_length` and `pad_to_multiple_of` at least 1, and `max_length` given
+    /// for packing and for padding to `max_length`.
+    pub fn check(&self) -> Result<()> {
+        if let Some(m) = self.max_length {
+            at_least_one("max_length", m as i128)?;
+        }
+        at_least_one("pad_to_multiple_of", self.pad_to_multiple_of as i128)?;
+        if self.max_length.is_none() {
+            if self.packing {
+                return Err(Error::input(
+                    "packing=True needs max_length: samples are packed into rows of max_length tokens",
+                ));
+            }
+            if self.pad_to_max_length {
+                return Err(Error::input("padding=\"max_length\" needs max_length"));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -148,19 +213,7 @@ impl BatchPlan {
         if sources.is_empty() {
             return Err(Error::input("a batch needs at least one sample"));
         }
-        if opts.pad_to_multiple_of == 0 {
-            return Err(Error::input("pad_to_multiple_of must be >= 1"));
-        }
-        if opts.max_length == Some(0) {
-            return Err(Error::input("max_length must be >= 1"));
-        }
-        if opts.max_length.is_none() && (opts.packing || opts.pad_to_max_length) {
-            return Err(Error::input(if opts.packing {
-                "packing needs max_length (the capacity of a packed row)"
-            } else {
-                "padding to max_length needs max_length"
-            }));
-        }
+        opts.check()?;
         let max_len = opts.max_length.unwrap_or(usize::MAX);
         let mut top_k: Option<(usize, usize)> = None; // (k, item that set it)
         let mut vocab: Option<(usize, usize)> = None;

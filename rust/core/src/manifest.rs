@@ -95,6 +95,90 @@ fn check_seal(bytes: &[u8], value: &Value, version: u64, shown: &str) -> Result<
     Ok(())
 }
 
+/// The manifest's top-level fields a reader needs (docs/FORMAT.md §1); `stats`, `created_by` and
+/// (before version 2) `manifest_checksum` are optional.
+pub const REQUIRED_FIELDS: &[&str] = &[
+    "format",
+    "format_version",
+    "codec",
+    "codec_params",
+    "top_k",
+    "vocab_size",
+    "temperature",
+    "tokenizer",
+    "teacher",
+    "complete",
+    "num_records",
+    "num_tokens",
+    "num_supervised",
+    "shards",
+];
+/// The counts every shard entry carries (non-negative integers).
+const SHARD_COUNTS: &[&str] = &["records", "bytes", "tokens", "supervised"];
+/// What a shard's whole-file `checksum` starts with (then 32 lowercase hex digits).
+pub const FILE_CHECKSUM_PREFIX: &str = "xxh3-128:";
+
+/// The 32 lowercase hex digits of a shard's `checksum` `"xxh3-128:<hex>"`, or `None` when it
+/// does not have that form.
+pub fn checksum_hex(checksum: &str) -> Option<&str> {
+    checksum
+        .strip_prefix(FILE_CHECKSUM_PREFIX)
+        .filter(|h| h.len() == 32 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+}
+
+/// `v` as shown in an error: its JSON text, or `(absent)`.
+fn show(v: Option<&Value>) -> String {
+    v.map_or("(absent)".to_string(), Value::to_string)
+}
+
+/// The structural checks of a manifest `value` (whose `format` and `format_version` were checked)
+/// that name what is wrong: every required field present, and every shard entry with a plain
+/// file name, non-negative counts and a well-formed checksum. Type errors of the other fields are
+/// left to the typed parse, which names their line and column.
+fn check_fields(value: &Value, shown: &str) -> Result<()> {
+    let missing: Vec<&str> = REQUIRED_FIELDS
+        .iter()
+        .copied()
+        .filter(|k| value.get(k).is_none())
+        .collect();
+    if !missing.is_empty() {
+        return Err(Error::format(format!(
+            "{shown} lacks the manifest fields {missing:?}: it is not a complete target-sft manifest"
+        )));
+    }
+    let Some(shards) = value["shards"].as_array() else {
+        return Err(Error::format(format!(
+            "{shown}: \"shards\" is {}, not a list of shard entries",
+            show(value.get("shards"))
+        )));
+    };
+    for (i, s) in shards.iter().enumerate() {
+        let file = s.get("file").and_then(Value::as_str).unwrap_or("");
+        if file.is_empty() || file.contains('/') || file.contains('\\') || file.starts_with('.') {
+            return Err(Error::format(format!(
+                "{shown}: shard {i}'s file name {} is not a plain file name",
+                show(s.get("file"))
+            )));
+        }
+        for k in SHARD_COUNTS {
+            if s.get(k).and_then(Value::as_u64).is_none() {
+                return Err(Error::format(format!(
+                    "{shown}: shard {file:?} has no valid {k:?} (a non-negative integer; got {})",
+                    show(s.get(k))
+                )));
+            }
+        }
+        let sum = s.get("checksum");
+        if sum.and_then(Value::as_str).and_then(checksum_hex).is_none() {
+            return Err(Error::format(format!(
+                "{shown}: shard {file:?} has checksum {}, expected \"{FILE_CHECKSUM_PREFIX}\" followed by 32 lowercase hex digits",
+                show(sum)
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// One committed shard.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ShardEntry {
@@ -131,6 +215,8 @@ pub struct Manifest {
     pub num_tokens: u64,
     pub num_supervised: u64,
     pub shards: Vec<ShardEntry>,
+    /// Writer name and version (informational; optional for readers, docs/FORMAT.md §1).
+    #[serde(default)]
     pub created_by: String,
     /// The fold of the shards' `stats` in shard order (informational; recomputed from the
     /// shards whenever the manifest is loaded or recounted, so it never disagrees with them).
@@ -239,10 +325,16 @@ impl Manifest {
                 shown
             )));
         }
-        let mut m: Manifest = serde_json::from_value(value).map_err(|e| {
+        check_fields(&value, shown)?;
+        let mut m: Manifest = serde_json::from_value(value).map_err(|_| {
+            // the same parse from the bytes says where (line and column) the bad field is
+            let e = serde_json::from_slice::<Manifest>(bytes).err();
             Error::format(format!(
-                "{} does not have the manifest's fields ({e})",
-                shown
+                "{shown} does not have the manifest's fields ({})",
+                e.map_or_else(
+                    || "a field has the wrong type".to_string(),
+                    |e| e.to_string()
+                )
             ))
         })?;
         let sum = |f: fn(&ShardEntry) -> u64| m.shards.iter().map(f).sum::<u64>();
@@ -254,14 +346,6 @@ impl Manifest {
                 "{}: the totals do not equal the sums over its shards",
                 shown
             )));
-        }
-        for s in &m.shards {
-            if s.file.contains('/') || s.file.contains('\\') || s.file.starts_with('.') {
-                return Err(Error::format(format!(
-                    "{}: shard file name {:?} is not a plain file name",
-                    shown, s.file
-                )));
-            }
         }
         m.stats = Fidelity::fold(m.shards.iter().filter_map(|s| s.stats.as_ref()));
         Ok(m)
@@ -432,5 +516,94 @@ mod tests {
                 .format_version,
             1
         );
+    }
+
+    #[test]
+    fn every_field_check_names_what_is_wrong() {
+        let mut m = sample();
+        m.shards.push(ShardEntry {
+            file: "shard-0.safetensors".into(),
+            records: 2,
+            bytes: 10,
+            checksum: format!("{FILE_CHECKSUM_PREFIX}{}", "0a".repeat(16)),
+            tokens: 5,
+            supervised: 3,
+            stats: None,
+        });
+        m.recount();
+        let good: Value = serde_json::to_value(&m).unwrap();
+        let check = |edit: &dyn Fn(&mut Value)| {
+            let mut v = good.clone();
+            edit(&mut v);
+            Manifest::from_bytes(&serde_json::to_vec(&v).unwrap(), "m", false)
+        };
+        assert_eq!(check(&|_| {}).unwrap(), m);
+        type Edit = Box<dyn Fn(&mut Value)>;
+        let cases: Vec<(Edit, ErrorKind, &str)> = vec![
+            (
+                Box::new(|v| v["format"] = "other".into()),
+                ErrorKind::Format,
+                "m is not a target-sft cache manifest",
+            ),
+            (
+                Box::new(|v| v["format_version"] = Value::from(-1)),
+                ErrorKind::Format,
+                "m has no valid format_version",
+            ),
+            (
+                Box::new(|v| v["format_version"] = Value::from(FORMAT_VERSION + 1)),
+                ErrorKind::Version,
+                "newer than the version",
+            ),
+            (
+                Box::new(|v| {
+                    let o = v.as_object_mut().unwrap();
+                    o.remove("top_k");
+                    o.remove("teacher");
+                }),
+                ErrorKind::Format,
+                r#"m lacks the manifest fields ["top_k", "teacher"]"#,
+            ),
+            (
+                Box::new(|v| v["shards"] = Value::from(3)),
+                ErrorKind::Format,
+                r#"m: "shards" is 3, not a list"#,
+            ),
+            (
+                Box::new(|v| v["shards"][0]["file"] = "../x".into()),
+                ErrorKind::Format,
+                r#"m: shard 0's file name "../x" is not a plain file name"#,
+            ),
+            (
+                Box::new(|v| v["shards"][0]["file"] = "".into()),
+                ErrorKind::Format,
+                "is not a plain file name",
+            ),
+            (
+                Box::new(|v| v["shards"][0]["bytes"] = Value::from(-1)),
+                ErrorKind::Format,
+                r#"m: shard "shard-0.safetensors" has no valid "bytes" (a non-negative integer; got -1)"#,
+            ),
+            (
+                Box::new(|v| v["shards"][0]["checksum"] = "xxh3-128:ABC".into()),
+                ErrorKind::Format,
+                r#"has checksum "xxh3-128:ABC", expected "xxh3-128:" followed by 32"#,
+            ),
+            (
+                Box::new(|v| v["top_k"] = "four".into()),
+                ErrorKind::Format,
+                "m does not have the manifest's fields (invalid type: string \"four\", expected usize at line",
+            ),
+            (
+                Box::new(|v| v["num_records"] = Value::from(3)),
+                ErrorKind::Corruption,
+                "the totals do not equal the sums",
+            ),
+        ];
+        for (edit, kind, msg) in cases {
+            let e = check(&*edit).unwrap_err();
+            assert_eq!(e.kind, kind, "{e}");
+            assert!(e.message.contains(msg), "{e}");
+        }
     }
 }

@@ -225,35 +225,36 @@ fn writable<'py, T: Element>(
 /// `TeacherCache.get` returns them; `out` optionally gives the output buffers: a dict of arrays
 /// (views of their first elements are filled) or a callable `(name, shape, dtype) -> array`.
 #[pyfunction]
-#[pyo3(signature = (items, *, packing=false, max_length=None, pad_to_max_length=false,
+#[pyo3(signature = (items, *, packing=false, max_length=None, padding="longest",
     pad_to_multiple_of=1, pad_token_id=0, label_in_support=false, threads=0, out=None))]
 #[allow(clippy::too_many_arguments)]
 fn build_batch<'py>(
     py: Python<'py>,
     items: Vec<Bound<'py, PyAny>>,
     packing: bool,
-    max_length: Option<usize>,
-    pad_to_max_length: bool,
-    pad_to_multiple_of: usize,
+    max_length: Option<i64>,
+    padding: &str,
+    pad_to_multiple_of: i64,
     pad_token_id: i64,
     label_in_support: bool,
     threads: usize,
     out: Option<Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyDict>> {
+    let opts = BatchOptions::from_args(
+        packing,
+        max_length,
+        padding,
+        pad_to_multiple_of,
+        pad_token_id,
+        label_in_support,
+    )
+    .map_err(err)?;
     let items = items
         .iter()
         .enumerate()
         .map(|(i, obj)| parse_item(i, obj))
         .collect::<PyResult<Vec<_>>>()?;
     let sources: Vec<Source<'_>> = items.iter().map(source).collect();
-    let opts = BatchOptions {
-        packing,
-        max_length,
-        pad_to_max_length,
-        pad_to_multiple_of,
-        pad_token_id,
-        label_in_support,
-    };
     let plan = py.detach(|| BatchPlan::new(&sources, &opts)).map_err(err)?;
     let out = out.as_ref();
     let tok = [plan.rows, plan.len];
@@ -326,6 +327,22 @@ fn build_batch<'py>(
     Ok(d)
 }
 
+/// Check batch options as `build_batch` does (the collator checks its options once, when made,
+/// instead of on the first batch in a DataLoader worker).
+#[pyfunction]
+#[pyo3(signature = (*, packing=false, max_length=None, padding="longest", pad_to_multiple_of=1))]
+fn check_batch_options(
+    packing: bool,
+    max_length: Option<i64>,
+    padding: &str,
+    pad_to_multiple_of: i64,
+) -> PyResult<()> {
+    BatchOptions::from_args(packing, max_length, padding, pad_to_multiple_of, 0, false)
+        .map(|_| ())
+        .map_err(err)
+}
+
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_function(wrap_pyfunction!(build_batch, m)?)
+    m.add_function(wrap_pyfunction!(build_batch, m)?)?;
+    m.add_function(wrap_pyfunction!(check_batch_options, m)?)
 }

@@ -464,10 +464,11 @@ fn reseal_manifest(py: Python<'_>, path: PathBuf, name: String) -> PyResult<Stri
     Ok(serde_json::to_string(&m).expect("manifest serialises"))
 }
 
-/// Check the manifest file content `data` (shown as `shown` in errors) as a reader does at open:
-/// its `manifest_checksum`, version and fields; returns it as JSON.
+/// Parse and validate the manifest file content `data` (shown as `shown` in errors) exactly as a
+/// local open does (its `manifest_checksum`, format, version, fields, shard entries and totals;
+/// docs/FORMAT.md §1): the one manifest validator. Returns the parsed manifest as JSON.
 #[pyfunction]
-fn check_manifest(data: &[u8], shown: &str) -> PyResult<String> {
+fn parse_manifest(data: &[u8], shown: &str) -> PyResult<String> {
     let m = core::Manifest::from_bytes(data, shown, true).map_err(err)?;
     Ok(serde_json::to_string(&m).expect("manifest serialises"))
 }
@@ -553,7 +554,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(scan_parts, m)?)?;
     m.add_function(wrap_pyfunction!(check_writer_locks, m)?)?;
     m.add_function(wrap_pyfunction!(reseal_manifest, m)?)?;
-    m.add_function(wrap_pyfunction!(check_manifest, m)?)?;
+    m.add_function(wrap_pyfunction!(parse_manifest, m)?)?;
     m.add_function(wrap_pyfunction!(seal_manifest, m)?)?;
     batch::register(m)?;
     Ok(())

@@ -8,7 +8,8 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: conftest
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # these helpers
 
 from conftest import make_record
 from target_sft import CacheWriter

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from streaming_helpers import keys_of, make_cache
 from torch.utils.data import DataLoader
 
-from streaming_helpers import keys_of, make_cache
 from target_sft import (
     CacheCorruptionError,
     CacheError,
@@ -348,3 +348,37 @@ def test_samples_stay_readable_after_their_shard_is_evicted(server, tmp_path):
     got = [k for b in DataLoader(d, batch_size=8, collate_fn=decode_keys) for k in b]
     assert got == list(range(N))
     assert len(entries(tmp_path / "l")) <= 2  # evicted as it went
+
+
+def test_a_remote_manifest_is_validated_by_the_native_core(server, tmp_path):
+    """The fetched manifest goes through the same validator as a local open (one home, in
+    Rust): each check names the file and what is wrong, with the local open's error class."""
+    good = json.loads((server.root / "good" / "manifest.json").read_text())
+    good.pop("manifest_checksum")
+    good["format_version"] = 1  # unsealed (version 1), so the edits reach the field checks
+
+    def entry(**kw):
+        return [{**good["shards"][0], **kw}, *good["shards"][1:]]
+
+    cases = {
+        "nofields": (
+            {"top_k": None, "teacher": None},
+            CacheFormatError,
+            r"lacks the manifest fields \[",
+        ),
+        "notplain": ({"shards": entry(file="../x")}, CacheFormatError, "is not a plain file name"),
+        "negative": ({"shards": entry(bytes=-1)}, CacheFormatError, 'has no valid "bytes"'),
+        "badsum": ({"shards": entry(checksum="md5:00")}, CacheFormatError, 'expected "xxh3-128:"'),
+        "notjson": (None, CacheCorruptionError, "is not valid JSON"),
+    }
+    for name, (edit, error, msg) in cases.items():
+        d = server.root / f"m-{name}"
+        d.mkdir(exist_ok=True)
+        if edit is None:
+            (d / "manifest.json").write_text("{not json")
+        else:
+            m = {k: v for k, v in {**good, **edit}.items() if v is not None}
+            (d / "manifest.json").write_text(json.dumps(m))
+        with pytest.raises(error, match=msg) as ei:
+            StreamingTeacherDataset(f"{server.url}/m-{name}", local_dir=tmp_path)
+        assert f"m-{name}/manifest.json" in str(ei.value)

@@ -12,10 +12,11 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from streaming_helpers import chunk_streams, keys_of, make_cache
 from torch.utils.data import DataLoader
 
-import target_sft.streaming as st
-from streaming_helpers import chunk_streams, keys_of, make_cache
+import target_sft.streaming.dataset as st
+import target_sft.streaming.order as so
 from target_sft import CacheInputError, CacheMismatchError, CacheSample, StreamingTeacherDataset
 
 N = 203  # records; prime-ish so that no world size / batch size divides it
@@ -81,29 +82,29 @@ def test_yields_cache_samples_in_a_deterministic_order(cache):
 def test_epoch_order_is_pinned():
     """The order is part of the checkpoint format: a change would break resuming old runs."""
     records = np.array([5, 7, 3, 9, 6, 2, 8, 4], dtype=np.int64)
-    order = st._EpochOrder(records, seed=3, epoch=0, shuffle=True, block_size=10)
+    order = so.EpochOrder(records, seed=3, epoch=0, shuffle=True, block_size=10)
     assert order.shard_perm.tolist() == [7, 3, 6, 1, 5, 0, 4, 2]
     assert order.positions(np.arange(20)).tolist() == [
         41, 40, 18, 43, 42, 15, 19, 17, 16, 20,  # block 0: shard 7, then shard 3's first 6
         38, 37, 34, 33, 21, 36, 35, 32, 23, 22,  # block 1: the rest of 3, shard 6's first 7
     ]  # fmt: skip
-    order = st._EpochOrder(records, seed=3, epoch=1, shuffle=True, block_size=10)
+    order = so.EpochOrder(records, seed=3, epoch=1, shuffle=True, block_size=10)
     assert order.positions(np.arange(10)).tolist() == [18, 15, 31, 19, 22, 30, 20, 17, 21, 16]
-    keys = [np.full(10, st._key(2**64 - 1, r), dtype=np.uint64) for r in range(4)]
-    assert st._feistel(np.arange(10, dtype=np.uint64), 10, keys).tolist() == [
+    keys = [np.full(10, so.hash_key(2**64 - 1, r), dtype=np.uint64) for r in range(4)]
+    assert so.feistel(np.arange(10, dtype=np.uint64), 10, keys).tolist() == [
         6, 1, 0, 5, 4, 3, 9, 8, 7, 2,
     ]  # fmt: skip
-    plain = st._EpochOrder(records, seed=3, epoch=0, shuffle=False, block_size=10)
+    plain = so.EpochOrder(records, seed=3, epoch=0, shuffle=False, block_size=10)
     assert plain.positions(np.arange(44)).tolist() == list(range(44))
     # block permutations are bijections for any block size (cycle-walking), large ones too
     for n in (1, 2, 3, 17, 1000, 65_537):
-        one = st._EpochOrder(np.array([n]), seed=1, epoch=0, shuffle=True, block_size=n)
+        one = so.EpochOrder(np.array([n]), seed=1, epoch=0, shuffle=True, block_size=n)
         assert np.array_equal(np.sort(one.positions(np.arange(n))), np.arange(n))
 
 
 def test_shuffle_is_bounded_to_blocks_of_records(cache):
     d = ds(cache, shuffle_block_size=30)
-    order = st._EpochOrder(d._shard_records, seed=3, epoch=0, shuffle=True, block_size=30)
+    order = so.EpochOrder(d._shard_records, seed=3, epoch=0, shuffle=True, block_size=30)
     pos = order.positions(np.arange(N))
     assert sorted(pos.tolist()) == list(range(N))
     starts = order.starts

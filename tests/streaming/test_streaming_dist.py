@@ -12,7 +12,6 @@ import sys
 from collections import Counter
 
 import pytest
-
 from streaming_helpers import make_cache
 
 N = 200  # divisible by 2 x 4 ranks: no padding, so "once" is exact

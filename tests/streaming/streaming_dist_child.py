@@ -1,4 +1,4 @@
-"""One rank of the torchrun tests of tests/test_streaming_dist.py (not a test module).
+"""One rank of the torchrun tests of tests/streaming/test_streaming_dist.py (not a test module).
 
 Usage: torchrun ... streaming_dist_child.py CACHE OUT PHASE
 
@@ -21,9 +21,9 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+from streaming_helpers import keys_of
 from torch.utils.data import DataLoader
 
-from streaming_helpers import keys_of
 from target_sft import StreamingTeacherDataset
 
 BATCH = 4

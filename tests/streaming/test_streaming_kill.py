@@ -14,9 +14,9 @@ import time
 
 import pytest
 import torch
+from streaming_helpers import keys_of, make_cache
 from torch.utils.data import DataLoader
 
-from streaming_helpers import keys_of, make_cache
 from target_sft import StreamingTeacherDataset
 
 KW = dict(seed=9, shuffle_block_size=32, batch_size=4)

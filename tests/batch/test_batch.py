@@ -221,6 +221,31 @@ def test_option_and_item_errors(cache, two_caches, tmp_path):
         build_batch([bad])
 
 
+def test_option_rules_live_in_the_native_core_and_name_the_argument(cache):
+    """Python converts types; every layout rule is the native core's (one home), for
+    build_batch and for the collator at construction."""
+    from target_sft import TargetSFTCollator, _core
+
+    items = samples(cache, range(2))
+    cases = [
+        (dict(max_length=-3), "max_length = -3 must be >= 1"),
+        (dict(pad_to_multiple_of=-1), "pad_to_multiple_of = -1 must be >= 1"),
+        (dict(padding="left"), 'padding must be "longest" or "max_length", got "left"'),
+        (dict(padding=None), "padding must be a str, got None"),
+        (dict(max_length=2.5), r"max_length must be an int, got 2\.5"),
+        (dict(max_length=2**70), "max_length = 1180591620717411303424 must be <= "),
+        (dict(packing=True, padding="max_length"), "packing=True needs max_length"),
+    ]
+    for kw, msg in cases:
+        with pytest.raises(CacheInputError, match=msg):
+            build_batch(items, **kw)
+        with pytest.raises(CacheInputError, match=msg):
+            TargetSFTCollator(cache, pad_token_id=0, **kw)
+    with pytest.raises(CacheInputError, match="max_length = 0 must be >= 1"):
+        _core.check_batch_options(max_length=0)
+    _core.check_batch_options(packing=True, max_length=8, padding="max_length")
+
+
 def test_stub_declares_build_batch_with_the_native_signature():
     import ast
     import inspect
@@ -228,7 +253,7 @@ def test_stub_declares_build_batch_with_the_native_signature():
 
     import target_sft._core as core
 
-    stub = Path(__file__).resolve().parent.parent / "python" / "target_sft" / "_core.pyi"
+    stub = Path(__file__).resolve().parents[2] / "python" / "target_sft" / "_core.pyi"
     funcs = {n.name: n for n in ast.parse(stub.read_text()).body if isinstance(n, ast.FunctionDef)}
     native = {n for n, v in vars(core).items() if inspect.isbuiltin(v)}
     assert set(funcs) == native
