@@ -1,6 +1,6 @@
 """Codec benchmark: bytes per supervised token, KL of the decoded top-k, encode and decode speed.
 
-Data: :mod:`target_sft.synthetic` (Qwen-shaped teacher output, see docs/SYNTHETIC_DATA.md).
+Data: :mod:`target_sft.testing.synthetic` (Qwen-shaped teacher output, see docs/SYNTHETIC_DATA.md).
 Baselines, measured in the same run on the same records:
 
 * ``numpy-memmap``: the records stored uncompressed (int32 ids, float32 log-probs, raw tokens) in
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from target_sft import CacheWriter, TeacherCache
-from target_sft.synthetic import generate_list, stats
+from target_sft.testing.synthetic import generate_list, stats
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -18,8 +18,9 @@ from pathlib import Path
 
 from torch.utils.data import DataLoader, RandomSampler
 
-from target_sft import CacheWriter, TargetSFTCollator, TeacherCache, synthetic
+from target_sft import CacheWriter, TargetSFTCollator, TeacherCache
 from target_sft.collate import TeacherCacheDataset
+from target_sft.testing import synthetic
 
 
 def rss_kib(pid: int) -> int:

@@ -237,7 +237,7 @@ def feature_record(key: int | str = "feature") -> dict[str, Any]:
 
 
 def synthetic_records(n: int, vocab: int, k: int, seed: int) -> list[dict[str, Any]]:
-    from target_sft.synthetic import generate_list
+    from target_sft.testing.synthetic import generate_list
 
     out = []
     for i, r in enumerate(generate_list(n, vocab_size=vocab, top_k=k, seed=seed, mean_length=80)):

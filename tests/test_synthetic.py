@@ -1,4 +1,4 @@
-"""Tests of the synthetic teacher data generator (``target_sft.synthetic``)."""
+"""Tests of the synthetic teacher data generator (``target_sft.testing.synthetic``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from target_sft.synthetic import (
+from target_sft.testing.synthetic import (
     IGNORE_INDEX,
     QWEN_VOCAB_SIZE,
     SyntheticRecord,
