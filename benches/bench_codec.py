@@ -6,7 +6,7 @@ Baselines, measured in the same run on the same records:
 * ``numpy-memmap``: the records stored uncompressed (int32 ids, float32 log-probs, raw tokens) in
   numpy memmaps with an offsets table; "decode" = slicing and copying the arrays of a record.
 * ``python-ref``: the pure-Python reference decoder of our format (zstandard + numpy,
-  ``tests/reference_reader.py``, written from docs/FORMAT.md alone).
+  ``tests/cache/reference_reader.py``, written from docs/FORMAT.md alone).
 
 Throughput is per core: encode uses one encoder thread and divides the supervised tokens by the
 process CPU time of the whole write (validation, encoding, committing, Python included); decode
@@ -141,7 +141,7 @@ def main() -> None:
         json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in st.items()}),
     )
 
-    sys.path.insert(0, str(ROOT / "tests"))
+    sys.path.insert(0, str(ROOT / "tests" / "cache"))
     import reference_reader as ref
 
     tmp = Path(tempfile.mkdtemp(prefix="tsft-bench-"))

@@ -1,5 +1,5 @@
 # Type stubs for the native module target_sft._core (rust/python/src/lib.rs). Checked against the
-# module by tests/test_core_stub.py.
+# module by tests/bindings/test_core_stub.py.
 from collections.abc import Callable
 from typing import Any
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import target_sft._core as core
 
-STUB = Path(__file__).resolve().parent.parent / "python" / "target_sft" / "_core.pyi"
+STUB = Path(__file__).resolve().parents[2] / "python" / "target_sft" / "_core.pyi"
 
 
 def stub_api() -> dict[str, set[str]]:
