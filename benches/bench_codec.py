@@ -1,12 +1,12 @@
 """Codec benchmark: bytes per supervised token, KL of the decoded top-k, encode and decode speed.
 
-Data: :mod:`target_sft.synthetic` (Qwen-shaped teacher output, see docs/SYNTHETIC_DATA.md).
+Data: :mod:`target_sft.testing.synthetic` (Qwen-shaped teacher output, see docs/SYNTHETIC_DATA.md).
 Baselines, measured in the same run on the same records:
 
 * ``numpy-memmap``: the records stored uncompressed (int32 ids, float32 log-probs, raw tokens) in
   numpy memmaps with an offsets table; "decode" = slicing and copying the arrays of a record.
 * ``python-ref``: the pure-Python reference decoder of our format (zstandard + numpy,
-  ``tests/reference_reader.py``, written from docs/FORMAT.md alone).
+  ``tests/cache/reference_reader.py``, written from docs/FORMAT.md alone).
 
 Throughput is per core: encode uses one encoder thread and divides the supervised tokens by the
 process CPU time of the whole write (validation, encoding, committing, Python included); decode
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from target_sft import CacheWriter, TeacherCache
-from target_sft.synthetic import generate_list, stats
+from target_sft.testing.synthetic import generate_list, stats
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -141,7 +141,7 @@ def main() -> None:
         json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in st.items()}),
     )
 
-    sys.path.insert(0, str(ROOT / "tests"))
+    sys.path.insert(0, str(ROOT / "tests" / "cache"))
     import reference_reader as ref
 
     tmp = Path(tempfile.mkdtemp(prefix="tsft-bench-"))

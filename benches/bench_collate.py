@@ -1,7 +1,7 @@
 """Benchmark of the data path: building Target-SFT batches from a compact-codec cache.
 
 Measured in one run, on the same batches (default: 16 samples x 2048 tokens, ~60% supervised,
-K = 64, Qwen-shaped synthetic teacher data from ``target_sft.synthetic``):
+K = 64, Qwen-shaped synthetic teacher data from ``target_sft.testing.synthetic``):
 
 1. the Rust builder (``target_sft.build_batch``), 1 thread: supervised tokens/s/core, into
    reused output buffers (the builder itself) and into fresh arrays (what a collator returns:
@@ -43,8 +43,8 @@ from target_sft import (
     TeacherCache,
     TeacherCacheDataset,
     build_batch,
-    synthetic,
 )
+from target_sft.testing import synthetic
 
 IGNORE = -100
 K = 64

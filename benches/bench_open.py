@@ -1,7 +1,7 @@
 """Open cost of the region checksums (format version 2, docs/FORMAT.md §7) on one large shard.
 
 Builds one compact shard of about ``--gib`` GiB in a temporary directory (synthetic Qwen-shaped
-records, :mod:`target_sft.synthetic`, written repeatedly under new keys until the payload is large
+records, :mod:`target_sft.testing.synthetic`, written repeatedly under new keys until the payload is large
 enough), then measures, each in a fresh process so that nothing is cached in the reader:
 
 * ``open``: ``TeacherCache(path)`` plus the first record read (the shard is opened, mapped and,
@@ -73,7 +73,7 @@ def _write(path: Path, recs: list, n: int, shard_size: str) -> int:
 def build(path: Path, gib: float) -> dict:
     """One shard of about ``gib`` GiB: the encoded size of 64 synthetic records is measured on a
     small cache first, then the records are written again and again under new keys."""
-    from target_sft.synthetic import generate_list
+    from target_sft.testing.synthetic import generate_list
 
     recs = generate_list(64, mean_length=512, seed=0)
     with tempfile.TemporaryDirectory(prefix="tsft-bench-open-probe-") as d:

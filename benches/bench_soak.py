@@ -2,7 +2,7 @@
 
 Prints the RSS (VmRSS) of the main process and of every worker after a warm-up and at the end, their
 growth, and the batches/s; the figure goes to benches/RESULTS.md. The test suite runs a small form
-of the same check (tests/test_soak.py); this one uses Qwen-shaped top-64 records of ~1k tokens.
+of the same check (tests/cache/test_soak.py); this one uses Qwen-shaped top-64 records of ~1k tokens.
 
     python benches/bench_soak.py --workers 4 --batches 3000
 """
@@ -18,8 +18,9 @@ from pathlib import Path
 
 from torch.utils.data import DataLoader, RandomSampler
 
-from target_sft import CacheWriter, TargetSFTCollator, TeacherCache, synthetic
+from target_sft import CacheWriter, TargetSFTCollator, TeacherCache
 from target_sft.collate import TeacherCacheDataset
+from target_sft.testing import synthetic
 
 
 def rss_kib(pid: int) -> int:

@@ -1,15 +1,36 @@
 # Type stubs for the native module target_sft._core (rust/python/src/lib.rs). Checked against the
-# module by tests/test_core_stub.py.
+# module, signatures included, by mypy.stubtest in tests/bindings/test_core_stub.py.
+# PyO3 constructors are `__new__` (the runtime `__init__` is object's); a default that PyO3 cannot
+# render in the text signature (a Rust expression, not a literal) is written `= ...` here.
 from collections.abc import Callable
-from typing import Any
+from typing import Any, final
 
 import numpy as np
 import numpy.typing as npt
+from typing_extensions import Self
+
+__all__ = [
+    "FORMAT_VERSION",
+    "CacheWriter",
+    "TeacherCache",
+    "__version__",
+    "build_batch",
+    "check_batch_options",
+    "check_writer_locks",
+    "merge_manifests",
+    "parse_manifest",
+    "reseal_manifest",
+    "scan_parts",
+    "seal_manifest",
+    "token_hash",
+    "xxh3_128",
+]
 
 __version__: str
 FORMAT_VERSION: int
 
-RawRecord = tuple[
+# stub-only alias (private: no runtime counterpart)
+_RawRecord = tuple[
     int | str,
     npt.NDArray[np.int32],
     npt.NDArray[np.int32],
@@ -19,9 +40,10 @@ RawRecord = tuple[
     npt.NDArray[np.int32],
 ]
 
+@final
 class CacheWriter:
-    def __init__(
-        self,
+    def __new__(
+        cls,
         path: str,
         *,
         top_k: int,
@@ -39,9 +61,9 @@ class CacheWriter:
         sqrt_step: float,
         tail_step: float,
         floor: float,
-        manifest_name: str = "manifest.json",
+        manifest_name: str = ...,  # "manifest.json" (core::manifest::MANIFEST_NAME)
         wait_s: float = 0.0,
-    ) -> None: ...
+    ) -> Self: ...
     def add(
         self,
         key: int | str,
@@ -53,24 +75,25 @@ class CacheWriter:
         label_ranks: npt.NDArray[np.int32],
         entropy: npt.NDArray[np.float64] | None = None,
     ) -> None: ...
-    def __contains__(self, key: Any) -> bool: ...
+    def __contains__(self, key: Any, /) -> bool: ...
     @property
     def num_records(self) -> int: ...
     def close(self, complete: bool = True) -> str: ...
     def drop_keys(self, keys: list[int | str]) -> int: ...
     def abort(self) -> None: ...
 
+@final
 class TeacherCache:
-    def __init__(self, path: str) -> None: ...
+    def __new__(cls, path: str) -> Self: ...
     def __len__(self) -> int: ...
     def manifest_json(self) -> str: ...
-    def get(self, key: int | str, input_ids: npt.NDArray[np.int32] | None = None) -> RawRecord: ...
-    def get_at(self, position: int) -> RawRecord: ...
-    def get_many_at(self, positions: list[int], threads: int = 0) -> list[RawRecord]: ...
+    def get(self, key: int | str, input_ids: npt.NDArray[np.int32] | None = None) -> _RawRecord: ...
+    def get_at(self, position: int) -> _RawRecord: ...
+    def get_many_at(self, positions: list[int], threads: int = 0) -> list[_RawRecord]: ...
     def key_at(self, position: int) -> int | str: ...
     def keys_range(self, start: int, stop: int) -> list[int | str]: ...
     def position(self, key: int | str) -> int: ...
-    def __contains__(self, key: Any) -> bool: ...
+    def __contains__(self, key: Any, /) -> bool: ...
     def verify(self, progress: Callable[[int, int], Any] | None = None) -> int: ...
 
 def merge_manifests(path: str, parts: list[str], complete: bool, wait_s: float = 0.0) -> str: ...
@@ -88,11 +111,11 @@ def scan_parts(
     npt.NDArray[np.uint64],
     npt.NDArray[np.uint32],
 ]: ...
-def reseal_manifest(path: str, name: str = "manifest.json") -> str: ...
+def reseal_manifest(path: str, name: str = ...) -> str: ...  # name: "manifest.json"
 def parse_manifest(data: bytes, shown: str) -> str: ...
 def seal_manifest(manifest_json: str) -> bytes: ...
 
-# rust/python/src/batch.rs; items are (TeacherCache, position[, input_ids]) or RawRecord tuples
+# rust/python/src/batch.rs; items are (TeacherCache, position[, input_ids]) or _RawRecord tuples
 def build_batch(
     items: list[tuple[Any, ...]],
     *,

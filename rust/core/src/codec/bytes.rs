@@ -107,13 +107,6 @@ impl<'a> Cursor<'a> {
         let n = self.count(what, self.buf.len())?;
         self.take(n, what)
     }
-    /// `n` words stored as 4 byte planes.
-    pub fn planes_u32(&mut self, n: usize, what: &str, out: &mut Vec<u32>) -> Result<()> {
-        let p = self.planes(n, what)?;
-        out.clear();
-        out.extend((0..n).map(|i| p.get(i)));
-        Ok(())
-    }
     /// `n` int32 words stored as 4 byte planes.
     pub fn planes_i32(&mut self, n: usize, what: &str, out: &mut Vec<i32>) -> Result<()> {
         let p = self.planes(n, what)?;

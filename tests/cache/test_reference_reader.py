@@ -1,4 +1,4 @@
-"""The independent reference reader (tests/reference_reader.py, written from docs/FORMAT.md alone)
+"""The independent reference reader (tests/cache/reference_reader.py, written from docs/FORMAT.md alone)
 against the real writer and reader of target_sft.
 
 Caches are written with ``target_sft.CacheWriter`` (both codecs, several shards, int and str keys,
@@ -29,12 +29,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+import reference_reader as rr
 import xxhash
 import zstandard
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-import reference_reader as rr
 from build_helpers import reseal_shard
 from target_sft import CacheWriter, TeacherCache
 from target_sft.errors import (
@@ -46,8 +46,8 @@ from target_sft.errors import (
 )
 
 #: Caches written by format version 1 (target-sft before the region checksums), kept to test
-#: that they still read: see tests/test_checksums.py.
-V1_CACHES = Path(__file__).parent / "data" / "v1"
+#: that they still read: see tests/cache/test_checksums.py.
+V1_CACHES = Path(__file__).resolve().parents[1] / "data" / "v1"
 
 FIELDS = rr.RECORD_FIELDS[1:]  # the array fields
 DEFAULT_PARAMS = {"sqrt_step": 2.5e-3, "tail_step": 2.5, "floor": -48.0}  # §5.1 defaults
@@ -237,7 +237,7 @@ def feature_record(key: int | str = "feature") -> dict[str, Any]:
 
 
 def synthetic_records(n: int, vocab: int, k: int, seed: int) -> list[dict[str, Any]]:
-    from target_sft.synthetic import generate_list
+    from target_sft.testing.synthetic import generate_list
 
     out = []
     for i, r in enumerate(generate_list(n, vocab_size=vocab, top_k=k, seed=seed, mean_length=80)):

@@ -33,7 +33,7 @@ from target_sft.cli import main as cli_main
 from target_sft.collate import CacheSample
 
 FIELDS = ("input_ids", "labels", "topk_ids", "topk_logprobs", "label_logprobs", "label_ranks")
-V1_CACHES = Path(__file__).parent / "data" / "v1"
+V1_CACHES = Path(__file__).resolve().parents[1] / "data" / "v1"
 PAYLOAD_STRIDE = 5
 
 

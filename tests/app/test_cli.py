@@ -71,7 +71,7 @@ def _kept_mass(recs: list[dict]) -> np.ndarray:
 
 def test_inspect_stats(tmp_path, records):
     """--stats prints the manifest's statistics; the figures equal a float64 reference of the
-    records written (tests/test_stats.py checks every field to full precision)."""
+    records written (tests/cache/test_stats.py checks every field to full precision)."""
     ent = [np.full(r["label_logprobs"].size, 1.25) for r in records]
     with CacheWriter(tmp_path / "c", top_k=8, vocab_size=1000) as w:
         for r, e in zip(records, ent, strict=True):

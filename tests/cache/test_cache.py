@@ -228,7 +228,7 @@ def test_writer_bad_settings(tmp_path):
 @pytest.mark.parametrize("codec", ["exact", "compact"])
 def test_top_k_256_roundtrip(tmp_path, codec):
     """The largest top-k: every column index (0..255) is used."""
-    from target_sft.synthetic import generate_list
+    from target_sft.testing.synthetic import generate_list
 
     recs = generate_list(3, vocab_size=5000, top_k=256, mean_length=40, seed=3)
     with CacheWriter(tmp_path / "c", top_k=256, vocab_size=5000, codec=codec) as w:

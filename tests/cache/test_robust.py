@@ -27,7 +27,7 @@ from target_sft import (
     TeacherCache,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FIELDS = ("input_ids", "labels", "topk_ids", "topk_logprobs", "label_logprobs", "label_ranks")
 
 

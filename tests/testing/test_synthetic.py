@@ -1,14 +1,19 @@
-"""Tests of the synthetic teacher data generator (``target_sft.synthetic``)."""
+"""Tests of the synthetic teacher data generator (``target_sft.testing.synthetic``)."""
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import importlib
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from target_sft.synthetic import (
+from target_sft.testing.synthetic import (
     IGNORE_INDEX,
     QWEN_VOCAB_SIZE,
     SyntheticRecord,
@@ -426,3 +431,43 @@ def test_bf16_logits() -> None:
 def test_zero_records() -> None:
     assert generate_list(0) == []
     assert stats(generate_records(0)) == {"records": 0.0}
+
+
+def test_old_module_path_warns_and_reexports() -> None:
+    """``target_sft.synthetic`` (documented before the move) still imports the same names."""
+    import target_sft.testing.synthetic as new
+
+    sys.modules.pop("target_sft.synthetic", None)
+    with pytest.warns(DeprecationWarning, match=r"target_sft\.testing\.synthetic"):
+        old = importlib.import_module("target_sft.synthetic")
+    assert old.__all__ == new.__all__
+    for name in new.__all__:
+        assert getattr(old, name) is getattr(new, name), name
+
+
+def test_runtime_package_never_imports_testing() -> None:
+    """``target_sft.testing`` is for tests and benchmarks: no runtime module imports it, and
+    ``import target_sft`` loads neither it nor the deprecated shim."""
+    import target_sft
+
+    root = Path(target_sft.__file__).parent
+    offenders = []
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root)
+        if rel.parts[0] == "testing" or rel == Path("synthetic.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            if any(n.startswith(("target_sft.testing", "target_sft.synthetic")) for n in names):
+                offenders.append(f"{rel}:{node.lineno}")
+    assert not offenders, f"runtime modules import target_sft.testing: {offenders}"
+    code = (
+        "import sys, target_sft, target_sft.cache, target_sft.errors\n"
+        "bad = [m for m in sys.modules if m.startswith(('target_sft.testing', 'target_sft.synthetic'))]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -15,6 +15,8 @@ import numpy as np
 
 from target_sft import CacheWriter, TeacherCache
 
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/: conftest's helpers
+
 CHILD = textwrap.dedent(
     """
     import sys, time
@@ -34,7 +36,7 @@ CHILD = textwrap.dedent(
 
 
 def all_records():
-    sys.path.insert(0, os.path.dirname(__file__))
+    sys.path.insert(0, TESTS)
     from conftest import make_record
 
     rng = np.random.default_rng(7)
@@ -43,7 +45,7 @@ def all_records():
 
 def test_sigkill_mid_build_then_append_completes(tmp_path):
     path = tmp_path / "cache"
-    code = CHILD.format(tests=os.path.dirname(__file__), path=str(path))
+    code = CHILD.format(tests=TESTS, path=str(path))
     proc = subprocess.Popen([sys.executable, "-c", code])
     deadline = time.time() + 60
     while time.time() < deadline:

@@ -19,7 +19,7 @@ from target_sft import CacheWriter, TeacherCache, build_teacher_cache
 from target_sft import report as R
 from target_sft.losses import get_preset, induced_target_curve
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: shared helpers
 from build_helpers import make_samples, reference_logprobs, save_tiny_llama
 
 SCRIPT = Path(sys.executable).parent / "target-sft"
