@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-# The Triton kernel tests (tests/test_triton_*.py) run on CPU tensors under the Triton interpreter.
+# The Triton kernel tests (tests/kernels/test_triton_*.py) run on CPU tensors under the Triton interpreter.
 # The knob must be set before `triton` is first imported; nothing else in the suite imports triton.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
