@@ -12,7 +12,8 @@ from target_sft.losses.backend import LogitsBackend
 
 def _per_token_keywords(fn: object) -> tuple[str, ...]:
     params = inspect.signature(fn).parameters  # type: ignore[arg-type]
-    names = [p.name for p in params.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    names = [p.name for p in params.values() if p.kind in kinds]
     return tuple(n for n in names if n in L.LOSS_INPUT_NAMES or n.endswith("_logprobs"))
 
 

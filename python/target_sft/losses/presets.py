@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..kernels.contract import StatRequest
 from ._validate import check_probability_like
-from .qtarget import QTarget, QTargetLoss, ce_value, support_ce
+from .qtarget import LOSS_OPTIONS, QTarget, QTargetLoss, ce_value, support_ce, unexpected_keyword
 from .residual import GEMResidual, GuidedResidual, SelfResidual, SparseResidual, UniformResidual
 from .trust import (
     ClippedRatioTrust,
@@ -51,7 +51,18 @@ __all__ = [
     "ProximalSFT",
     "TargetSFT",
     "get_preset",
+    "preset_class",
 ]
+
+
+def _options(loss: QTargetLoss, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The :data:`LOSS_OPTIONS` a preset forwards to :class:`QTargetLoss`; any other keyword
+    (``gamma``, ``residual``, a typo) is a ``TypeError`` naming the preset and its parameters."""
+    for name in kwargs:
+        if name not in LOSS_OPTIONS:
+            cls = type(loss)
+            raise unexpected_keyword(cls.__name__, name, cls.parameter_names())
+    return kwargs
 
 
 def _nll(ctx: TokenContext) -> Tensor:
@@ -82,7 +93,9 @@ class SFT(_TokenWeighted):
     paper_row = "Standard SFT"
 
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__(gamma=ConstantTrust(1.0), residual=SelfResidual(), **kwargs)
+        super().__init__(
+            gamma=ConstantTrust(1.0), residual=SelfResidual(), **_options(self, kwargs)
+        )
 
 
 class DFT(_TokenWeighted):
@@ -95,7 +108,9 @@ class DFT(_TokenWeighted):
     paper_row = "DFT [13]"
 
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__(gamma=ModelProbTrust(1.0), residual=SelfResidual(), **kwargs)
+        super().__init__(
+            gamma=ModelProbTrust(1.0), residual=SelfResidual(), **_options(self, kwargs)
+        )
 
 
 class BeyondLog(QTargetLoss):
@@ -108,7 +123,9 @@ class BeyondLog(QTargetLoss):
     paper_row = "Beyond-log [6]"
 
     def __init__(self, alpha: float = 1.0, **kwargs: Any) -> None:
-        super().__init__(gamma=ModelProbTrust(alpha), residual=SelfResidual(), **kwargs)
+        super().__init__(
+            gamma=ModelProbTrust(alpha), residual=SelfResidual(), **_options(self, kwargs)
+        )
         self.alpha = float(alpha)
 
     def _value_request(self) -> StatRequest:
@@ -132,7 +149,9 @@ class ProFiT(_TokenWeighted):
 
     def __init__(self, tau: float = 0.1, *, inclusive: bool = False, **kwargs: Any) -> None:
         super().__init__(
-            gamma=ThresholdTrust(tau, inclusive=inclusive), residual=SelfResidual(), **kwargs
+            gamma=ThresholdTrust(tau, inclusive=inclusive),
+            residual=SelfResidual(),
+            **_options(self, kwargs),
         )
 
 
@@ -147,7 +166,11 @@ class EAFT(_TokenWeighted):
     paper_row = "EAFT [20]"
 
     def __init__(self, k: int = 20, *, alpha: float = 1.0, **kwargs: Any) -> None:
-        super().__init__(gamma=TopKEntropyTrust(k, alpha=alpha), residual=SelfResidual(), **kwargs)
+        super().__init__(
+            gamma=TopKEntropyTrust(k, alpha=alpha),
+            residual=SelfResidual(),
+            **_options(self, kwargs),
+        )
 
 
 class IwSFT(_TokenWeighted):
@@ -172,7 +195,7 @@ class IwSFT(_TokenWeighted):
         trust = ImportanceWeightTrust(
             temperature=temperature, length_normalize=length_normalize, clip=clip
         )
-        super().__init__(gamma=trust, residual=SelfResidual(), **kwargs)
+        super().__init__(gamma=trust, residual=SelfResidual(), **_options(self, kwargs))
 
 
 class CFT(_TokenWeighted):
@@ -185,7 +208,9 @@ class CFT(_TokenWeighted):
     paper_row = "CFT [19]"
 
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__(gamma=TokenWeightTrust(), residual=SelfResidual(), **kwargs)
+        super().__init__(
+            gamma=TokenWeightTrust(), residual=SelfResidual(), **_options(self, kwargs)
+        )
 
 
 class LabelSmoothing(QTargetLoss):
@@ -199,7 +224,9 @@ class LabelSmoothing(QTargetLoss):
 
     def __init__(self, epsilon: float = 0.1, **kwargs: Any) -> None:
         eps = check_probability_like("epsilon", epsilon)
-        super().__init__(gamma=ConstantTrust(1.0 - eps), residual=UniformResidual(), **kwargs)
+        super().__init__(
+            gamma=ConstantTrust(1.0 - eps), residual=UniformResidual(), **_options(self, kwargs)
+        )
         self.epsilon = eps
 
 
@@ -235,7 +262,7 @@ class SFTKL(_SparseKL):
         super().__init__(
             gamma=ConstantTrust(1.0 / (1.0 + lam)),
             residual=SparseResidual(renormalize=renormalize),
-            **kwargs,
+            **_options(self, kwargs),
         )
         self.lam = float(lam)
         self.normalize = bool(normalize)
@@ -278,7 +305,9 @@ class ASFT(_SparseKL):
         if not (lam >= 0.0):
             raise ValueError(f"lam = {lam} must be >= 0")
         super().__init__(
-            gamma=ModelProbTrust(1.0), residual=SparseResidual(renormalize=renormalize), **kwargs
+            gamma=ModelProbTrust(1.0),
+            residual=SparseResidual(renormalize=renormalize),
+            **_options(self, kwargs),
         )
         self.lam = float(lam)
         self.normalize = bool(normalize)
@@ -321,7 +350,9 @@ class ProximalSFT(QTargetLoss):
     paper_row = "Proximal SFT [22]"
 
     def __init__(self, epsilon: float = 0.2, **kwargs: Any) -> None:
-        super().__init__(gamma=ClippedRatioTrust(epsilon), residual=SelfResidual(), **kwargs)
+        super().__init__(
+            gamma=ClippedRatioTrust(epsilon), residual=SelfResidual(), **_options(self, kwargs)
+        )
         self.epsilon = float(epsilon)
 
     def _value_request(self) -> StatRequest:
@@ -346,7 +377,9 @@ class GEM(QTargetLoss):
 
     def __init__(self, beta: float = 0.7, *, repulsion: float = 1.0, **kwargs: Any) -> None:
         super().__init__(
-            gamma=ConstantTrust(1.0), residual=GEMResidual(beta, repulsion=repulsion), **kwargs
+            gamma=ConstantTrust(1.0),
+            residual=GEMResidual(beta, repulsion=repulsion),
+            **_options(self, kwargs),
         )
         self.beta = float(beta)
         self.repulsion = float(repulsion)
@@ -374,7 +407,9 @@ class KD(_SparseKL):
 
     def __init__(self, *, renormalize: bool = True, **kwargs: Any) -> None:
         super().__init__(
-            gamma=ConstantTrust(0.0), residual=SparseResidual(renormalize=renormalize), **kwargs
+            gamma=ConstantTrust(0.0),
+            residual=SparseResidual(renormalize=renormalize),
+            **_options(self, kwargs),
         )
 
     def _value_request(self) -> StatRequest:
@@ -399,7 +434,7 @@ class HybridKD(_SparseKL):
         super().__init__(
             gamma=ConstantTrust(1.0 - lam),
             residual=SparseResidual(renormalize=renormalize),
-            **kwargs,
+            **_options(self, kwargs),
         )
         self.lam = lam
 
@@ -421,7 +456,9 @@ class TargetSFT(QTargetLoss):
     paper_row = "TARGET-SFT"
 
     def __init__(self, eta: float = 0.5, **kwargs: Any) -> None:
-        super().__init__(gamma=ModelProbTrust(1.0), residual=GuidedResidual(eta), **kwargs)
+        super().__init__(
+            gamma=ModelProbTrust(1.0), residual=GuidedResidual(eta), **_options(self, kwargs)
+        )
         self.eta = float(eta)
 
     def _value(self, ctx: TokenContext, target: QTarget) -> Tensor:
@@ -448,9 +485,16 @@ PRESETS: dict[str, type[QTargetLoss]] = {
 }
 
 
-def get_preset(name: str, **kwargs: Any) -> QTargetLoss:
-    """Instantiate a preset by name (``"sft"``, ``"dft"``, …, ``"target_sft"``; ``-`` = ``_``)."""
+def preset_class(name: str) -> type[QTargetLoss]:
+    """The preset class of a name (``"sft"``, ``"dft"``, …, ``"target_sft"``; case, ``-`` and
+    ``+`` as ``_``); ``ValueError`` listing the names otherwise."""
     key = name.lower().replace("-", "_").replace("+", "_")
     if key not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    return PRESETS[key](**kwargs)
+    return PRESETS[key]
+
+
+def get_preset(name: str, **kwargs: Any) -> QTargetLoss:
+    """Instantiate a preset by name (see :func:`preset_class`); a keyword that is not one of its
+    parameters is a ``TypeError`` naming the preset and its parameters."""
+    return preset_class(name)(**kwargs)

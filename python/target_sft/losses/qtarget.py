@@ -14,20 +14,54 @@ The loss pipeline (:meth:`QTargetLoss.pipeline`) runs once for every loss and ev
 
 from __future__ import annotations
 
+import difflib
+import inspect
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..kernels.contract import GradPlan, StatRequest
 from ..kernels.dispatch import check_impl, resolve_impl
-from ._inputs import FlatBatch, LossInputs, prepare
+from ._inputs import LOSS_INPUT_NAMES, FlatBatch, LossInputs, prepare
 from ._validate import check_logits, check_num_items, check_reduction, first_index
 from .backend import Backend, LogitsBackend
 from .residual import Residual, ResidualParts, residual_from_name
 from .trust import ConstantTrust, TokenContext, Trust
 
-__all__ = ["QTarget", "QTargetLoss", "reduce_loss"]
+__all__ = ["LOSS_OPTIONS", "QTarget", "QTargetLoss", "reduce_loss", "unexpected_keyword"]
+
+#: keyword options every loss class takes besides its own parameters (:class:`QTargetLoss`'s;
+#: a preset forwards them through ``**kwargs``)
+LOSS_OPTIONS: tuple[str, ...] = (
+    "ignore_index",
+    "reduction",
+    "chunk_elements",
+    "check_inputs",
+    "impl",
+    "inplace_grad",
+)
+#: the per-token inputs a loss call takes by position after ``(logits, labels)``, as
+#: :func:`~target_sft.losses.target_sft_loss` does
+_POSITIONAL_INPUTS: tuple[str, ...] = ("teacher_ids", "teacher_logprobs")
+
+
+def unexpected_keyword(
+    owner: str, name: str, valid: Iterable[str], what: str = "parameters"
+) -> TypeError:
+    """``TypeError("TargetSFT got an unexpected keyword argument 'etta'; its parameters are eta,
+    ignore_index, …; did you mean 'eta'?")``: the error of a wrong keyword, naming the class the
+    user called (not the base class the keyword was forwarded to) and what it accepts."""
+    valid = list(valid)
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return TypeError(
+        f"{owner} got an unexpected keyword argument {name!r}; its {what} are "
+        + ", ".join(valid)
+        + hint
+    )
 
 
 @dataclass
@@ -126,7 +160,7 @@ class QTargetLoss(nn.Module):
             (no second ``N × V`` buffer; the logits are overwritten during the backward, so they
             must not be used afterwards). Ignored by the PyTorch reference.
 
-    Call with ``(logits, labels, *, teacher_ids=None, teacher_logprobs=None, token_weights=None,
+    Call with ``(logits, labels, teacher_ids=None, teacher_logprobs=None, *, token_weights=None,
     sequence_weights=None, sequence_ids=None, ref_logprobs=None, old_logprobs=None,
     num_items_in_batch=None, reduction=None)``. ``logits`` ``[B, L, V]`` with ``labels`` ``[B, L]``
     are shifted inside exactly as HF does; ``[N, V]`` with ``[N]`` are used as aligned. Every other
@@ -148,7 +182,11 @@ class QTargetLoss(nn.Module):
         check_inputs: bool = True,
         impl: str = "auto",
         inplace_grad: bool = False,
+        **unexpected: Any,
     ) -> None:
+        if unexpected:  # forwarded by a preset's **kwargs: name the preset, not this class
+            cls = type(self)
+            raise unexpected_keyword(cls.__name__, next(iter(unexpected)), cls.parameter_names())
         super().__init__()
         self.gamma: Trust = gamma if isinstance(gamma, Trust) else ConstantTrust(float(gamma))
         self.residual: Residual = (
@@ -162,6 +200,17 @@ class QTargetLoss(nn.Module):
         self.check_inputs = bool(check_inputs)
         self.impl = check_impl(impl)
         self.inplace_grad = bool(inplace_grad)
+
+    @classmethod
+    def parameter_names(cls) -> tuple[str, ...]:
+        """The keyword parameters of this class: its own (``eta`` for :class:`TargetSFT`,
+        ``gamma`` and ``residual`` for :class:`QTargetLoss`, …), then the :data:`LOSS_OPTIONS`
+        it takes (a preset forwards them through ``**kwargs``)."""
+        params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+        forwards = any(p.kind is p.VAR_KEYWORD for p in params)
+        named = [p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+        own = [n for n in named if n not in LOSS_OPTIONS]
+        return (*own, *(o for o in LOSS_OPTIONS if forwards or o in named))
 
     # ----------------------------------------------------------------- hooks for the presets
     def _gamma_and_scale(self, ctx: TokenContext) -> tuple[Tensor, Tensor]:
@@ -278,9 +327,9 @@ class QTargetLoss(nn.Module):
         self,
         logits: Tensor,
         labels: Tensor,
-        *,
         teacher_ids: Tensor | None = None,
         teacher_logprobs: Tensor | None = None,
+        *extra: Any,
         token_weights: Tensor | None = None,
         sequence_weights: Tensor | None = None,
         sequence_ids: Tensor | None = None,
@@ -288,9 +337,14 @@ class QTargetLoss(nn.Module):
         old_logprobs: Tensor | None = None,
         num_items_in_batch: int | float | Tensor | None = None,
         reduction: str | None = None,
+        **unexpected: Any,
     ) -> Tensor:
         """The loss (see the class docstring for the arguments; the per-token ones are the fields
-        of :class:`~target_sft.losses.LossInputs`)."""
+        of :class:`~target_sft.losses.LossInputs`). ``teacher_ids`` and ``teacher_logprobs`` may
+        be given by position, as to :func:`~target_sft.losses.target_sft_loss`; a wrong keyword
+        is a ``TypeError`` naming this loss's class and the inputs it takes."""
+        if extra or unexpected:
+            self._bad_call(len(extra), unexpected)
         inputs = LossInputs(
             teacher_ids=teacher_ids,
             teacher_logprobs=teacher_logprobs,
@@ -309,6 +363,21 @@ class QTargetLoss(nn.Module):
         )
         return self.pipeline(
             backend, labels, inputs, num_items_in_batch=num_items_in_batch, reduction=reduction
+        )
+
+    def _bad_call(self, n_extra: int, unexpected: dict[str, Any]) -> None:
+        names = type(self).__name__
+        if n_extra:
+            raise TypeError(
+                f"{names} takes (logits, labels, {', '.join(_POSITIONAL_INPUTS)}) by position, "
+                f"got {n_extra + 4} positional arguments; pass the other inputs by keyword "
+                f"({', '.join(n for n in LOSS_INPUT_NAMES if n not in _POSITIONAL_INPUTS)})"
+            )
+        raise unexpected_keyword(
+            names,
+            next(iter(unexpected)),
+            (*LOSS_INPUT_NAMES, "num_items_in_batch", "reduction"),
+            what="inputs",
         )
 
     def extra_repr(self) -> str:
