@@ -6,7 +6,8 @@ The parts, each one import away:
 * building one from a teacher model (``build_teacher_cache``; needs torch and transformers) from
   SFT rows in any common format (``tokenize_sft``: chat messages, prompt/completion, text, tokens),
 * the Q-target loss library (``target_sft_loss``, ``QTargetLoss``, ``induced_target``; pure PyTorch),
-* a Hugging Face ``Trainer`` that trains with it (``TargetSFTTrainer``, :mod:`target_sft.hf`),
+* a Hugging Face ``Trainer`` that trains with it (``TargetSFTTrainer``, :mod:`target_sft.hf`;
+  its run config ``TargetSFTConfig``, :mod:`target_sft.config`),
 * the command line (``target-sft``, :mod:`target_sft.cli`).
 
 Names are imported lazily, so ``import target_sft`` is cheap and the loss library never needs the
@@ -58,6 +59,8 @@ _EXPORTS: dict[str, str] = {
     "write_report": "target_sft.report",
     # Hugging Face Trainer (imports transformers)
     "TargetSFTTrainer": "target_sft.hf",
+    "TargetSFTConfig": "target_sft.config",
+    "TargetSFTTRLConfig": "target_sft.config",  # imports trl
 }
 
 __all__ = [
@@ -79,6 +82,8 @@ __all__ = [
     "QTargetLoss",
     "StreamingTeacherDataset",
     "TargetSFTCollator",
+    "TargetSFTConfig",
+    "TargetSFTTRLConfig",
     "TargetSFTTrainer",
     "TeacherCache",
     "TeacherCacheDataset",
@@ -117,6 +122,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers only
         TeacherCacheDataset,
     )
     from target_sft.collate import TargetSFTCollator, build_batch
+    from target_sft.config import TargetSFTConfig, TargetSFTTRLConfig
     from target_sft.errors import (
         BuildError,
         CacheCorruptionError,

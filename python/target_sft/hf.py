@@ -32,6 +32,7 @@ from torch import nn
 from transformers import Trainer
 
 from target_sft.collate import TargetSFTCollator, TeacherCacheDataset
+from target_sft.config import resolve_loss
 from target_sft.fingerprint import (
     TokenizerCheck,
     check_ids_in_vocab,
@@ -355,9 +356,10 @@ class TargetSFTTrainerMixin:
     in the bases (``class T(TargetSFTTrainerMixin, SomeTrainer)``).
 
     Keyword args (the rest goes to the trainer):
-        loss: a preset name (default ``"target_sft"``) or a loss callable (see
-            :func:`make_loss`); ``reduction`` must be ``"mean"``.
-        loss_kwargs: a preset's arguments, e.g. ``{"eta": 0.5}``.
+        loss: a preset name or a loss callable (see :func:`make_loss`); ``reduction`` must be
+            ``"mean"``. Not given: ``args.loss`` of a :class:`~target_sft.config.TargetSFTConfig`,
+            else ``"target_sft"``.
+        loss_kwargs: a preset's arguments, e.g. ``{"eta": 0.5}`` (merged with those of ``args``).
         allow_tokenizer_mismatch: warn instead of raising when the tokenizer or the model's
             vocabulary does not match a cache (see below).
 
@@ -373,17 +375,30 @@ class TargetSFTTrainerMixin:
     ``data_collator`` defaults to a :class:`~target_sft.TargetSFTCollator` (pad id from the
     tokenizer, else the model config, else 0) when the dataset is a
     :class:`~target_sft.TeacherCacheDataset` or :class:`~target_sft.StreamingTeacherDataset`.
+
+    ``args`` (any ``TrainingArguments``/``SFTConfig``) is read by
+    :func:`~target_sft.config.resolve_loss`: a ``TargetSFTConfig``'s loss and parameters, and the
+    knobs the Q-target loss would ignore (``label_smoothing_factor``, TRL's ``loss_type``,
+    ``use_liger_kernel``) mapped onto a preset or refused (docs/HF.md, "Config-driven runs").
     """
 
     def __init__(
         self,
         *args: Any,
-        loss: str | LossFn | None = "target_sft",
+        loss: str | LossFn | None = None,
         loss_kwargs: Mapping[str, Any] | None = None,
         allow_tokenizer_mismatch: bool = False,
         **kwargs: Any,
     ) -> None:
-        self.loss_fn = make_loss(loss, **dict(loss_kwargs or {}))
+        train_args = args[1] if len(args) > 1 else kwargs.get("args")
+        loss, loss_kwargs = resolve_loss(train_args, loss, loss_kwargs)
+        self.loss_fn = make_loss(loss, **loss_kwargs)
+        fused_linear = bool(getattr(train_args, "fused_linear", False))
+        if fused_linear:  # the fused-linear Trainer path is another part of issue 13
+            raise NotImplementedError(
+                "fused_linear=True: the trainer's fused-linear path is not in this build; "
+                "train with fused_linear=False (materialised logits)"
+            )
         self.allow_tokenizer_mismatch = bool(allow_tokenizer_mismatch)
         if kwargs.get("data_collator") is None and len(args) < 3:
             ds = kwargs.get("train_dataset", kwargs.get("eval_dataset"))
@@ -397,6 +412,9 @@ class TargetSFTTrainerMixin:
         # batch, i.e. does not divide it by the accumulation steps again) only for models that
         # accept loss kwargs; our loss always takes it, whatever the model.
         self.model_accepts_loss_kwargs = True
+        # and the loss shifts the labels (HF counts labels[..., 1:] only for the models whose
+        # own loss does: a model without one would get its position 0 counted too)
+        self._loss_shifts_labels = True
         self._check_cache_identity(kwargs.get("processing_class", kwargs.get("tokenizer")))
 
     def _check_cache_identity(self, tokenizer: Any) -> None:
