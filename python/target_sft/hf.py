@@ -391,8 +391,8 @@ class TargetSFTTrainerMixin:
         **kwargs: Any,
     ) -> None:
         train_args = args[1] if len(args) > 1 else kwargs.get("args")
-        loss, loss_kwargs = resolve_loss(train_args, loss, loss_kwargs)
-        self.loss_fn = make_loss(loss, **loss_kwargs)
+        self._loss_request = (loss, dict(loss_kwargs or {}))  # kept for _hp_search_setup
+        self._set_loss(train_args)
         fused_linear = bool(getattr(train_args, "fused_linear", False))
         if fused_linear:  # the fused-linear Trainer path is another part of issue 13
             raise NotImplementedError(
@@ -416,6 +416,18 @@ class TargetSFTTrainerMixin:
         # own loss does: a model without one would get its position 0 counted too)
         self._loss_shifts_labels = True
         self._check_cache_identity(kwargs.get("processing_class", kwargs.get("tokenizer")))
+
+    def _set_loss(self, args: Any) -> None:
+        """``self.loss_fn`` from the trainer's ``loss=``/``loss_kwargs=`` and ``args``
+        (:func:`~target_sft.config.resolve_loss`)."""
+        loss, loss_kwargs = resolve_loss(args, *self._loss_request)
+        self.loss_fn = make_loss(loss, **loss_kwargs)
+
+    def _hp_search_setup(self, trial: Any) -> None:
+        """HF's ``hyperparameter_search`` sets a trial's values on ``args``: the loss is made
+        again from them, so a sweep over ``eta``, ``lam``, ``loss``, … trains what it says."""
+        super()._hp_search_setup(trial)  # type: ignore[misc]
+        self._set_loss(self.args)  # type: ignore[attr-defined]
 
     def _check_cache_identity(self, tokenizer: Any) -> None:
         """The tokenizer and vocabulary checks against the caches in hand (class docstring)."""

@@ -379,3 +379,21 @@ def test_the_docs_config_example_runs_as_written(cache, model_dir, tmp_path, mon
     scope = {"__name__": "__main__"}
     exec(compile(parse_only, "docs/HF.md", "exec"), scope)
     assert resolve_loss(scope["config"]) == ("target_sft", {"eta": 0.2})
+
+
+def test_a_hyperparameter_search_trial_sets_the_loss(cache, model, tmp_path):
+    """HF's hyperparameter_search writes a trial's values onto ``args``; the loss follows."""
+    from transformers.trainer_utils import HPSearchBackend
+
+    trainer = TargetSFTTrainer(
+        model, config(tmp_path, eta=0.2), train_dataset=TeacherCacheDataset(cache)
+    )
+    trainer.hp_search_backend = HPSearchBackend.RAY  # its trials are plain dicts
+    trainer._hp_search_setup({"eta": 0.8})
+    assert state(trainer.loss_fn) == state(L.TargetSFT(eta=0.8))
+    with pytest.raises(ValueError, match=r"\(HybridKD\) has no parameter 'eta'"):
+        trainer._hp_search_setup({"loss": "hybrid_kd", "lam": 0.3})  # eta is still set
+    trainer = TargetSFTTrainer(model, config(tmp_path), train_dataset=TeacherCacheDataset(cache))
+    trainer.hp_search_backend = HPSearchBackend.RAY
+    trainer._hp_search_setup({"loss": "hybrid_kd", "lam": 0.3})
+    assert state(trainer.loss_fn) == state(L.HybridKD(lam=0.3))
