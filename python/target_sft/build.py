@@ -4,30 +4,7 @@ The builder lives in the package :mod:`target_sft.builder` (a folder named ``bui
 packaging tools and common ignore lists put build output); this module hands on its public names.
 """
 
-from target_sft.builder import (
-    BuildError,
-    BuildResult,
-    BuildStats,
-    JsonlDataset,
-    build_teacher_cache,
-    load_teacher,
-    load_tokenizer,
-    plan_batches,
-    teacher_fingerprint,
-    tokenize_prompt_response,
-    tokenizer_fingerprint,
-)
+from target_sft import builder as _builder
+from target_sft.builder import *  # noqa: F403  (exactly the builder's public names)
 
-__all__ = [
-    "BuildError",
-    "BuildResult",
-    "BuildStats",
-    "JsonlDataset",
-    "build_teacher_cache",
-    "load_teacher",
-    "load_tokenizer",
-    "plan_batches",
-    "teacher_fingerprint",
-    "tokenize_prompt_response",
-    "tokenizer_fingerprint",
-]
+__all__ = list(_builder.__all__)

@@ -9,14 +9,8 @@ from __future__ import annotations
 
 import warnings
 
-from target_sft.testing.synthetic import (
-    IGNORE_INDEX,
-    QWEN_VOCAB_SIZE,
-    SyntheticRecord,
-    generate_list,
-    generate_records,
-    stats,
-)
+from target_sft.testing import synthetic as _synthetic
+from target_sft.testing.synthetic import *  # noqa: F403  (exactly its public names)
 
 warnings.warn(
     "target_sft.synthetic moved to target_sft.testing.synthetic; import it from there "
@@ -25,11 +19,4 @@ warnings.warn(
     stacklevel=2,
 )
 
-__all__ = [
-    "IGNORE_INDEX",
-    "QWEN_VOCAB_SIZE",
-    "SyntheticRecord",
-    "generate_list",
-    "generate_records",
-    "stats",
-]
+__all__ = list(_synthetic.__all__)
