@@ -3,8 +3,8 @@ module): started by ``torchrun`` or ``accelerate launch`` (2 CPU processes, gloo
 
 Usage: ``<launcher> accelerate_child.py MODEL CACHE OUT TAG STOP RESUME``
 
-Trains a :class:`TargetSFTTrainer` twice, over a ``StreamingTeacherDataset`` and over a
-``TeacherCacheDataset``, with gradient accumulation 2, AdamW and a linear schedule, for
+Trains a :class:`TargetSFTTrainer` twice, over a ``StreamingTeacherDataset`` (the train side of
+``split_by_key``, a key filter every rank applies) and over a ``TeacherCacheDataset``, with gradient accumulation 2, AdamW and a linear schedule, for
 ``MAX_STEPS`` optimizer steps. ``STOP > 0``: save a checkpoint at step ``STOP`` and stop there
 (an interrupted run, its schedule still planned for ``MAX_STEPS``). ``RESUME`` (``1``): continue
 from that checkpoint. Rank 0 writes every parameter to ``OUT/TAG-<kind>.safetensors``.
@@ -19,11 +19,12 @@ import torch
 from safetensors.torch import save_file
 from transformers import LlamaForCausalLM, TrainerCallback, TrainingArguments
 
-from target_sft import StreamingTeacherDataset, TeacherCacheDataset
+from target_sft import StreamingTeacherDataset, TeacherCacheDataset, split_by_key
 from target_sft.hf import TargetSFTTrainer
 
 MAX_STEPS = 6  # 3 optimizer steps an epoch per rank (see test_accelerate.py): crosses an epoch
 BATCH, ACCUM = 2, 2
+EVAL_FRACTION = 0.25
 
 
 class StopAt(TrainerCallback):
@@ -44,6 +45,7 @@ def train(model_dir: str, cache: str, out: str, tag: str, kind: str, stop: int, 
     model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     if kind == "stream":
         ds = StreamingTeacherDataset(cache, shuffle=True, seed=3, batch_size=BATCH)
+        ds = split_by_key(ds, eval_fraction=EVAL_FRACTION, seed=0)[0]
     else:
         ds = TeacherCacheDataset(cache)
     run_dir = os.path.join(out, f"run-{tag.split('.')[0]}-{kind}")

@@ -1,9 +1,11 @@
 """The Trainer under ``torchrun`` and ``accelerate launch``: 2 CPU processes (gloo), gradient
-accumulation, AdamW with a linear schedule, over a ``StreamingTeacherDataset`` and a
-``TeacherCacheDataset`` of a real cache (built by ``build_teacher_cache`` from a tiny Llama saved
-with ``save_pretrained``). A run interrupted at a checkpoint and resumed with
-``resume_from_checkpoint`` in a new launch ends with every parameter bit-identical
-(``torch.equal``) to the uninterrupted run (tests/hf/accelerate_child.py is one process)."""
+accumulation, AdamW with a linear schedule, over a ``StreamingTeacherDataset`` (filtered on
+every rank to ``split_by_key``'s train side) and a ``TeacherCacheDataset`` of a real cache (built
+by ``build_teacher_cache`` from a tiny Llama saved with ``save_pretrained``). A run interrupted
+at a checkpoint and resumed with ``resume_from_checkpoint`` in a new launch ends with every
+parameter bit-identical (``torch.equal``) to the uninterrupted run (tests/hf/accelerate_child.py
+is one process). Then wrapped datasets (``Subset``, ``ConcatDataset``, dicts of eval datasets)
+with the default collator, and the error for data that is not teacher data."""
 
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ from build_helpers import make_samples, save_tiny_llama
 from target_sft import TeacherCache
 
 CHILD = os.path.join(os.path.dirname(__file__), "accelerate_child.py")
-# 24 records: 12 a rank, 6 batches of 2, 3 optimizer steps (accumulation 2) an epoch
+# 24 records: 12 a rank, 6 batches of 2, 3 optimizer steps (accumulation 2) an epoch (the
+# streaming run trains on split_by_key's train side, 22 records: 11 a rank, the same 6 batches)
 N_RECORDS = 24
 STOP = 4  # the interrupted run stops in epoch 1, after its first optimizer step
 
