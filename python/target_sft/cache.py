@@ -646,9 +646,11 @@ def split_by_key(data: Any, eval_fraction: float = 0.05, seed: int = 0) -> tuple
 
     Args:
         data: a :class:`TeacherCache`, a cache directory or a :class:`TeacherCacheDataset` (gives
-            two ``TeacherCacheDataset``), or a ``StreamingTeacherDataset`` (gives two streaming
+            two ``TeacherCacheDataset``), a ``StreamingTeacherDataset`` (gives two streaming
             datasets with the same settings, each streaming only its side on every rank and
-            worker, resumable as before).
+            worker, resumable as before), or a ``datasets.Dataset`` with a ``key`` column (rows
+            keyed for the collator, e.g. ``cache.to_hf_dataset()``; gives its two filtered
+            halves, each row on the side of its key).
         eval_fraction: the expected share of records held out, in ``(0, 1)``.
         seed: another seed, another split.
 
@@ -659,11 +661,15 @@ def split_by_key(data: Any, eval_fraction: float = 0.05, seed: int = 0) -> tuple
     """
     if isinstance(data, (TeacherCache, str, os.PathLike)):
         data = TeacherCacheDataset(data)
+    if "key" in (getattr(data, "column_names", None) or ()) and hasattr(data, "filter"):
+        sides = KeySplit.pair(eval_fraction, seed)
+        return tuple(data.filter(side.holds, input_columns="key") for side in sides)  # type: ignore[return-value]
     split = getattr(data, "split_by_key", None)
     if not callable(split):
         raise CacheInputError(
-            f"split_by_key takes a TeacherCache, a cache path, a TeacherCacheDataset or a "
-            f"StreamingTeacherDataset, got {type(data).__name__}"
+            "split_by_key takes a TeacherCache, a cache path, a TeacherCacheDataset, a "
+            "StreamingTeacherDataset or a datasets.Dataset with a 'key' column, got "
+            f"{type(data).__name__}"
         )
     result: tuple[Any, Any] = split(eval_fraction, seed)
     return result

@@ -85,6 +85,18 @@ def test_split_ignores_layout_and_survives_appending(cache, tmp_path):
     assert 0 < len(new_eval) < 200
 
 
+def test_split_of_keyed_rows_agrees_with_the_cache(cache):
+    """A datasets.Dataset with a key column (TRL's side) splits the same way."""
+    datasets = pytest.importorskip("datasets")
+    held_cache = keys_of(split_by_key(cache, 0.25)[1])
+    for kind in (str, int):  # an Arrow column holds one type: the cache's str keys, its ints
+        keys = [k for k in all_keys() if isinstance(k, kind)]
+        rows = datasets.Dataset.from_dict({"key": keys, "n": list(range(len(keys)))})
+        train, held = split_by_key(rows, eval_fraction=0.25, seed=0)
+        assert list(held["key"]) == [k for k in held_cache if isinstance(k, kind)]
+        assert sorted(map(str, [*train["key"], *held["key"]])) == sorted(map(str, keys))
+
+
 def stream(cache, **kw):
     kw.setdefault("seed", 3)
     kw.setdefault("shuffle_block_size", 16)
