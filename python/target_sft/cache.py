@@ -21,6 +21,7 @@ import json
 import math
 import os
 import warnings
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -631,14 +632,24 @@ class KeySplit:
     def positions(self, cache: TeacherCache) -> npt.NDArray[np.int64]:
         """The positions of ``cache``'s records on this side, ascending (reads every key: a few
         seconds per million records)."""
-        cut = np.uint64(int(self.eval_fraction * 2.0**64))
-        n = len(cache)
-        h = np.fromiter((self.key_hash(k, self.seed) for k in cache.keys()), np.uint64, n)
-        in_eval = h < cut
+        per_seed = _SPLIT_HASHES.setdefault(cache, {})
+        h = per_seed.get(self.seed)
+        if h is None:  # read once per opened cache and seed: both sides of a split share it
+            n = len(cache)
+            h = np.fromiter((self.key_hash(k, self.seed) for k in cache.keys()), np.uint64, n)
+            per_seed[self.seed] = h
+        in_eval = h < np.uint64(int(self.eval_fraction * 2.0**64))
         return np.flatnonzero(in_eval if self.side == "eval" else ~in_eval).astype(np.int64)
 
     def __str__(self) -> str:
         return f"KeySplit({self.side!r}, eval_fraction={self.eval_fraction}, seed={self.seed})"
+
+
+#: the split hashes of an opened cache's keys, per seed (an opened cache never changes: an append
+#: is seen by a new TeacherCache); freed with the cache
+_SPLIT_HASHES: weakref.WeakKeyDictionary[TeacherCache, dict[int, npt.NDArray[np.uint64]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def split_by_key(data: Any, eval_fraction: float = 0.05, seed: int = 0) -> tuple[Any, Any]:

@@ -119,6 +119,14 @@ def test_streaming_split_every_rank_streams_its_side_once(cache):
             assert set(got) == want  # only its side, all of it
             # each key once, but for the padding that evens out the ranks (< world)
             assert len(got) - len(want) < world
+    # DataLoader workers (forked) stream the same side in the same order
+    from torch.utils.data import DataLoader
+
+    train = split_by_key(stream(cache, batch_size=4), 0.25)[0]
+    loader = DataLoader(
+        train, batch_size=4, num_workers=2, collate_fn=list, multiprocessing_context="fork"
+    )
+    assert [s.key for b in loader for s in b] == [s.key for s in train]
     # a shuffled order over the side, new every epoch
     train = split_by_key(stream(cache), 0.25)[0]
     e0 = [s.key for s in train]
