@@ -40,7 +40,17 @@ class StopAt(TrainerCallback):
         return control
 
 
-def train(model_dir: str, cache: str, out: str, tag: str, kind: str, stop: int, resume: bool):
+def train(
+    model_dir: str,
+    cache: str,
+    out: str,
+    tag: str,
+    kind: str,
+    stop: int,
+    resume: bool,
+    workers: int = 0,
+) -> None:
+    """One run (module docstring); ``workers``: ``dataloader_num_workers``."""
     torch.manual_seed(0)
     model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     if kind == "stream":
@@ -49,10 +59,11 @@ def train(model_dir: str, cache: str, out: str, tag: str, kind: str, stop: int, 
     else:
         ds = TeacherCacheDataset(cache)
     run_dir = os.path.join(out, f"run-{tag.split('.')[0]}-{kind}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     args = TrainingArguments(
         output_dir=run_dir,
         use_cpu=True,
-        ddp_backend="gloo",
+        ddp_backend="gloo" if world > 1 else None,
         report_to=[],
         disable_tqdm=True,
         per_device_train_batch_size=BATCH,
@@ -61,7 +72,7 @@ def train(model_dir: str, cache: str, out: str, tag: str, kind: str, stop: int, 
         learning_rate=1e-2,
         warmup_steps=1,
         save_strategy="no",
-        dataloader_num_workers=0,
+        dataloader_num_workers=workers,
         seed=0,
         logging_steps=1,
     )
@@ -69,9 +80,10 @@ def train(model_dir: str, cache: str, out: str, tag: str, kind: str, stop: int, 
     trainer = TargetSFTTrainer(
         model, args, train_dataset=ds, loss_kwargs={"eta": 0.5}, callbacks=callbacks
     )
-    # two processes joined by gloo, each with its own share of every batch
-    assert trainer.accelerator.num_processes == 2, trainer.accelerator.state
-    assert torch.distributed.get_backend() == "gloo"
+    # the launcher's processes (two, joined by gloo), each with its own share of every batch
+    assert trainer.accelerator.num_processes == world, trainer.accelerator.state
+    if world > 1:
+        assert torch.distributed.get_backend() == "gloo"
     ckpt = None
     if resume:
         ckpt = os.path.join(run_dir, f"checkpoint-{stop}")

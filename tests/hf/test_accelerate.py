@@ -109,6 +109,27 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(parts, full_run, tmp_pa
         assert not diff, (kind, diff)
 
 
+@pytest.mark.usefixtures("one_thread")
+def test_resume_with_dataloader_workers_is_bit_identical(parts, tmp_path, monkeypatch):
+    """The same in one process, the streaming split read by 2 DataLoader workers."""
+    from accelerate_child import train
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    model, cache = parts
+    out = str(tmp_path)
+    for tag, stop, resume in (
+        ("full", 0, False),
+        ("cut.stop", STOP, False),
+        ("cut.resume", STOP, True),
+    ):
+        train(model, cache, out, tag, "stream", stop, resume, workers=2)
+    full = load_file(os.path.join(out, "full-stream.safetensors"))
+    stopped = load_file(os.path.join(out, "cut.stop-stream.safetensors"))
+    resumed = load_file(os.path.join(out, "cut.resume-stream.safetensors"))
+    assert any(not torch.equal(full[k], stopped[k]) for k in full)
+    assert [k for k in full if not torch.equal(full[k], resumed[k])] == []
+
+
 # ------------------------------------------------------------------ wrapped datasets, eval splits
 
 
