@@ -50,13 +50,8 @@ def launch(launcher: str, *child_args: str) -> None:
         pre = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
         pre += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
         pre += ["--main_process_ip", "127.0.0.1", "--main_process_port", port]
-    src = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(CHILD))), "python")
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
-        "ACCELERATE_CONFIG_FILE": os.devnull,  # no user config
-    }
+    # HF_HOME: no user accelerate config (its default_config.yaml) changes the launch
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": os.path.join(child_args[2], "hf")}
     cmd = [sys.executable, *pre, CHILD, *child_args]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
