@@ -618,6 +618,8 @@ class KeySplit:
         if isinstance(key, str):
             enc = b"s" + key.encode("utf-8")
         elif isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+            if not -(2**63) <= int(key) < 2**63:
+                raise CacheInputError(f"an int key is an int64, got {key!r}")
             enc = b"i" + int(key).to_bytes(8, "little", signed=True)
         else:
             raise CacheInputError(f"a key is an int or a str, got {key!r}")

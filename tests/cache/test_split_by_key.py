@@ -169,5 +169,8 @@ def test_split_errors(cache):
         split_by_key([1, 2, 3])
     with pytest.raises(CacheInputError, match="must be a KeySplit"):
         TeacherCacheDataset(cache, key_split="eval")
+    for key in (2**63, 1.5, None, b"k"):
+        with pytest.raises(CacheInputError, match="key"):
+            KeySplit("eval", 0.1).holds(key)
     with pytest.raises(CacheInputError, match="no record"):
         stream(cache, key_split=KeySplit("eval", 1e-9))
