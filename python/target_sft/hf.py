@@ -426,12 +426,14 @@ class TargetSFTTrainerMixin:
     too; every batch's ids are checked against the model before its forward pass
     (:func:`compute_target_sft_loss`).
 
+    Datasets are looked into through ``torch.utils.data.Subset``, ``ConcatDataset`` and dicts of
+    eval datasets. Without a ``data_collator``, a dataset that is not teacher data is a
+    ``TypeError`` when the loss needs the teacher (HF's default collator would drop the teacher
+    tensors); a ``StreamingTeacherDataset`` inside a ``Subset``/``ConcatDataset`` always is.
+
     ``data_collator`` defaults to a :class:`~target_sft.TargetSFTCollator` (pad id from the
-    tokenizer, else the model config, else 0) when the datasets are
-    :class:`~target_sft.TeacherCacheDataset` or :class:`~target_sft.StreamingTeacherDataset`
-    (also inside ``torch.utils.data.Subset``/``ConcatDataset`` and dicts of eval datasets);
-    without a ``data_collator``, any other dataset is a ``TypeError`` when the loss needs the
-    teacher (HF's default collator would drop the teacher tensors).
+    tokenizer, else the model config, else 0) when the dataset is a
+    :class:`~target_sft.TeacherCacheDataset` or :class:`~target_sft.StreamingTeacherDataset`.
     """
 
     def __init__(
