@@ -39,6 +39,8 @@ _EXPORTS: dict[str, str] = {
     "build_batch": "target_sft.collate",
     "TargetSFTCollator": "target_sft.collate",
     "TeacherCacheDataset": "target_sft.cache",
+    "KeySplit": "target_sft.cache",
+    "split_by_key": "target_sft.cache",
     # errors
     "BuildError": "target_sft.errors",
     "CacheError": "target_sft.errors",
@@ -79,6 +81,7 @@ __all__ = [
     "CacheSample",
     "CacheVersionError",
     "CacheWriter",
+    "KeySplit",
     "QTargetLoss",
     "StreamingTeacherDataset",
     "TargetSFTCollator",
@@ -92,6 +95,7 @@ __all__ = [
     "build_teacher_cache",
     "fused_linear_target_sft_loss",
     "induced_target",
+    "split_by_key",
     "target_sft_loss",
     "tokenize_sft",
     "write_report",
@@ -118,8 +122,10 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers only
         CacheRecord,
         CacheSample,
         CacheWriter,
+        KeySplit,
         TeacherCache,
         TeacherCacheDataset,
+        split_by_key,
     )
     from target_sft.collate import TargetSFTCollator, build_batch
     from target_sft.config import TargetSFTConfig, TargetSFTTRLConfig

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import warnings
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,9 +44,11 @@ __all__ = [
     "CacheSample",
     "CacheWriter",
     "FidelityStats",
+    "KeySplit",
     "TeacherCache",
     "TeacherCacheDataset",
     "merge_manifests",
+    "split_by_key",
 ]
 
 
@@ -522,16 +525,25 @@ class CacheSample:
 
 
 class TeacherCacheDataset:
-    """A map-style dataset over every record of a cache: item ``i`` is ``CacheSample(cache, i)``.
+    """A map-style dataset over every record of a cache: item ``i`` is ``CacheSample(cache, i)``
+    (or, with ``key_split``, over the records of one side of a split: item ``i`` is the
+    ``i``-th of them in cache order; see :func:`split_by_key`).
 
     The cache holds the token ids, so no second dataset is needed; pair it with
     :class:`TargetSFTCollator`. The dataset holds no per-sample Python objects, so forked
-    DataLoader workers do not copy-on-write a large list; it pickles as the cache path.
+    DataLoader workers do not copy-on-write a large list; it pickles as the cache path (and the
+    split's positions, 8 bytes a record).
     """
 
-    def __init__(self, cache: TeacherCache | str | os.PathLike[str]) -> None:
+    def __init__(
+        self, cache: TeacherCache | str | os.PathLike[str], *, key_split: KeySplit | None = None
+    ) -> None:
         self.cache = cache if isinstance(cache, TeacherCache) else TeacherCache(cache)
-        self._len = len(self.cache)
+        if key_split is not None and not isinstance(key_split, KeySplit):
+            raise CacheInputError(f"key_split must be a KeySplit, got {key_split!r}")
+        self.key_split = key_split
+        self._positions = None if key_split is None else key_split.positions(self.cache)
+        self._len = len(self.cache) if self._positions is None else len(self._positions)
 
     def __len__(self) -> int:
         return self._len
@@ -544,11 +556,133 @@ class TeacherCacheDataset:
             i += self._len
         if not 0 <= i < self._len:
             raise IndexError(f"index {int(index)} is out of range for {self._len} records")
-        return CacheSample(self.cache, i)
+        return CacheSample(self.cache, i if self._positions is None else int(self._positions[i]))
 
     def __getitems__(self, indices: Sequence[int]) -> list[CacheSample]:
         """Batched fetch (used by ``DataLoader`` when present)."""
         return [self[i] for i in indices]
 
+    def split_by_key(
+        self, eval_fraction: float = 0.05, seed: int = 0
+    ) -> tuple[TeacherCacheDataset, TeacherCacheDataset]:
+        """``(train, eval)`` datasets over this dataset's cache: see :func:`split_by_key`."""
+        if self.key_split is not None:
+            raise CacheInputError(
+                f"this dataset is already one side of a split ({self.key_split}); split the "
+                "cache itself: split_by_key(cache, eval_fraction=..., seed=...)"
+            )
+        train, held = KeySplit.pair(eval_fraction, seed)
+        return (
+            TeacherCacheDataset(self.cache, key_split=train),
+            TeacherCacheDataset(self.cache, key_split=held),
+        )
+
     def __repr__(self) -> str:
-        return f"TeacherCacheDataset({self.cache!r})"
+        split = "" if self.key_split is None else f", key_split={self.key_split}"
+        return f"TeacherCacheDataset({self.cache!r}{split})"
+
+
+@dataclass(frozen=True, slots=True)
+class KeySplit:
+    """One side of a deterministic train/eval split of a cache's records by key.
+
+    A key is on the eval side when the first 64 bits of ``XXH3-128(seed as 8 little-endian
+    bytes + the key's bytes)`` (the key encoded as in docs/FORMAT.md §3: ``b"i"`` + int64 LE, or
+    ``b"s"`` + UTF-8), read as a big-endian integer, are below ``eval_fraction · 2**64``. So the
+    side of a key depends on the key, ``seed`` and ``eval_fraction`` only: the same on every
+    rank, worker and machine, whatever the shard layout or record order, and never changed by
+    appending records to the cache (a larger ``eval_fraction`` only moves keys to eval).
+    :func:`split_by_key` builds the two sides; datasets take one as ``key_split=``.
+    """
+
+    side: Literal["train", "eval"]
+    eval_fraction: float
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.side not in ("train", "eval"):
+            raise CacheInputError(f'side must be "train" or "eval", got {self.side!r}')
+        f = self.eval_fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 < f < 1.0:
+            raise CacheInputError(f"eval_fraction must be a number in (0, 1), got {f!r}")
+        check_int("seed", self.seed, 0, 2**64 - 1)
+
+    @classmethod
+    def pair(cls, eval_fraction: float = 0.05, seed: int = 0) -> tuple[KeySplit, KeySplit]:
+        """The train and eval sides of one split."""
+        return cls("train", eval_fraction, seed), cls("eval", eval_fraction, seed)
+
+    @staticmethod
+    def key_hash(key: Key, seed: int = 0) -> int:
+        """The split's 64-bit hash of a key (class docstring)."""
+        if isinstance(key, str):
+            enc = b"s" + key.encode("utf-8")
+        elif isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+            if not -(2**63) <= int(key) < 2**63:
+                raise CacheInputError(f"an int key is an int64, got {key!r}")
+            enc = b"i" + int(key).to_bytes(8, "little", signed=True)
+        else:
+            raise CacheInputError(f"a key is an int or a str, got {key!r}")
+        data = int(seed).to_bytes(8, "little") + enc
+        return int(_core.xxh3_128(np.frombuffer(data, dtype=np.uint8))[:16], 16)
+
+    def holds(self, key: Key) -> bool:
+        """Whether ``key`` is on this side."""
+        in_eval = self.key_hash(key, self.seed) < int(self.eval_fraction * 2.0**64)
+        return in_eval == (self.side == "eval")
+
+    def positions(self, cache: TeacherCache) -> npt.NDArray[np.int64]:
+        """The positions of ``cache``'s records on this side, ascending (reads every key: a few
+        seconds per million records)."""
+        per_seed = _SPLIT_HASHES.setdefault(cache, {})
+        h = per_seed.get(self.seed)
+        if h is None:  # read once per opened cache and seed: both sides of a split share it
+            n = len(cache)
+            h = np.fromiter((self.key_hash(k, self.seed) for k in cache.keys()), np.uint64, n)
+            per_seed[self.seed] = h
+        in_eval = h < np.uint64(int(self.eval_fraction * 2.0**64))
+        return np.flatnonzero(in_eval if self.side == "eval" else ~in_eval).astype(np.int64)
+
+    def __str__(self) -> str:
+        return f"KeySplit({self.side!r}, eval_fraction={self.eval_fraction}, seed={self.seed})"
+
+
+#: the split hashes of an opened cache's keys, per seed (an opened cache never changes: an append
+#: is seen by a new TeacherCache); freed with the cache
+_SPLIT_HASHES: weakref.WeakKeyDictionary[TeacherCache, dict[int, npt.NDArray[np.uint64]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def split_by_key(data: Any, eval_fraction: float = 0.05, seed: int = 0) -> tuple[Any, Any]:
+    """Split a cache's records into ``(train, eval)`` datasets by a hash of their keys.
+
+    Args:
+        data: a :class:`TeacherCache`, a cache directory or a :class:`TeacherCacheDataset` (gives
+            two ``TeacherCacheDataset``), a ``StreamingTeacherDataset`` (gives two streaming
+            datasets with the same settings, each streaming only its side on every rank and
+            worker, resumable as before), or a ``datasets.Dataset`` with a ``key`` column (rows
+            keyed for the collator, e.g. ``cache.to_hf_dataset()``; gives its two filtered
+            halves, each row on the side of its key).
+        eval_fraction: the expected share of records held out, in ``(0, 1)``.
+        seed: another seed, another split.
+
+    A record's side is a function of its key, ``seed`` and ``eval_fraction`` only
+    (:class:`KeySplit`): the same on every rank and machine, independent of the shard layout,
+    and stable when the cache is appended to (new records fall on either side; old ones stay).
+    The share is ``eval_fraction`` in expectation (binomial), not exactly.
+    """
+    if isinstance(data, (TeacherCache, str, os.PathLike)):
+        data = TeacherCacheDataset(data)
+    if "key" in (getattr(data, "column_names", None) or ()) and hasattr(data, "filter"):
+        sides = KeySplit.pair(eval_fraction, seed)
+        return tuple(data.filter(side.holds, input_columns="key") for side in sides)  # type: ignore[return-value]
+    split = getattr(data, "split_by_key", None)
+    if not callable(split):
+        raise CacheInputError(
+            "split_by_key takes a TeacherCache, a cache path, a TeacherCacheDataset, a "
+            "StreamingTeacherDataset or a datasets.Dataset with a 'key' column, got "
+            f"{type(data).__name__}"
+        )
+    result: tuple[Any, Any] = split(eval_fraction, seed)
+    return result

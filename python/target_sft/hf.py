@@ -320,23 +320,79 @@ def _is_streaming(dataset: Any) -> bool:
     return isinstance(dataset, StreamingTeacherDataset)
 
 
+def _dataset_leaves(
+    dataset: Any, label: str, wrapper: str | None = None
+) -> Iterator[tuple[str, Any, str | None]]:
+    """``(label, dataset, wrapper)`` of every dataset that ``dataset`` is made of, looking
+    through ``torch.utils.data.Subset``, ``ConcatDataset`` and a dict of eval datasets
+    (``wrapper``: the innermost ``Subset``/``ConcatDataset`` class name holding it, or ``None``).
+    The leaves are teacher datasets or anything else, which the caller judges."""
+    if dataset is None:
+        return
+    if isinstance(dataset, Mapping):
+        for name, ds in dataset.items():
+            yield from _dataset_leaves(ds, f"{label}[{name!r}]", wrapper)
+    elif isinstance(dataset, torch.utils.data.Subset):
+        yield from _dataset_leaves(dataset.dataset, f"{label}.dataset", "Subset")
+    elif isinstance(dataset, torch.utils.data.ConcatDataset):
+        for i, ds in enumerate(dataset.datasets):
+            yield from _dataset_leaves(ds, f"{label}.datasets[{i}]", "ConcatDataset")
+    else:
+        yield label, dataset, wrapper
+
+
+def _is_teacher_data(dataset: Any) -> bool:
+    return isinstance(dataset, TeacherCacheDataset) or _is_streaming(dataset)
+
+
 def _dataset_caches(dataset: Any, label: str) -> Iterator[tuple[str, Any]]:
     """``(label, CacheInfo)`` of every teacher cache a dataset reads (through ``Subset``,
     ``ConcatDataset`` and a dict of eval datasets)."""
-    if dataset is None:
-        return
-    if isinstance(dataset, TeacherCacheDataset):
-        yield label, dataset.cache.info
-    elif _is_streaming(dataset):
-        yield label, dataset.info
-    elif isinstance(dataset, Mapping):
-        for name, ds in dataset.items():
-            yield from _dataset_caches(ds, f"{label}[{name!r}]")
-    elif isinstance(dataset, torch.utils.data.Subset):
-        yield from _dataset_caches(dataset.dataset, label)
-    elif isinstance(dataset, torch.utils.data.ConcatDataset):
-        for i, ds in enumerate(dataset.datasets):
-            yield from _dataset_caches(ds, f"{label}.datasets[{i}]")
+    for where, ds, _ in _dataset_leaves(dataset, label):
+        if isinstance(ds, TeacherCacheDataset):
+            yield where, ds.cache.info
+        elif _is_streaming(ds):
+            yield where, ds.info
+
+
+def _check_datasets(
+    datasets: Mapping[str, Any], *, has_collator: bool, needs_teacher: bool
+) -> bool:
+    """Whether every dataset is teacher data (then, without a ``data_collator``, the trainer
+    builds a :class:`TargetSFTCollator`), through ``Subset``/``ConcatDataset``/dicts.
+
+    Raises ``TypeError``: a ``StreamingTeacherDataset`` inside a ``Subset``/``ConcatDataset``
+    (an iterable dataset cannot be indexed or concatenated); no ``data_collator`` and a
+    dataset that is not teacher data while the loss needs the teacher (HF's default collator
+    would give batches without teacher tensors, or fail obscurely on the cache's items)."""
+    leaves = [x for name, ds in datasets.items() for x in _dataset_leaves(ds, name)]
+    for where, ds, wrapper in leaves:
+        if _is_streaming(ds) and wrapper is not None:
+            raise TypeError(
+                f"TargetSFTTrainer: {where} is a StreamingTeacherDataset inside a {wrapper}: "
+                "an iterable dataset cannot be indexed or concatenated; pass it on its own "
+                "(to hold samples out, target_sft.split_by_key(dataset, eval_fraction=...))"
+            )
+    foreign = [(where, ds) for where, ds, _ in leaves if not _is_teacher_data(ds)]
+    if not foreign:
+        return bool(leaves)
+    if has_collator or not needs_teacher:
+        return False
+    where, ds = foreign[0]
+    raise TypeError(
+        f"TargetSFTTrainer: {where} is {_describe_dataset(ds)}, not teacher data, and no "
+        "data_collator was given, so its batches would carry no teacher tensors. Pass a "
+        "target_sft.TeacherCacheDataset or StreamingTeacherDataset (also inside "
+        "torch.utils.data.Subset / ConcatDataset, or a dict of eval datasets), or pass rows "
+        "with a 'key' (and 'input_ids') together with data_collator=TargetSFTCollator(cache, "
+        "pad_token_id=...)"
+    )
+
+
+def _describe_dataset(ds: Any) -> str:
+    kind = type(ds).__name__
+    n = f" of {len(ds)} items" if hasattr(ds, "__len__") else ""
+    return f"a {kind}{n}"
 
 
 def _default_pad_id(kwargs: Mapping[str, Any], model: Any) -> int:
@@ -372,6 +428,11 @@ class TargetSFTTrainerMixin:
     too; every batch's ids are checked against the model before its forward pass
     (:func:`compute_target_sft_loss`).
 
+    Datasets are looked into through ``torch.utils.data.Subset``, ``ConcatDataset`` and dicts of
+    eval datasets. Without a ``data_collator``, a dataset that is not teacher data is a
+    ``TypeError`` when the loss needs the teacher (HF's default collator would drop the teacher
+    tensors); a ``StreamingTeacherDataset`` inside a ``Subset``/``ConcatDataset`` always is.
+
     ``data_collator`` defaults to a :class:`~target_sft.TargetSFTCollator` (pad id from the
     tokenizer, else the model config, else 0) when the dataset is a
     :class:`~target_sft.TeacherCacheDataset` or :class:`~target_sft.StreamingTeacherDataset`.
@@ -400,13 +461,16 @@ class TargetSFTTrainerMixin:
                 "train with fused_linear=False (materialised logits)"
             )
         self.allow_tokenizer_mismatch = bool(allow_tokenizer_mismatch)
-        if kwargs.get("data_collator") is None and len(args) < 3:
-            ds = kwargs.get("train_dataset", kwargs.get("eval_dataset"))
-            if isinstance(ds, TeacherCacheDataset) or _is_streaming(ds):
-                model = args[0] if args else kwargs.get("model")
-                kwargs["data_collator"] = TargetSFTCollator(
-                    pad_token_id=_default_pad_id(kwargs, model)
-                )
+        has_collator = kwargs.get("data_collator") is not None or len(args) >= 3
+        datasets = {
+            k: kwargs[k] for k in ("train_dataset", "eval_dataset") if kwargs.get(k) is not None
+        }
+        teacher = _check_datasets(
+            datasets, has_collator=has_collator, needs_teacher=_needs_teacher(self.loss_fn)
+        )
+        if not has_collator and teacher:
+            model = args[0] if args else kwargs.get("model")
+            kwargs["data_collator"] = TargetSFTCollator(pad_token_id=_default_pad_id(kwargs, model))
         super().__init__(*args, **kwargs)  # type: ignore[call-arg]
         # HF counts num_items_in_batch (and treats the loss as normalised over the accumulated
         # batch, i.e. does not divide it by the accumulation steps again) only for models that

@@ -15,6 +15,7 @@ for any other world size, worker count or batch size. Inside DataLoader workers 
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import os
@@ -29,7 +30,7 @@ import numpy as np
 import numpy.typing as npt
 from torch.utils.data import IterableDataset, get_worker_info
 
-from target_sft.cache import CacheInfo, CacheSample, TeacherCache
+from target_sft.cache import CacheInfo, CacheSample, KeySplit, TeacherCache
 from target_sft.checks import check_int, parse_size
 from target_sft.errors import CacheInputError, CacheMismatchError
 from target_sft.streaming.manifest import fetch_manifest
@@ -87,6 +88,10 @@ class StreamingTeacherDataset(IterableDataset):  # type: ignore[type-arg]
         storage_options: passed to fsspec (credentials, endpoint, ...).
         rank, world_size: override the job's rank and size (default: ``torch.distributed`` if
             initialised, else the ``RANK``/``WORLD_SIZE`` environment variables, else 0 and 1).
+        key_split: stream only one side of a split by key (:class:`~target_sft.KeySplit`; see
+            :meth:`split_by_key`): the epoch order, the rank and worker shares and the resume
+            state are then those of that side's records. Local caches only (the keys are read
+            once, at construction).
 
     Use ``set_epoch(epoch)`` before each epoch (like ``DistributedSampler``). Save progress with
     :meth:`state_dict` (see there for ``num_workers > 0``) or through torchdata's
@@ -111,6 +116,7 @@ class StreamingTeacherDataset(IterableDataset):  # type: ignore[type-arg]
         storage_options: dict[str, Any] | None = None,
         rank: int | None = None,
         world_size: int | None = None,
+        key_split: KeySplit | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(shuffle, (bool, np.bool_)):
@@ -158,9 +164,8 @@ class StreamingTeacherDataset(IterableDataset):  # type: ignore[type-arg]
             self.info = self._cache.info
         shards = self.info.shards
         self._shard_records = np.array([s["records"] for s in shards], dtype=np.int64)
-        self.num_records = int(self._shard_records.sum())
-        ident = [(s["file"], s["records"], s.get("checksum", "")) for s in shards]
-        self.fingerprint = hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:32]
+        ident: list[Any] = [(s["file"], s["records"], s.get("checksum", "")) for s in shards]
+        self._apply_key_split(key_split, ident)
 
         # position: epoch, start of the epoch's remaining segment, per-worker resume
         self._epoch = check_int("epoch", epoch, 0)
@@ -172,6 +177,55 @@ class StreamingTeacherDataset(IterableDataset):  # type: ignore[type-arg]
         self._iter_pid = os.getpid()
         self._store: ShardStore | None = None
         self._store_pid = -1
+
+    def _apply_key_split(self, key_split: KeySplit | None, ident: list[Any]) -> None:
+        """The records the epochs order: every record, or those of ``key_split``'s side (then
+        ``_select`` maps an index among them to its global position, ``_order_records`` counts
+        them per shard, and the fingerprint names the split, so no state crosses splits)."""
+        if key_split is not None and not isinstance(key_split, KeySplit):
+            raise CacheInputError(f"key_split must be a KeySplit, got {key_split!r}")
+        self.key_split = key_split
+        self._select: npt.NDArray[np.int64] | None = None
+        self._order_records = self._shard_records
+        if key_split is not None:
+            if self._cache is None:
+                raise CacheInputError(
+                    f"key_split needs a local cache ({self.source} is remote: its keys are in "
+                    "its shards); split a local copy, or build the train and eval caches apart"
+                )
+            self._select = key_split.positions(self._cache)
+            if self._select.size == 0:
+                raise CacheInputError(
+                    f"no record of {self.source} ({len(self._cache)} records) is on the "
+                    f"{key_split.side} side of {key_split}"
+                )
+            starts = np.cumsum(self._shard_records)
+            shard = np.searchsorted(starts, self._select, side="right")
+            self._order_records = np.bincount(shard, minlength=len(starts)).astype(np.int64)
+            ident = [*ident, str(key_split)]
+        self.num_records = int(self._order_records.sum())
+        self.fingerprint = hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:32]
+
+    def split_by_key(
+        self, eval_fraction: float = 0.05, seed: int = 0
+    ) -> tuple[StreamingTeacherDataset, StreamingTeacherDataset]:
+        """``(train, eval)``: two datasets with this one's settings, each streaming one side of
+        a split of the cache by key (:func:`target_sft.split_by_key`), at the start of this
+        dataset's epoch. Local caches only."""
+        if self.key_split is not None:
+            raise CacheInputError(
+                f"this dataset is already one side of a split ({self.key_split}); split the "
+                "cache itself"
+            )
+        shards = self.info.shards
+        ident = [(s["file"], s["records"], s.get("checksum", "")) for s in shards]
+        out = []
+        for side in KeySplit.pair(eval_fraction, seed):
+            ds = copy.copy(self)
+            ds._start, ds._worker_resume, ds._progress, ds._iterations = 0, None, None, 0
+            ds._apply_key_split(side, list(ident))
+            out.append(ds)
+        return out[0], out[1]
 
     # ---- epoch / length ---------------------------------------------------------------------
 
@@ -222,6 +276,7 @@ class StreamingTeacherDataset(IterableDataset):  # type: ignore[type-arg]
             "shuffle": self.shuffle,
             "seed": self.seed,
             "shuffle_block_size": self.shuffle_block_size,
+            "key_split": None if self.key_split is None else str(self.key_split),
         }
 
     def state_dict(
@@ -322,6 +377,12 @@ class StreamingTeacherDataset(IterableDataset):  # type: ignore[type-arg]
     def _check_state(self, state: dict[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:
             raise CacheInputError(f"unsupported streaming state version {state.get('version')!r}")
+        mine = None if self.key_split is None else str(self.key_split)
+        if state.get("key_split") != mine:
+            raise CacheMismatchError(
+                f"the state was saved streaming key_split={state.get('key_split')}, this "
+                f"dataset streams key_split={mine}: another set of records"
+            )
         if state.get("fingerprint") != self.fingerprint:
             raise CacheMismatchError(
                 "the state was saved for another cache (its shard list differs from "
@@ -439,7 +500,7 @@ class StreamingTeacherDataset(IterableDataset):  # type: ignore[type-arg]
         progress = {"layout": lay, "yielded": min(skip, total)}
         self._progress = progress
         order = EpochOrder(
-            self._shard_records,
+            self._order_records,
             seed=self.seed,
             epoch=self._epoch,
             shuffle=self.shuffle,
@@ -461,9 +522,9 @@ class StreamingTeacherDataset(IterableDataset):  # type: ignore[type-arg]
             k = np.where(k < order.n, k, (k - order.n) % max(order.n, 1))
             # one step per shuffle block: a remote worker pins the shards of one block at a time
             blocks = k // order.block_size
-            yield from (
-                order.positions(x) for x in np.split(k, np.flatnonzero(np.diff(blocks)) + 1)
-            )
+            for x in np.split(k, np.flatnonzero(np.diff(blocks)) + 1):
+                p = order.positions(x)
+                yield p if self._select is None else self._select[p]
 
     def _iter_local(
         self, steps: Iterator[npt.NDArray[np.int64]], progress: dict[str, Any]
@@ -569,5 +630,7 @@ class StreamingTeacherDataset(IterableDataset):  # type: ignore[type-arg]
         return (
             f"StreamingTeacherDataset({self.source!r}, records={self.num_records}, "
             f"shards={len(self._shard_records)}, shuffle={self.shuffle}, seed={self.seed}, "
-            f"batch_size={self.batch_size}, drop_last={self.drop_last}, epoch={self._epoch})"
+            f"batch_size={self.batch_size}, drop_last={self.drop_last}, epoch={self._epoch}"
+            + ("" if self.key_split is None else f", key_split={self.key_split}")
+            + ")"
         )
