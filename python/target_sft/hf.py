@@ -531,7 +531,8 @@ class TargetSFTTrainerMixin:
         allow_tokenizer_mismatch: warn instead of raising when the tokenizer or the model's
             vocabulary does not match a cache (see below).
         fused_linear: compute the loss from the last hidden states and the LM head, never
-            building the ``[B, L, V]`` logits (:func:`compute_target_sft_loss`).
+            building the ``[B, L, V]`` logits (:func:`compute_target_sft_loss`); evaluation
+            then gives the loss but no logits (so no ``compute_metrics``).
 
     Checks at construction, against every teacher cache of ``train_dataset``,
     ``eval_dataset`` and ``data_collator.cache``: the tokenizer (``processing_class``, or
@@ -562,6 +563,11 @@ class TargetSFTTrainerMixin:
             raise TypeError(
                 f"fused_linear=True needs a Q-target loss (a preset name or a QTargetLoss), got "
                 f"loss={self.loss_fn!r}, which can only be called on logits"
+            )
+        if self.fused_linear and kwargs.get("compute_metrics") is not None:
+            raise ValueError(
+                "compute_metrics needs the model's logits, which fused_linear=True never builds: "
+                "evaluate with a trainer without fused_linear (the eval loss is the same)"
             )
         self.allow_tokenizer_mismatch = bool(allow_tokenizer_mismatch)
         if kwargs.get("data_collator") is None and len(args) < 3:

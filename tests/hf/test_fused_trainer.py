@@ -170,6 +170,31 @@ def test_trainer_two_steps_same_parameters(cache, model_dirs, tmp_path, monkeypa
         assert_close(b[name], w, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_evaluate_gives_the_same_loss(cache, model_dirs, tmp_path):
+    losses = []
+    for fused in (False, True):
+        trainer = TargetSFTTrainer(
+            load(model_dirs["qwen2"], dtype=torch.float32),
+            TrainingArguments(
+                output_dir=str(tmp_path), use_cpu=True, report_to=[], disable_tqdm=True
+            ),
+            eval_dataset=TeacherCacheDataset(cache),
+            data_collator=collate(cache),
+            fused_linear=fused,
+        )
+        losses.append(trainer.evaluate()["eval_loss"])
+    assert abs(losses[0] - losses[1]) <= 1e-6 * abs(losses[0])
+    with pytest.raises(ValueError, match="compute_metrics needs the model's logits"):
+        TargetSFTTrainer(
+            trainer.model,
+            trainer.args,
+            eval_dataset=TeacherCacheDataset(cache),
+            data_collator=collate(cache),
+            compute_metrics=lambda p: {},
+            fused_linear=True,
+        )
+
+
 def test_triton_fused_linear_kernels_agree(cache, model_dirs):
     from triton.knobs import runtime
 
@@ -179,6 +204,41 @@ def test_triton_fused_linear_kernels_agree(cache, model_dirs):
     ref = loss_and_grads(model, batch, L.TargetSFT(eta=ETA, impl="torch"))
     got = loss_and_grads(model, batch, L.TargetSFT(eta=ETA, impl="triton"), fused_linear=True)
     assert_same(got, ref, rtol=1e-4, atol=1e-6)
+
+
+def _ddp_worker(rank: int, port: int, cache_path, model_path, out_dir) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    cache = TeacherCache(cache_path)
+    batch = batch_of(cache, 6)
+    batch = {k: v[rank * 3 : rank * 3 + 3] for k, v in batch.items()}  # each rank its half
+    grads = {}
+    for fused in (False, True):
+        model = load(model_path)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        compute_target_sft_loss(ddp, batch, eta=ETA, fused_linear=fused).backward()
+        grads[fused] = {k: p.grad for k, p in model.named_parameters()}
+    torch.save(grads, out_dir / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_ddp_synchronises_the_fused_gradients(cache, model_dirs, tmp_path):
+    """Two gloo processes, each its own half of the batch: the fused path runs the DDP wrapper's
+    forward, so the gradients are averaged over the ranks exactly as on the logits path."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(port, cache.path, model_dirs["llama"], tmp_path), nprocs=2)
+    g0, g1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    for name, want in g0[False].items():
+        assert_close(g0[True][name], want, rtol=1e-10, atol=1e-12, msg=name)
+        assert_close(g1[True][name], want, rtol=1e-10, atol=1e-12, msg=name)  # synchronised
 
 
 # ---------------------------------------------------------------------------------- errors
