@@ -532,7 +532,8 @@ class TargetSFTTrainerMixin:
             vocabulary does not match a cache (see below).
         fused_linear: compute the loss from the last hidden states and the LM head, never
             building the ``[B, L, V]`` logits (:func:`compute_target_sft_loss`); evaluation
-            then gives the loss but no logits (so no ``compute_metrics``).
+            then gives the loss but no logits (so no ``compute_metrics``). Not given:
+            ``args.fused_linear`` (a ``TargetSFTConfig`` field), else ``False``.
 
     Checks at construction, against every teacher cache of ``train_dataset``,
     ``eval_dataset`` and ``data_collator.cache``: the tokenizer (``processing_class``, or
@@ -554,11 +555,14 @@ class TargetSFTTrainerMixin:
         loss: str | LossFn | None = "target_sft",
         loss_kwargs: Mapping[str, Any] | None = None,
         allow_tokenizer_mismatch: bool = False,
-        fused_linear: bool = False,
+        fused_linear: bool | None = None,
         **kwargs: Any,
     ) -> None:
         self.loss_fn = make_loss(loss, **dict(loss_kwargs or {}))
-        self.fused_linear = bool(fused_linear)
+        train_args = args[1] if len(args) > 1 else kwargs.get("args")
+        self.fused_linear = bool(
+            getattr(train_args, "fused_linear", False) if fused_linear is None else fused_linear
+        )
         if self.fused_linear and not isinstance(self.loss_fn, QTargetLoss):
             raise TypeError(
                 f"fused_linear=True needs a Q-target loss (a preset name or a QTargetLoss), got "

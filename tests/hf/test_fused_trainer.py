@@ -77,7 +77,8 @@ def loss_and_grads(model, batch, loss="target_sft", **kw):
     model.zero_grad()
     out = compute_target_sft_loss(model, batch, loss, **kw)
     out.backward()
-    grads = {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}
+    params = model.named_parameters()
+    grads = {k.removeprefix("_orig_mod."): p.grad.clone() for k, p in params if p.grad is not None}
     return out.detach(), grads
 
 
@@ -109,6 +110,27 @@ def test_other_presets_and_packed_batches(cache, model_dirs, loss, kw):
     ref = loss_and_grads(model, packed, loss, **kw)
     got = loss_and_grads(model, packed, loss, fused_linear=True, **kw)
     assert_same(got, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_torch_compile(cache, model_dirs):
+    model = load(model_dirs["mistral"])
+    batch = batch_of(cache, 4)
+    ref = loss_and_grads(model, batch, eta=ETA)
+    compiled = torch.compile(model, backend="aot_eager")
+    for _ in range(2):  # the hook of one call is gone at the next: no recompilation needed
+        got = loss_and_grads(compiled, batch, eta=ETA, fused_linear=True)
+        assert_same(got, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_args_fused_linear_field(cache, model_dirs, tmp_path):
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    args.fused_linear = True  # what a TargetSFTConfig carries
+    trainer = TargetSFTTrainer(load(model_dirs["llama"]), args, data_collator=collate(cache))
+    assert trainer.fused_linear is True
+    trainer = TargetSFTTrainer(
+        trainer.model, args, data_collator=collate(cache), fused_linear=False
+    )
+    assert trainer.fused_linear is False
 
 
 def test_num_items_and_outputs(cache, model_dirs):

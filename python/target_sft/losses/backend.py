@@ -161,19 +161,22 @@ class FusedLinearBackend(Backend):
         self.flat_logits = self.logits.reshape(-1, vocab)
 
     def row_stats(self, batch: FlatBatch, request: StatRequest) -> RowStats:
-        head = (
-            self._hidden.detach(),
-            self._weight.detach(),
-            None if self._bias is None else self._bias.detach(),
-        )
-        rows = (batch.safe_labels, _support(batch), batch.mask, request)
+        bias = None if self._bias is None else self._bias.detach()
+        args = (self._hidden.detach(), self._weight.detach(), bias, batch.safe_labels)
         if self.impl == "torch":
             return fused_row_stats(
-                *head, *rows, softcap=self.softcap, chunk_elements=self.chunk_elements
+                *args,
+                _support(batch),
+                batch.mask,
+                request,
+                softcap=self.softcap,
+                chunk_elements=self.chunk_elements,
             )
         from ..kernels.triton_fused_linear import fused_linear_row_stats  # imports Triton
 
-        return fused_linear_row_stats(*head, *rows, softcap=self.softcap, blocks=self.blocks)
+        return fused_linear_row_stats(
+            *args, _support(batch), batch.mask, request, softcap=self.softcap, blocks=self.blocks
+        )
 
     def bad_row(self, batch: FlatBatch, row: int) -> str:
         where = fmt_index(batch.logits_index(row))
