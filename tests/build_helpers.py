@@ -40,6 +40,30 @@ def save_tiny_llama(path: Path, seed: int = 0, vocab: int = VOCAB, tokenizer: bo
     return path
 
 
+#: the tiny causal LMs of each family: (config class, model class) names in ``transformers``
+TINY_FAMILIES: dict[str, tuple[str, str]] = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+}
+
+
+def save_tiny_model(
+    path: Path, family: str, seed: int = 0, vocab: int = VOCAB, **config: Any
+) -> Path:
+    """A tiny random causal LM of ``family`` (:data:`TINY_FAMILIES`, or any transformers
+    ``<Name>Config`` / ``<Name>ForCausalLM`` pair given as ``"Name"``), saved with
+    ``save_pretrained``; ``config`` overrides :func:`tiny_config`."""
+    import transformers
+
+    cfg_name, model_name = TINY_FAMILIES.get(family, (f"{family}Config", f"{family}ForCausalLM"))
+    torch.manual_seed(seed)
+    cfg = getattr(transformers, cfg_name)(**{**tiny_config(vocab), **config})
+    getattr(transformers, model_name)(cfg).save_pretrained(path)
+    return path
+
+
 def save_tiny_tokenizer(
     path: Path,
     vocab: int = VOCAB,

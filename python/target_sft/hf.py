@@ -24,6 +24,7 @@ import functools
 import inspect
 import logging
 import sys
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -39,7 +40,12 @@ from target_sft.fingerprint import (
     check_student_vocab,
     student_vocab,
 )
-from target_sft.losses import LOSS_INPUT_NAMES, QTargetLoss, get_preset
+from target_sft.losses import (
+    LOSS_INPUT_NAMES,
+    QTargetLoss,
+    fused_linear_qtarget_loss,
+    get_preset,
+)
 from target_sft.losses.target_sft import target_sft_loss
 
 __all__ = [
@@ -250,6 +256,152 @@ def split_batch(
     return model_inputs, labels, loss_inputs
 
 
+#: config attributes by which a model scales its logits in ways the fused-linear path does not
+#: reproduce (Cohere's ``logit_scale``, Granite's ``logits_scaling``), when not 1
+_LOGIT_SCALING_ATTRS = ("logit_scale", "logits_scaling")
+#: models whose LM head was checked once against their own logits (:func:`_check_head_logits`)
+_HEAD_CHECKED: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _fused_linear_head(model: Any) -> tuple[Any, nn.Module, nn.Linear, float | None]:
+    """``(hf_model, body, lm_head, softcap)`` of a causal LM whose logits are
+    ``softcap·tanh(lm_head(body(...).last_hidden_state)/softcap)``, or a ``ValueError`` that names
+    the model class and what to do (never a silently different loss)."""
+    fix = "use fused_linear=False (the loss on the model's logits)"
+    hf = _transformers_model(model)
+    if hf is None:
+        raise ValueError(
+            f"fused_linear=True needs a transformers causal LM, got "
+            f"{type(_unwrap(model)).__name__}: {fix}, or run your model's body yourself and call "
+            "target_sft.losses.fused_linear_qtarget_loss(loss, hidden, lm_head_weight, labels)"
+        )
+    name = type(hf).__name__
+    head = hf.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"fused_linear=True: {name} has no output embeddings (LM head); {fix}")
+    if type(head) is not nn.Linear:
+        raise ValueError(
+            f"fused_linear=True: the LM head of {name} is a {type(head).__name__}, not a plain "
+            "torch.nn.Linear (a LoRA adapter or modules_to_save on lm_head, a quantized layer, "
+            f"...), so its weight is not the whole map; keep lm_head a plain Linear, or {fix}"
+        )
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(head.weight, DTensor) or "FullyShardedDataParallel" in {
+        type(m).__name__ for m in (model, _unwrap(model))
+    }:
+        raise ValueError(
+            f"fused_linear=True reads {name}'s lm_head.weight outside the model's forward, where "
+            "FSDP / tensor parallelism keeps it sharded: train with DDP or one process, or " + fix
+        )
+    cfg = hf.config.get_text_config() if hasattr(hf.config, "get_text_config") else hf.config
+    for attr in _LOGIT_SCALING_ATTRS:
+        value = getattr(cfg, attr, None)
+        if value is not None and float(value) != 1.0:
+            raise ValueError(
+                f"fused_linear=True: {name} scales its logits ({attr} = {value}), which the "
+                f"fused-linear loss does not reproduce; {fix}"
+            )
+    body = hf.get_decoder() if hasattr(hf, "get_decoder") else hf.base_model
+    if body is None or body is hf:
+        raise ValueError(f"fused_linear=True: {name} has no separate body (decoder); {fix}")
+    if "logits_to_keep" not in inspect.signature(type(hf).forward).parameters:
+        raise ValueError(
+            f"fused_linear=True: {name}.forward takes no logits_to_keep, so it would build the "
+            f"[B, L, V] logits anyway; {fix}"
+        )
+    softcap = getattr(cfg, "final_logit_softcapping", None)
+    return hf, body, head, None if softcap is None else float(softcap)
+
+
+def _check_head_logits(
+    hf: Any, head: nn.Linear, softcap: float | None, hidden: torch.Tensor, logits: Any
+) -> None:
+    """Once per model: its own logits at the last position (``logits_to_keep=1``) must be
+    ``softcap·tanh(lm_head(last hidden state)/softcap)``; else the model does something to its
+    logits that the fused-linear path would silently leave out."""
+    if hf in _HEAD_CHECKED:
+        return
+    name = type(hf).__name__
+    if not isinstance(logits, torch.Tensor) or logits.shape[:-1] != (hidden.shape[0], 1):
+        raise ValueError(
+            f"fused_linear=True: {name}(..., logits_to_keep=1) returned no [B, 1, V] logits to "
+            "check the LM head against; use fused_linear=False"
+        )
+    with torch.no_grad():
+        want = head(hidden[:, -1:])
+        if softcap is not None:
+            want = softcap * torch.tanh(want / softcap)
+        want, got = want.float(), logits.detach().float()
+        err = float((got - want).abs().max())
+        scale = float(want.abs().max())
+    if not err <= 1e-3 * scale + 1e-5:
+        raise ValueError(
+            f"fused_linear=True: the logits of {name} are not "
+            + ("softcap·tanh(lm_head(h)/softcap)" if softcap is not None else "lm_head(h)")
+            + f" of its last hidden state h (max difference {err:.3g} at the last position): "
+            "it transforms them in a way the fused-linear loss does not know; use "
+            "fused_linear=False"
+        )
+    _HEAD_CHECKED.add(hf)
+
+
+def _fused_linear_forward(
+    model: nn.Module,
+    model_inputs: dict[str, Any],
+    labels: Any,
+    loss_inputs: dict[str, Any],
+    loss_fn: LossFn,
+    num_items_in_batch: int | torch.Tensor | None,
+) -> tuple[torch.Tensor, Any]:
+    """The loss of :func:`compute_target_sft_loss` with ``fused_linear=True``: the model runs its
+    forward (through every wrapper: DDP, ``torch.compile``, PEFT) with ``logits_to_keep=1``; its
+    body's last hidden states, taken by a forward hook for this call, go with the LM head's
+    weight, bias and softcap to :func:`~target_sft.losses.fused_linear_qtarget_loss`."""
+    if not isinstance(loss_fn, QTargetLoss):
+        raise TypeError(
+            f"fused_linear=True needs a Q-target loss (a preset name or a QTargetLoss), got "
+            f"{loss_fn!r}, which can only be called on logits"
+        )
+    hf, body, head, softcap = _fused_linear_head(model)
+    if "logits_to_keep" in model_inputs:
+        raise ValueError("fused_linear=True sets logits_to_keep itself; leave it out of the batch")
+    seen: list[torch.Tensor] = []
+
+    def keep(_module: nn.Module, _args: Any, output: Any) -> None:
+        hidden = getattr(output, "last_hidden_state", None)
+        seen.append(output[0] if hidden is None else hidden)
+
+    handle = body.register_forward_hook(keep)
+    try:
+        outputs = model(**model_inputs, logits_to_keep=1)
+    finally:
+        handle.remove()
+    if len(seen) != 1:
+        raise RuntimeError(
+            f"fused_linear=True: the body of {type(hf).__name__} ran {len(seen)} times in one "
+            "forward (expected once)"
+        )
+    hidden = seen[0]
+    logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
+    _check_head_logits(hf, head, softcap, hidden, logits)
+    weight = head.weight
+    loss = fused_linear_qtarget_loss(
+        loss_fn,
+        hidden.to(weight.dtype),
+        weight,
+        labels,
+        bias=head.bias,
+        softcap=softcap,
+        impl=loss_fn.impl,
+        **loss_inputs,
+        num_items_in_batch=num_items_in_batch,
+    )
+    if isinstance(outputs, Mapping):  # the [B, 1, V] logits are not the model's logits
+        outputs = type(outputs)(**{k: v for k, v in outputs.items() if k != "logits"})
+    return loss, outputs
+
+
 def compute_target_sft_loss(
     model: nn.Module,
     inputs: Mapping[str, Any],
@@ -257,6 +409,7 @@ def compute_target_sft_loss(
     *,
     num_items_in_batch: int | torch.Tensor | None = None,
     return_outputs: bool = False,
+    fused_linear: bool = False,
     **loss_kwargs: Any,
 ) -> torch.Tensor | tuple[torch.Tensor, Any]:
     """Run ``model`` on a :class:`~target_sft.TargetSFTCollator` batch and compute the Q-target
@@ -272,13 +425,25 @@ def compute_target_sft_loss(
         num_items_in_batch: the mean's denominator (HF Trainer's supervised-token count over
             the accumulated micro-batches); ``None``: this batch's supervised tokens.
         return_outputs: also return the model outputs.
+        fused_linear: never build the ``[B, L, V]`` logits: run the model with
+            ``logits_to_keep=1``, take its body's last hidden states and compute the loss from
+            them and the LM head (``get_output_embeddings()``: weight, bias, and the softcap of
+            ``config.final_logit_softcapping``) with
+            :func:`~target_sft.losses.fused_linear_qtarget_loss` (Triton kernels on CUDA, the
+            chunked PyTorch reference elsewhere; same loss and gradients). For transformers
+            causal LMs whose logits are ``lm_head(last hidden state)`` (Llama, Qwen2, Qwen3,
+            Mistral, ...; checked once per model against its own logits); ``loss_fn`` must be a
+            preset name or a :class:`~target_sft.losses.QTargetLoss`. The returned outputs
+            then have no ``logits``.
 
     Returns:
         The loss (0-dim), or ``(loss, outputs)``.
 
     Raises:
         ValueError: no ``labels``; the loss needs the teacher tensors and the batch has none; a
-            packed batch the model's attention cannot keep apart (:func:`split_batch`).
+            packed batch the model's attention cannot keep apart (:func:`split_batch`);
+            ``fused_linear=True`` with a model it cannot handle (no plain ``nn.Linear`` LM
+            head, logit scaling, FSDP / tensor-parallel sharding, not a transformers model).
         CacheMismatchError: an id of ``input_ids``, ``labels`` or ``teacher_ids`` does not fit
             the model's vocabulary (checked before the forward pass, docs/HF.md).
     """
@@ -308,6 +473,11 @@ def compute_target_sft_loss(
         },
         "compute_target_sft_loss",
     )
+    if fused_linear:
+        loss, outputs = _fused_linear_forward(
+            model, model_inputs, labels, loss_inputs, loss_fn, num_items_in_batch
+        )
+        return (loss, outputs) if return_outputs else loss
     outputs = model(**model_inputs)
     logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
     loss = loss_fn(logits, labels, **loss_inputs, num_items_in_batch=num_items_in_batch)
@@ -418,6 +588,10 @@ class TargetSFTTrainerMixin:
         loss_kwargs: a preset's arguments, e.g. ``{"eta": 0.5}`` (merged with those of ``args``).
         allow_tokenizer_mismatch: warn instead of raising when the tokenizer or the model's
             vocabulary does not match a cache (see below).
+        fused_linear: compute the loss from the last hidden states and the LM head, never
+            building the ``[B, L, V]`` logits (:func:`compute_target_sft_loss`); evaluation
+            then gives the loss but no logits (so no ``compute_metrics``). Not given:
+            ``args.fused_linear`` (a ``TargetSFTConfig`` field), else ``False``.
 
     Checks at construction, against every teacher cache of ``train_dataset``,
     ``eval_dataset`` and ``data_collator.cache``: the tokenizer (``processing_class``, or
@@ -449,16 +623,23 @@ class TargetSFTTrainerMixin:
         loss: str | LossFn | None = None,
         loss_kwargs: Mapping[str, Any] | None = None,
         allow_tokenizer_mismatch: bool = False,
+        fused_linear: bool | None = None,
         **kwargs: Any,
     ) -> None:
         train_args = args[1] if len(args) > 1 else kwargs.get("args")
+        from_args = bool(getattr(train_args, "fused_linear", False))
+        if fused_linear is not None and from_args and not fused_linear:
+            raise ValueError(
+                "fused_linear=False was given to the trainer but args.fused_linear=True: "
+                "set it in one place"
+            )
+        self.fused_linear = from_args if fused_linear is None else bool(fused_linear)
         self._loss_request = (loss, dict(loss_kwargs or {}))  # kept for _hp_search_setup
         self._set_loss(train_args)
-        fused_linear = bool(getattr(train_args, "fused_linear", False))
-        if fused_linear:  # the fused-linear Trainer path is another part of issue 13
-            raise NotImplementedError(
-                "fused_linear=True: the trainer's fused-linear path is not in this build; "
-                "train with fused_linear=False (materialised logits)"
+        if self.fused_linear and kwargs.get("compute_metrics") is not None:
+            raise ValueError(
+                "compute_metrics needs the model's logits, which fused_linear=True never builds: "
+                "evaluate with a trainer without fused_linear (the eval loss is the same)"
             )
         self.allow_tokenizer_mismatch = bool(allow_tokenizer_mismatch)
         has_collator = kwargs.get("data_collator") is not None or len(args) >= 3
@@ -486,6 +667,11 @@ class TargetSFTTrainerMixin:
         (:func:`~target_sft.config.resolve_loss`)."""
         loss, loss_kwargs = resolve_loss(args, *self._loss_request)
         self.loss_fn = make_loss(loss, **loss_kwargs)
+        if self.fused_linear and not isinstance(self.loss_fn, QTargetLoss):
+            raise TypeError(
+                f"fused_linear=True needs a Q-target loss (a preset name or a QTargetLoss), got "
+                f"loss={self.loss_fn!r}, which can only be called on logits"
+            )
 
     def _hp_search_setup(self, trial: Any) -> None:
         """HF's ``hyperparameter_search`` sets a trial's values on ``args``: the loss is made
@@ -540,6 +726,7 @@ class TargetSFTTrainerMixin:
             self.loss_fn,
             num_items_in_batch=num_items_in_batch,
             return_outputs=True,
+            fused_linear=self.fused_linear,
         )
         args = self.args  # type: ignore[attr-defined]
         if getattr(args, "average_tokens_across_devices", False) and num_items_in_batch is not None:

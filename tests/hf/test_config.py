@@ -221,14 +221,22 @@ def test_trainer_loss_and_config_loss(cache, model, tmp_path):
     assert state(trainer_loss(model, cache, plain)) == state(L.TargetSFT())
 
 
-def test_reserved_and_not_yet_wired_fields(cache, model, tmp_path):
+def test_reserved_fields_and_fused_linear(cache, model, tmp_path):
     with pytest.raises(NotImplementedError, match=r"label_in_support=True.*issue 14.*Collator"):
         config(tmp_path, label_in_support=True)
     with pytest.raises(NotImplementedError, match="label_in_support=False"):
         config(tmp_path, label_in_support=False)
     args = config(tmp_path, fused_linear=True)
-    with pytest.raises(NotImplementedError, match="fused_linear=True"):
-        trainer_loss(model, cache, args)
+    ds = TeacherCacheDataset(cache)
+    assert TargetSFTTrainer(model, args, train_dataset=ds).fused_linear is True
+    assert TargetSFTTrainer(model, config(tmp_path), train_dataset=ds).fused_linear is False
+    assert TargetSFTTrainer(
+        model, config(tmp_path), train_dataset=ds, fused_linear=True
+    ).fused_linear
+    with pytest.raises(ValueError, match=r"fused_linear=False was given.*args\.fused_linear=True"):
+        TargetSFTTrainer(model, args, train_dataset=ds, fused_linear=False)
+    with pytest.raises(TypeError, match="fused_linear=True needs a Q-target loss"):
+        TargetSFTTrainer(model, args, train_dataset=ds, loss=lambda *a, **k: None)
 
 
 # ---------------------------------------------------------------------------------- knobs

@@ -6,7 +6,9 @@ A leaf package: it imports torch (and, lazily, triton) only, never :mod:`target_
   :class:`RowStats`, :class:`GradPlan`, dense target terms, the compute dtype and chunk sizes,
   the fused-linear tile sizes (:class:`FusedLinearBlocks`).
 * :mod:`.reference` — the chunked PyTorch reference of the two sweeps (:func:`row_stats`,
-  :func:`logit_grad`) and its autograd Function (:class:`QTargetFunction`).
+  :func:`logit_grad`) and its autograd Function (:class:`QTargetFunction`); and of the
+  fused-linear sweeps from the hidden states and the LM head, a chunk of rows at a time
+  (:func:`fused_row_stats`, :class:`FusedQTargetFunction`).
 * :mod:`.dispatch` — ``impl=`` (``"auto"``, ``"torch"``, ``"triton"``): which implementation runs.
 * :mod:`.triton_logits` — the two sweeps as Triton kernels over materialised logits.
 * :mod:`.triton_fused_linear` — the sweeps from the last hidden states and the LM-head weight
@@ -28,6 +30,7 @@ from typing import Any
 from .contract import (
     DEFAULT_CHUNK_ELEMENTS,
     DEFAULT_CUDA_CHUNK_ELEMENTS,
+    DEFAULT_FUSED_CHUNK_ELEMENTS,
     DenseTerm,
     FusedLinearBlocks,
     GradPlan,
@@ -38,14 +41,22 @@ from .contract import (
     default_chunk_elements,
 )
 from .dispatch import IMPLS, check_impl, resolve_impl, triton_unsupported_reason
-from .reference import QTargetFunction, logit_grad, row_stats
+from .reference import (
+    FusedQTargetFunction,
+    QTargetFunction,
+    fused_row_stats,
+    logit_grad,
+    row_stats,
+)
 
 __all__ = [
     "DEFAULT_CHUNK_ELEMENTS",
     "DEFAULT_CUDA_CHUNK_ELEMENTS",
+    "DEFAULT_FUSED_CHUNK_ELEMENTS",
     "IMPLS",
     "DenseTerm",
     "FusedLinearBlocks",
+    "FusedQTargetFunction",
     "GradPlan",
     "QTargetFunction",
     "RowStats",
@@ -54,6 +65,7 @@ __all__ = [
     "check_impl",
     "compute_dtype",
     "default_chunk_elements",
+    "fused_row_stats",
     "logit_grad",
     "resolve_impl",
     "row_stats",

@@ -14,7 +14,7 @@ Target Distribution Design*); ``Q = p − ∂L/∂z`` recovers it from any loss 
 * :func:`induced_target` (Eq. 6) and :func:`induced_target_curve` (Figure 3 data).
 * :func:`fused_linear_target_sft_loss` and :func:`fused_linear_qtarget_loss` (:mod:`.fused_linear`):
   the same losses straight from the last hidden states and the LM head, without materialising the
-  logits (Triton; ``docs/KERNELS.md``).
+  logits (Triton kernels on CUDA, the chunked PyTorch reference elsewhere; ``docs/KERNELS.md``).
 * :class:`LossInputs`: the per-token tensors every loss takes besides logits and labels
   (:data:`LOSS_INPUT_NAMES`, the keyword arguments).
 

@@ -8,8 +8,9 @@
   PyTorch reference (:mod:`target_sft.kernels.reference`) or the Triton row kernels
   (:mod:`target_sft.kernels.triton_logits`): ``impl="torch"`` / ``"triton"``.
 * :class:`FusedLinearBackend` — the logits ``softcap·tanh((hidden Wᵀ + bias)/softcap)`` of the LM
-  head, never materialised: swept by the fused-linear Triton kernels
-  (:mod:`target_sft.kernels.triton_fused_linear`).
+  head, never materialised: swept chunk by chunk by the fused-linear PyTorch reference
+  (:func:`target_sft.kernels.reference.fused_row_stats`, ``impl="torch"``) or tile by tile by the
+  fused-linear Triton kernels (:mod:`target_sft.kernels.triton_fused_linear`, ``"triton"``).
 
 A backend gives the pipeline the logits' shape (what the inputs are validated and shifted
 against), the :class:`~target_sft.kernels.contract.RowStats` of the forward sweep, where a
@@ -25,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ..kernels.contract import FusedLinearBlocks, GradPlan, RowStats, StatRequest
-from ..kernels.reference import QTargetFunction, row_stats
+from ..kernels.reference import FusedQTargetFunction, QTargetFunction, fused_row_stats, row_stats
 from ._inputs import FlatBatch
 from ._validate import first_index, fmt_index
 from .trust import TokenContext
@@ -119,10 +120,13 @@ class LogitsBackend(Backend):
 
 class FusedLinearBackend(Backend):
     """The logits ``softcap·tanh((hidden Wᵀ + bias)/softcap)`` (no cap / bias when ``None``) of an
-    LM head, never materialised: the fused-linear Triton kernels recompute them tile by tile.
+    LM head, never materialised: the fused-linear PyTorch reference (``impl="torch"``) recomputes
+    them chunk by chunk (``chunk_elements`` rows × V; ``None``: its default for the device), the
+    fused-linear Triton kernels (``"triton"``, tile sizes ``blocks``) tile by tile.
 
     ``hidden`` ``[B, L, H]`` / ``[N, H]``, ``weight`` ``[V, H]`` (same dtype), ``bias`` ``[V]``;
-    the shapes are checked by :func:`~target_sft.losses.fused_linear_qtarget_loss`.
+    the shapes are checked by :func:`~target_sft.losses.fused_linear_qtarget_loss`. ``impl`` is
+    already resolved (:func:`target_sft.kernels.resolve_impl` with ``fused_linear=True``).
     """
 
     def __init__(
@@ -132,8 +136,12 @@ class FusedLinearBackend(Backend):
         bias: Tensor | None = None,
         *,
         softcap: float | None = None,
+        impl: str = "triton",
+        chunk_elements: int | None = None,
         blocks: FusedLinearBlocks | None = None,
     ) -> None:
+        if impl not in ("torch", "triton"):
+            raise ValueError(f"impl = {impl!r}: a FusedLinearBackend runs 'torch' or 'triton'")
         h2d = hidden.reshape(-1, hidden.shape[-1])
         if h2d.stride(-1) != 1:
             h2d = h2d.contiguous()
@@ -145,24 +153,29 @@ class FusedLinearBackend(Backend):
         vocab = int(w.shape[0])
         self._hidden, self._weight, self._bias = h2d, w, bias
         self.softcap = None if softcap is None else float(softcap)
+        self.impl = impl
+        self.chunk_elements = chunk_elements
         self.blocks = blocks or FusedLinearBlocks()
         # A zero-stride stand-in with the logits' shape: validation and shifting need only that.
         self.logits = h2d.new_zeros(()).expand(*hidden.shape[:-1], vocab)
         self.flat_logits = self.logits.reshape(-1, vocab)
 
     def row_stats(self, batch: FlatBatch, request: StatRequest) -> RowStats:
+        bias = None if self._bias is None else self._bias.detach()
+        args = (self._hidden.detach(), self._weight.detach(), bias, batch.safe_labels)
+        if self.impl == "torch":
+            return fused_row_stats(
+                *args,
+                _support(batch),
+                batch.mask,
+                request,
+                softcap=self.softcap,
+                chunk_elements=self.chunk_elements,
+            )
         from ..kernels.triton_fused_linear import fused_linear_row_stats  # imports Triton
 
         return fused_linear_row_stats(
-            self._hidden.detach(),
-            self._weight.detach(),
-            None if self._bias is None else self._bias.detach(),
-            batch.safe_labels,
-            _support(batch),
-            batch.mask,
-            request,
-            softcap=self.softcap,
-            blocks=self.blocks,
+            *args, _support(batch), batch.mask, request, softcap=self.softcap, blocks=self.blocks
         )
 
     def bad_row(self, batch: FlatBatch, row: int) -> str:
@@ -177,6 +190,17 @@ class FusedLinearBackend(Backend):
         return f"the logits of hidden[{where}] are not finite"
 
     def attach(self, values: Tensor, plan: GradPlan, ctx: TokenContext) -> Tensor:
+        if self.impl == "torch":
+            return FusedQTargetFunction.apply(  # type: ignore[no-any-return]
+                self._hidden,
+                self._weight,
+                self._bias,
+                values,
+                plan,
+                ctx.batch.mask,
+                self.softcap,
+                self.chunk_elements,
+            )
         from ..kernels.triton_fused_linear import FusedLinearFunction
 
         return FusedLinearFunction.apply(  # type: ignore[no-any-return]

@@ -1,18 +1,16 @@
 """The losses straight from the last hidden states and the LM head (Cut Cross-Entropy style).
 
-``logits = softcap·tanh((hidden Wᵀ + bias)/softcap)`` (no cap / bias when ``None``). With
-``impl="triton"`` (``"auto"`` on CUDA) the loss runs its one pipeline
-(:meth:`QTargetLoss.pipeline <target_sft.losses.QTargetLoss.pipeline>`) against the fused-linear
-backend (:class:`~target_sft.losses.backend.FusedLinearBackend`): the logits are never
-materialised. With ``impl="torch"`` (``"auto"`` elsewhere, and for the losses the fused kernel
-does not implement) the logits are computed with ``F.linear`` and the loss runs on them: same
-value and gradients, not the memory savings. Kernels: ``docs/KERNELS.md``.
+``logits = softcap·tanh((hidden Wᵀ + bias)/softcap)`` (no cap / bias when ``None``). The loss
+runs its one pipeline (:meth:`QTargetLoss.pipeline <target_sft.losses.QTargetLoss.pipeline>`)
+against the fused-linear backend (:class:`~target_sft.losses.backend.FusedLinearBackend`): the
+logits are never materialised. ``impl="triton"`` (``"auto"`` on CUDA, for the losses the Triton
+kernels implement) sweeps them tile by tile; ``impl="torch"`` (``"auto"`` elsewhere) with the
+chunked PyTorch reference, a chunk of rows at a time (``loss_fn.chunk_elements``): same value and
+gradients, memory ``O(chunk × V)`` either way. Kernels: ``docs/KERNELS.md``.
 """
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..kernels.contract import FusedLinearBlocks
@@ -66,11 +64,13 @@ def fused_linear_qtarget_loss(
     """``loss_fn`` (any supported preset) of ``softcap·tanh((hidden Wᵀ + bias)/softcap)``.
 
     ``hidden`` is ``[B, L, H]`` (shifted against ``[B, L]`` labels exactly like ``[B, L, V]``
-    logits) or ``[N, H]``; ``lm_head_weight`` is ``[V, H]``. With ``impl="triton"`` (or ``"auto"``
-    on CUDA) the logits are never materialised; ``impl="torch"`` (or ``"auto"`` elsewhere)
-    computes them with ``F.linear`` and runs the PyTorch reference of ``loss_fn``. Same value and
-    gradients (w.r.t. ``hidden``, ``lm_head_weight`` and ``bias``) either way. The per-token
-    inputs are the fields of :class:`~target_sft.losses.LossInputs`.
+    logits) or ``[N, H]``; ``lm_head_weight`` is ``[V, H]`` of the same dtype. The logits are
+    never materialised: ``impl="triton"`` (or ``"auto"`` on CUDA) runs the fused-linear Triton
+    kernels (tile sizes ``blocks``); ``impl="torch"`` (or ``"auto"`` elsewhere, and for the losses
+    the Triton kernels do not implement) the chunked PyTorch reference (``loss_fn.chunk_elements``
+    rows × V at a time). Same value and gradients (w.r.t. ``hidden``, ``lm_head_weight`` and
+    ``bias``) as ``loss_fn`` on the materialised logits, computed in float32 (float64 for float64
+    inputs). The per-token inputs are the fields of :class:`~target_sft.losses.LossInputs`.
     """
     check_impl(impl)
     _check_head(hidden, lm_head_weight, bias, softcap)
@@ -84,18 +84,15 @@ def fused_linear_qtarget_loss(
         old_logprobs=old_logprobs,
     )
     which = loss_fn.kernel_impl(hidden.device, hidden.dtype, impl=impl, fused_linear=True)
-    if which == "torch":
-        logits = F.linear(hidden, lm_head_weight, bias)
-        if softcap is not None:
-            logits = softcap * torch.tanh(logits / softcap)
-        return loss_fn(
-            logits,
-            labels,
-            **inputs.as_dict(),
-            num_items_in_batch=num_items_in_batch,
-            reduction=reduction,
-        )
-    backend = FusedLinearBackend(hidden, lm_head_weight, bias, softcap=softcap, blocks=blocks)
+    backend = FusedLinearBackend(
+        hidden,
+        lm_head_weight,
+        bias,
+        softcap=softcap,
+        impl=which,
+        chunk_elements=loss_fn.chunk_elements,
+        blocks=blocks,
+    )
     return loss_fn.pipeline(
         backend, labels, inputs, num_items_in_batch=num_items_in_batch, reduction=reduction
     )
@@ -121,9 +118,10 @@ def fused_linear_target_sft_loss(
     """TARGET-SFT (:func:`~target_sft.losses.target_sft_loss`) straight from the hidden states.
 
     ``logits = softcap·tanh((hidden @ lm_head_weightᵀ + bias)/softcap)`` (no softcap / bias when
-    ``None``) are never materialised with ``impl="triton"`` (``"auto"`` on CUDA): an online
+    ``None``) are never materialised: with ``impl="triton"`` (``"auto"`` on CUDA) an online
     log-sum-exp over vocabulary tiles, indexed dots at ``S ∪ {y}``, and a backward that recomputes
-    the logit tiles and accumulates ``d hidden``, ``d weight`` (and ``d bias``) in float32.
+    the logit tiles and accumulates ``d hidden``, ``d weight`` (and ``d bias``) in float32; with
+    ``impl="torch"`` (``"auto"`` elsewhere) the same, a chunk of rows at a time, in PyTorch.
     ``hidden`` ``[B, L, H]`` is shifted against ``labels`` ``[B, L]`` like HF causal-LM logits.
     """
     loss_fn = TargetSFT(
