@@ -127,10 +127,9 @@ def test_args_fused_linear_field(cache, model_dirs, tmp_path):
     args.fused_linear = True  # what a TargetSFTConfig carries
     trainer = TargetSFTTrainer(load(model_dirs["llama"]), args, data_collator=collate(cache))
     assert trainer.fused_linear is True
-    trainer = TargetSFTTrainer(
-        trainer.model, args, data_collator=collate(cache), fused_linear=False
-    )
-    assert trainer.fused_linear is False
+    # set in two places, differently: an error (as for loss=), never a silent choice
+    with pytest.raises(ValueError, match=r"fused_linear=False was given.*args\.fused_linear"):
+        TargetSFTTrainer(trainer.model, args, data_collator=collate(cache), fused_linear=False)
 
 
 def test_num_items_and_outputs(cache, model_dirs):
