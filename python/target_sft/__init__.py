@@ -6,7 +6,8 @@ The parts, each one import away:
 * building one from a teacher model (``build_teacher_cache``; needs torch and transformers) from
   SFT rows in any common format (``tokenize_sft``: chat messages, prompt/completion, text, tokens),
 * the Q-target loss library (``target_sft_loss``, ``QTargetLoss``, ``induced_target``; pure PyTorch),
-* a Hugging Face ``Trainer`` that trains with it (``TargetSFTTrainer``, :mod:`target_sft.hf`),
+* a Hugging Face ``Trainer`` that trains with it (``TargetSFTTrainer``, :mod:`target_sft.hf`), and
+  TRL's ``SFTTrainer`` (``TargetSFTSFTTrainer``, :mod:`target_sft.trl`),
 * the command line (``target-sft``, :mod:`target_sft.cli`).
 
 Names are imported lazily, so ``import target_sft`` is cheap and the loss library never needs the
@@ -58,6 +59,8 @@ _EXPORTS: dict[str, str] = {
     "write_report": "target_sft.report",
     # Hugging Face Trainer (imports transformers)
     "TargetSFTTrainer": "target_sft.hf",
+    # TRL SFTTrainer (imports trl)
+    "TargetSFTSFTTrainer": "target_sft.trl",
 }
 
 __all__ = [
@@ -79,6 +82,7 @@ __all__ = [
     "QTargetLoss",
     "StreamingTeacherDataset",
     "TargetSFTCollator",
+    "TargetSFTSFTTrainer",
     "TargetSFTTrainer",
     "TeacherCache",
     "TeacherCacheDataset",
@@ -138,3 +142,4 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers only
     from target_sft.report import write_report
     from target_sft.sft_data import tokenize_sft
     from target_sft.streaming import StreamingTeacherDataset
+    from target_sft.trl import TargetSFTSFTTrainer
