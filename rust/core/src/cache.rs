@@ -176,7 +176,7 @@ impl TeacherCache {
             if row.token_hash != hash::token_hash(ids) {
                 // the error path only: decode the record to say how the ids differ
                 let cached = shard.decode(i)?.input_ids;
-                let why = crate::batch::describe_ids(
+                let why = crate::record::describe_ids(
                     "the ids given",
                     ids,
                     &cached,
