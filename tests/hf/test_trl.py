@@ -409,3 +409,31 @@ def test_import_target_sft_does_not_import_trl():
         env={"PYTHONPATH": str(root / "python"), "PATH": "/usr/bin:/bin"},
     )
     assert r.returncode == 0, r.stderr
+
+
+def test_the_docs_example_runs(dirs, tok, tmp_path, monkeypatch):
+    """docs/HF.md's TRL block, as written, with two tiny local models for the Qwen ones (and
+    fewer rows and steps on CPU)."""
+    import re
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "HF.md").read_text()
+    section = text[text.index("## TRL `SFTTrainer`") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    tok.save_pretrained(dirs["student"])
+    subs = {
+        '"Qwen/Qwen2.5-1.5B-Instruct", "Qwen/Qwen2.5-0.5B-Instruct"': (
+            f"{str(dirs['teacher'])!r}, {str(dirs['student'])!r}"
+        ),
+        "range(256)": "range(6)",
+        "num_train_epochs=1": "max_steps=2, use_cpu=True, bf16=False",
+        "torch.bfloat16": "torch.float32",
+        "top_k=64": "top_k=64, progress=False",
+    }
+    for old, new in subs.items():
+        assert old in code, old
+        code = code.replace(old, new)
+    monkeypatch.chdir(tmp_path)
+    scope: dict[str, Any] = {}
+    exec(compile(code, "docs/HF.md", "exec"), scope)
+    assert scope["trainer"].state.global_step == 2
+    assert len(scope["cache"]) == 6
