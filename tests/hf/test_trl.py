@@ -265,6 +265,31 @@ def test_max_length_that_agrees_with_the_cache(dirs, tok, tmp_path):
     assert (batch["teacher_ids"][:, :, 0] >= 0).any()
 
 
+def test_evaluation_datasets_get_their_keys(dirs, tok, chat_cache, tmp_path):
+    """eval_dataset (one, or a dict) and a dataset passed to evaluate() are keyed and checked
+    like the training set; the eval loss is the Q-target loss of the model on them."""
+    rows = Dataset.from_list(CHATS)
+    trainer = TargetSFTSFTTrainer(
+        student(dirs),
+        config(tmp_path, assistant_only_loss=True, per_device_eval_batch_size=8),
+        train_dataset=rows,
+        eval_dataset={"a": Dataset.from_list(CHATS[:3]), "b": rows},
+        processing_class=tok,
+        teacher_cache=chat_cache,
+    )
+    assert sorted(r["key"] for r in trainer.eval_dataset["a"]) == ["chat-0", "chat-1", "chat-2"]
+    loss_b = trainer.evaluate(eval_dataset="b")["eval_loss"]
+    # one batch of all 8 rows: the loss of compute_target_sft_loss on the collated rows
+    batch = trainer.data_collator(
+        [{k: r[k] for k in ("key", "input_ids", "labels")} for r in trainer.eval_dataset["b"]]
+    )
+    with torch.no_grad():
+        want = compute_target_sft_loss(trainer.model.eval(), batch, "target_sft", eta=ETA)
+    assert loss_b == pytest.approx(float(want), rel=1e-6)
+    fresh = trainer.evaluate(eval_dataset=Dataset.from_list(CHATS[3:5]))
+    assert np.isfinite(fresh["eval_loss"])
+
+
 # ---------------------------------------------------------------------------------------------
 # (b) the cache as a datasets.Dataset
 
