@@ -357,6 +357,18 @@ class TargetSFTSFTTrainer(TargetSFTTrainerMixin, SFTTrainer):
                 "but the cache supervises only its assistant tokens (target_sft.tokenize_sft, as "
                 f"TRL's assistant_only_loss=True; {at}); set assistant_only_loss=True"
             )
+        if self._conversational and getattr(self, "chat_template", None) is not None:
+            # SFTTrainer swapped in trl's training template (the tokenizer's has no
+            # {% generation %} marks): its assistant span may differ from tokenize_sft's
+            # (Qwen2.5's: the newline after "<|im_start|>assistant" is supervised)
+            return (
+                "TRL trains with its own training chat template (the tokenizer's has no "
+                "{% generation %} marks, so SFTTrainer swapped in trl's *_training.jinja for "
+                f"assistant_only_loss), whose assistant tokens differ from the cached ones ({at}); "
+                "build the cache with the template TRL trains with: tok.chat_template = "
+                "trl.chat_template_utils.get_training_chat_template(tok); "
+                "build_teacher_cache(..., tokenizer=tok), and pass that tok here"
+            )
         if more and self._prompt_completion and not self.completion_only_loss:
             return (
                 f"{cfg}(completion_only_loss=False) supervises the prompt too, but the cache "

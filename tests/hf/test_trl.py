@@ -290,6 +290,50 @@ def test_evaluation_datasets_get_their_keys(dirs, tok, chat_cache, tmp_path):
     assert np.isfinite(fresh["eval_loss"])
 
 
+def test_a_template_without_generation_marks_needs_trls_training_template(dirs, tmp_path):
+    """Qwen2.5's chat template (trl's copy) has no {% generation %} marks, so SFTTrainer trains
+    with trl's training template, which supervises the newline after "<|im_start|>assistant"
+    (tokenize_sft's incremental templating does not): a cache built with the plain template is
+    refused naming the fix; one built with ``get_training_chat_template`` agrees row by row."""
+    import trl
+    from trl.chat_template_utils import get_training_chat_template
+
+    d = tmp_path / "qwen-tpl"
+    tok = save_chat_tokenizer(d, generation_marks=True)
+    tok.chat_template = (Path(trl.__file__).parent / "chat_templates" / "qwen2_5.jinja").read_text()
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.save_pretrained(d)
+    save_tiny_llama(d, seed=0, vocab=len(tok), tokenizer=False)
+    rows = CHATS[:4]
+    build_teacher_cache(d, rows, d / "plain", top_k=K, codec="exact", progress=False, tokenizer=tok)
+    plain = TeacherCache(d / "plain")
+
+    def trainer(tokenizer, cache):
+        return TargetSFTSFTTrainer(
+            AutoModelForCausalLM.from_pretrained(d),
+            config(tmp_path / "out", assistant_only_loss=True),
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+            teacher_cache=cache,
+        )
+
+    (newline,) = tok.encode("\n", add_special_tokens=False)
+    with pytest.raises(
+        CacheMismatchError,
+        match=rf"TRL trains with its own training chat template .*batch {newline} \(supervised\), "
+        r"cache -100 .*get_training_chat_template\(tok\)",
+    ):
+        trainer(tok, plain)
+    tok.chat_template = get_training_chat_template(tok)
+    build_teacher_cache(
+        d, rows, d / "marked", top_k=K, codec="exact", progress=False, tokenizer=tok
+    )
+    t = trainer(tok, TeacherCache(d / "marked"))
+    assert t.chat_template is None  # TRL kept the (now marked) template
+    for r in t.train_dataset:
+        np.testing.assert_array_equal(r["labels"], t.data_collator.cache[r["key"]].labels)
+
+
 # ---------------------------------------------------------------------------------------------
 # (b) the cache as a datasets.Dataset
 
