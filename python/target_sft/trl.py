@@ -164,6 +164,7 @@ class TargetSFTSFTTrainer(TargetSFTTrainerMixin, SFTTrainer):
         train_dataset = add_cache_keys(train_dataset, key_field)
         eval_dataset = self._with_keys(eval_dataset)
         data_collator = self._collator(data_collator, teacher_cache, args, processing_class, skip)
+        self._cache: TeacherCache = data_collator.cache
         super().__init__(
             model,
             args,
@@ -277,7 +278,7 @@ class TargetSFTSFTTrainer(TargetSFTTrainerMixin, SFTTrainer):
         """The first ``check_rows`` rows of a prepared dataset against their cached records."""
         if self._check_rows <= 0 or dataset is None:
             return
-        cache = self.data_collator.cache
+        cache = self._cache
         for i, row in enumerate(dataset):
             if i >= self._check_rows:
                 break
