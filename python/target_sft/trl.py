@@ -15,7 +15,8 @@ checks) on top of ``trl.SFTTrainer``, for the two ways a TRL user works (docs/HF
   ``SFTConfig(dataset_kwargs={"skip_prepare_dataset": True})``.
 
 TRL settings that the cache cannot honour are errors naming the setting, before anything is
-prepared (``packing``, ``padding_free``, ``loss_type``, ``label_smoothing_factor``, ...); the
+prepared (``packing``, ``eval_packing``, ``padding_free``; TRL's loss knobs, ``loss_type`` and
+``label_smoothing_factor``, are the mixin's loss resolution's, as for every trainer); the
 settings that shape the tokens and labels (``max_length``, ``truncation_mode``,
 ``assistant_only_loss``, ``completion_only_loss``, the chat template) are checked on the rows TRL
 prepared: the first ``check_rows`` rows of every dataset at construction (an error that names
@@ -197,20 +198,6 @@ class TargetSFTSFTTrainer(TargetSFTTrainerMixin, SFTTrainer):
                     "(padding-free) or of the dataset (packing) itself, which drops their cache "
                     f"keys and TargetSFTCollator with them; set {name}=False and {pack}"
                 )
-        loss_type = _setting(args, "loss_type")
-        if loss_type != "nll":
-            raise ValueError(
-                f"SFTConfig(loss_type={loss_type!r}) selects TRL's own loss, which "
-                "TargetSFTSFTTrainer replaces by its loss= argument; leave loss_type='nll' and "
-                f"pass loss={loss_type!r} (a target-sft preset) to the trainer"
-            )
-        if float(_setting(args, "label_smoothing_factor") or 0.0) > 0:
-            raise ValueError(
-                f"SFTConfig(label_smoothing_factor={_setting(args, 'label_smoothing_factor')}) "
-                "would be "
-                "ignored: the loss is TargetSFTSFTTrainer's loss= argument; set it to 0 and use "
-                "loss='label_smoothing' (a target-sft preset) if that is the loss you want"
-            )
         if kwargs.get("compute_loss_func") is not None:
             raise ValueError(
                 "compute_loss_func would be ignored: the loss is TargetSFTSFTTrainer's loss= "

@@ -373,8 +373,6 @@ def test_skip_prepare_dataset_trains_on_the_exported_cache(dirs, tok, pair_cache
     [
         ({"packing": True}, r"SFTConfig\(packing=True\).*TargetSFTCollator\(packing=True"),
         ({"padding_free": True}, r"SFTConfig\(padding_free=True\)"),
-        ({"loss_type": "dft"}, r"SFTConfig\(loss_type='dft'\).*loss='dft'"),
-        ({"label_smoothing_factor": 0.1}, r"label_smoothing_factor=0.1"),
         (
             {
                 "dataset_kwargs": {"skip_prepare_dataset": True},
