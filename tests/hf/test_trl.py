@@ -504,3 +504,16 @@ def test_the_docs_example_runs(dirs, tok, tmp_path, monkeypatch):
     exec(compile(code, "docs/HF.md", "exec"), scope)
     assert scope["trainer"].state.global_step == 2
     assert len(scope["cache"]) == 6
+
+
+def test_add_cache_keys_follows_the_builders_rule():
+    from target_sft import CacheInputError
+    from target_sft.trl import add_cache_keys
+
+    ds = Dataset.from_list([{"id": "a", "text": "x"}, {"id": None, "text": "y"}])
+    assert list(add_cache_keys(ds)["key"]) == ["a", 1]  # no id: the row index, as the builder
+    assert list(add_cache_keys(Dataset.from_list([{"text": "x"}] * 3), None)["key"]) == [0, 1, 2]
+    keyed = Dataset.from_list([{"key": 5, "input_ids": [1]}])
+    assert add_cache_keys(keyed) is keyed
+    with pytest.raises(CacheInputError, match="both a 'key' column and the key field 'id'"):
+        add_cache_keys(Dataset.from_list([{"key": 5, "id": "a"}]))
