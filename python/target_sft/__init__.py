@@ -7,7 +7,8 @@ The parts, each one import away:
   SFT rows in any common format (``tokenize_sft``: chat messages, prompt/completion, text, tokens),
 * the Q-target loss library (``target_sft_loss``, ``QTargetLoss``, ``induced_target``; pure PyTorch),
 * a Hugging Face ``Trainer`` that trains with it (``TargetSFTTrainer``, :mod:`target_sft.hf`;
-  its run config ``TargetSFTConfig``, :mod:`target_sft.config`),
+  its run config ``TargetSFTConfig``, :mod:`target_sft.config`), and
+  TRL's ``SFTTrainer`` (``TargetSFTSFTTrainer``, :mod:`target_sft.trl`),
 * the command line (``target-sft``, :mod:`target_sft.cli`).
 
 Names are imported lazily, so ``import target_sft`` is cheap and the loss library never needs the
@@ -63,6 +64,8 @@ _EXPORTS: dict[str, str] = {
     "TargetSFTTrainer": "target_sft.hf",
     "TargetSFTConfig": "target_sft.config",
     "TargetSFTTRLConfig": "target_sft.config",  # imports trl
+    # TRL SFTTrainer (imports trl)
+    "TargetSFTSFTTrainer": "target_sft.trl",
 }
 
 __all__ = [
@@ -86,6 +89,7 @@ __all__ = [
     "StreamingTeacherDataset",
     "TargetSFTCollator",
     "TargetSFTConfig",
+    "TargetSFTSFTTrainer",
     "TargetSFTTRLConfig",
     "TargetSFTTrainer",
     "TeacherCache",
@@ -150,3 +154,4 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers only
     from target_sft.report import write_report
     from target_sft.sft_data import tokenize_sft
     from target_sft.streaming import StreamingTeacherDataset
+    from target_sft.trl import TargetSFTSFTTrainer

@@ -115,7 +115,8 @@ def reseal_manifest(path: str, name: str = ...) -> str: ...  # name: "manifest.j
 def parse_manifest(data: bytes, shown: str) -> str: ...
 def seal_manifest(manifest_json: str) -> bytes: ...
 
-# rust/python/src/batch.rs; items are (TeacherCache, position[, input_ids]) or _RawRecord tuples
+# rust/python/src/batch.rs; items are (TeacherCache, position[, input_ids[, labels]]) or _RawRecord
+# tuples (input_ids checked against the record's token hash, labels against its labels)
 def build_batch(
     items: list[tuple[Any, ...]],
     *,

@@ -486,6 +486,63 @@ class TeacherCache:
     def __iter__(self) -> Iterator[Key]:
         return self.keys()
 
+    def to_hf_dataset(self, *, chunk: int = 1024, threads: int = 0) -> Any:
+        """Every record as a row of a ``datasets.Dataset`` with the columns ``key``,
+        ``input_ids`` and ``labels`` (int32 lists; ``-100`` = not supervised), in cache order.
+
+        For trainers that want a ``datasets.Dataset`` of tokenised rows, such as TRL's
+        ``SFTTrainer`` with ``SFTConfig(dataset_kwargs={"skip_prepare_dataset": True})``
+        (:class:`target_sft.trl.TargetSFTSFTTrainer`, docs/HF.md): the rows carry exactly the
+        cached tokens and labels, and :class:`~target_sft.TargetSFTCollator` pulls each row's
+        teacher record by ``key`` and checks both. The table is held in memory (8 bytes per
+        token); ``chunk`` records are decoded at a time on ``threads`` threads (0: all cores).
+
+        Raises:
+            CacheInputError: the cache mixes int and str keys (an Arrow column has one type).
+        """
+        import pyarrow as pa
+        from datasets import Dataset
+
+        chunk = check_int("chunk", chunk, 1)
+        n = len(self)
+        if n == 0:
+            raise CacheInputError(f"the cache at {self.path} holds no records")
+        keys: list[Key] = []
+        ids: list[np.ndarray] = []
+        labels: list[np.ndarray] = []
+        for start in range(0, n, chunk):
+            for r in self.records_at(range(start, min(n, start + chunk)), threads=threads):
+                keys.append(r.key)
+                ids.append(r.input_ids)
+                labels.append(r.labels)
+        kinds = {type(k) for k in keys}
+        if len(kinds) > 1:
+            i = next(j for j, k in enumerate(keys) if type(k) is not type(keys[0]))
+            raise CacheInputError(
+                f"the cache at {self.path} mixes int and str keys (record 0: {keys[0]!r}, record "
+                f"{i}: {keys[i]!r}); a datasets column holds one type, so to_hf_dataset cannot "
+                "export it"
+            )
+        offsets = np.zeros(n + 1, np.int64)
+        np.cumsum([a.size for a in ids], out=offsets[1:])
+        large = offsets[-1] >= 2**31  # beyond int32 list offsets
+
+        def column(parts: list[np.ndarray]) -> pa.Array:
+            flat = pa.array(np.concatenate(parts), pa.int32())
+            if large:
+                return pa.LargeListArray.from_arrays(pa.array(offsets), flat)
+            return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), flat)
+
+        key_type = pa.string() if kinds == {str} else pa.int64()
+        table = pa.table(
+            {
+                "key": pa.array(keys, key_type),
+                "input_ids": column(ids),
+                "labels": column(labels),
+            }
+        )
+        return Dataset(table)
+
     def verify(self, progress: Any = None) -> int:
         """Check every shard's size and checksum and decode every record; raise the first
         :class:`CacheError` found. Returns the number of records checked."""

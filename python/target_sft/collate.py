@@ -45,8 +45,8 @@ _I64_MAX = 2**63 - 1  # the native options are int64
 
 BatchItem = CacheSample | CacheRecord | Key | Mapping[str, Any]
 """What a batch is built from: a :class:`CacheSample`, a key of the collator's cache, a dict
-with ``"key"`` (and optionally ``"input_ids"``, checked against the record), or a
-:class:`CacheRecord` already read."""
+with ``"key"`` (and optionally ``"input_ids"`` and ``"labels"``, checked against the record), or
+a :class:`CacheRecord` already read."""
 
 OutBuffers = Mapping[str, np.ndarray] | Callable[[str, tuple[int, ...], str], np.ndarray]
 
@@ -70,7 +70,7 @@ def _native_item(i: int, item: Any, cache: TeacherCache | None) -> tuple[Any, ..
             item.label_logprobs,
             item.label_ranks,
         )
-    input_ids = None
+    given: dict[str, np.ndarray] = {}  # input_ids / labels to check against the record
     if isinstance(item, Mapping):
         if "key" not in item:
             raise CacheInputError(
@@ -78,13 +78,15 @@ def _native_item(i: int, item: Any, cache: TeacherCache | None) -> tuple[Any, ..
                 "a dict item must carry the cache key of its sample"
             )
         key = item["key"]
-        if item.get("input_ids") is not None:
-            input_ids = as_int32(f"batch item {i}: input_ids", item["input_ids"])
-            if input_ids.ndim != 1:
+        for name in ("input_ids", "labels"):
+            if item.get(name) is None:
+                continue
+            a = as_int32(f"batch item {i}: {name}", item[name])
+            if a.ndim != 1:
                 raise CacheInputError(
-                    f"batch item {i} (key {key!r}): input_ids must be 1-D, got shape "
-                    f"{input_ids.shape}"
+                    f"batch item {i} (key {key!r}): {name} must be 1-D, got shape {a.shape}"
                 )
+            given[name] = a
     else:
         key = item
     if isinstance(key, np.integer):
@@ -103,7 +105,9 @@ def _native_item(i: int, item: Any, cache: TeacherCache | None) -> tuple[Any, ..
         position = cache.position(key)
     except CacheKeyError as e:
         raise CacheKeyError(f"batch item {i}: {e}") from None
-    return (cache._c, position) if input_ids is None else (cache._c, position, input_ids)
+    if not given:
+        return (cache._c, position)
+    return (cache._c, position, given.get("input_ids"), given.get("labels"))
 
 
 def _options(
@@ -173,8 +177,11 @@ def build_batch(
     Raises:
         CacheInputError: bad options or items, output buffers too small or of the wrong dtype.
         CacheKeyError: a key or position not in its cache.
-        CacheMismatchError: ``input_ids`` given with a key differ from the cached tokens;
-            caches with different ``top_k`` or vocabularies in one batch.
+        CacheMismatchError: ``input_ids`` given with a key differ from the cached tokens (the
+            message says how: a truncation — the batch's ids a prefix or a suffix of the cached
+            ids, or the reverse — or the first differing position); ``labels`` given with a key
+            differ from the cached labels (the first differing position); caches with different
+            ``top_k`` or vocabularies in one batch.
         CacheCorruptionError: a record that does not decode.
         TypeError: an item of an unsupported type.
     """
@@ -228,9 +235,11 @@ class TargetSFTCollator:
             tokenizers you know give the same ids).
 
     Items may be :class:`CacheSample` objects (what :class:`TeacherCacheDataset` and the
-    streaming datasets yield), keys, dicts with ``"key"`` and optionally ``"input_ids"`` (then the
-    tokens are checked against the record's hash: :class:`CacheMismatchError` names the key),
-    or :class:`CacheRecord` objects. Inside a DataLoader worker the tensors are written into
+    streaming datasets yield), keys, dicts with ``"key"`` and optionally ``"input_ids"`` and
+    ``"labels"`` (rows a trainer prepared, e.g. TRL's: the tokens are checked against the
+    record's hash and the labels against the record's labels; :class:`CacheMismatchError` names
+    the key and says how they differ, a truncation reported as one), or :class:`CacheRecord`
+    objects. Inside a DataLoader worker the tensors are written into
     recycled shared memory, so handing the batch to the main process copies nothing and faults in
     no new pages.
     """

@@ -279,10 +279,35 @@ def test_token_hash_mismatch_names_the_key(cache):
     collate = TargetSFTCollator(cache, pad_token_id=0)
     ids = rec.input_ids.copy()
     ids[-1] = (ids[-1] + 1) % V
-    with pytest.raises(CacheMismatchError, match=rf"batch item 1 \(key {rec.key}\): the token ids"):
+    n = len(ids)
+    with pytest.raises(
+        CacheMismatchError,
+        match=rf"batch item 1 \(key {rec.key}\): the batch's ids differ .* at position {n - 1} ",
+    ):
         collate([CacheSample(cache, 0), {"key": rec.key, "input_ids": ids}])
-    with pytest.raises(CacheMismatchError, match="differ from those the cache"):
-        collate([{"key": rec.key, "input_ids": ids[:-1]}])
+    # a truncated sample is reported as a truncation, not as changed data
+    with pytest.raises(
+        CacheMismatchError,
+        match=rf"the batch's ids are a prefix of the cached ids \({n - 1} of {n} tokens\).*"
+        rf"max_length={n - 1}",
+    ):
+        collate([{"key": rec.key, "input_ids": rec.input_ids[:-1]}])
+
+
+def test_labels_given_with_a_key_are_checked(cache):
+    rec = next(r for r in map(cache.record_at, range(len(cache))) if r.n_supervised > 0)
+    collate = TargetSFTCollator(cache, pad_token_id=0)
+    b = collate([{"key": rec.key, "input_ids": rec.input_ids, "labels": rec.labels}])
+    np.testing.assert_array_equal(b["labels"][0, 1:].numpy(), rec.labels[1:])
+    t = int(rec.supervised_positions[0])
+    labels = rec.labels.copy()
+    labels[t] = -100
+    with pytest.raises(
+        CacheMismatchError,
+        match=r"batch item 0 \(key .*\): the batch's labels differ from the cached labels at position "
+        rf"{t} \(batch -100 \(not supervised\), cache {rec.labels[t]} \(supervised\)",
+    ):
+        collate([{"key": rec.key, "input_ids": rec.input_ids, "labels": labels}])
 
 
 def test_unknown_key_and_bad_items(cache):

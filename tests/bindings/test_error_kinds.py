@@ -152,7 +152,7 @@ CASES = [
     ("Corruption", "is not valid JSON", corruption_manifest_not_json),
     ("Corruption", "checksum", corruption_shard_byte_flip),
     ("KeyNotFound", 'key "no-such-key" is not in the cache at', key_missing),
-    ("Mismatch", "differ from those the cache was built from", mismatch_other_tokens),
+    ("Mismatch", "differ from the ids the cache at", mismatch_other_tokens),
     ("Mismatch", "top_k", mismatch_append_other_settings),
     ("Io", "cannot create", io_parent_is_a_file),
     ("Io", "cannot read", io_manifest_is_a_directory),

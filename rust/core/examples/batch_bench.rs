@@ -54,6 +54,7 @@ fn main() {
                             cache: &cache,
                             position: p,
                             input_ids: None,
+                            labels: None,
                         })
                         .collect()
                 };

@@ -20,9 +20,9 @@ use rayon::prelude::*;
 
 use crate::cache::TeacherCache;
 use crate::codec::{DecodeScratch, RowSink};
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::hash;
-use crate::record::{count_supervised, Key, IGNORE_INDEX};
+use crate::record::{count_supervised, describe_ids, describe_labels, Key, IGNORE_INDEX};
 use crate::shard::ShardReader;
 
 /// A record that has already been decoded (borrowed arrays, as [`crate::Record`] holds them).
@@ -40,11 +40,14 @@ pub struct RecordView<'a> {
 /// One sample of a batch.
 pub enum Source<'a> {
     /// The record at a global position of a cache. With `input_ids`, the record's stored token
-    /// hash must match them ([`crate::ErrorKind::Mismatch`] otherwise).
+    /// hash must match them; with `labels`, the record's labels must equal them
+    /// ([`crate::ErrorKind::Mismatch`] otherwise, saying how they differ: see [`describe_ids`]
+    /// and [`describe_labels`]).
     Cached {
         cache: &'a TeacherCache,
         position: u64,
         input_ids: Option<&'a [i32]>,
+        labels: Option<&'a [i32]>,
     },
     /// A record already in memory.
     Decoded(RecordView<'a>),
@@ -225,6 +228,7 @@ impl BatchPlan {
                     cache,
                     position,
                     input_ids,
+                    labels,
                 } => {
                     let (s, index) = cache.locate(*position).map_err(|e| item_err(i, None, e))?;
                     let shard = cache.shard(s).map_err(|e| item_err(i, None, e))?;
@@ -232,15 +236,29 @@ impl BatchPlan {
                     let row = shard.checked_row(index).map_err(|e| item_err(i, None, e))?;
                     if let Some(ids) = input_ids {
                         if hash::token_hash(ids) != row.token_hash {
+                            // the error path only: decode the cached tokens to say how they differ
+                            let key = shard.key(index)?;
+                            let (cached, _) = decode_tokens(&shard, index, &row)
+                                .map_err(|e| item_err(i, Some(&key), e))?;
+                            let why = describe_ids(
+                                "the batch's ids",
+                                ids,
+                                &cached,
+                                &cache.dir.display().to_string(),
+                            );
+                            return Err(item_err(i, Some(&key), Error::mismatch(why)));
+                        }
+                    }
+                    if let Some(l) = labels {
+                        let n = input_ids.map_or(row.n_tokens as usize, <[i32]>::len);
+                        if l.len() != n {
                             let key = shard.key(index)?;
                             return Err(item_err(
                                 i,
                                 Some(&key),
-                                Error::mismatch(format!(
-                                    "the token ids given ({} tokens) differ from those the cache at {} was built from ({} tokens); the dataset changed after caching — rebuild the cache or fix the dataset",
-                                    ids.len(),
-                                    cache.dir.display(),
-                                    row.n_tokens
+                                Error::input(format!(
+                                    "labels has {} entries but the sample has {n} tokens",
+                                    l.len()
                                 )),
                             ));
                         }
@@ -510,17 +528,21 @@ impl BatchPlan {
                     index,
                     n_sup,
                 },
-            ) => self.fill_cached(shard, *index, *n_sup, pc).map_err(|e| {
-                let key = shard.key(*index).ok();
-                item_err(
-                    item,
-                    key.as_ref(),
-                    e.at(format_args!(
-                        "shard {}, record {index}",
-                        shard.path.display()
-                    )),
-                )
-            }),
+            ) => self
+                .fill_cached(shard, *index, *n_sup, given_labels(&sources[item]), pc)
+                .map_err(|e| {
+                    let key = shard.key(*index).ok();
+                    // a label mismatch is about the sample, not where its record is stored
+                    let e = if e.kind == ErrorKind::Mismatch {
+                        e
+                    } else {
+                        e.at(format_args!(
+                            "shard {}, record {index}",
+                            shard.path.display()
+                        ))
+                    };
+                    item_err(item, key.as_ref(), e)
+                }),
             (Source::Decoded(r), _) => Ok(self.fill_decoded(r, pc)),
             (Source::Cached { .. }, Resolved::Decoded) => unreachable!("resolved from sources"),
         }
@@ -531,6 +553,7 @@ impl BatchPlan {
         shard: &ShardReader,
         index: usize,
         n_sup: usize,
+        labels: Option<&[i32]>,
         pc: Piece<'_>,
     ) -> Result<usize> {
         let n_tokens = shard.index_row(index).n_tokens as usize;
@@ -540,6 +563,11 @@ impl BatchPlan {
             DecodeScratch::with_thread_local(|scratch| {
                 let mut f = shard.codec.open_frame(frame, n_tokens, n_sup, scratch)?;
                 f.tokens(&mut tok.ids, &mut tok.labels)?;
+                if let Some(given) = labels {
+                    if given != &tok.labels[..] {
+                        return Err(Error::mismatch(describe_labels(given, &tok.labels)));
+                    }
+                }
                 let n = pc.ids.len();
                 supervised_positions(&tok.labels[..n], &mut tok.pos);
                 let mut sink = self.write_sample(&tok.ids[..n], &tok.labels, &tok.pos, pc);
@@ -602,6 +630,31 @@ impl BatchPlan {
             label_in_support: self.opts.label_in_support,
         }
     }
+}
+
+/// The labels a cached source was given to check (`None`: not checked).
+fn given_labels<'a>(src: &Source<'a>) -> Option<&'a [i32]> {
+    match src {
+        Source::Cached { labels, .. } => *labels,
+        Source::Decoded(_) => None,
+    }
+}
+
+/// Decode a record's `(input_ids, labels)` (the tokens section only).
+fn decode_tokens(
+    shard: &ShardReader,
+    index: usize,
+    row: &crate::shard::IndexRow,
+) -> Result<(Vec<i32>, Vec<i32>)> {
+    let (nt, ns) = (row.n_tokens as usize, row.n_supervised as usize);
+    DecodeScratch::with_thread_local(|scratch| {
+        let mut f = shard
+            .codec
+            .open_frame(shard.frame(index), nt, ns, scratch)?;
+        let (mut ids, mut labels) = (Vec::new(), Vec::new());
+        f.tokens(&mut ids, &mut labels)?;
+        Ok((ids, labels))
+    })
 }
 
 /// Shapes of an in-memory record: what the batch builder relies on (full validation is the

@@ -174,11 +174,15 @@ impl TeacherCache {
         if let Some(ids) = input_ids {
             let row = shard.index_row(i);
             if row.token_hash != hash::token_hash(ids) {
-                return Err(Error::mismatch(format!(
-                    "key {key}: the token ids given ({} tokens) differ from those the cache was built from ({} tokens); the dataset changed after caching — rebuild the cache or fix the dataset",
-                    ids.len(),
-                    row.n_tokens
-                )));
+                // the error path only: decode the record to say how the ids differ
+                let cached = shard.decode(i)?.input_ids;
+                let why = crate::record::describe_ids(
+                    "the ids given",
+                    ids,
+                    &cached,
+                    &self.dir.display().to_string(),
+                );
+                return Err(Error::mismatch(format!("key {key}: {why}")));
             }
         }
         shard.decode(i)

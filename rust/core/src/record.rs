@@ -273,3 +273,71 @@ impl Stamp {
         }
     }
 }
+
+/// How the token ids given for a sample differ from the cached ones: a truncation (the given
+/// ids are a prefix or a suffix of the cached ids, or the reverse), or a change at a position.
+/// `what` names the given ids (`"the batch's ids"`).
+pub fn describe_ids(what: &str, given: &[i32], cached: &[i32], cache: &str) -> String {
+    let (g, c) = (given.len(), cached.len());
+    if g < c && cached.starts_with(given) {
+        return format!(
+            "{what} are a prefix of the cached ids ({g} of {c} tokens): the sample was \
+             truncated to {g} tokens after caching (a trainer's max_length={g}?); build the cache \
+             with the same max_length (build_teacher_cache(max_length={g})), or raise max_length \
+             to at least {c} (or None)"
+        );
+    }
+    if g < c && cached.ends_with(given) {
+        return format!(
+            "{what} are a suffix of the cached ids (the last {g} of {c} tokens): the \
+             sample was truncated from its start after caching (truncation keep_end, a \
+             trainer's max_length={g}?), and teacher rows cached with the whole context do not \
+             apply to it; build the cache with max_length={g}, truncation=\"keep_end\", or \
+             raise max_length to at least {c} (or None)"
+        );
+    }
+    if c < g && (given.starts_with(cached) || given.ends_with(cached)) {
+        return format!(
+            "the cached ids are a truncation of {what} ({c} of {g} tokens): the cache \
+             was built with max_length={c} and the batch was not truncated to it; set the \
+             trainer's max_length to {c} (with the cache's truncation side), or build the cache \
+             without max_length"
+        );
+    }
+    let t = given.iter().zip(cached).take_while(|(a, b)| a == b).count();
+    let at = match (given.get(t), cached.get(t)) {
+        (Some(a), Some(b)) => format!("batch id {a}, cached id {b}"),
+        (Some(a), None) => format!("batch id {a}, the cached ids end"),
+        (None, Some(b)) => format!("the batch's ids end, cached id {b}"),
+        (None, None) => "equal ids but another hash".to_string(),
+    };
+    format!(
+        "{what} differ from the ids the cache at {cache} was built from at position \
+         {t} ({at}; {g} vs {c} tokens): the data or its tokenisation (tokenizer, chat template) \
+         changed after caching; rebuild the cache or fix the dataset"
+    )
+}
+
+fn label_text(l: Option<&i32>) -> String {
+    match l {
+        Some(&IGNORE_INDEX) => "-100 (not supervised)".to_string(),
+        Some(l) => format!("{l} (supervised)"),
+        None => "none".to_string(),
+    }
+}
+
+/// How the labels given for a sample differ from the cached ones (same token ids).
+pub fn describe_labels(given: &[i32], cached: &[i32]) -> String {
+    let t = given.iter().zip(cached).take_while(|(a, b)| a == b).count();
+    format!(
+        "the batch's labels differ from the cached labels at position {t} (batch {}, cache {}; \
+         {} vs {} supervised positions): the batch supervises other tokens than the cache was \
+         built for (e.g. a trainer's assistant_only_loss or completion_only_loss that \
+         target_sft.tokenize_sft did not apply); supervise the same tokens, or build the cache \
+         from rows carrying these labels",
+        label_text(given.get(t)),
+        label_text(cached.get(t)),
+        count_supervised(given),
+        count_supervised(cached),
+    )
+}

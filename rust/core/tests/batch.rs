@@ -88,6 +88,104 @@ fn build(sources: &[Source<'_>], opts: &BatchOptions, parallel: bool) -> Batch {
     }
 }
 
+/// The error of planning and filling a batch of `sources` (padded layout, one thread).
+fn batch_err(sources: &[Source<'_>]) -> target_sft_core::Error {
+    let opts = BatchOptions::default();
+    let plan = match BatchPlan::new(sources, &opts) {
+        Ok(p) => p,
+        Err(e) => return e,
+    };
+    let (n, nt) = (plan.tokens(), plan.teacher_elements());
+    let (mut ids, mut mask, mut labels) = (vec![0i64; n], vec![0i64; n], vec![0i64; n]);
+    let (mut tids, mut tlps) = (vec![0i32; nt], vec![0f32; nt]);
+    let out = BatchBuffers {
+        input_ids: &mut ids,
+        attention_mask: Some(&mut mask),
+        labels: &mut labels,
+        position_ids: None,
+        teacher_ids: &mut tids,
+        teacher_logprobs: &mut tlps,
+    };
+    plan.fill(sources, out, false)
+        .expect_err("expected an error")
+}
+
+#[test]
+fn given_ids_and_labels_are_checked_and_differences_described() {
+    let (c, recs) = cache("describe", CodecKind::Compact, 6, 11);
+    let p = recs.iter().position(|r| r.n_tokens() >= 17).unwrap();
+    let r = &recs[p];
+    let one = |ids: &[i32], labels: Option<&[i32]>| {
+        batch_err(&[Source::Cached {
+            cache: &c,
+            position: p as u64,
+            input_ids: Some(ids),
+            labels,
+        }])
+    };
+    let n = r.n_tokens();
+    // truncated after caching: a prefix (keep_start) or a suffix (keep_end) of the cached ids
+    let e = one(&r.input_ids[..n - 3], None);
+    assert_eq!(e.kind, ErrorKind::Mismatch);
+    let want = format!(
+        "batch item 0 (key {p}): the batch's ids are a prefix of the cached ids ({} of {n} tokens)",
+        n - 3
+    );
+    assert!(e.message.starts_with(&want), "{e}");
+    assert!(e.message.contains(&format!("max_length={}", n - 3)), "{e}");
+    let e = one(&r.input_ids[3..], None);
+    assert!(e.message.contains("are a suffix of the cached ids"), "{e}");
+    // the cache truncated, the batch did not
+    let mut longer = r.input_ids.clone();
+    longer.push(5);
+    let e = one(&longer, None);
+    assert!(
+        e.message.contains(&format!(
+            "the cached ids are a truncation of the batch's ids ({n} of {} tokens)",
+            n + 1
+        )),
+        "{e}"
+    );
+    // another token: the first differing position
+    let mut other = r.input_ids.clone();
+    other[4] = (other[4] + 1) % V as i32;
+    let e = one(&other, None);
+    assert!(
+        e.message.contains("differ from the ids the cache at"),
+        "{e}"
+    );
+    assert!(e.message.contains("at position 4 ("), "{e}");
+    // labels: equal ones pass, a differing one names the position and both values
+    let ok = BatchPlan::new(
+        &[Source::Cached {
+            cache: &c,
+            position: p as u64,
+            input_ids: Some(&r.input_ids),
+            labels: Some(&r.labels),
+        }],
+        &BatchOptions::default(),
+    );
+    assert!(ok.is_ok());
+    let t = (1..n).find(|&t| r.labels[t] != -100).unwrap();
+    let mut labels = r.labels.clone();
+    labels[t] = -100;
+    let e = one(&r.input_ids, Some(&labels));
+    assert_eq!(e.kind, ErrorKind::Mismatch);
+    assert!(
+        e.message.starts_with(&format!("batch item 0 (key {p}): ")),
+        "{e}"
+    );
+    assert!(
+        e.message.contains(&format!(
+            "the batch's labels differ from the cached labels at position {t} (batch -100 (not supervised), cache {} (supervised)",
+            r.labels[t]
+        )),
+        "{e}"
+    );
+    let e = one(&r.input_ids, Some(&labels[1..]));
+    assert_eq!(e.kind, ErrorKind::Input);
+}
+
 fn views(recs: &[Record]) -> Vec<Source<'_>> {
     recs.iter()
         .map(|r| {
@@ -147,6 +245,7 @@ fn direct_decoding_equals_the_record_round_trip() {
                 cache: &c,
                 position: p,
                 input_ids: None,
+                labels: None,
             })
             .collect();
         for opts in layouts() {
@@ -253,11 +352,13 @@ fn bad_inputs_are_errors_naming_the_item() {
                 cache: &c,
                 position: 0,
                 input_ids: None,
+                labels: None,
             },
             Source::Cached {
                 cache: &c,
                 position: 99,
                 input_ids: None,
+                labels: None,
             },
         ],
         &opts,
@@ -270,12 +371,14 @@ fn bad_inputs_are_errors_naming_the_item() {
             cache: &c,
             position: 2,
             input_ids: Some(&wrong),
+            labels: None,
         }],
         &opts,
     );
     assert_eq!(e.kind, ErrorKind::Mismatch);
     assert!(
-        e.message.starts_with("batch item 0 (key 2): the token ids"),
+        e.message
+            .starts_with("batch item 0 (key 2): the batch's ids differ from the ids"),
         "{e}"
     );
     let with_rows = recs.iter().position(|r| r.n_supervised() > 0).unwrap();

@@ -40,6 +40,7 @@ fn read_all(dir: &Path, keys: &[Key], ids: &[Vec<i32>]) -> Result<Reads, Error> 
             cache: &c,
             position: p,
             input_ids: Some(&ids[p as usize]),
+            labels: None,
         })
         .collect();
     let opts = BatchOptions {

@@ -21,6 +21,7 @@ enum Item<'py> {
         cache: Bound<'py, PyTeacherCache>,
         position: u64,
         input_ids: Option<PyReadonlyArray1<'py, i32>>,
+        labels: Option<PyReadonlyArray1<'py, i32>>,
     },
     Decoded {
         key: core::Key,
@@ -71,15 +72,15 @@ fn array<'py, T: Element, D: numpy::ndarray::Dimension>(
 fn parse_item<'py>(i: usize, obj: &Bound<'py, PyAny>) -> PyResult<Item<'py>> {
     let t = obj.cast::<PyTuple>().map_err(|_| {
         input_err(format!(
-            "batch item {i}: expected a (cache, position[, input_ids]) or a record tuple, got {}",
+            "batch item {i}: expected a (cache, position[, input_ids[, labels]]) or a record tuple, got {}",
             obj.get_type()
         ))
     })?;
     let first = t.get_item(0)?;
     if let Ok(cache) = first.cast::<PyTeacherCache>() {
-        if !(2..=3).contains(&t.len()) {
+        if !(2..=4).contains(&t.len()) {
             return Err(input_err(format!(
-                "batch item {i}: a cached sample is (cache, position[, input_ids]), got {} fields",
+                "batch item {i}: a cached sample is (cache, position[, input_ids[, labels]]), got {} fields",
                 t.len()
             )));
         }
@@ -88,14 +89,17 @@ fn parse_item<'py>(i: usize, obj: &Bound<'py, PyAny>) -> PyResult<Item<'py>> {
                 "batch item {i}: the position must be a non-negative int"
             ))
         })?;
-        let input_ids = match t.get_item(2) {
-            Ok(x) if !x.is_none() => Some(array::<i32, _>(i, "input_ids", &x)?),
-            _ => None,
+        let optional = |at: usize, name: &str| -> PyResult<Option<PyReadonlyArray1<'py, i32>>> {
+            match t.get_item(at) {
+                Ok(x) if !x.is_none() => Ok(Some(array::<i32, _>(i, name, &x)?)),
+                _ => Ok(None),
+            }
         };
         return Ok(Item::Cached {
             cache: cache.clone(),
             position,
-            input_ids,
+            input_ids: optional(2, "input_ids")?,
+            labels: optional(3, "labels")?,
         });
     }
     if t.len() != 7 {
@@ -121,10 +125,12 @@ fn source<'a>(item: &'a Item<'_>) -> Source<'a> {
             cache,
             position,
             input_ids,
+            labels,
         } => Source::Cached {
             cache: &cache.get().inner,
             position: *position,
             input_ids: input_ids.as_ref().map(s),
+            labels: labels.as_ref().map(s),
         },
         Item::Decoded {
             key,
