@@ -25,6 +25,10 @@ The masks are TRL's (``SFTTrainer`` of trl 1.x, checked against it in
   incrementally (each assistant turn is what rendering the conversation up to it adds after the
   generation prompt), which needs every such prefix render to be a token prefix of the whole
   render, else an error says the template gives no way to find the assistant tokens.
+  TRL itself, for a template without marks, trains with its own ``*_training`` template, which
+  can supervise a token more per turn (Qwen2.5's: the newline after ``<|im_start|>assistant``);
+  to train with TRL, give the tokenizer TRL's training template before building the cache
+  (``TargetSFTSFTTrainer`` checks the two agree and names the fix, docs/HF.md).
   Conversational prompt/completion supervises the assistant tokens of the completion (TRL with
   ``assistant_only_loss`` and ``completion_only_loss``).
 * plain-text prompt/completion: ``completion_only_loss`` — ``tokenizer(prompt)`` and
