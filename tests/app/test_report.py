@@ -103,6 +103,15 @@ def test_figure3_numbers_and_png(tmp_path: Path) -> None:
     np.testing.assert_array_equal(o["EAFT"], curve.q_other.numpy())
 
 
+def test_figure3_iw_sft_draws(tmp_path: Path) -> None:
+    """iw-SFT is documented in Figure 3 (π_ref = the current model: weight 1, so Q = δ_y); it
+    used to crash because its per-sequence weight had no sequence structure on [M, V] logits."""
+    p_y = np.array([0.05, 0.4, 0.9])
+    res = R.plot_induced_targets(tmp_path / "iw.png", ("iw_sft",), p_y=p_y, figsize=(4, 3), dpi=40)
+    np.testing.assert_allclose(res.q_y["iw-SFT"], 1.0, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(res.q_other["iw-SFT"], 0.0, rtol=0, atol=1e-12)
+
+
 def test_preset_specs() -> None:
     assert R.parse_preset_spec("target-sft:eta=0.5") == ("target_sft", {"eta": 0.5})
     assert R.parse_preset_spec("profit:tau=0.2,inclusive=true") == (
