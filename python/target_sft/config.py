@@ -57,6 +57,7 @@ PRESET_PARAMETERS: tuple[str, ...] = (
     "normalize",
     "beta",
     "repulsion",
+    "c",
 )
 _IMPLS = ("auto", "torch", "triton")
 
@@ -80,7 +81,7 @@ class TargetSFTArguments:
             + " (unset: target_sft; with label_smoothing_factor > 0: label_smoothing)"
         },
     )
-    eta: float | None = _param("target_sft: teacher intensity η in [0, 1]")
+    eta: float | None = _param("target_sft, target_sft_constant: teacher intensity η in [0, 1]")
     tau: float | None = _param("profit: probability threshold τ")
     inclusive: bool | None = _param("profit: keep p >= τ instead of p > τ")
     alpha: float | None = _param("beyond_log: exponent α; eaft: power of the entropy weight")
@@ -97,6 +98,7 @@ class TargetSFTArguments:
     normalize: bool | None = _param("sft_kl, asft: divide the scale out (Table 5's exact Q)")
     beta: float | None = _param("gem: temperature β of the repelled distribution")
     repulsion: float | None = _param("gem: repulsion weight λ")
+    c: float | None = _param("target_sft_constant: constant residual weight c in [0, 1] (Table 6)")
     loss_kwargs: dict[str, Any] | str | None = field(
         default=None,
         metadata={

@@ -77,6 +77,7 @@ SUPPORTED: list[tuple[str, dict[str, float | bool]]] = [
     ("target_sft", {"eta": 0.0}),
     ("target_sft", {"eta": 0.5}),
     ("target_sft", {"eta": 1.0}),
+    ("target_sft_constant", {"c": 0.2, "eta": 0.5}),
 ]
 
 

@@ -79,7 +79,7 @@ def test_figure3_target_sft_curve_with_teacher() -> None:
 
 def _curve_kwargs(name: str, m: int) -> dict[str, object]:
     kw: dict[str, object] = {}
-    if name in {"target_sft", "kd", "hybrid_kd", "sft_kl", "asft"}:
+    if L.get_preset(name).residual.needs_teacher:
         kw["teacher_probs"] = torch.tensor([0.3, 0.25, 0.2, 0.1, 0.1, 0.05], dtype=torch.float64)
     if name == "cft":
         kw["token_weights"] = torch.full((m,), 0.7, dtype=torch.float64)

@@ -533,6 +533,7 @@ def test_registry_covers_table5_rows() -> None:
     expected = {
         "sft", "dft", "beyond_log", "profit", "eaft", "iw_sft", "cft", "label_smoothing",
         "sft_kl", "asft", "proximal_sft", "gem", "kd", "hybrid_kd", "target_sft",
+        "target_sft_constant",  # Table 6's ablation of TARGET-SFT (test_losses_constant_branch.py)
     }  # fmt: skip
     assert set(L.PRESETS) == expected
     for name, cls in L.PRESETS.items():

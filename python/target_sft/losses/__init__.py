@@ -10,7 +10,8 @@ Target Distribution Design*); ``Q = p − ∂L/∂z`` recovers it from any loss 
 * Presets for every token-level row of Table 5 (:mod:`.presets`): :class:`SFT`, :class:`DFT`,
   :class:`BeyondLog`, :class:`ProFiT`, :class:`EAFT`, :class:`IwSFT`, :class:`CFT`,
   :class:`LabelSmoothing`, :class:`SFTKL`, :class:`ASFT`, :class:`ProximalSFT`, :class:`GEM`,
-  :class:`KD`, :class:`HybridKD`, :class:`TargetSFT`.
+  :class:`KD`, :class:`HybridKD`, :class:`TargetSFT`; and Table 6's ablation
+  :class:`TargetSFTConstant` (TARGET-SFT with a constant branch c).
 * :func:`induced_target` (Eq. 6) and :func:`induced_target_curve` (Figure 3 data).
 * :func:`fused_linear_target_sft_loss` and :func:`fused_linear_qtarget_loss` (:mod:`.fused_linear`):
   the same losses straight from the last hidden states and the LM head, without materialising the
@@ -57,6 +58,7 @@ from .presets import (
     ProFiT,
     ProximalSFT,
     TargetSFT,
+    TargetSFTConstant,
     get_preset,
 )
 from .qtarget import QTarget, QTargetLoss, reduce_loss
@@ -122,6 +124,7 @@ __all__ = [
     "SparseResidual",
     "StatRequest",
     "TargetSFT",
+    "TargetSFTConstant",
     "ThresholdTrust",
     "TokenContext",
     "TokenWeightTrust",

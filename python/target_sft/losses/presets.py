@@ -50,6 +50,7 @@ __all__ = [
     "ProFiT",
     "ProximalSFT",
     "TargetSFT",
+    "TargetSFTConstant",
     "get_preset",
     "preset_class",
 ]
@@ -465,6 +466,46 @@ class TargetSFT(QTargetLoss):
         return ce_value(ctx, target)
 
 
+class TargetSFTConstant(QTargetLoss):
+    """TARGET-SFT with a constant branch c — Table 6 ablation "Constant branch c, instead of
+    residual 1 − γ_t" (Appendix E); a variant of Table 5 row "TARGET-SFT".
+
+    ``ℓ = CE(Q, π_θ)`` with ``Q = (1 − c) δ_y + c π̃``, π̃ ∝ π_θ^{1−η} π_T^η over the teacher
+    support (stop-gradient), i.e. γ = 1 − c (constant), π̃ = TARGET-SFT's guided residual; per
+    token ``ℓ = lse − (1 − c) z_y − c Σ_{a∈S} π̃(a) z_a``, gradient ``p − Q``.
+
+    The paper replaces "the uncertainty-dependent residual weight 1 − γ_t" by "a fixed constant
+    weight c to the π̃_t branch" without a formula. We read it as the normalised target above (the
+    label keeps ``1 − c``), not as ``p δ_y + c π̃`` (γ = p kept, loss ``p·NLL + c·CE(π̃, π_θ)``,
+    whose induced target is ``(p δ_y + c π̃)/(p + c)``), because (1) a Q-target is a distribution:
+    the residual mass is ``1 − γ`` by definition (§5.1), so a constant residual weight c means
+    γ = 1 − c, the relative strength "determined by a fixed hyperparameter" of Corollary 2; (2) the
+    same table ablates Distill with the same grid c ∈ {0.2, 0.5, (0.8,) 1.0} in exactly this
+    convention (``c CE(π_T) + (1 − c) CE(δ_y)``): the ablation swaps π_T for π̃; (3) Table 6's
+    numbers fit it: c → 0 is then SFT (19.71 in that setting, Table 1) and the rows rise smoothly
+    to 28.48 (c = 0.2), 39.10 (c = 0.5) and fall to 31.82 (c = 1.0); under the other reading c → 0
+    is SFT (p) at 39.00 and c = 0.2 would sit ten points below both neighbours.
+
+    Limits: c = 0 is SFT (Q = δ_y); c = 1 is the guided residual alone (Q = π̃; η = 1: KD's
+    gradient); η = 1 is Hybrid KD with λ = c (same gradient; the value differs by c H(π_T)); η = 0
+    is token-weighted SFT with w = 1 − c (π̃ = sg[π_θ], as for TARGET-SFT at η = 0). The paper does
+    not say which η it used: η = 0.5 here, TARGET-SFT's default.
+    """
+
+    paper_row = "TARGET-SFT, constant branch c (Table 6)"
+
+    def __init__(self, c: float = 0.5, eta: float = 0.5, **kwargs: Any) -> None:
+        c = check_probability_like("c", c)
+        super().__init__(
+            gamma=ConstantTrust(1.0 - c), residual=GuidedResidual(eta), **_options(self, kwargs)
+        )
+        self.c = c
+        self.eta = float(eta)
+
+    def _value(self, ctx: TokenContext, target: QTarget) -> Tensor:
+        return ce_value(ctx, target)
+
+
 #: name → preset class (names are lower-case, as accepted by :func:`get_preset`)
 PRESETS: dict[str, type[QTargetLoss]] = {
     "sft": SFT,
@@ -482,6 +523,7 @@ PRESETS: dict[str, type[QTargetLoss]] = {
     "kd": KD,
     "hybrid_kd": HybridKD,
     "target_sft": TargetSFT,
+    "target_sft_constant": TargetSFTConstant,
 }
 
 
