@@ -51,6 +51,7 @@ __all__ = [
     "TeacherGivenStudent",
     "check_tokenizer",
     "classify_tokens",
+    "figure3_inputs",
     "observed_token_stats",
     "parse_preset_spec",
     "plot_induced_targets",
@@ -101,6 +102,7 @@ _PRETTY = {
     "kd": "KD",
     "hybrid_kd": "Hybrid KD",
     "target_sft": "TARGET-SFT",
+    "target_sft_constant": "TARGET-SFT, constant branch",
 }
 
 
@@ -178,12 +180,33 @@ class InducedTargets:
     specs: dict[str, str]
 
 
+def figure3_inputs(sweep: Any, *, token_weight: float = 0.5) -> dict[str, Any]:
+    """The per-token inputs Figure 3 gives every loss, one row per sweep point ``p_y`` (a float64
+    ``[M]`` tensor), chosen to be neutral: ``token_weights = token_weight`` (CFT's weight);
+    ``old_logprobs = ref_logprobs = log p_y`` (Proximal SFT's ratio and iw-SFT's weight are 1:
+    π_old = π_ref = the current model); ``sequence_ids = 0, 1, …, M − 1`` (each point is its own
+    one-token sequence, so per-sequence weights are per point) and ``sequence_weights = 1``. A loss
+    ignores the inputs it does not use."""
+    import torch
+
+    m = int(sweep.numel())
+    log_p = torch.log(sweep)
+    return {
+        "token_weights": torch.full((m,), float(token_weight), dtype=sweep.dtype),
+        "old_logprobs": log_p,
+        "ref_logprobs": log_p,
+        "sequence_ids": torch.arange(m),
+        "sequence_weights": torch.ones(m, dtype=sweep.dtype),
+    }
+
+
 def plot_induced_targets(
     path: PathLike,
     presets: Sequence[str] = DEFAULT_PRESETS,
     *,
     p_y: Sequence[float] | npt.ArrayLike | None = None,
     teacher: Sequence[float] | npt.ArrayLike = DEFAULT_TEACHER,
+    token_weight: float = 0.5,
     figsize: tuple[float, float] = (13.0, 5.0),
     dpi: int = 100,
 ) -> InducedTargets:
@@ -193,13 +216,16 @@ def plot_induced_targets(
     evenly over the ``V − 1`` others (``V = len(teacher)``, 8 by default); the right panel shows
     token k = 1. Presets whose residual needs a teacher (KD, Hybrid KD, TARGET-SFT, SFT+KL, ASFT)
     see ``teacher`` as a full-vocabulary teacher (default :data:`DEFAULT_TEACHER`: the teacher
-    prefers k). Values come from :func:`target_sft.losses.induced_target_curve` (Eq. 6).
+    prefers k); every preset gets the neutral per-token inputs of :func:`figure3_inputs`. Values
+    come from :func:`target_sft.losses.induced_target_curve` (Eq. 6). A preset that cannot be
+    drawn from these inputs is a ``ValueError`` naming it and the cause.
 
     Args:
         path: the PNG to write (``figsize × dpi`` pixels).
         presets: ``"name"`` or ``"name:key=value,..."`` per line (see :data:`DEFAULT_PRESETS`).
         p_y: the sweep (default: 199 points in ``[0.005, 0.995]``).
         teacher: the illustrative teacher distribution ``[V]``.
+        token_weight: the constant ``token_weights`` (CFT's critical-token weight) of every point.
     """
     import torch
 
@@ -215,35 +241,40 @@ def plot_induced_targets(
         if p_y is None
         else torch.as_tensor(np.asarray(p_y, dtype=np.float64)).reshape(-1)
     )
-    m = sweep.numel()
+    if sweep.numel() == 0 or bool(((sweep <= 0) | (sweep >= 1) | sweep.isnan()).any()):
+        raise ValueError("p_y must be a non-empty sweep of values strictly inside (0, 1)")
     q_y: dict[str, np.ndarray] = {}
     q_other: dict[str, np.ndarray] = {}
     specs: dict[str, str] = {}
+    names: dict[str, str] = {}
     p_other = None
+    inputs = figure3_inputs(sweep, token_weight=token_weight)
     for spec in presets:
         name, kw = parse_preset_spec(spec)
         loss = get_preset(name, **kw)
-        extra: dict[str, Any] = {}
-        if name == "cft":
-            extra["token_weights"] = torch.full((m,), float(kw.get("weight", 0.5)))
-        if name == "proximal_sft":  # π_old(y) = the current p_y: ratio 1
-            extra["old_logprobs"] = torch.log(sweep)
-        if name == "iw_sft":  # π_ref = the current model: weight 1
-            extra["ref_logprobs"] = torch.log(sweep)
         needs_teacher = bool(getattr(getattr(loss, "residual", None), "needs_teacher", False))
-        curve = induced_target_curve(
-            loss,
-            sweep,
-            vocab_size=v,
-            label=0,
-            other=1,
-            teacher_probs=tp if needs_teacher else None,
-            **extra,
-        )
+        try:
+            curve = induced_target_curve(
+                loss,
+                sweep,
+                vocab_size=v,
+                label=0,
+                other=1,
+                teacher_probs=tp if needs_teacher else None,
+                **inputs,
+            )
+        except (ValueError, RuntimeError) as e:
+            raise ValueError(
+                f"plot_induced_targets cannot draw preset {spec!r} ({type(loss).__name__}): {e}. "
+                f"Figure 3 gives every loss only {', '.join(inputs)} (neutral values, "
+                "docs/REPORT.md) and, to teacher-based losses, a full-vocabulary teacher; "
+                "leave this preset out of `presets`"
+            ) from e
         label = _preset_label(name, kw)
         q_y[label] = curve.q_y.numpy().copy()
         q_other[label] = curve.q_other.numpy().copy()
         specs[label] = spec
+        names[label] = name
         p_other = curve.p_other.numpy().copy()
     if p_other is None:
         p_other = ((1.0 - sweep) / (v - 1)).numpy()
@@ -261,7 +292,7 @@ def plot_induced_targets(
     styles = ["-", "--", "-.", (0, (5, 1, 1, 1))]
     for i, label in enumerate(q_y):
         kw = dict(color=colors[i % len(colors)], ls=styles[(i // len(colors)) % 4], lw=1.8)
-        if specs[label].startswith("target_sft"):
+        if names[label] == "target_sft":
             kw["lw"] = 2.4
         ax1.plot(x, q_y[label], label=label, **kw)
         ax2.plot(x, q_other[label], **kw)

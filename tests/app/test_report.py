@@ -112,6 +112,140 @@ def test_figure3_iw_sft_draws(tmp_path: Path) -> None:
     np.testing.assert_allclose(res.q_other["iw-SFT"], 0.0, rtol=0, atol=1e-12)
 
 
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "REPORT.md"
+
+
+def documented_figure3_presets() -> list[str]:
+    """The preset names of docs/REPORT.md's Figure-3 preset table (rows ``| `name` | …``)."""
+    text = DOCS.read_text(encoding="utf-8")
+    section = text.split("## Figure 3")[1].split("\n## ")[0]
+    return re.findall(r"^\| `([a-z_]+)` \|", section, flags=re.M)
+
+
+def figure3_closed_form(name: str, kw: dict, p: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """Q [M, V] of each preset on Figure 3's setup, written from Table 5 (label 0; ``p`` the model
+    rows, ``t`` the teacher; the figure's neutral inputs: CFT weight 0.5, π_old = π_ref = π_θ)."""
+    py = p[:, :1]
+    delta = np.zeros_like(p)
+    delta[:, 0] = 1.0
+
+    def mix(gamma, residual):  # γ δ_y + (1 − γ) π̃
+        return gamma * delta + (1.0 - gamma) * residual
+
+    def guided(eta):
+        g = p ** (1.0 - eta) * t[None, :] ** eta
+        return g / g.sum(-1, keepdims=True)
+
+    if name in ("sft", "iw_sft", "proximal_sft"):  # iw weight 1; PSFT ratio 1 ≤ 1 + ε: γ = 1
+        return delta
+    if name == "dft":
+        return mix(py, p)
+    if name == "beyond_log":
+        return mix(py ** kw.get("alpha", 1.0), p)
+    if name == "profit":
+        return mix((py > kw.get("tau", 0.1)).astype(float), p)
+    if name == "eaft":  # k = 20 capped at V
+        h = -(p * np.log(p)).sum(-1, keepdims=True) / np.log(p.shape[1])
+        return mix(h, p)
+    if name == "cft":
+        return mix(0.5, p)
+    if name == "label_smoothing":
+        return mix(0.9, np.full_like(p, 1.0 / p.shape[1]))
+    if name == "sft_kl":  # scale 1 + λ: Q = p − (1 + λ)(p − Q5) = δ + λ π_T − λ p
+        return delta + 0.1 * t[None, :] - 0.1 * p
+    if name == "asft":  # scale p + λ: Q = p δ + λ π_T + (1 − p − λ) p
+        return py * delta + 0.1 * t[None, :] + (1.0 - py - 0.1) * p
+    if name == "gem":  # δ_y + sg[π_θ] − q_β
+        q = p ** (1.0 / 0.7)
+        return delta + p - q / q.sum(-1, keepdims=True)
+    if name == "kd":
+        return np.broadcast_to(t, p.shape)
+    if name == "hybrid_kd":
+        return mix(0.2, t[None, :])
+    if name == "target_sft":
+        return mix(py, guided(kw.get("eta", 0.5)))
+    if name == "target_sft_constant":
+        return mix(1.0 - kw.get("c", 0.5), guided(kw.get("eta", 0.5)))
+    raise AssertionError(f"no closed form for Figure 3's preset {name!r}: add one")
+
+
+def test_figure3_draws_every_preset(tmp_path: Path) -> None:
+    """Every preset docs/REPORT.md lists (= every PRESETS entry), every DEFAULT_PRESETS spec and
+    a few parameter variants, in one figure: each line equals its Table-5 closed form and
+    induced_target on the figure's inputs."""
+    from target_sft import losses as L
+
+    documented = documented_figure3_presets()
+    assert sorted(documented) == sorted(L.PRESETS), "docs/REPORT.md's Figure-3 table is stale"
+    text = DOCS.read_text(encoding="utf-8")
+    assert all(spec in text for spec in R.DEFAULT_PRESETS)
+    specs = list(dict.fromkeys([*R.DEFAULT_PRESETS, *documented, "target_sft:eta=0",
+                                "target_sft_constant:c=0.2", "target_sft_constant:c=1.0,eta=1.0",
+                                "profit:tau=0.5"]))  # fmt: skip
+    p_y = np.array([0.02, 0.3, 0.55, 0.97])
+    res = R.plot_induced_targets(tmp_path / "all.png", specs, p_y=p_y, figsize=(5, 3), dpi=40)
+    assert png_size(res.path) == (200, 120)
+    assert sorted(res.specs.values()) == sorted(specs)
+
+    v = len(R.DEFAULT_TEACHER)
+    t = np.asarray(R.DEFAULT_TEACHER)
+    p = np.empty((len(p_y), v))
+    p[:, 0] = p_y
+    p[:, 1:] = ((1.0 - p_y) / (v - 1))[:, None]
+    sweep = torch.as_tensor(p_y)
+    inputs = R.figure3_inputs(sweep)
+    for label, spec in res.specs.items():
+        name, kw = R.parse_preset_spec(spec)
+        want = figure3_closed_form(name, kw, p, t)
+        np.testing.assert_allclose(res.q_y[label], want[:, 0], rtol=0, atol=1e-12, err_msg=spec)
+        np.testing.assert_allclose(res.q_other[label], want[:, 1], rtol=0, atol=1e-12, err_msg=spec)
+        # the same numbers as Eq. 6 on the figure's inputs
+        loss = get_preset(name, **kw)
+        teacher = {}
+        if loss.residual.needs_teacher:
+            teacher = {
+                "teacher_ids": torch.arange(v).expand(len(p_y), -1),
+                "teacher_logprobs": torch.log(torch.as_tensor(t)).expand(len(p_y), -1),
+            }
+        q = L.induced_target(
+            loss, torch.log(torch.as_tensor(p)), torch.zeros(len(p_y), dtype=torch.long),
+            **teacher, **inputs,
+        )  # fmt: skip
+        np.testing.assert_allclose(res.q_y[label], q[:, 0].numpy(), rtol=0, atol=1e-12)
+        np.testing.assert_allclose(res.q_other[label], q[:, 1].numpy(), rtol=0, atol=1e-12)
+
+
+def test_figure3_refuses_a_preset_it_cannot_draw(tmp_path: Path, monkeypatch) -> None:
+    """A loss that needs something the figure does not supply is refused by name, with the cause;
+    an unknown preset or parameter is refused before anything is drawn."""
+    from target_sft import losses as L
+
+    class NeedsRewards(L.Trust):
+        def __call__(self, ctx):
+            raise ValueError("NeedsRewards needs rewards, which was not given")
+
+    class RewardSFT(L.QTargetLoss):
+        def __init__(self, **kwargs) -> None:
+            super().__init__(gamma=NeedsRewards(), residual="self", **kwargs)
+
+    monkeypatch.setitem(L.PRESETS, "reward_sft", RewardSFT)
+    with pytest.raises(
+        ValueError,
+        match=r"cannot draw preset 'reward_sft' \(RewardSFT\): .*needs rewards.*gives every "
+        r"loss only token_weights, old_logprobs, ref_logprobs, sequence_ids, sequence_weights",
+    ):
+        R.plot_induced_targets(tmp_path / "x.png", ["sft", "reward_sft"], p_y=[0.5])
+    assert not (tmp_path / "x.png").exists()
+    with pytest.raises(ValueError, match="unknown preset 'nope'"):
+        R.plot_induced_targets(tmp_path / "x.png", ["nope"], p_y=[0.5])
+    with pytest.raises(TypeError, match="CFT got an unexpected keyword argument 'weight'"):
+        R.plot_induced_targets(tmp_path / "x.png", ["cft:weight=0.3"], p_y=[0.5])
+    with pytest.raises(ValueError, match=r"p_y must be a non-empty sweep of values strictly"):
+        R.plot_induced_targets(tmp_path / "x.png", ["sft"], p_y=[0.5, 1.0])
+    res = R.plot_induced_targets(tmp_path / "c.png", ["cft"], p_y=[0.5], token_weight=0.25)
+    np.testing.assert_allclose(res.q_y["CFT"], [0.25 + 0.75 * 0.5], atol=1e-12)
+
+
 def test_preset_specs() -> None:
     assert R.parse_preset_spec("target-sft:eta=0.5") == ("target_sft", {"eta": 0.5})
     assert R.parse_preset_spec("profit:tau=0.2,inclusive=true") == (
