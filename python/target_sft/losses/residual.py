@@ -21,6 +21,7 @@ from .trust import TokenContext
 
 __all__ = [
     "TAILS",
+    "TAIL_FLOOR",
     "GEMResidual",
     "GuidedResidual",
     "Residual",
@@ -32,7 +33,6 @@ __all__ = [
     "check_tail",
     "guided_target",
     "residual_from_name",
-    "tail_floor",
 ]
 
 
@@ -61,19 +61,9 @@ def check_tail(tail: str) -> str:
     return tail
 
 
-def tail_floor(dtype: torch.dtype) -> float:
-    """The smallest model tail ``τ = 1 − π_θ(S)`` that ``tail="model"`` divides by, in compute
-    dtype ``dtype`` (1e-3 in float32, 1e-6 in float64).
-
-    The tail's target per unit of ``sg[p]`` is ``c = (m / τ)^η / Z``, and the row statistics it is
-    formed from (``π_θ(S) = Σ exp(z_S − lse)``, the entropy) are only known to a few ulps of
-    ``lse``: rounding errors reach the gradient as ``c · ε`` (the ``c p_k`` put on ``sg[p]`` over V
-    and taken back on S) and the value as ``c · ε · |lse|`` (``Σ_{v∉S} p_v (lse − z_v)`` is the
-    entropy minus its part on S). Below the floor the tail model divides by ``max(τ, floor)``,
-    which moves the row continuously toward ``tail="renormalize"`` (the tail then holds
-    ``m τ / floor`` of the teacher instead of ``m``) and keeps ``c ≤ (m / floor)^η / Z``.
-    """
-    return 1e-6 if dtype == torch.float64 else 1e-3
+#: the smallest model tail ``τ = 1 − π_θ(S)`` that ``tail="model"`` divides by (see
+#: :func:`guided_target`): the same in every dtype, so that float32 and float64 compute one formula
+TAIL_FLOOR: float = 1e-3
 
 
 @dataclass
@@ -138,10 +128,17 @@ def guided_target(ctx: TokenContext, eta: float, tail: str, who: str) -> TailedT
 
     ``tail="renormalize"``: ``π̃ = softmax_{a∈S}((1 − η) log p_a + η log π_T(a))``, zero off S.
     ``tail="model"``: with ``m = 1 − Σ_{k∈S} π_T(k)`` and ``τ = 1 − Σ_{k∈S} p_k``, the teacher
-    outside S is ``π_T(v) ≈ m p_v / τ̂`` (``τ̂ = max(τ, tail_floor)``), so that
+    outside S is ``π_T(v) ≈ m p_v / τ̂`` (``τ̂ = max(τ, TAIL_FLOOR)``), so that
     ``π_T(v)^η p_v^{1−η} = p_v (m / τ̂)^η`` is proportional to ``p_v``: the whole tail is one
     bucket of score ``log τ + η (log m − log τ̂)`` in the same softmax, and each ``v ∉ S`` gets
-    ``p_v (m / τ̂)^η / Z``.
+    ``c p_v`` with ``c = (m / τ̂)^η / Z``.
+
+    Why the floor: ``π_θ(S) = Σ exp(z_S − lse)`` and the entropy are known to a few ulps of
+    ``lse`` only (~2e-6 in float32), and ``c`` multiplies their rounding: in the gradient (``c p``
+    is put on ``sg[p]`` over V and ``c p_k`` taken back on S) and in the value (the tail's
+    ``Σ_{v∉S} p_v (lse − z_v)`` is the entropy minus its part on S). ``τ̂ ≥ 1e-3`` keeps
+    ``c ≤ (m / 1e-3)^η / Z``; a row whose model tail is below it moves continuously toward
+    ``tail="renormalize"`` (its tail holds ``m τ / 1e-3`` of the teacher instead of ``m``).
     """
     b = ctx.batch
     lt, valid = _masked_teacher_logprobs(ctx)
@@ -174,9 +171,9 @@ def guided_target(ctx: TokenContext, eta: float, tail: str, who: str) -> TailedT
                 "(as the cache stores them), not log-probs renormalised or shifted otherwise"
             )
     log_m = torch.log((1.0 - kept).clamp_min(0.0))
-    # τ = 1 − π_θ(S) from log π_θ(S), accurate to the rounding of lse (see tail_floor)
+    # τ = 1 − π_θ(S) from log π_θ(S), accurate to the rounding of lse
     log_tau = torch.log((-torch.expm1(torch.logsumexp(log_p, -1))).clamp_min(0.0))
-    log_tau_hat = log_tau.clamp_min(math.log(tail_floor(lt.dtype)))
+    log_tau_hat = log_tau.clamp_min(math.log(TAIL_FLOOR))
     log_ratio = eta * (log_m - log_tau_hat)  # log (m / τ̂)^η, −inf when m = 0
     full = torch.cat([score, (log_tau + log_ratio)[:, None]], dim=-1)
     ok = torch.isfinite(full).any(-1)
@@ -335,7 +332,8 @@ class GuidedResidual(Residual):
 
       i.e. mass ``c`` on ``sg[p]`` over all of V minus ``c p_k`` on S: no N × V buffer, one more
       per-row scalar in the kernel plan. The value needs the entropy (``Σ_{v∉S} p_v (lse − z_v) =
-      H − Σ_{k∈S} p_k (lse − z_k)``). ``1 − P_S`` below :func:`tail_floor` is raised to it.
+      H − Σ_{k∈S} p_k (lse − z_k)``). ``1 − P_S`` below :data:`TAIL_FLOOR` (1e-3) is raised to
+      it (:func:`guided_target` says why).
 
     ``η = 1`` is the (tail-completed) teacher; ``η = 0`` is ``sg[π_θ]`` over the **whole**
     vocabulary for either tail (``π_T^0 ≡ 1``, the convention ``0^0 = 1`` off S), which makes
