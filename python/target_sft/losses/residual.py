@@ -174,7 +174,8 @@ def guided_target(ctx: TokenContext, eta: float, tail: str, who: str) -> TailedT
     # τ = 1 − π_θ(S) from log π_θ(S), accurate to the rounding of lse
     log_tau = torch.log((-torch.expm1(torch.logsumexp(log_p, -1))).clamp_min(0.0))
     log_tau_hat = log_tau.clamp_min(math.log(TAIL_FLOOR))
-    log_ratio = eta * (log_m - log_tau_hat)  # log (m / τ̂)^η, −inf when m = 0
+    # log (m / τ̂)^η: −inf when m = 0; 0 at η = 0 (π_T^0 ≡ 1, also where m = 0)
+    log_ratio = eta * (log_m - log_tau_hat) if eta > 0 else torch.zeros_like(log_m)
     full = torch.cat([score, (log_tau + log_ratio)[:, None]], dim=-1)
     ok = torch.isfinite(full).any(-1)
     if b.check:
