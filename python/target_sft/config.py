@@ -54,6 +54,7 @@ PRESET_PARAMETERS: tuple[str, ...] = (
     "epsilon",
     "lam",
     "renormalize",
+    "tail",
     "normalize",
     "beta",
     "repulsion",
@@ -95,6 +96,10 @@ class TargetSFTArguments:
     epsilon: float | None = _param("label_smoothing: ε; proximal_sft: clip range ε")
     lam: float | None = _param("sft_kl, asft: KL weight λ; hybrid_kd: KD weight λ (the paper's c)")
     renormalize: bool | None = _param("sft_kl, asft, kd, hybrid_kd: renormalise the top-k")
+    tail: str | None = _param(
+        "target_sft, kd, hybrid_kd: the teacher's mass missing from the top-k: renormalize "
+        "(spread over the top-k) or model (spread as the model's own tail)"
+    )
     normalize: bool | None = _param("sft_kl, asft: divide the scale out (Table 5's exact Q)")
     beta: float | None = _param("gem: temperature β of the repelled distribution")
     repulsion: float | None = _param("gem: repulsion weight λ")

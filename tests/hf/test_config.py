@@ -121,6 +121,11 @@ CASES = [
         lambda: L.TargetSFT(eta=0.2, chunk_elements=4096),
     ),
     (
+        ["--loss", "target_sft", "--tail", "model"],
+        {"loss": "target_sft", "tail": "model"},
+        lambda: L.TargetSFT(tail="model"),
+    ),
+    (
         ["--loss", "hybrid_kd", "--lam", "0.7", "--renormalize", "false", "--impl", "torch"],
         {"loss": "hybrid_kd", "lam": 0.7, "renormalize": False, "impl": "torch"},
         lambda: L.HybridKD(lam=0.7, renormalize=False, impl="torch"),
@@ -183,7 +188,9 @@ def test_trl_config_carries_the_same_fields(cache, model, tmp_path):
 def test_a_parameter_of_another_preset_is_an_error_naming_the_preset(tmp_path):
     with pytest.raises(ValueError, match=r"loss='sft' \(SFT\) has no parameter 'eta'; its param"):
         config(tmp_path, loss="sft", eta=0.2)
-    with pytest.raises(ValueError, match=r"\(TargetSFT\) has no parameter 'etta'.*eta, ignore"):
+    with pytest.raises(
+        ValueError, match=r"\(TargetSFT\) has no parameter 'etta'.*eta, tail, ignore"
+    ):
         config(tmp_path, loss_kwargs={"etta": 0.2})
     with pytest.raises(ValueError, match=r"eta is given twice.*eta=0\.2.*eta=0\.5"):
         config(tmp_path, eta=0.2, loss_kwargs={"eta": 0.5})

@@ -61,9 +61,9 @@ def test_a_wrong_keyword_at_construction_names_the_preset(name):
 
 
 def test_parameter_names():
-    assert L.TargetSFT.parameter_names() == ("eta", *LOSS_OPTIONS)
+    assert L.TargetSFT.parameter_names() == ("eta", "tail", *LOSS_OPTIONS)
     assert L.SFT.parameter_names() == LOSS_OPTIONS
-    assert L.HybridKD.parameter_names() == ("lam", "renormalize", *LOSS_OPTIONS)
+    assert L.HybridKD.parameter_names() == ("lam", "renormalize", "tail", *LOSS_OPTIONS)
     assert L.QTargetLoss.parameter_names() == ("gamma", "residual", *LOSS_OPTIONS)
     with pytest.raises(TypeError, match=r"^TargetSFT got .* 'etta'; .*; did you mean 'eta'\?$"):
         L.TargetSFT(etta=0.2)

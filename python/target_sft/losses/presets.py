@@ -235,6 +235,8 @@ class _SparseKL(QTargetLoss):
     residual: SparseResidual
 
     def _kl(self, ctx: TokenContext) -> Tensor:
+        if self.residual.tail == "model":
+            return self.residual.target(ctx).kl(ctx)
         pi, _ = self.residual.distribution(ctx)
         return _kl_support(ctx, pi)
 
@@ -399,24 +401,30 @@ class GEM(QTargetLoss):
 class KD(_SparseKL):
     """Knowledge distillation [36] — Table 5 row "Knowledge Distillation".
 
-    ``ℓ = −Σ_v π_T(v) log π_S(v)`` over the cached support; γ = 0, π̃ = π_T. ``renormalize=True``
-    (default) uses ``π_T|_S / m``; ``renormalize=False`` the truncated values, whose missing mass
-    ``1 − m`` is a self-residual (no gradient).
+    ``ℓ = −Σ_v π_T(v) log π_S(v)``; γ = 0, π̃ = π_T. The cache holds π_T on the support S only,
+    missing ``m = 1 − π_T(S)``: ``renormalize=True`` (default) with ``tail="renormalize"`` uses
+    ``π_T|_S / π_T(S)``; with ``tail="model"`` the missing mass follows the model's own tail,
+    ``π_T(v) ≈ m p_v / (1 − π_θ(S))`` off S (value ``CE(π̃, π_θ)`` over the whole vocabulary);
+    ``renormalize=False`` the truncated values, whose missing mass is a self-residual (no gradient).
     """
 
     paper_row = "Knowledge Distillation [36]"
 
-    def __init__(self, *, renormalize: bool = True, **kwargs: Any) -> None:
+    def __init__(
+        self, *, renormalize: bool = True, tail: str = "renormalize", **kwargs: Any
+    ) -> None:
         super().__init__(
             gamma=ConstantTrust(0.0),
-            residual=SparseResidual(renormalize=renormalize),
+            residual=SparseResidual(renormalize=renormalize, tail=tail),
             **_options(self, kwargs),
         )
 
     def _value_request(self) -> StatRequest:
-        return StatRequest()
+        return self.residual.request() if self.residual.tail == "model" else StatRequest()
 
     def _value(self, ctx: TokenContext, target: QTarget) -> Tensor:
+        if self.residual.tail == "model":
+            return ce_value(ctx, target)  # Q = π̃ (γ = 0, s = 1)
         pi, _ = self.residual.distribution(ctx)
         return support_ce(ctx, pi)
 
@@ -425,16 +433,25 @@ class HybridKD(_SparseKL):
     """Hybrid distillation [36] — Table 5 row "Distillation (Hybrid)".
 
     ``ℓ = (1 − λ)(−log π_S(y)) + λ KL(π_T ‖ π_S)`` (KL over the cached support); γ = 1 − λ,
-    π̃ = π_T. Default λ = 0.8 (the paper's distillation baseline, c = 0.8).
+    π̃ = π_T. Default λ = 0.8 (the paper's distillation baseline, c = 0.8). ``renormalize`` and
+    ``tail`` as in :class:`KD`; with ``tail="model"`` the KL is over the whole vocabulary (its
+    tail part is ``T log c`` with ``T`` the tail's mass and ``c = π̃_v / p_v`` off S).
     """
 
     paper_row = "Distillation (Hybrid) [36]"
 
-    def __init__(self, lam: float = 0.8, *, renormalize: bool = True, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        lam: float = 0.8,
+        *,
+        renormalize: bool = True,
+        tail: str = "renormalize",
+        **kwargs: Any,
+    ) -> None:
         lam = check_probability_like("lam", lam)
         super().__init__(
             gamma=ConstantTrust(1.0 - lam),
-            residual=SparseResidual(renormalize=renormalize),
+            residual=SparseResidual(renormalize=renormalize, tail=tail),
             **_options(self, kwargs),
         )
         self.lam = lam
@@ -452,13 +469,17 @@ class TargetSFT(QTargetLoss):
     ``ℓ = CE(Q, π_θ)`` with ``Q = p δ_y + (1 − p) π̃``, γ = sg[p],
     π̃ ∝ π_θ^{1−η} π_T^η over the teacher support (stop-gradient). Per token:
     ``ℓ = lse − p z_y − (1 − p) Σ_{a∈S} π̃(a) z_a``; gradient ``p − Q``. η = 0 is DFT's gradient.
+    ``tail="model"`` models the teacher's mass missing from the cached top-k with the model's own
+    tail (:class:`~target_sft.losses.residual.GuidedResidual`); π̃ then also covers V∖S.
     """
 
     paper_row = "TARGET-SFT"
 
-    def __init__(self, eta: float = 0.5, **kwargs: Any) -> None:
+    def __init__(self, eta: float = 0.5, *, tail: str = "renormalize", **kwargs: Any) -> None:
         super().__init__(
-            gamma=ModelProbTrust(1.0), residual=GuidedResidual(eta), **_options(self, kwargs)
+            gamma=ModelProbTrust(1.0),
+            residual=GuidedResidual(eta, tail=tail),
+            **_options(self, kwargs),
         )
         self.eta = float(eta)
 
