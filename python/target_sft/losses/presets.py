@@ -510,15 +510,20 @@ class TargetSFTConstant(QTargetLoss):
     Limits: c = 0 is SFT (Q = δ_y); c = 1 is the guided residual alone (Q = π̃; η = 1: KD's
     gradient); η = 1 is Hybrid KD with λ = c (same gradient; the value differs by c H(π_T)); η = 0
     is token-weighted SFT with w = 1 − c (π̃ = sg[π_θ], as for TARGET-SFT at η = 0). The paper does
-    not say which η it used: η = 0.5 here, TARGET-SFT's default.
+    not say which η it used: η = 0.5 here, TARGET-SFT's default. ``tail`` is TARGET-SFT's (the
+    teacher's mass missing from the top-k, docs/LOSSES.md).
     """
 
     paper_row = "TARGET-SFT, constant branch c (Table 6)"
 
-    def __init__(self, c: float = 0.5, eta: float = 0.5, **kwargs: Any) -> None:
+    def __init__(
+        self, c: float = 0.5, eta: float = 0.5, *, tail: str = "renormalize", **kwargs: Any
+    ) -> None:
         c = check_probability_like("c", c)
         super().__init__(
-            gamma=ConstantTrust(1.0 - c), residual=GuidedResidual(eta), **_options(self, kwargs)
+            gamma=ConstantTrust(1.0 - c),
+            residual=GuidedResidual(eta, tail=tail),
+            **_options(self, kwargs),
         )
         self.c = c
         self.eta = float(eta)
