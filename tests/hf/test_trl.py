@@ -274,6 +274,35 @@ def test_max_length_that_agrees_with_the_cache(dirs, tok, tmp_path):
     assert (batch["teacher_ids"][:, :, 0] >= 0).any()
 
 
+def test_label_in_support_from_the_trl_config(dirs, tok, chat_cache, tmp_path):
+    """TargetSFTTRLConfig.label_in_support reaches the collator the trainer makes (default
+    True: K + 1 teacher columns; False: the bare top-k); a given collator must agree."""
+    from target_sft.config import TargetSFTTRLConfig
+
+    base = dict(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_length=None)
+    base.update(per_device_train_batch_size=2, assistant_only_loss=True, save_strategy="no")
+    for value in (True, False):
+        args = TargetSFTTRLConfig(**{**base, "label_in_support": value})
+        trainer = TargetSFTSFTTrainer(
+            student(dirs),
+            args,
+            train_dataset=Dataset.from_list(CHATS),
+            processing_class=tok,
+            teacher_cache=chat_cache,
+        )
+        assert trainer.data_collator.label_in_support is value
+        batch = next(iter(trainer.get_train_dataloader()))
+        assert batch["teacher_ids"].shape[-1] == chat_cache.top_k + int(value)
+    with pytest.raises(ValueError, match=r"args\.label_in_support=False but the data_collator's"):
+        TargetSFTSFTTrainer(
+            student(dirs),
+            TargetSFTTRLConfig(**{**base, "label_in_support": False}),
+            train_dataset=Dataset.from_list(CHATS),
+            processing_class=tok,
+            data_collator=TargetSFTCollator(chat_cache, pad_token_id=tok.pad_token_id),
+        )
+
+
 def test_evaluation_datasets_get_their_keys(dirs, tok, chat_cache, tmp_path):
     """eval_dataset (one, or a dict) and a dataset passed to evaluate() are keyed and checked
     like the training set; the eval loss is the Q-target loss of the model on them."""
