@@ -90,7 +90,7 @@ def reference_batch(
     packing: bool = False,
     padding: str = "longest",
     pad_to_multiple_of: int | None = None,
-    label_in_support: bool = False,
+    label_in_support: bool = True,  # build_batch's default
 ) -> dict:
     k = records[0].topk_ids.shape[1]
     w = k + int(label_in_support)

@@ -125,7 +125,7 @@ def build_batch(
     padding: str = "longest",
     pad_to_multiple_of: int = 1,
     pad_token_id: int = 0,
-    label_in_support: bool = False,
+    label_in_support: bool = True,
     threads: int = 0,
     out: dict[str, npt.NDArray[Any]]
     | Callable[[str, tuple[int, ...], str], npt.NDArray[Any]]

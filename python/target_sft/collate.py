@@ -141,7 +141,7 @@ def build_batch(
     packing: bool = False,
     padding: Literal["longest", "max_length"] = "longest",
     pad_to_multiple_of: int | None = None,
-    label_in_support: bool = False,
+    label_in_support: bool = True,
     threads: int = 0,
     out: OutBuffers | None = None,
 ) -> dict[str, Any]:
@@ -158,7 +158,10 @@ def build_batch(
         padding: ``"longest"`` (the longest row) or ``"max_length"`` (fixed shape).
         pad_to_multiple_of: round the row length up to a multiple of this (e.g. 8 or 64).
         label_in_support: add a teacher column holding the label token and its cached log-prob
-            where the label is outside the row's top-k (``-1``/``-inf`` elsewhere).
+            where the label is outside the row's top-k (``-1``/``-inf`` elsewhere). On by
+            default, so that a label outside the top-k gets the residual weight of the paper's
+            full-vocabulary formula instead of none; ``False`` gives the bare top-k
+            (docs/DATA.md, docs/LOSSES.md).
         threads: decoding threads (0: all cores, 1: the calling thread only).
         out: where to write: a dict ``name → array`` of buffers (e.g. pinned memory: pass
             ``tensor.numpy()``), each C-contiguous with the right dtype and at least as many
@@ -218,7 +221,8 @@ class TargetSFTCollator:
         pad_to_multiple_of: round the row length up to a multiple of this (8 or 64 for tensor
             cores).
         label_in_support: one more teacher column with the label where it is outside the
-            top-k (see docs/DATA.md).
+            top-k (default; ``False``: the bare top-k, where a label outside it gets no
+            residual weight; see docs/DATA.md).
         return_tensors: ``"pt"`` (torch tensors sharing the arrays' memory) or ``"np"``.
         threads: decoding threads per call; ``None`` picks 1 inside a DataLoader worker (the
             workers are the parallelism) and all cores in the main process.
@@ -253,7 +257,7 @@ class TargetSFTCollator:
         packing: bool = False,
         padding: Literal["longest", "max_length"] = "longest",
         pad_to_multiple_of: int | None = None,
-        label_in_support: bool = False,
+        label_in_support: bool = True,
         return_tensors: Literal["pt", "np"] = "pt",
         threads: int | None = None,
         shared_memory_slots: int = 8,

@@ -3,7 +3,8 @@
 
 * :class:`TargetSFTArguments` — the field set, once: ``loss`` (a preset name), the presets'
   parameters (``eta``, ``lam``, ``tau``, ``alpha``, …), ``loss_kwargs``, ``label_in_support``
-  (reserved), ``impl`` and ``fused_linear``.
+  (the label in the teacher support of the collator the trainer makes), ``impl`` and
+  ``fused_linear``.
 * :class:`TargetSFTConfig` — those fields on ``transformers.TrainingArguments``.
 * ``TargetSFTTRLConfig`` — the same fields on TRL's ``SFTConfig``; built on first access, so that
   ``import target_sft.config`` does not import TRL.
@@ -111,12 +112,14 @@ class TargetSFTArguments:
             '\'{"eta": 0.2, "chunk_elements": 1048576}\'; a key also set as a field must agree'
         },
     )
-    label_in_support: bool | None = field(
-        default=None,
+    label_in_support: bool = field(
+        default=True,
         metadata={
-            "help": "reserved for issue 14 (the label in the loss's teacher support); only unset "
-            "is accepted today: the support is the collator's, "
-            "TargetSFTCollator(label_in_support=...)"
+            "help": "the label in the teacher support: the collator the trainer makes adds a "
+            "column with the label's cached teacher log-prob where it is outside the top-k, so "
+            "it gets the residual weight of the paper's full-vocabulary formula (False: the "
+            "bare top-k, the label outside it gets none); a data_collator given to the trainer "
+            "must agree (docs/DATA.md)"
         },
     )
     impl: str = field(
@@ -151,18 +154,16 @@ class TargetSFTArguments:
             raise ValueError(f"impl = {self.impl!r}; choose one of {', '.join(_IMPLS)}")
         if self.clip is not None:
             self.clip = [float(c) for c in self.clip]
+        if not isinstance(self.label_in_support, bool):
+            raise ValueError(
+                f"label_in_support must be True or False, got {self.label_in_support!r}"
+            )
         resolve_loss(self)  # every check now, at parse time, not at the first training step
 
     def preset_kwargs(self) -> dict[str, Any]:
         """The keyword arguments for the preset: the parameter fields that are set, ``impl``
         (when not ``"auto"``) and ``loss_kwargs``; a key given both ways with two values is a
         ``ValueError``. Not checked against the preset here (:func:`resolve_loss` does)."""
-        if self.label_in_support is not None:
-            raise NotImplementedError(
-                f"label_in_support={self.label_in_support!r}: the loss-side label_in_support is "
-                "reserved for issue 14 and not implemented yet; leave it unset and put the label "
-                "in the teacher support with TargetSFTCollator(label_in_support=True)"
-            )
         fields = {n: getattr(self, n) for n in PRESET_PARAMETERS if getattr(self, n) is not None}
         if "clip" in fields:
             clip = fields["clip"]
@@ -253,7 +254,6 @@ def resolve_loss(
     Raises:
         ValueError: the conflicts above; a parameter the chosen preset does not take (naming the
             preset and its parameters); an unknown preset name.
-        NotImplementedError: ``label_in_support`` set (reserved for issue 14).
     """
     kwargs = dict(loss_kwargs or {})
     if isinstance(args, TargetSFTArguments):

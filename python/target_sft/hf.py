@@ -608,8 +608,11 @@ class TargetSFTTrainerMixin:
     tensors); a ``StreamingTeacherDataset`` inside a ``Subset``/``ConcatDataset`` always is.
 
     ``data_collator`` defaults to a :class:`~target_sft.TargetSFTCollator` (pad id from the
-    tokenizer, else the model config, else 0) when the dataset is a
+    tokenizer, else the model config, else 0; ``label_in_support`` from
+    ``args.label_in_support``, else ``True``) when the dataset is a
     :class:`~target_sft.TeacherCacheDataset` or :class:`~target_sft.StreamingTeacherDataset`.
+    A :class:`~target_sft.TargetSFTCollator` given whose ``label_in_support`` differs from a
+    config's ``args.label_in_support`` is a ``ValueError`` naming both.
 
     ``args`` (any ``TrainingArguments``/``SFTConfig``) is read by
     :func:`~target_sft.config.resolve_loss`: a ``TargetSFTConfig``'s loss and parameters, and the
@@ -649,9 +652,25 @@ class TargetSFTTrainerMixin:
         teacher = _check_datasets(
             datasets, has_collator=has_collator, needs_teacher=_needs_teacher(self.loss_fn)
         )
+        label_in_support = getattr(train_args, "label_in_support", None)
         if not has_collator and teacher:
             model = args[0] if args else kwargs.get("model")
-            kwargs["data_collator"] = TargetSFTCollator(pad_token_id=_default_pad_id(kwargs, model))
+            kwargs["data_collator"] = TargetSFTCollator(
+                pad_token_id=_default_pad_id(kwargs, model),
+                label_in_support=True if label_in_support is None else label_in_support,
+            )
+        collator = kwargs.get("data_collator", args[2] if len(args) >= 3 else None)
+        if (
+            isinstance(collator, TargetSFTCollator)
+            and label_in_support is not None
+            and collator.label_in_support != label_in_support
+        ):
+            raise ValueError(
+                f"two label supports: args.label_in_support={label_in_support} but the "
+                f"data_collator's label_in_support={collator.label_in_support}; set one "
+                f"of them to agree (TargetSFTCollator(label_in_support={label_in_support}) "
+                f"or args.label_in_support={collator.label_in_support})"
+            )
         super().__init__(*args, **kwargs)  # type: ignore[call-arg]
         # HF counts num_items_in_batch (and treats the loss as normalised over the accumulated
         # batch, i.e. does not divide it by the accumulation steps again) only for models that

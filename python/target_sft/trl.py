@@ -257,6 +257,7 @@ class TargetSFTSFTTrainer(TargetSFTTrainerMixin, SFTTrainer):
             pad_token_id=int(inner.convert_tokens_to_ids(pad)),
             max_length=_setting(args, "max_length") if skip else None,
             pad_to_multiple_of=multiple if isinstance(multiple, int) else None,
+            label_in_support=bool(getattr(args, "label_in_support", True)),
         )
 
     # ---- rows against the cache ------------------------------------------------------------

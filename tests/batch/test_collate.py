@@ -134,8 +134,8 @@ def test_collated_batch_plugs_into_target_sft_loss(cache, packing, label_in_supp
 
 def test_label_column_changes_the_loss_only_where_the_label_is_outside(cache):
     items = TeacherCacheDataset(cache).__getitems__(range(10))
-    plain = TargetSFTCollator(cache, pad_token_id=0)(items)
-    wide = TargetSFTCollator(cache, pad_token_id=0, label_in_support=True)(items)
+    plain = TargetSFTCollator(cache, pad_token_id=0, label_in_support=False)(items)
+    wide = TargetSFTCollator(cache, pad_token_id=0)(items)  # the default: the label column
     torch.testing.assert_close(wide["teacher_ids"][..., :K], plain["teacher_ids"])
     outside = wide["teacher_ids"][..., K] >= 0
     assert 0 < int(outside.sum()) < int((plain["labels"] != -100).sum())

@@ -228,11 +228,47 @@ def test_trainer_loss_and_config_loss(cache, model, tmp_path):
     assert state(trainer_loss(model, cache, plain)) == state(L.TargetSFT())
 
 
-def test_reserved_fields_and_fused_linear(cache, model, tmp_path):
-    with pytest.raises(NotImplementedError, match=r"label_in_support=True.*issue 14.*Collator"):
-        config(tmp_path, label_in_support=True)
-    with pytest.raises(NotImplementedError, match="label_in_support=False"):
-        config(tmp_path, label_in_support=False)
+def test_label_in_support_field_reaches_the_default_collator(cache, model, tmp_path):
+    ds = TeacherCacheDataset(cache)
+    assert TargetSFTConfig.__dataclass_fields__["label_in_support"].default is True
+    for value in (True, False):
+        trainer = TargetSFTTrainer(
+            model, config(tmp_path, label_in_support=value), train_dataset=ds
+        )
+        assert isinstance(trainer.data_collator, TargetSFTCollator)
+        assert trainer.data_collator.label_in_support is value
+        width = cache.top_k + int(value)
+        assert trainer.data_collator([ds[0], ds[1]])["teacher_ids"].shape[-1] == width
+    # a plain TrainingArguments has no such field: the collator's default (the label in)
+    plain = TrainingArguments(output_dir=str(tmp_path / "p"), **BASE)
+    assert TargetSFTTrainer(model, plain, train_dataset=ds).data_collator.label_in_support is True
+    # the command line turns it off
+    cli = ["--output_dir", str(tmp_path / "o"), "--use_cpu", "true", "--report_to", "none"]
+    (parsed,) = HfArgumentParser(TargetSFTConfig).parse_args_into_dataclasses(
+        args=[*cli, "--label_in_support", "false"]
+    )
+    assert parsed.label_in_support is False
+    with pytest.raises(ValueError, match=r"label_in_support must be True or False, got 'yes'"):
+        config(tmp_path, label_in_support="yes")
+    # a given collator must agree with the config, else an error naming both
+    mine = TargetSFTCollator(cache, pad_token_id=0, label_in_support=False)
+    with pytest.raises(
+        ValueError,
+        match=r"args\.label_in_support=True but the data_collator's label_in_support=False",
+    ):
+        TargetSFTTrainer(model, config(tmp_path), train_dataset=ds, data_collator=mine)
+    with pytest.raises(ValueError, match=r"args\.label_in_support=False but the data_collator's"):
+        TargetSFTTrainer(
+            model,
+            config(tmp_path, label_in_support=False),
+            train_dataset=ds,
+            data_collator=TargetSFTCollator(cache, pad_token_id=0),
+        )
+    same = config(tmp_path, label_in_support=False)
+    assert TargetSFTTrainer(model, same, train_dataset=ds, data_collator=mine).data_collator is mine
+
+
+def test_fused_linear_field(cache, model, tmp_path):
     args = config(tmp_path, fused_linear=True)
     ds = TeacherCacheDataset(cache)
     assert TargetSFTTrainer(model, args, train_dataset=ds).fused_linear is True

@@ -162,7 +162,8 @@ class Recording(TargetSFTSFTTrainer):
 def assert_batch_is_the_cache(batch: dict[str, torch.Tensor], keys: list, cache: TeacherCache):
     """Row ``b`` of the batch holds exactly the cached record of ``keys[b]``: its tokens, its
     labels (``-100`` at position 0, as the collator sets) and its teacher rows at their
-    supervised positions (``-1``/``-inf`` elsewhere)."""
+    supervised positions (``-1``/``-inf`` elsewhere), then the label column of the default
+    ``label_in_support=True``: the label and its cached log-prob where it is outside the top-k."""
     for b, key in enumerate(keys):
         rec = cache[key]
         n = rec.n_tokens
@@ -171,8 +172,16 @@ def assert_batch_is_the_cache(batch: dict[str, torch.Tensor], keys: list, cache:
         assert int(batch["attention_mask"][b].sum()) == n
         pos = rec.supervised_positions
         assert pos.size > 0
-        np.testing.assert_array_equal(batch["teacher_ids"][b, pos].numpy(), rec.topk_ids)
-        np.testing.assert_array_equal(batch["teacher_logprobs"][b, pos].numpy(), rec.topk_logprobs)
+        k = rec.topk_ids.shape[1]
+        assert batch["teacher_ids"].shape[-1] == k + 1
+        np.testing.assert_array_equal(batch["teacher_ids"][b, pos, :k].numpy(), rec.topk_ids)
+        lps = batch["teacher_logprobs"][b, pos, :k].numpy()
+        np.testing.assert_array_equal(lps, rec.topk_logprobs)
+        outside = ~(rec.topk_ids == rec.labels[pos][:, None]).any(1)
+        want_ids = np.where(outside, rec.labels[pos], -1)
+        want_lps = np.where(outside, rec.label_logprobs, -np.inf).astype(np.float32)
+        np.testing.assert_array_equal(batch["teacher_ids"][b, pos, k].numpy(), want_ids)
+        np.testing.assert_array_equal(batch["teacher_logprobs"][b, pos, k].numpy(), want_lps)
         off = np.setdiff1d(np.arange(batch["input_ids"].shape[1]), pos)
         assert (batch["teacher_ids"][b, off] == -1).all()
         assert torch.isneginf(batch["teacher_logprobs"][b, off]).all()
@@ -263,6 +272,35 @@ def test_max_length_that_agrees_with_the_cache(dirs, tok, tmp_path):
     batch = next(iter(trainer.get_train_dataloader()))
     assert batch["input_ids"].shape[1] == 12
     assert (batch["teacher_ids"][:, :, 0] >= 0).any()
+
+
+def test_label_in_support_from_the_trl_config(dirs, tok, chat_cache, tmp_path):
+    """TargetSFTTRLConfig.label_in_support reaches the collator the trainer makes (default
+    True: K + 1 teacher columns; False: the bare top-k); a given collator must agree."""
+    from target_sft.config import TargetSFTTRLConfig
+
+    base = dict(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_length=None)
+    base.update(per_device_train_batch_size=2, assistant_only_loss=True, save_strategy="no")
+    for value in (True, False):
+        args = TargetSFTTRLConfig(**{**base, "label_in_support": value})
+        trainer = TargetSFTSFTTrainer(
+            student(dirs),
+            args,
+            train_dataset=Dataset.from_list(CHATS),
+            processing_class=tok,
+            teacher_cache=chat_cache,
+        )
+        assert trainer.data_collator.label_in_support is value
+        batch = next(iter(trainer.get_train_dataloader()))
+        assert batch["teacher_ids"].shape[-1] == chat_cache.top_k + int(value)
+    with pytest.raises(ValueError, match=r"args\.label_in_support=False but the data_collator's"):
+        TargetSFTSFTTrainer(
+            student(dirs),
+            TargetSFTTRLConfig(**{**base, "label_in_support": False}),
+            train_dataset=Dataset.from_list(CHATS),
+            processing_class=tok,
+            data_collator=TargetSFTCollator(chat_cache, pad_token_id=tok.pad_token_id),
+        )
 
 
 def test_evaluation_datasets_get_their_keys(dirs, tok, chat_cache, tmp_path):

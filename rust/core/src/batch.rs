@@ -68,7 +68,9 @@ pub struct BatchOptions {
     /// `input_ids` value of padding positions.
     pub pad_token_id: i64,
     /// Add one teacher column (width `top_k + 1`): the label token with its cached log-prob
-    /// when the label is not among the row's entries, `-1`/`-inf` otherwise.
+    /// when the label is not among the row's entries, `-1`/`-inf` otherwise. On by default: a
+    /// label outside the top-k then gets the residual weight the paper's full-vocabulary
+    /// formula gives it instead of none (docs/LOSSES.md).
     pub label_in_support: bool,
 }
 
@@ -80,7 +82,7 @@ impl Default for BatchOptions {
             pad_to_max_length: false,
             pad_to_multiple_of: 1,
             pad_token_id: 0,
-            label_in_support: false,
+            label_in_support: true,
         }
     }
 }

@@ -232,7 +232,7 @@ fn writable<'py, T: Element>(
 /// (views of their first elements are filled) or a callable `(name, shape, dtype) -> array`.
 #[pyfunction]
 #[pyo3(signature = (items, *, packing=false, max_length=None, padding="longest",
-    pad_to_multiple_of=1, pad_token_id=0, label_in_support=false, threads=0, out=None))]
+    pad_to_multiple_of=1, pad_token_id=0, label_in_support=true, threads=0, out=None))]
 #[allow(clippy::too_many_arguments)]
 fn build_batch<'py>(
     py: Python<'py>,
