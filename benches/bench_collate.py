@@ -238,6 +238,12 @@ def numpy_decode(shard: NumpyShard, i: int, dctx: zstandard.ZstdDecompressor) ->
     }
 
 
+#: The numpy and MDS baselines build the K-column teacher layout; every path here is measured on
+#: that same layout so that all of them build the same batch (the library's default since
+#: 2026-11-29 adds the label as column K + 1: ``label_in_support=True``, docs/DATA.md).
+LABEL_IN_SUPPORT = False
+
+
 def numpy_collate(recs: list[dict[str, Any]], k: int) -> dict[str, np.ndarray]:
     """The padded layout of docs/DATA.md from decoded records, with numpy."""
     b = len(recs)
@@ -397,11 +403,11 @@ def main() -> None:
 
     # correctness first: every path builds the same batch
     npc = NumpyCollator(cache_dir)
-    ref = build_batch(items[0], threads=1)
+    ref = build_batch(items[0], threads=1, label_in_support=LABEL_IN_SUPPORT)
     same(npc(batches[0]), ref)
 
     # 1.-3. the Rust builder: 1 and 2 threads, reused buffers and fresh arrays, padded and packed
-    shapes = build_batch(items[0], threads=1)
+    shapes = build_batch(items[0], threads=1, label_in_support=LABEL_IN_SUPPORT)
     bufs = {k: np.empty(v.size, v.dtype) for k, v in shapes.items()}
 
     def rust(threads: int, reuse: bool, **kw: Any) -> Any:
@@ -409,7 +415,13 @@ def main() -> None:
             keep = None
             for it in items:
                 # hold the previous batch, like a training step would
-                keep = build_batch(it, threads=threads, out=bufs if reuse else None, **kw)
+                keep = build_batch(
+                    it,
+                    threads=threads,
+                    out=bufs if reuse else None,
+                    label_in_support=LABEL_IN_SUPPORT,
+                    **kw,
+                )
             del keep
 
         return run
@@ -441,9 +453,11 @@ def main() -> None:
     epochs = 3
 
     collators = {
-        "slots": TargetSFTCollator(cache, pad_token_id=0),
+        "slots": TargetSFTCollator(cache, pad_token_id=0, label_in_support=LABEL_IN_SUPPORT),
         # ordinary memory: torch copies every batch into new shared memory when sending it
-        "fresh": TargetSFTCollator(cache, pad_token_id=0, shared_memory_slots=0),
+        "fresh": TargetSFTCollator(
+            cache, pad_token_id=0, shared_memory_slots=0, label_in_support=LABEL_IN_SUPPORT
+        ),
     }
 
     def loader(workers: int, n_epochs: int, skip: int, kind: str = "slots") -> tuple[float, int]:
@@ -474,7 +488,9 @@ def main() -> None:
         return a.ru_utime + a.ru_stime + c.ru_utime + c.ru_stime
 
     def in_process(threads: int) -> float:
-        collate = TargetSFTCollator(cache, pad_token_id=0, threads=threads)
+        collate = TargetSFTCollator(
+            cache, pad_token_id=0, threads=threads, label_in_support=LABEL_IN_SUPPORT
+        )
         t0 = time.perf_counter()
         for _ in range(epochs):
             for it in items:
