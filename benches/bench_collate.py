@@ -407,6 +407,9 @@ def main() -> None:
     same(npc(batches[0]), ref)
 
     # 1.-3. the Rust builder: 1 and 2 threads, reused buffers and fresh arrays, padded and packed
+    with_label = build_batch(items[0], threads=1, label_in_support=True)
+    for name in ("teacher_ids", "teacher_logprobs"):  # the default layout: K columns + the label
+        np.testing.assert_array_equal(with_label[name][..., :-1], ref[name], err_msg=name)
     shapes = build_batch(items[0], threads=1, label_in_support=LABEL_IN_SUPPORT)
     bufs = {k: np.empty(v.size, v.dtype) for k, v in shapes.items()}
 
@@ -419,8 +422,7 @@ def main() -> None:
                     it,
                     threads=threads,
                     out=bufs if reuse else None,
-                    label_in_support=LABEL_IN_SUPPORT,
-                    **kw,
+                    **{"label_in_support": LABEL_IN_SUPPORT, **kw},
                 )
             del keep
 
@@ -434,6 +436,8 @@ def main() -> None:
             "rust_1t_fresh": rust(1, False),
             "rust_2t_fresh": rust(2, False),
             "rust_1t_packed_fresh": rust(1, False, **packed),
+            # the library's default layout: the label as teacher column K + 1
+            "rust_1t_label_fresh": rust(1, False, label_in_support=True),
         },
         args.repeats,
     )
@@ -570,6 +574,7 @@ def main() -> None:
         ("Rust builder, 1 thread, reused output buffers", "rust_1t_reuse"),
         ("Rust builder, 1 thread, fresh arrays", "rust_1t_fresh"),
         ("Rust builder, 1 thread, fresh arrays, packed (rows of 2L)", "rust_1t_packed_fresh"),
+        ("Rust builder, 1 thread, fresh arrays, label in support (K + 1)", "rust_1t_label_fresh"),
         ("Rust builder, 2 threads, reused output buffers", "rust_2t_reuse"),
         ("Rust builder, 2 threads, fresh arrays", "rust_2t_fresh"),
         ("TargetSFTCollator in-process, 1 thread", "collator_1t"),
