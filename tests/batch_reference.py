@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from target_sft import CacheRecord
+from target_sft import CacheRecord, CacheWriter, TeacherCache
 
 IGNORE = -100
 
@@ -64,6 +64,19 @@ def make_sample(
         "label_logprobs": label_lp,
         "label_ranks": ranks,
     }
+
+
+def write_sample_cache(
+    path, n: int, *, seed: int, k: int, vocab: int, lengths: tuple[int, int]
+) -> TeacherCache:
+    """A cache of ``n`` :func:`make_sample` records keyed ``doc-0 …`` with lengths drawn from
+    ``[lengths[0], lengths[1])`` (one generator seeded ``seed``, so the data is reproducible)."""
+    rng = np.random.default_rng(seed)
+    with CacheWriter(path, top_k=k, vocab_size=vocab) as w:
+        for i in range(n):
+            t = int(rng.integers(*lengths))
+            w.add(**make_sample(f"doc-{i}", rng, t=t, k=k, vocab=vocab))
+    return TeacherCache(path)
 
 
 def first_fit(lengths: list[int], capacity: int) -> list[tuple[int, int]]:

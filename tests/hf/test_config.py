@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 
@@ -27,9 +26,9 @@ import yaml  # transformers' HfArgumentParser needs it
 from accelerate import Accelerator
 from transformers import HfArgumentParser, LlamaForCausalLM, Trainer, TrainingArguments
 
-from batch_reference import make_sample
+from batch_reference import write_sample_cache
 from build_helpers import save_tiny_llama
-from target_sft import CacheWriter, TargetSFTCollator, TeacherCache, TeacherCacheDataset
+from target_sft import TargetSFTCollator, TeacherCacheDataset
 from target_sft import losses as L
 from target_sft.config import (
     PRESET_PARAMETERS,
@@ -48,12 +47,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    rng = np.random.default_rng(3)
     path = tmp_path_factory.mktemp("cfg") / "cache"
-    with CacheWriter(path, top_k=K, vocab_size=V) as w:
-        for i in range(N):
-            w.add(**make_sample(f"doc-{i}", rng, t=int(rng.integers(6, 16)), k=K, vocab=V))
-    return TeacherCache(path)
+    return write_sample_cache(path, N, seed=3, k=K, vocab=V, lengths=(6, 16))
 
 
 @pytest.fixture(scope="module")

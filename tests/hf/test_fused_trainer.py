@@ -9,7 +9,6 @@ Triton kernels agree too; a model the fused path cannot reproduce is an error na
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from torch.testing import assert_close
@@ -18,10 +17,9 @@ pytest.importorskip("transformers")
 
 from transformers import AutoModelForCausalLM, TrainingArguments
 
-from batch_reference import make_sample
+from batch_reference import write_sample_cache
 from build_helpers import save_tiny_model
 from target_sft import (
-    CacheWriter,
     TargetSFTCollator,
     TeacherCache,
     TeacherCacheDataset,
@@ -40,12 +38,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    rng = np.random.default_rng(11)
     path = tmp_path_factory.mktemp("fused") / "cache"
-    with CacheWriter(path, top_k=K, vocab_size=V) as w:
-        for i in range(N):
-            w.add(**make_sample(f"doc-{i}", rng, t=int(rng.integers(6, 20)), k=K, vocab=V))
-    return TeacherCache(path)
+    return write_sample_cache(path, N, seed=11, k=K, vocab=V, lengths=(6, 20))
 
 
 @pytest.fixture(scope="module")

@@ -27,13 +27,11 @@ from transformers import (
     TrainingArguments,
 )
 
-from batch_reference import make_sample
+from batch_reference import write_sample_cache
 from build_helpers import save_tiny_llama, tiny_config
 from target_sft import (
-    CacheWriter,
     StreamingTeacherDataset,
     TargetSFTCollator,
-    TeacherCache,
     TeacherCacheDataset,
     target_sft_loss,
 )
@@ -52,12 +50,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    rng = np.random.default_rng(7)
     path = tmp_path_factory.mktemp("hf") / "cache"
-    with CacheWriter(path, top_k=K, vocab_size=V) as w:
-        for i in range(N):
-            w.add(**make_sample(f"doc-{i}", rng, t=int(rng.integers(6, 24)), k=K, vocab=V))
-    return TeacherCache(path)
+    return write_sample_cache(path, N, seed=7, k=K, vocab=V, lengths=(6, 24))
 
 
 @pytest.fixture(scope="module")
