@@ -167,6 +167,11 @@ def test_split_errors(cache):
         split_by_key(stream(cache, key_split=KeySplit("eval", 0.2)), 0.2)
     with pytest.raises(CacheInputError, match="got list"):
         split_by_key([1, 2, 3])
+    # rows without keys cannot be placed on a side: an error, never a split by position
+    datasets = pytest.importorskip("datasets")
+    unkeyed = datasets.Dataset.from_dict({"input_ids": [[1, 2], [3]]})
+    with pytest.raises(CacheInputError, match="with a 'key' column, got Dataset"):
+        split_by_key(unkeyed, eval_fraction=0.5)
     with pytest.raises(CacheInputError, match="must be a KeySplit"):
         TeacherCacheDataset(cache, key_split="eval")
     for key in (2**63, 1.5, None, b"k"):
