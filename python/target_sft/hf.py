@@ -42,11 +42,19 @@ from target_sft.fingerprint import (
 )
 from target_sft.losses import (
     LOSS_INPUT_NAMES,
+    ClippedRatioTrust,
+    ImportanceWeightTrust,
     QTargetLoss,
     fused_linear_qtarget_loss,
     get_preset,
 )
 from target_sft.losses.target_sft import target_sft_loss
+from target_sft.old_policy import (
+    OldPolicyCallback,
+    OldPolicyStore,
+    label_logprobs,
+    label_logprobs_from_hidden,
+)
 
 __all__ = [
     "LOSS_INPUT_KEYS",
@@ -67,6 +75,11 @@ LOSS_INPUT_KEYS: tuple[str, ...] = LOSS_INPUT_NAMES
 _VARLEN_KEYS = ("cu_seqlens", "max_seqlen")
 #: columns a dataset item may carry that the collator reads (kept by ``remove_unused_columns``)
 _ITEM_COLUMNS = ("key", "input_ids", "labels")
+#: batch entries that neither the model nor the loss takes (``TargetSFTCollator(return_keys=True)``)
+_BOOKKEEPING_KEYS = ("sample_keys",)
+#: loss inputs every collated batch may carry whether the loss reads them or not: a loss callable
+#: that takes no such keyword (e.g. ``functools.partial(target_sft_loss, ...)``) gets none of them
+_LAYOUT_INPUTS = ("sequence_ids", "reference_ids", "reference_logprobs", "reference_label_logprobs")
 
 LossFn = Callable[..., torch.Tensor]
 
@@ -100,6 +113,40 @@ def _needs_teacher(loss_fn: Any) -> bool:
         return bool(getattr(loss_fn.residual, "needs_teacher", False))
     fn = getattr(loss_fn, "func", loss_fn)  # functools.partial
     return fn is target_sft_loss
+
+
+def _needs_reference(loss_fn: Any) -> tuple[str, ...]:
+    """The reference tensors (:class:`~target_sft.losses.LossInputs` fields) the loss cannot run
+    without: the top-k of a residual anchored on the reference (SFT+KL, ASFT), the label
+    log-probs of iw-SFT's trust."""
+    if not isinstance(loss_fn, QTargetLoss):
+        return ()
+    need: tuple[str, ...] = ()
+    if getattr(loss_fn.residual, "needs_reference", False):
+        need += ("reference_ids", "reference_logprobs")
+    if isinstance(loss_fn.gamma, ImportanceWeightTrust):
+        need += ("reference_label_logprobs",)
+    return need
+
+
+def _needs_old_logprobs(loss_fn: Any) -> bool:
+    """Whether the loss reads ``old_logprobs`` (Proximal SFT's trust)."""
+    return isinstance(loss_fn, QTargetLoss) and isinstance(loss_fn.gamma, ClippedRatioTrust)
+
+
+def _accepted_inputs(loss_fn: Any, loss_inputs: dict[str, Any]) -> dict[str, Any]:
+    """``loss_inputs`` without the :data:`_LAYOUT_INPUTS` a plain callable has no keyword for
+    (it cannot read them, so nothing it computes depends on them); everything else is passed as
+    it is (a wrong keyword stays the callable's ``TypeError``)."""
+    if isinstance(loss_fn, QTargetLoss) or not any(k in loss_inputs for k in _LAYOUT_INPUTS):
+        return loss_inputs
+    try:
+        params = inspect.signature(loss_fn).parameters
+    except (TypeError, ValueError):
+        return loss_inputs
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return loss_inputs
+    return {k: v for k, v in loss_inputs.items() if k not in _LAYOUT_INPUTS or k in params}
 
 
 def _unwrap(model: Any) -> Any:
@@ -185,7 +232,8 @@ def split_batch(
     """``(model_inputs, labels, loss_inputs)`` of a collated batch (docs/DATA.md).
 
     ``labels`` and :data:`LOSS_INPUT_KEYS` are taken out (the model computes no loss of its own
-    and never sees the teacher tensors). A ``transformers`` model also gets ``use_cache=False``:
+    and never sees the teacher or reference tensors, nor ``sequence_ids``); ``sample_keys``
+    (``TargetSFTCollator(return_keys=True)``) is dropped. A ``transformers`` model also gets ``use_cache=False``:
     a loss needs no KV cache, and a cache would switch off transformers' packed-sequence masks.
 
     Packed layout (``position_ids`` and ``cu_seqlens``, no ``attention_mask``) needs ``model``
@@ -201,6 +249,8 @@ def split_batch(
     model_inputs = dict(inputs)
     labels = model_inputs.pop("labels", None)
     loss_inputs = {k: model_inputs.pop(k) for k in LOSS_INPUT_KEYS if k in model_inputs}
+    for k in _BOOKKEEPING_KEYS:
+        model_inputs.pop(k, None)
     cu = model_inputs.pop("cu_seqlens", None)
     max_seqlen = model_inputs.pop("max_seqlen", None)
     hf_model = _transformers_model(model) if model is not None else None
@@ -353,11 +403,14 @@ def _fused_linear_forward(
     loss_inputs: dict[str, Any],
     loss_fn: LossFn,
     num_items_in_batch: int | torch.Tensor | None,
+    old_policy: Callable[[Callable[[], torch.Tensor]], None] | None = None,
 ) -> tuple[torch.Tensor, Any]:
     """The loss of :func:`compute_target_sft_loss` with ``fused_linear=True``: the model runs its
     forward (through every wrapper: DDP, ``torch.compile``, PEFT) with ``logits_to_keep=1``; its
     body's last hidden states, taken by a forward hook for this call, go with the LM head's
-    weight, bias and softcap to :func:`~target_sft.losses.fused_linear_qtarget_loss`."""
+    weight, bias and softcap to :func:`~target_sft.losses.fused_linear_qtarget_loss`.
+    ``old_policy`` (given) is called with a function computing the label log-probs from them
+    (:func:`~target_sft.old_policy.label_logprobs_from_hidden`) before the loss."""
     if not isinstance(loss_fn, QTargetLoss):
         raise TypeError(
             f"fused_linear=True needs a Q-target loss (a preset name or a QTargetLoss), got "
@@ -386,6 +439,17 @@ def _fused_linear_forward(
     logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
     _check_head_logits(hf, head, softcap, hidden, logits)
     weight = head.weight
+    if old_policy is not None:
+        old_policy(
+            lambda: label_logprobs_from_hidden(
+                hidden,
+                weight,
+                labels,
+                bias=head.bias,
+                softcap=softcap,
+                ignore_index=loss_fn.ignore_index,
+            )
+        )
     loss = fused_linear_qtarget_loss(
         loss_fn,
         hidden.to(weight.dtype),
@@ -410,6 +474,8 @@ def compute_target_sft_loss(
     num_items_in_batch: int | torch.Tensor | None = None,
     return_outputs: bool = False,
     fused_linear: bool = False,
+    old_policy: OldPolicyStore | None = None,
+    record_old_policy: bool | None = None,
     **loss_kwargs: Any,
 ) -> torch.Tensor | tuple[torch.Tensor, Any]:
     """Run ``model`` on a :class:`~target_sft.TargetSFTCollator` batch and compute the Q-target
@@ -435,13 +501,20 @@ def compute_target_sft_loss(
             Mistral, ...; checked once per model against its own logits); ``loss_fn`` must be a
             preset name or a :class:`~target_sft.losses.QTargetLoss`. The returned outputs
             then have no ``logits``.
+        old_policy: where a loss that reads ``old_logprobs`` (Proximal SFT) gets them when the
+            batch has none (:class:`~target_sft.old_policy.OldPolicyStore`; the batch needs
+            ``sample_keys``: ``TargetSFTCollator(return_keys=True)``): each sample's stored
+            label log-probs, the current policy's own (``r = 1``) for a sample not stored yet.
+        record_old_policy: record this batch's label log-probs (detached) in ``old_policy``
+            (default: when ``model.training``).
 
     Returns:
         The loss (0-dim), or ``(loss, outputs)``.
 
     Raises:
-        ValueError: no ``labels``; the loss needs the teacher tensors and the batch has none; a
-            packed batch the model's attention cannot keep apart (:func:`split_batch`);
+        ValueError: no ``labels``; the loss needs the teacher or reference tensors, or
+            ``old_logprobs``, and the batch has none (the message names the cache or the store to
+            add); a packed batch the model's attention cannot keep apart (:func:`split_batch`);
             ``fused_linear=True`` with a model it cannot handle (no plain ``nn.Linear`` LM
             head, logit scaling, FSDP / tensor-parallel sharding, not a transformers model).
         CacheMismatchError: an id of ``input_ids``, ``labels`` or ``teacher_ids`` does not fit
@@ -464,6 +537,38 @@ def compute_target_sft_loss(
             "data_collator=...) over a teacher cache (TeacherCacheDataset, "
             "StreamingTeacherDataset), or pick a loss without a teacher (loss='sft', 'dft')"
         )
+    missing = [k for k in _needs_reference(loss_fn) if loss_inputs.get(k) is None]
+    if missing:
+        raise ValueError(
+            f"the loss {loss_fn!r} needs {', '.join(missing)}, but the batch has only "
+            f"{sorted(inputs)}: give the collator the reference model's cache "
+            "(TargetSFTCollator(teacher, reference=...), or TeacherCacheDataset(teacher, "
+            "reference=...) / StreamingTeacherDataset(..., reference=...); a cache built from the "
+            "reference model with build_teacher_cache(..., role='reference'))"
+        )
+    fill_old = None
+    ignore = int(getattr(loss_fn, "ignore_index", -100))
+    if _needs_old_logprobs(loss_fn) and loss_inputs.get("old_logprobs") is None:
+        if old_policy is None:
+            raise ValueError(
+                f"the loss {loss_fn!r} needs old_logprobs (the old policy's label log-probs), "
+                "which the batch does not carry: train with TargetSFTTrainer (it records them "
+                "per sample as batches pass, docs/HF.md), or pass old_policy="
+                "target_sft.OldPolicyStore() here with batches from "
+                "TargetSFTCollator(..., return_keys=True)"
+            )
+        record = model.training if record_old_policy is None else bool(record_old_policy)
+
+        def fill_old(current: Callable[[], torch.Tensor]) -> None:
+            cur = current()
+            layout = {
+                "labels": labels,
+                **{k: inputs.get(k) for k in ("sample_keys", "sequence_ids", "cu_seqlens")},
+            }
+            loss_inputs["old_logprobs"] = old_policy.old_logprobs(layout, cur, ignore_index=ignore)
+            if record:
+                old_policy.record_batch(layout, cur, ignore_index=ignore)
+
     check_ids_in_vocab(
         student_vocab(model),
         {
@@ -475,11 +580,14 @@ def compute_target_sft_loss(
     )
     if fused_linear:
         loss, outputs = _fused_linear_forward(
-            model, model_inputs, labels, loss_inputs, loss_fn, num_items_in_batch
+            model, model_inputs, labels, loss_inputs, loss_fn, num_items_in_batch, fill_old
         )
         return (loss, outputs) if return_outputs else loss
     outputs = model(**model_inputs)
     logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
+    if fill_old is not None:
+        fill_old(lambda: label_logprobs(logits, labels, ignore_index=ignore))
+    loss_inputs = _accepted_inputs(loss_fn, loss_inputs)
     loss = loss_fn(logits, labels, **loss_inputs, num_items_in_batch=num_items_in_batch)
     return (loss, outputs) if return_outputs else loss
 
@@ -680,6 +788,8 @@ class TargetSFTTrainerMixin:
         # own loss does: a model without one would get its position 0 counted too)
         self._loss_shifts_labels = True
         self._check_cache_identity(kwargs.get("processing_class", kwargs.get("tokenizer")))
+        self._check_reference(datasets)
+        self._setup_old_policy()
 
     def _set_loss(self, args: Any) -> None:
         """``self.loss_fn`` from the trainer's ``loss=``/``loss_kwargs=`` and ``args``
@@ -697,6 +807,70 @@ class TargetSFTTrainerMixin:
         again from them, so a sweep over ``eta``, ``lam``, ``loss``, … trains what it says."""
         super()._hp_search_setup(trial)  # type: ignore[misc]
         self._set_loss(self.args)  # type: ignore[attr-defined]
+        self._setup_old_policy()
+
+    def _check_reference(self, datasets: Mapping[str, Any]) -> None:
+        """A loss that reads the reference tensors (SFT+KL, ASFT, iw-SFT) with a
+        :class:`~target_sft.TargetSFTCollator` and datasets none of which has a reference cache:
+        ``ValueError`` naming ``reference=`` now, not deep in the first batch's loss."""
+        need = _needs_reference(self.loss_fn)
+        collator = getattr(self, "data_collator", None)
+        if not need or not isinstance(collator, TargetSFTCollator):
+            return
+        if getattr(collator, "reference", None) is not None:
+            return
+        leaves = [x for name, ds in datasets.items() for x in _dataset_leaves(ds, name)]
+        if any(getattr(ds, "reference", None) is not None for _, ds, _ in leaves):
+            return
+        raise ValueError(
+            f"the loss {self.loss_fn!r} needs {', '.join(need)}, the reference model's signals, "
+            "but neither the data_collator nor the datasets have a reference cache: pass "
+            "TargetSFTCollator(teacher, reference='ref-cache/', ...) or "
+            "TeacherCacheDataset(teacher, reference=...) / StreamingTeacherDataset(..., "
+            "reference=...), with a cache built from the reference model "
+            "(build_teacher_cache(reference_model, data, 'ref-cache/', role='reference'))"
+        )
+
+    def _setup_old_policy(self) -> None:
+        """With a loss that reads ``old_logprobs`` (Proximal SFT): the
+        :class:`~target_sft.old_policy.OldPolicyCallback` given in ``callbacks``, else a new one
+        (added), and ``return_keys`` on a :class:`~target_sft.TargetSFTCollator` (the store is
+        keyed by sample). ``self.old_policy`` is that callback, or ``None``."""
+        handler = getattr(self, "callback_handler", None)
+        given = (
+            []
+            if handler is None
+            else [cb for cb in handler.callbacks if isinstance(cb, OldPolicyCallback)]
+        )
+        if len(given) > 1:
+            raise ValueError(f"{len(given)} OldPolicyCallbacks were given; pass one")
+        if not _needs_old_logprobs(self.loss_fn):
+            self.old_policy: OldPolicyCallback | None = given[0] if given else None
+            return
+        if given:
+            self.old_policy = given[0]
+        else:
+            self.old_policy = OldPolicyCallback()
+            self.add_callback(self.old_policy)  # type: ignore[attr-defined]
+        collator = getattr(self, "data_collator", None)
+        if isinstance(collator, TargetSFTCollator):
+            collator.return_keys = True
+
+    def train(
+        self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any
+    ) -> Any:
+        """``Trainer.train``; on resume, the old-policy store (Proximal SFT) is restored from the
+        checkpoint too, so the resumed run is the uninterrupted one."""
+        callback = getattr(self, "old_policy", None)
+        if callback is not None and resume_from_checkpoint not in (None, False):
+            path = resume_from_checkpoint
+            if path is True:
+                from transformers.trainer_utils import get_last_checkpoint
+
+                path = get_last_checkpoint(self.args.output_dir)  # type: ignore[attr-defined]
+            if path is not None:  # else Trainer.train says there is no checkpoint
+                callback.restore(path)
+        return super().train(resume_from_checkpoint, *args, **kwargs)  # type: ignore[misc]
 
     def _check_cache_identity(self, tokenizer: Any) -> None:
         """The tokenizer and vocabulary checks against the caches in hand (class docstring)."""
@@ -739,6 +913,7 @@ class TargetSFTTrainerMixin:
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         """The Q-target loss of the batch (:func:`compute_target_sft_loss`), normalised by
         ``num_items_in_batch`` when the trainer passes it."""
+        callback = getattr(self, "old_policy", None)
         loss, outputs = compute_target_sft_loss(
             model,
             inputs,
@@ -746,6 +921,8 @@ class TargetSFTTrainerMixin:
             num_items_in_batch=num_items_in_batch,
             return_outputs=True,
             fused_linear=self.fused_linear,
+            old_policy=None if callback is None else callback.store,
+            record_old_policy=model.training and not (callback is not None and callback.frozen),
         )
         args = self.args  # type: ignore[attr-defined]
         if getattr(args, "average_tokens_across_devices", False) and num_items_in_batch is not None:
