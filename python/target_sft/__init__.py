@@ -64,6 +64,9 @@ _EXPORTS: dict[str, str] = {
     "TargetSFTTrainer": "target_sft.hf",
     "TargetSFTConfig": "target_sft.config",
     "TargetSFTTRLConfig": "target_sft.config",  # imports trl
+    # Proximal SFT's old policy, recorded by the trainer (imports transformers)
+    "OldPolicyStore": "target_sft.old_policy",
+    "OldPolicyCallback": "target_sft.old_policy",
     # TRL SFTTrainer (imports trl)
     "TargetSFTSFTTrainer": "target_sft.trl",
 }
@@ -85,6 +88,8 @@ __all__ = [
     "CacheVersionError",
     "CacheWriter",
     "KeySplit",
+    "OldPolicyCallback",
+    "OldPolicyStore",
     "QTargetLoss",
     "StreamingTeacherDataset",
     "TargetSFTCollator",
@@ -151,6 +156,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers only
         induced_target,
         target_sft_loss,
     )
+    from target_sft.old_policy import OldPolicyCallback, OldPolicyStore
     from target_sft.report import write_report
     from target_sft.sft_data import tokenize_sft
     from target_sft.streaming import StreamingTeacherDataset
