@@ -308,3 +308,31 @@ def test_a_loss_without_its_reference_cache_fails_at_construction(model_dir, cac
     batch = batch_of(cache, [cache.key_at(0)])
     with pytest.raises(ValueError, match=r"reference="):
         compute_target_sft_loss(fresh(model_dir), batch, loss)
+
+
+def test_the_docs_fixed_policy_example_runs(model_dir, cache, tmp_path, monkeypatch):
+    """docs/HF.md's blocks of "Proximal SFT: the old policy", as written (a cache at cache/)."""
+    import re
+    import shutil
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import target_sft as ts
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "HF.md").read_text()
+    section = text.split("## Proximal SFT: the old policy", 1)[1].split("\n## ", 1)[0]
+    plain, fixed = re.findall(r"```python\n(.*?)```", section, re.S)
+    shutil.copytree(cache.path, tmp_path / "cache")
+    monkeypatch.chdir(tmp_path)
+    model = fresh(model_dir)
+    base = {"ts": ts, "torch": torch, "tok": SimpleNamespace(pad_token_id=0)}
+    scope = {**base, "model": model, "args": targs(tmp_path, max_steps=1)}
+    exec(compile(plain, "docs/HF.md", "exec"), scope)
+    assert isinstance(scope["trainer"].old_policy.store, OldPolicyStore)
+    scope = {**base, "model": model, "args": targs(tmp_path, max_steps=2)}
+    exec(compile(fixed, "docs/HF.md", "exec"), scope)
+    store, trainer = scope["store"], scope["trainer"]
+    assert len(store) == N and trainer.old_policy.store is store and trainer.old_policy.frozen
+    before = {k: store[k].copy() for k in store.keys()}
+    trainer.train()
+    assert all(np.array_equal(store[k], v) for k, v in before.items())  # frozen: unchanged

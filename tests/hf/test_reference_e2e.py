@@ -239,3 +239,34 @@ def test_proximal_sft_over_two_epochs_reads_the_store(world, reference64, tmp_pa
     # every sample comes again in epoch 2: its π_old is the student of its epoch-1 step
     assert {k for s in steps[2:] for k in s["keys"]} == set(world["samples"])
     check(world, reference64, steps, "proximal_sft", old_from=True)
+
+
+def test_the_docs_sft_kl_example_runs(world, tmp_path, monkeypatch):
+    """docs/HF.md's SFT+KL block, as written, with tiny local models for the Qwen ones (fewer
+    rows and steps, on the CPU)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "HF.md").read_text()
+    section = text[text.index("## A reference model: SFT+KL") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    teacher = world["tok"].name_or_path
+    subs = {
+        '"Qwen/Qwen2.5-1.5B-Instruct", "Qwen/Qwen2.5-0.5B-Instruct"': (
+            f"{str(teacher)!r}, {str(world['reference_dir'])!r}"
+        ),
+        "range(256)": "range(4)",
+        "num_train_epochs=1": "max_steps=2, use_cpu=True",
+        "torch.bfloat16": "torch.float32",
+        "top_k=64": "top_k=8, progress=False",
+    }
+    for old, new in subs.items():
+        assert old in code, old
+        code = code.replace(old, new)
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code, "docs/HF.md", "exec"), scope)
+    trainer = scope["trainer"]
+    assert trainer.state.global_step == 2
+    assert type(trainer.loss_fn).__name__ == "SFTKL" and trainer.loss_fn.lam == 0.1
+    assert TeacherCache(tmp_path / "ref-cache").info.role == "reference"
