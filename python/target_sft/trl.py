@@ -117,6 +117,10 @@ class TargetSFTSFTTrainer(TargetSFTTrainerMixin, SFTTrainer):
     Keyword args (besides the mixin's ``loss``, ``loss_kwargs``, ``allow_tokenizer_mismatch``):
         teacher_cache: the cache the rows are looked up in (a :class:`TeacherCache` or its path);
             not needed when ``data_collator`` is a :class:`TargetSFTCollator` with a cache.
+        reference_cache: the reference model's cache (``role="reference"``), for the losses that
+            read it (SFT+KL, ASFT, iw-SFT): the default collator aligns it with the teacher cache
+            by key and adds the ``reference_*`` tensors (docs/HF.md). With a ``data_collator``,
+            give it there (``TargetSFTCollator(cache, reference=...)``).
         key_field: the row field holding the cache key, as ``build_teacher_cache(id_field=...)``
             (``None``: the row index). Ignored for a dataset with a ``key`` column and no such
             field (:meth:`TeacherCache.to_hf_dataset`).
@@ -147,6 +151,7 @@ class TargetSFTSFTTrainer(TargetSFTTrainerMixin, SFTTrainer):
         processing_class: Any = None,
         *,
         teacher_cache: TeacherCache | str | os.PathLike[str] | None = None,
+        reference_cache: TeacherCache | str | os.PathLike[str] | None = None,
         key_field: str | None = "id",
         check_rows: int = CHECK_ROWS,
         **kwargs: Any,
@@ -164,7 +169,9 @@ class TargetSFTSFTTrainer(TargetSFTTrainerMixin, SFTTrainer):
         self._prompt_completion = "prompt" in first and "completion" in first
         train_dataset = add_cache_keys(train_dataset, key_field)
         eval_dataset = self._with_keys(eval_dataset)
-        data_collator = self._collator(data_collator, teacher_cache, args, processing_class, skip)
+        data_collator = self._collator(
+            data_collator, teacher_cache, args, processing_class, skip, reference_cache
+        )
         self._cache: TeacherCache = data_collator.cache
         super().__init__(
             model,
@@ -222,7 +229,14 @@ class TargetSFTSFTTrainer(TargetSFTTrainerMixin, SFTTrainer):
         return add_cache_keys(eval_dataset, self._key_field)
 
     @staticmethod
-    def _collator(collator: Any, cache: Any, args: Any, tok: Any, skip: bool) -> TargetSFTCollator:
+    def _collator(
+        collator: Any, cache: Any, args: Any, tok: Any, skip: bool, reference: Any = None
+    ) -> TargetSFTCollator:
+        if collator is not None and reference is not None:
+            raise ValueError(
+                "pass the reference cache once: reference_cache= or the data_collator's "
+                "(TargetSFTCollator(cache, reference=...)), not beside a data_collator"
+            )
         if collator is not None:
             if not isinstance(collator, TargetSFTCollator):
                 raise ValueError(
@@ -258,6 +272,7 @@ class TargetSFTSFTTrainer(TargetSFTTrainerMixin, SFTTrainer):
             max_length=_setting(args, "max_length") if skip else None,
             pad_to_multiple_of=multiple if isinstance(multiple, int) else None,
             label_in_support=bool(getattr(args, "label_in_support", True)),
+            reference=reference,
         )
 
     # ---- rows against the cache ------------------------------------------------------------

@@ -555,3 +555,59 @@ def test_add_cache_keys_follows_the_builders_rule():
     assert add_cache_keys(keyed) is keyed
     with pytest.raises(CacheInputError, match="both a 'key' column and the key field 'id'"):
         add_cache_keys(Dataset.from_list([{"key": 5, "id": "a"}]))
+
+
+def test_a_reference_cache_reaches_the_loss(dirs, tok, chat_cache, tmp_path):
+    """``reference_cache=``: the default collator adds the reference tensors (aligned by key)
+    and SFT+KL reads its anchor from them; without it, construction names ``reference=``."""
+    out = dirs["root"] / "chats-reference"
+    if not out.exists():
+        build_teacher_cache(
+            dirs["student"],
+            CHATS,
+            out,
+            top_k=K,
+            codec="exact",
+            progress=False,
+            tokenizer=tok,
+            role="reference",
+        )
+    ref = TeacherCache(out)
+    kw = dict(processing_class=tok, teacher_cache=chat_cache, loss="sft_kl")
+    with pytest.raises(ValueError, match=r"reference="):
+        TargetSFTSFTTrainer(
+            student(dirs),
+            config(tmp_path, assistant_only_loss=True),
+            train_dataset=Dataset.from_list(CHATS),
+            **kw,
+        )
+    model0 = student(dirs)
+    trainer = Recording(
+        student(dirs),
+        config(tmp_path, assistant_only_loss=True, max_steps=2),
+        train_dataset=Dataset.from_list(CHATS),
+        reference_cache=ref,
+        **kw,
+    )
+    trainer.train()
+    batch, loss, n_items = trainer.calls[0]
+    assert {"reference_ids", "reference_logprobs", "reference_label_logprobs"} <= set(batch)
+    want = compute_target_sft_loss(model0, batch, "sft_kl", num_items_in_batch=n_items)
+    torch.testing.assert_close(loss, want)
+
+
+def test_proximal_sft_keys_dict_rows(dirs, tok, chat_cache, tmp_path):
+    """TRL's rows are dicts with a ``key``: the old-policy store is keyed by them."""
+    trainer = TargetSFTSFTTrainer(
+        student(dirs),
+        config(tmp_path, assistant_only_loss=True, max_steps=2),
+        train_dataset=Dataset.from_list(CHATS),
+        processing_class=tok,
+        teacher_cache=chat_cache,
+        loss="proximal_sft",
+    )
+    trainer.train()
+    store = trainer.old_policy.store
+    assert len(store) == 4 and set(store.keys()) <= {r["id"] for r in CHATS}
+    for key in store.keys():
+        assert store[key].size == int((chat_cache[key].labels[1:] != -100).sum())
