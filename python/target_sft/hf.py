@@ -808,6 +808,8 @@ class TargetSFTTrainerMixin:
         super()._hp_search_setup(trial)  # type: ignore[misc]
         self._set_loss(self.args)  # type: ignore[attr-defined]
         self._setup_old_policy()
+        if trial is not None and self.old_policy is not None and self._own_old_policy:
+            self.old_policy.store = OldPolicyStore()  # a trial is a new run: π_old unknown
 
     def _check_reference(self, datasets: Mapping[str, Any]) -> None:
         """A loss that reads the reference tensors (SFT+KL, ASFT, iw-SFT) with a
@@ -844,6 +846,8 @@ class TargetSFTTrainerMixin:
         )
         if len(given) > 1:
             raise ValueError(f"{len(given)} OldPolicyCallbacks were given; pass one")
+        if not hasattr(self, "_own_old_policy"):
+            self._own_old_policy = False  # whether the trainer made the callback
         if not _needs_old_logprobs(self.loss_fn):
             self.old_policy: OldPolicyCallback | None = given[0] if given else None
             return
@@ -852,6 +856,7 @@ class TargetSFTTrainerMixin:
         else:
             self.old_policy = OldPolicyCallback()
             self.add_callback(self.old_policy)  # type: ignore[attr-defined]
+            self._own_old_policy = True
         collator = getattr(self, "data_collator", None)
         if isinstance(collator, TargetSFTCollator):
             collator.return_keys = True
