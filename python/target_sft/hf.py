@@ -624,13 +624,18 @@ def _is_teacher_data(dataset: Any) -> bool:
 
 
 def _dataset_caches(dataset: Any, label: str) -> Iterator[tuple[str, Any]]:
-    """``(label, CacheInfo)`` of every teacher cache a dataset reads (through ``Subset``,
-    ``ConcatDataset`` and a dict of eval datasets)."""
+    """``(label, CacheInfo)`` of every cache a dataset reads, teacher and reference (through
+    ``Subset``, ``ConcatDataset`` and a dict of eval datasets)."""
     for where, ds, _ in _dataset_leaves(dataset, label):
         if isinstance(ds, TeacherCacheDataset):
             yield where, ds.cache.info
         elif _is_streaming(ds):
             yield where, ds.info
+        else:
+            continue
+        ref = getattr(getattr(ds, "reference", None), "info", None)
+        if ref is not None:  # its reference cache (TeacherCacheDataset(..., reference=...))
+            yield f"{where}.reference", ref
 
 
 def _check_datasets(
@@ -701,8 +706,8 @@ class TargetSFTTrainerMixin:
             then gives the loss but no logits (so no ``compute_metrics``). Not given:
             ``args.fused_linear`` (a ``TargetSFTConfig`` field), else ``False``.
 
-    Checks at construction, against every teacher cache of ``train_dataset``,
-    ``eval_dataset`` and ``data_collator.cache``: the tokenizer (``processing_class``, or
+    Checks at construction, against every cache of ``train_dataset``, ``eval_dataset`` and
+    the ``data_collator`` (teacher and reference caches alike): the tokenizer (``processing_class``, or
     ``tokenizer`` on old transformers) must be the one the cache was built with (content
     fingerprint), and the model's vocabulary must hold the cache's token ids;
     :class:`~target_sft.CacheMismatchError` otherwise. A :class:`~target_sft.TargetSFTCollator`
@@ -887,6 +892,9 @@ class TargetSFTTrainerMixin:
         ]
         if isinstance(collator, TargetSFTCollator) and collator.cache is not None:
             found.append(("data_collator", collator.cache.info))
+        ref = getattr(getattr(collator, "reference", None), "info", None)
+        if isinstance(collator, TargetSFTCollator) and ref is not None:
+            found.append(("data_collator.reference", ref))
         infos: dict[str, tuple[str, Any]] = {}
         for label, info in found:
             infos.setdefault(str(info.path), (label, info))
