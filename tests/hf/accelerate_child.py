@@ -1,13 +1,15 @@
 """One process of the multi-process Trainer tests of tests/hf/test_accelerate.py (not a test
 module): started by ``torchrun`` or ``accelerate launch`` (2 CPU processes, gloo).
 
-Usage: ``<launcher> accelerate_child.py MODEL CACHE OUT TAG STOP RESUME``
+Usage: ``<launcher> accelerate_child.py MODEL CACHE OUT TAG STOP RESUME [LOSS]``
 
 Trains a :class:`TargetSFTTrainer` twice, over a ``StreamingTeacherDataset`` (the train side of
 ``split_by_key``, a key filter every rank applies) and over a ``TeacherCacheDataset``, with gradient accumulation 2, AdamW and a linear schedule, for
 ``MAX_STEPS`` optimizer steps. ``STOP > 0``: save a checkpoint at step ``STOP`` and stop there
 (an interrupted run, its schedule still planned for ``MAX_STEPS``). ``RESUME`` (``1``): continue
 from that checkpoint. Rank 0 writes every parameter to ``OUT/TAG-<kind>.safetensors``.
+``LOSS`` (default ``target_sft``): with ``proximal_sft`` every rank also writes its old-policy
+store to ``OUT/TAG-<kind>-store<rank>.npz``.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ def train(
     stop: int,
     resume: bool,
     workers: int = 0,
+    loss: str = "target_sft",
 ) -> None:
     """One run (module docstring); ``workers``: ``dataloader_num_workers``."""
     torch.manual_seed(0)
@@ -78,7 +81,12 @@ def train(
     )
     callbacks = [StopAt(stop)] if stop and not resume else []
     trainer = TargetSFTTrainer(
-        model, args, train_dataset=ds, loss_kwargs={"eta": 0.5}, callbacks=callbacks
+        model,
+        args,
+        train_dataset=ds,
+        loss=loss,
+        loss_kwargs={"eta": 0.5} if loss == "target_sft" else {},
+        callbacks=callbacks,
     )
     # the launcher's processes (two, joined by gloo), each with its own share of every batch
     assert trainer.accelerator.num_processes == world, trainer.accelerator.state
@@ -91,13 +99,17 @@ def train(
     if trainer.is_world_process_zero():
         params = {k: v.detach().contiguous() for k, v in model.named_parameters()}
         save_file(params, os.path.join(out, f"{tag}-{kind}.safetensors"))
+    if trainer.old_policy is not None:
+        rank = int(os.environ.get("RANK", "0"))
+        trainer.old_policy.store.save(os.path.join(out, f"{tag}-{kind}-store{rank}.npz"))
 
 
 def main() -> None:
     model_dir, cache, out, tag, stop, resume = sys.argv[1:7]
+    loss = sys.argv[7] if len(sys.argv) > 7 else "target_sft"
     torch.set_num_threads(1)
     for kind in ("stream", "map"):
-        train(model_dir, cache, out, tag, kind, int(stop), resume == "1")
+        train(model_dir, cache, out, tag, kind, int(stop), resume == "1", loss=loss)
 
 
 if __name__ == "__main__":

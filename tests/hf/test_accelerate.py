@@ -104,6 +104,34 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(parts, full_run, tmp_pa
         assert not diff, (kind, diff)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_proximal_sft_old_policy_is_shared_and_resumed_under_ddp(parts, tmp_path):
+    """Proximal SFT under torchrun (2 processes): after every step both ranks hold the same
+    old-policy store (each rank's records all-gathered; samples change ranks between epochs),
+    holding every sample trained on; a run stopped in epoch 2 and resumed from its checkpoint
+    (the store restored from it) ends equal to the uninterrupted run."""
+    from target_sft import OldPolicyStore
+
+    model, cache = parts
+    out = str(tmp_path)
+    launch("torchrun", model, cache, out, "full", "0", "0", "proximal_sft")
+    launch("torchrun", model, cache, out, "cut.stop", str(STOP), "0", "proximal_sft")
+    launch("torchrun", model, cache, out, "cut.resume", str(STOP), "1", "proximal_sft")
+    for kind in ("stream", "map"):
+        stores = {
+            (tag, r): OldPolicyStore.load(os.path.join(out, f"{tag}-{kind}-store{r}.npz"))
+            for tag in ("full", "cut.resume")
+            for r in (0, 1)
+        }
+        full = stores["full", 0]
+        assert all(s == full for s in stores.values()), kind
+        assert len(full) >= 20, (kind, len(full))  # both ranks' samples (11 or 12 a rank)
+        a = load_file(os.path.join(out, f"full-{kind}.safetensors"))
+        b = load_file(os.path.join(out, f"cut.resume-{kind}.safetensors"))
+        assert [k for k in a if not torch.equal(a[k], b[k])] == [], kind
+
+
 @pytest.mark.usefixtures("one_thread")
 def test_resume_with_dataloader_workers_is_bit_identical(parts, tmp_path, monkeypatch):
     """The same in one process, the streaming split read by 2 DataLoader workers."""
