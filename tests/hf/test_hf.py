@@ -112,6 +112,23 @@ def test_compute_loss_equals_target_sft_loss_on_the_logits(cache, model_dir, tmp
     torch.testing.assert_close(hook, loss, rtol=0, atol=0)
 
 
+def test_a_plain_callable_gets_the_inputs_it_takes(cache, model_dir):
+    """Batches carry sequence_ids (and reference tensors with a reference cache); a loss
+    callable without those keywords (``functools.partial(target_sft_loss, ...)``) is called
+    without them, with the same loss as on the bare teacher tensors."""
+    import functools
+
+    model = fresh_model(model_dir)
+    batch = collate(cache)([TeacherCacheDataset(cache)[i] for i in range(4)])
+    assert "sequence_ids" in batch
+    fn = functools.partial(target_sft_loss, eta=ETA)
+    got = compute_target_sft_loss(model, batch, fn)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    want = fn(logits, batch["labels"], batch["teacher_ids"], batch["teacher_logprobs"])
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_sft_preset_equals_hf_causal_lm_loss(cache, model_dir, tmp_path):
     """Alignment: loss="sft" through the trainer is the model's own ForCausalLMLoss."""
     model = fresh_model(model_dir)
