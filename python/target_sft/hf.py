@@ -727,6 +727,14 @@ class TargetSFTTrainerMixin:
     A :class:`~target_sft.TargetSFTCollator` given whose ``label_in_support`` differs from a
     config's ``args.label_in_support`` is a ``ValueError`` naming both.
 
+    A loss that reads the reference model (SFT+KL, ASFT, iw-SFT) with a
+    :class:`~target_sft.TargetSFTCollator` and no reference cache in it or in the datasets is a
+    ``ValueError`` naming ``reference=``. A loss that reads ``old_logprobs`` (Proximal SFT) gets
+    them from an :class:`~target_sft.old_policy.OldPolicyCallback` (``self.old_policy``: the one
+    in ``callbacks``, else one made here), which records each sample's label log-probs as it
+    trains (docs/HF.md, "Proximal SFT: the old policy"); the collator's ``return_keys`` is
+    turned on for it.
+
     ``args`` (any ``TrainingArguments``/``SFTConfig``) is read by
     :func:`~target_sft.config.resolve_loss`: a ``TargetSFTConfig``'s loss and parameters, and the
     knobs the Q-target loss would ignore (``label_smoothing_factor``, TRL's ``loss_type``,
