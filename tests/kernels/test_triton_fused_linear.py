@@ -87,7 +87,9 @@ FUSED = [
     ("dft", {}),
     ("profit", {}),
     ("label_smoothing", {}),
+    ("sft_kl", {}),
     ("asft", {}),
+    ("asft", {"anchor": "teacher"}),
     ("kd", {}),
     ("hybrid_kd", {}),
     ("target_sft", {"eta": 0.0}),
@@ -103,7 +105,8 @@ FUSED = [
 def test_preset_matches_float64_reference(preset, dtype: torch.dtype) -> None:
     name, params = preset
     e, w, b, y, kw = make(dtype)
-    kw = {k: kw[k] for k in ("teacher_ids", "teacher_logprobs")}
+    keys = ("teacher_ids", "teacher_logprobs", "reference_ids", "reference_logprobs")
+    kw = {k: kw[k] for k in keys}
 
     def fused(e_, w_, b_):
         return fused_linear_qtarget_loss(

@@ -24,7 +24,9 @@ def test_names_are_the_fields_and_the_keywords_of_every_loss_call() -> None:
         "token_weights",
         "sequence_weights",
         "sequence_ids",
-        "ref_logprobs",
+        "reference_ids",
+        "reference_logprobs",
+        "reference_label_logprobs",
         "old_logprobs",
     )
     assert tuple(L.LossInputs().as_dict()) == L.LOSS_INPUT_NAMES
