@@ -156,6 +156,25 @@ def test_target_sft_softcap_3d_num_items_no_bias(dtype: torch.dtype) -> None:
     check(out, got, ref, want, G.reshape(-1, V), e, w, dtype)
 
 
+@pytest.mark.parametrize("name", ["sft_kl", "asft"])
+def test_reference_anchor_3d_hidden(name: str) -> None:
+    """The fused-linear kernel sweeps the reference support ([B, L, Kr], shifted like labels)."""
+    e, w, b, y, kw = make(torch.float32, seed=3)
+    b_, length = 2, N // 2
+    e3 = e.reshape(b_, length, H)
+    y3 = y.reshape(b_, length)
+    kw3 = {k: kw[k].reshape(b_, length, -1) for k in ("reference_ids", "reference_logprobs")}
+
+    def fused(e_, w_, b2):
+        return fused_linear_qtarget_loss(
+            L.get_preset(name), e_, w_, y3, bias=b2, impl="triton", blocks=BLOCKS, **kw3
+        )
+
+    out, got = grads(fused, e3, w, b)
+    ref, want, G = reference(L.get_preset(name, impl="torch"), e3, w, b, y3, kw3, None)
+    check(out, got, ref, want, G.reshape(-1, V), e, w, torch.float32)
+
+
 def test_all_rows_ignored_gives_zero_and_zero_grads() -> None:
     e, w, b, y, kw = make(torch.bfloat16, seed=2)
     y = torch.full_like(y, -100)
