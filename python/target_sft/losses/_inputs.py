@@ -158,10 +158,6 @@ class FlatBatch:
     support_source: str | None = None
     check: bool = True
 
-    @property
-    def n_rows(self) -> int:
-        return int(self.labels.shape[0])
-
     def label_index(self, row: int) -> tuple[int, ...]:
         """Index, in the caller's label-aligned tensors, of the label that row ``row`` predicts."""
         if not self.shifted:
