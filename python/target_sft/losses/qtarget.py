@@ -168,8 +168,9 @@ class QTargetLoss(nn.Module):
 
     Call with ``(logits, labels, teacher_ids=None, teacher_logprobs=None, *, token_weights=None,
     sequence_weights=None, sequence_ids=None, reference_ids=None, reference_logprobs=None,
-    reference_label_logprobs=None, old_logprobs=None, num_items_in_batch=None, reduction=None)``. ``logits`` ``[B, L, V]`` with ``labels`` ``[B, L]``
-    are shifted inside exactly as HF does; ``[N, V]`` with ``[N]`` are used as aligned. Every other
+    reference_label_logprobs=None, old_logprobs=None, num_items_in_batch=None, reduction=None)``.
+    ``logits`` ``[B, L, V]`` with ``labels`` ``[B, L]`` are shifted inside exactly as HF does;
+    ``[N, V]`` with ``[N]`` are used as aligned. Every other
     per-token input is aligned with ``labels``. The returned loss is float32 (float64 for float64
     logits); the gradient has the logits' dtype and is formed in float32.
     """

@@ -169,8 +169,9 @@ def guided_target(ctx: TokenContext, eta: float, tail: str, who: str) -> TailedT
             r = bad[0]
             raise ValueError(
                 f"{b.support_source}_logprobs[{fmt_index(b.label_index(r))}, :] hold probability "
-                f"{float(kept[r]):.4g} > 1: {who} needs log-probs of the {b.support_source}'s full softmax "
-                "(as the cache stores them), not log-probs renormalised or shifted otherwise"
+                f"{float(kept[r]):.4g} > 1: {who} needs log-probs of the {b.support_source}'s "
+                "full softmax (as the cache stores them), not log-probs renormalised or shifted "
+                "otherwise"
             )
     log_m = torch.log((1.0 - kept).clamp_min(0.0))
     # τ = 1 − π_θ(S) from log π_θ(S), accurate to the rounding of lse
