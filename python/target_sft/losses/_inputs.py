@@ -153,6 +153,8 @@ class FlatBatch:
     old_logprobs: Tensor | None = None
     #: ``[N]`` sample of each row (valid indices: padding rows point at 0, they are unsupervised)
     sequence_index: Tensor | None = None
+    #: the number of samples (``max(sequence_ids) + 1``; computed when first needed:
+    #: :meth:`sequences`)
     num_sequences: int | None = None
     sequence_weights: Tensor | None = None
     support_source: str | None = None
@@ -195,6 +197,20 @@ class FlatBatch:
         if lp is None:
             raise ValueError(f"this loss needs {src}_ids and {src}_logprobs")
         return lp  # type: ignore[no-any-return]
+
+    def sequences(self, who: str) -> tuple[Tensor, int]:
+        """``(sample index of each row [N], number of samples)``, what per-sequence terms group
+        by. The count of samples given by ``sequence_ids`` is read from the device once, here, so
+        that a batch carrying ``sequence_ids`` costs no sync to a loss that does not use it."""
+        if self.sequence_index is None:
+            raise ValueError(
+                f"{who} weights are per sequence: pass [B, L, V] logits, or sequence_ids with "
+                "[N, V] logits"
+            )
+        if self.num_sequences is None:
+            idx = self.sequence_index
+            self.num_sequences = int(idx.max().item()) + 1 if idx.numel() else 0
+        return self.sequence_index, self.num_sequences
 
     def require(self, name: str, who: str) -> Tensor:
         """A per-token / per-sequence input that ``who`` cannot do without."""
@@ -309,32 +325,32 @@ def prepare(
     if sequence_ids is not None:
         sid = sequence_ids.reshape(-1).long()
         batch.sequence_index = sid.clamp_min(0)  # padding rows are unsupervised: any valid index
-        batch.num_sequences = int(sid.max().item()) + 1 if sid.numel() else 0
     elif shifted:
         b, length = lead_shape
         batch.sequence_index = torch.arange(b, device=z.device).repeat_interleave(length)
         batch.num_sequences = b
     if sequence_weights is not None:
-        if batch.sequence_index is None or batch.num_sequences is None:
+        if batch.sequence_index is None:
             raise ValueError(
                 "sequence_weights with [N, V] logits needs sequence_ids ([N]) to map tokens to "
                 "sequences"
             )
+        _, n_sequences = batch.sequences("sequence_weights")
         if not isinstance(sequence_weights, Tensor) or sequence_weights.dim() != 1:
             shape = tuple(sequence_weights.shape) if isinstance(sequence_weights, Tensor) else "?"
             raise ValueError(f"sequence_weights must be a 1-D tensor, got shape {shape}")
         n_weights = int(sequence_weights.shape[0])
-        if sequence_ids is None and n_weights != batch.num_sequences:
+        if sequence_ids is None and n_weights != n_sequences:
             raise ValueError(
                 f"sequence_weights has shape {tuple(sequence_weights.shape)} but logits has "
-                f"{batch.num_sequences} rows (one sequence each without sequence_ids): expected "
-                f"shape ({batch.num_sequences},); with packed rows pass sequence_ids"
+                f"{n_sequences} rows (one sequence each without sequence_ids): expected "
+                f"shape ({n_sequences},); with packed rows pass sequence_ids"
             )
-        if sequence_ids is not None and n_weights < batch.num_sequences:
+        if sequence_ids is not None and n_weights < n_sequences:
             raise ValueError(
                 f"sequence_weights has shape {tuple(sequence_weights.shape)} but sequence_ids goes "
-                f"up to {batch.num_sequences - 1}: expected one weight per sample, at least "
-                f"({batch.num_sequences},)"
+                f"up to {n_sequences - 1}: expected one weight per sample, at least "
+                f"({n_sequences},)"
             )
         batch.sequence_weights = sequence_weights.to(device=z.device, dtype=cdt)
     return batch

@@ -182,7 +182,7 @@ class SequenceWeightTrust(Trust):
     def __call__(self, ctx: TokenContext) -> Tensor:
         b = ctx.batch
         w = b.require("sequence_weights", "SequenceWeightTrust")
-        idx = b.require("sequence_index", "SequenceWeightTrust")
+        idx, _ = b.sequences("SequenceWeightTrust")
         out = w[idx]
         b.check_finite_supervised("sequence_weights", out)
         return out
@@ -224,16 +224,11 @@ class ImportanceWeightTrust(Trust):
     def __call__(self, ctx: TokenContext) -> Tensor:
         b = ctx.batch
         ref = b.require("reference_label_logprobs", "iw-SFT (ImportanceWeightTrust)")
-        idx = b.sequence_index
-        if idx is None or b.num_sequences is None:
-            raise ValueError(
-                "iw-SFT weights are per sequence: pass [B, L, V] logits, or sequence_ids with "
-                "[N, V] logits"
-            )
+        idx, n_sequences = b.sequences("iw-SFT")
         b.check_finite_supervised("reference_label_logprobs", ref)
         zero = torch.zeros_like(ref)
         diff = torch.where(b.mask, ctx.log_p_label - ref, zero)
-        total = torch.zeros(b.num_sequences, dtype=diff.dtype, device=diff.device)
+        total = torch.zeros(n_sequences, dtype=diff.dtype, device=diff.device)
         total.index_add_(0, idx, diff)
         if self.length_normalize:
             count = torch.zeros_like(total).index_add_(0, idx, b.mask.to(diff.dtype))
