@@ -193,9 +193,8 @@ class StreamingTeacherDataset(IterableDataset):  # type: ignore[type-arg]
             raise CacheInputError(
                 f"allow_role_mismatch must be a bool, got {allow_role_mismatch!r}"
             )
-        check_role(
-            self.info, cache_role(self.info, self._manifest), "teacher", bool(allow_role_mismatch)
-        )
+        role = cache_role(self.info, self._manifest, self._cache)
+        check_role(self.info, role, "teacher", bool(allow_role_mismatch))
         shards = self.info.shards
         self._shard_records = np.array([s["records"] for s in shards], dtype=np.int64)
         ident: list[Any] = [(s["file"], s["records"], s.get("checksum", "")) for s in shards]

@@ -60,23 +60,28 @@ class KeyTables:
     checksums: dict[str, int]  # table name -> XXH3-64 (empty for a version-1 shard)
     key_hash: npt.NDArray[np.uint64]
 
-    def _table(self, name: str) -> bytes:
-        begin, end = self.header[name]["data_offsets"]
+    def _tables(self, *names: str) -> list[bytes]:
+        """The verified bytes of adjacent tables ``names``, read in one ranged request."""
+        spans = [self.header[n]["data_offsets"] for n in names]
+        lo, hi = min(b for b, _ in spans), max(e for _, e in spans)
         raw = _read(
-            self.fs,
-            self.path,
-            self.data_start + begin,
-            self.data_start + end,
-            self.size,
-            self.shown,
+            self.fs, self.path, self.data_start + lo, self.data_start + hi, self.size, self.shown
         )
-        self._verify(name, raw)
-        return raw
+        out = [raw[b - lo : e - lo] for b, e in spans]
+        for n, r in zip(names, out, strict=True):
+            if n != "checksums":
+                self._verify(n, r)
+        return out
+
+    def _table(self, name: str) -> bytes:
+        return self._tables(name)[0]
 
     def _verify(self, name: str, raw: bytes) -> None:
+        if not self.checksums:  # a version-1 shard: no region checksums
+            return
         want = self.checksums.get(name)
         if want is None:
-            return
+            raise CacheCorruptionError(f"{self.shown}: the checksums table does not list {name}")
         import xxhash
 
         got = xxhash.xxh3_64_intdigest(raw)
@@ -128,17 +133,20 @@ def read_key_tables(fs: Any, root: str, shown_root: str, entry: dict[str, Any]) 
         )
     t = KeyTables(fs, path, shown, size, 8 + n, header, {}, np.empty(0, np.uint64))
     if "checksums" in header:  # version 2: verify the header and every table used (§7)
+        # key_hash and checksums are near each other (key_offsets between): one request
+        key_hash, raw = t._tables("key_hash", "checksums")  # verified below, once named
         names = str(meta.get("checksums", "")).split(",")
-        begin, end = header["checksums"]["data_offsets"]
-        raw = _read(fs, path, 8 + n + begin, 8 + n + end, size, shown)
         values = np.frombuffer(raw, dtype="<u8")
         if len(names) != len(values) or names[:1] != ["header"]:
             raise CacheCorruptionError(f"{shown}: the checksums table does not name its regions")
         t.checksums = {k: int(v) for k, v in zip(names, values, strict=True)}
         t._verify("header", struct.pack("<Q", n) + head)
+        t._verify("key_hash", key_hash)
     elif str(meta.get("format_version", "1")) != "1":
         raise CacheCorruptionError(f"{shown}: a version-2 shard without a checksums table")
-    t.key_hash = np.frombuffer(t._table("key_hash"), dtype="<u8").astype(np.uint64)
+    else:
+        key_hash = t._table("key_hash")
+    t.key_hash = np.frombuffer(key_hash, dtype="<u8").astype(np.uint64)
     return t
 
 
@@ -152,7 +160,7 @@ class LocalFiles:
             return f.read(end - start)
 
 
-def _tables(fs: Any, root: str, shown: str, shards: list[dict[str, Any]]) -> list[KeyTables]:
+def _all_tables(fs: Any, root: str, shown: str, shards: list[dict[str, Any]]) -> list[KeyTables]:
     return [read_key_tables(fs, root, shown, e) for e in shards]
 
 
@@ -174,8 +182,8 @@ def match_by_key(
     Raises:
         CacheKeyError: a teacher key the other cache does not hold (the first one, named).
     """
-    t_tables = _tables(*teacher)
-    o_tables = _tables(*other)
+    t_tables = _all_tables(*teacher)
+    o_tables = _all_tables(*other)
     t_hash = np.concatenate([t.key_hash for t in t_tables] + [np.empty(0, np.uint64)])
     o_hash = np.concatenate([t.key_hash for t in o_tables] + [np.empty(0, np.uint64)])
     order = np.argsort(o_hash, kind="stable")

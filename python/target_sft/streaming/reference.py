@@ -31,10 +31,13 @@ __all__ = ["ReferenceSource", "cache_role", "check_role", "check_same_vocab"]
 ROLES = ("teacher", "reference")
 
 
-def cache_role(info: CacheInfo, manifest: dict[str, Any] | None = None) -> str:
+def cache_role(
+    info: CacheInfo, manifest: dict[str, Any] | None = None, cache: TeacherCache | None = None
+) -> str:
     """A cache's ``role``: the manifest field (``"teacher"`` when absent: caches written before
     roles). ``manifest``: a remote cache's fetched manifest; a local one's is read from disk."""
-    role = getattr(info, "role", None)  # CacheInfo.role, once the manifest carries it natively
+    # TeacherCache.role / CacheInfo.role, where the native manifest carries the field
+    role = getattr(cache, "role", None) or getattr(info, "role", None)
     if role is None:
         if manifest is None:
             with open(Path(info.path) / MANIFEST_NAME, "rb") as f:
@@ -56,17 +59,24 @@ def check_role(info: CacheInfo, role: str, slot: str, allow_mismatch: bool) -> N
     )
 
 
-def _tokenizer_identity(entry: dict[str, Any]) -> dict[str, Any]:
-    """The fields that identify a tokenizer (docs/FORMAT.md §1: with a fingerprint, all but the
-    informational ``name`` and ``class``)."""
-    if "fingerprint" not in entry:
-        return dict(entry)
-    return {k: v for k, v in entry.items() if k not in ("name", "class")}
+def _same_tokenizer(t: dict[str, Any], r: dict[str, Any]) -> bool | None:
+    """Whether two manifest tokenizer entries name one tokenizer (docs/FORMAT.md §1: with a
+    fingerprint, every field but the informational ``name`` and ``class``; without, the whole
+    entry); ``None`` when they cannot be compared (fingerprints of different versions)."""
+    if "fingerprint" in t and "fingerprint" in r:
+        if t.get("fingerprint_version", 1) != r.get("fingerprint_version", 1):
+            return None if t.get("size") == r.get("size") else False
+        info = ("name", "class")
+        return {k: v for k, v in t.items() if k not in info} == {
+            k: v for k, v in r.items() if k not in info
+        }
+    return t == r
 
 
 def check_same_vocab(teacher: CacheInfo, reference: CacheInfo) -> None:
     """Raise :class:`CacheMismatchError` unless both caches were built with the same tokenizer
-    and vocabulary (a cache recording no tokenizer is not compared; the collator warns)."""
+    and vocabulary (a cache recording no tokenizer, or fingerprints of different versions, are
+    not compared: the collator checks each cache against its tokenizer)."""
     if teacher.vocab_size != reference.vocab_size:
         raise CacheMismatchError(
             f"StreamingTeacherDataset: the reference cache {reference.path} has vocab_size "
@@ -74,7 +84,7 @@ def check_same_vocab(teacher: CacheInfo, reference: CacheInfo) -> None:
             "their token ids are not the same vocabulary; build both with one tokenizer"
         )
     t, r = dict(teacher.tokenizer or {}), dict(reference.tokenizer or {})
-    if t and r and _tokenizer_identity(t) != _tokenizer_identity(r):
+    if t and r and _same_tokenizer(t, r) is False:
         raise CacheMismatchError(
             f"StreamingTeacherDataset: tokenizer mismatch: the teacher cache {teacher.path} was "
             f"built with {t}, the reference cache {reference.path} with {r}; build both with "
@@ -139,9 +149,8 @@ class ReferenceSource:
                 self.cache = TeacherCache(self.source)
             self.info = self.cache.info
             files = (LocalFiles(), str(self.source), str(self.source))
-        check_role(
-            self.info, cache_role(self.info, self.manifest), "reference", allow_role_mismatch
-        )
+        role = cache_role(self.info, self.manifest, self.cache)
+        check_role(self.info, role, "reference", allow_role_mismatch)
         check_same_vocab(teacher, self.info)
         self.position_of = match_by_key(
             (*teacher_files, teacher.shards), (*files, self.info.shards), positions
