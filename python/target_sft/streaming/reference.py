@@ -53,9 +53,9 @@ def check_role(info: CacheInfo, role: str, slot: str, allow_mismatch: bool) -> N
         return
     raise CacheMismatchError(
         f"StreamingTeacherDataset: the cache {info.path} holds role {role!r} (its manifest's "
-        f"'role'{'' if role != 'teacher' else ', absent: teacher'}) but is passed as the "
-        f"{slot}; pass the {slot} cache there (build a reference cache with role='reference'), "
-        "or allow_role_mismatch=True if this is deliberate"
+        f"'role'; a cache without one is a teacher) but is passed as the {slot}; pass a {slot} "
+        "cache there (a reference cache is built with role='reference'), or "
+        "allow_role_mismatch=True if this is deliberate"
     )
 
 
