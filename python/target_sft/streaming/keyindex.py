@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,10 @@ import numpy.typing as npt
 from target_sft.errors import CacheCorruptionError, CacheFormatError, CacheIOError, CacheKeyError
 
 __all__ = ["KeyTables", "LocalFiles", "match_by_key", "read_key_tables"]
+
+
+log = logging.getLogger(__name__)
+_WHOLE_FILES: set[str] = set()  # caches already warned about (a server ignoring ranges)
 
 
 def _read(fs: Any, path: str, start: int, end: int, size: int, shown: str) -> bytes:
@@ -40,6 +45,13 @@ def _read(fs: Any, path: str, start: int, end: int, size: int, shown: str) -> by
     if len(data) == end - start:
         return data
     if len(data) == size:  # the server ignored the Range header
+        if shown.rsplit("/", 1)[0] not in _WHOLE_FILES:
+            _WHOLE_FILES.add(shown.rsplit("/", 1)[0])
+            log.warning(
+                "%s: the server ignores range requests, so reading the shards' key tables "
+                "downloads whole shards (once per table read)",
+                shown.rsplit("/", 1)[0],
+            )
         return data[start:end]
     raise CacheCorruptionError(
         f"{shown}: reading bytes [{start}, {end}) gave {len(data)} bytes (the file is "
