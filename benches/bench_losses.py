@@ -71,11 +71,13 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
     name = args.worker
     if name in TEACHER_PRESETS:
         inputs = {"teacher_ids": ids.to(device), "teacher_logprobs": lp.to(device)}
+        if name in ("sft_kl", "asft"):  # their anchor: the reference model's top-k
+            inputs = {"reference_ids": ids.to(device), "reference_logprobs": lp.to(device)}
     elif name == "cft":
         inputs = {"token_weights": (torch.rand(n, generator=g) > 0.5).float().to(device)}
     elif name == "iw_sft":
         inputs = {
-            "ref_logprobs": torch.full((n,), -2.0, device=device),
+            "reference_label_logprobs": torch.full((n,), -2.0, device=device),
             "sequence_ids": (torch.arange(n) // 1024).to(device),
         }
     elif name == "proximal_sft":

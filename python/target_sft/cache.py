@@ -566,11 +566,15 @@ class CacheSample:
     """A reference to one record of a cache: what the datasets yield and the collator batches.
 
     Holding a reference instead of decoded arrays lets the collator decode a whole batch in one
-    native call, in parallel. It pickles as (cache path, position).
+    native call, in parallel. It pickles as (cache path, position, reference).
+
+    ``reference``: the same sample's record in a reference cache (found by key), attached by a
+    dataset given ``reference=``; ``None`` otherwise.
     """
 
     cache: TeacherCache
     position: int
+    reference: CacheSample | None = None
 
     @property
     def key(self) -> Key:

@@ -57,6 +57,7 @@ PRESET_PARAMETERS: tuple[str, ...] = (
     "renormalize",
     "tail",
     "normalize",
+    "anchor",
     "beta",
     "repulsion",
     "c",
@@ -98,10 +99,13 @@ class TargetSFTArguments:
     lam: float | None = _param("sft_kl, asft: KL weight λ; hybrid_kd: KD weight λ (the paper's c)")
     renormalize: bool | None = _param("sft_kl, asft, kd, hybrid_kd: renormalise the top-k")
     tail: str | None = _param(
-        "target_sft, kd, hybrid_kd: the teacher's mass missing from the top-k: renormalize "
-        "(spread over the top-k) or model (spread as the model's own tail)"
+        "target_sft, kd, hybrid_kd, sft_kl, asft: the mass missing from the cached top-k: "
+        "renormalize (spread over the top-k) or model (spread as the model's own tail)"
     )
     normalize: bool | None = _param("sft_kl, asft: divide the scale out (Table 5's exact Q)")
+    anchor: str | None = _param(
+        "sft_kl, asft: the KL anchor: reference (the reference cache's top-k, default) or teacher"
+    )
     beta: float | None = _param("gem: temperature β of the repelled distribution")
     repulsion: float | None = _param("gem: repulsion weight λ")
     c: float | None = _param("target_sft_constant: constant residual weight c in [0, 1] (Table 6)")

@@ -41,6 +41,7 @@ from target_sft.fingerprint import (
     student_vocab,
 )
 from target_sft.losses import (
+    DEPRECATED_INPUT_NAMES,
     LOSS_INPUT_NAMES,
     ClippedRatioTrust,
     ImportanceWeightTrust,
@@ -69,8 +70,9 @@ log = logging.getLogger(__name__)
 
 #: batch entries that go to the loss, never to the model: the fields of
 #: :class:`target_sft.losses.LossInputs` (all aligned with ``labels``, except
-#: ``sequence_weights``/``sequence_ids``; see docs/LOSSES.md)
-LOSS_INPUT_KEYS: tuple[str, ...] = LOSS_INPUT_NAMES
+#: ``sequence_weights``; see docs/LOSSES.md), and their deprecated names (``ref_logprobs``,
+#: which the loss still takes, with a ``DeprecationWarning``)
+LOSS_INPUT_KEYS: tuple[str, ...] = (*LOSS_INPUT_NAMES, *DEPRECATED_INPUT_NAMES)
 #: packed-layout entries that become flash-attention varlen kwargs (or are dropped)
 _VARLEN_KEYS = ("cu_seqlens", "max_seqlen")
 #: columns a dataset item may carry that the collator reads (kept by ``remove_unused_columns``)

@@ -183,8 +183,8 @@ class InducedTargets:
 def figure3_inputs(sweep: Any, *, token_weight: float = 0.5) -> dict[str, Any]:
     """The per-token inputs Figure 3 gives every loss, one row per sweep point ``p_y`` (a float64
     ``[M]`` tensor), chosen to be neutral: ``token_weights = token_weight`` (CFT's weight);
-    ``old_logprobs = ref_logprobs = log p_y`` (Proximal SFT's ratio and iw-SFT's weight are 1:
-    π_old = π_ref = the current model); ``sequence_ids = 0, 1, …, M − 1`` (each point is its own
+    ``old_logprobs = reference_label_logprobs = log p_y`` (Proximal SFT's ratio and iw-SFT's
+    weight are 1: π_old = π_ref = the current model); ``sequence_ids = 0, 1, …, M − 1`` (each point is its own
     one-token sequence, so per-sequence weights are per point) and ``sequence_weights = 1``. A loss
     ignores the inputs it does not use."""
     import torch
@@ -194,7 +194,7 @@ def figure3_inputs(sweep: Any, *, token_weight: float = 0.5) -> dict[str, Any]:
     return {
         "token_weights": torch.full((m,), float(token_weight), dtype=sweep.dtype),
         "old_logprobs": log_p,
-        "ref_logprobs": log_p,
+        "reference_label_logprobs": log_p,
         "sequence_ids": torch.arange(m),
         "sequence_weights": torch.ones(m, dtype=sweep.dtype),
     }
@@ -214,9 +214,10 @@ def plot_induced_targets(
 
     The model distribution puts ``p_y`` on the observed token y (token 0) and spreads ``1 − p_y``
     evenly over the ``V − 1`` others (``V = len(teacher)``, 8 by default); the right panel shows
-    token k = 1. Presets whose residual needs a teacher (KD, Hybrid KD, TARGET-SFT, SFT+KL, ASFT)
-    see ``teacher`` as a full-vocabulary teacher (default :data:`DEFAULT_TEACHER`: the teacher
-    prefers k); every preset gets the neutral per-token inputs of :func:`figure3_inputs`. Values
+    token k = 1. Presets whose residual reads a sparse distribution (KD, Hybrid KD, TARGET-SFT
+    read the teacher's; SFT+KL, ASFT their reference anchor's) see ``teacher`` as that
+    full-vocabulary distribution (default :data:`DEFAULT_TEACHER`: it prefers k); every preset
+    gets the neutral per-token inputs of :func:`figure3_inputs`. Values
     come from :func:`target_sft.losses.induced_target_curve` (Eq. 6). A preset that cannot be
     drawn from these inputs is a ``ValueError`` naming it and the cause.
 
@@ -252,7 +253,7 @@ def plot_induced_targets(
     for spec in presets:
         name, kw = parse_preset_spec(spec)
         loss = get_preset(name, **kw)
-        needs_teacher = bool(getattr(getattr(loss, "residual", None), "needs_teacher", False))
+        source = getattr(getattr(loss, "residual", None), "source", None)
         try:
             curve = induced_target_curve(
                 loss,
@@ -260,15 +261,16 @@ def plot_induced_targets(
                 vocab_size=v,
                 label=0,
                 other=1,
-                teacher_probs=tp if needs_teacher else None,
+                teacher_probs=tp if source == "teacher" else None,
+                reference_probs=tp if source == "reference" else None,
                 **inputs,
             )
         except (ValueError, RuntimeError) as e:
             raise ValueError(
                 f"plot_induced_targets cannot draw preset {spec!r} ({type(loss).__name__}): {e}. "
                 f"Figure 3 gives every loss only {', '.join(inputs)} (neutral values, "
-                "docs/REPORT.md) and, to teacher-based losses, a full-vocabulary teacher; "
-                "leave this preset out of `presets`"
+                "docs/REPORT.md) and, to losses reading a teacher or a reference, a "
+                "full-vocabulary one; leave this preset out of `presets`"
             ) from e
         label = _preset_label(name, kw)
         q_y[label] = curve.q_y.numpy().copy()

@@ -202,10 +202,11 @@ def test_figure3_draws_every_preset(tmp_path: Path) -> None:
         # the same numbers as Eq. 6 on the figure's inputs
         loss = get_preset(name, **kw)
         teacher = {}
-        if loss.residual.needs_teacher:
+        source = loss.residual.source  # the teacher's or, for SFT+KL / ASFT, the reference's
+        if source is not None:
             teacher = {
-                "teacher_ids": torch.arange(v).expand(len(p_y), -1),
-                "teacher_logprobs": torch.log(torch.as_tensor(t)).expand(len(p_y), -1),
+                f"{source}_ids": torch.arange(v).expand(len(p_y), -1),
+                f"{source}_logprobs": torch.log(torch.as_tensor(t)).expand(len(p_y), -1),
             }
         q = L.induced_target(
             loss, torch.log(torch.as_tensor(p)), torch.zeros(len(p_y), dtype=torch.long),
@@ -232,7 +233,8 @@ def test_figure3_refuses_a_preset_it_cannot_draw(tmp_path: Path, monkeypatch) ->
     with pytest.raises(
         ValueError,
         match=r"cannot draw preset 'reward_sft' \(RewardSFT\): .*needs rewards.*gives every "
-        r"loss only token_weights, old_logprobs, ref_logprobs, sequence_ids, sequence_weights",
+        r"loss only token_weights, old_logprobs, reference_label_logprobs, sequence_ids, "
+        r"sequence_weights",
     ):
         R.plot_induced_targets(tmp_path / "x.png", ["sft", "reward_sft"], p_y=[0.5])
     assert not (tmp_path / "x.png").exists()

@@ -158,13 +158,16 @@ BLOCKS = FusedLinearBlocks(16, 32, 16, 16, 32, num_warps=4, splits=2)
 
 
 @pytest.mark.parametrize(
-    "preset", [("target_sft", {"eta": 0.5}), ("label_smoothing", {})], ids=preset_id
+    "preset",
+    [("target_sft", {"eta": 0.5}), ("label_smoothing", {}), ("sft_kl", {}), ("asft", {})],
+    ids=preset_id,
 )
 def test_agrees_with_the_triton_fused_linear_kernels(preset) -> None:
     require_interpreter()
     name, params = preset
     e, w, b, y, kw = make(torch.float32, seed=6)
-    kw = {k: kw[k] for k in ("teacher_ids", "teacher_logprobs")}
+    keys = ("teacher_ids", "teacher_logprobs", "reference_ids", "reference_logprobs")
+    kw = {k: kw[k] for k in keys}
     loss = L.get_preset(name, chunk_elements=CHUNK, **params)
     ref, gref = run(fused(loss, y, kw, 3.0, impl="torch"), e, w, b)
     out, got = run(fused(loss, y, kw, 3.0, impl="triton", blocks=BLOCKS), e, w, b)

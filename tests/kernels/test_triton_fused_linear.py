@@ -87,7 +87,9 @@ FUSED = [
     ("dft", {}),
     ("profit", {}),
     ("label_smoothing", {}),
+    ("sft_kl", {}),
     ("asft", {}),
+    ("asft", {"anchor": "teacher"}),
     ("kd", {}),
     ("hybrid_kd", {}),
     ("target_sft", {"eta": 0.0}),
@@ -103,7 +105,8 @@ FUSED = [
 def test_preset_matches_float64_reference(preset, dtype: torch.dtype) -> None:
     name, params = preset
     e, w, b, y, kw = make(dtype)
-    kw = {k: kw[k] for k in ("teacher_ids", "teacher_logprobs")}
+    keys = ("teacher_ids", "teacher_logprobs", "reference_ids", "reference_logprobs")
+    kw = {k: kw[k] for k in keys}
 
     def fused(e_, w_, b_):
         return fused_linear_qtarget_loss(
@@ -151,6 +154,25 @@ def test_target_sft_softcap_3d_num_items_no_bias(dtype: torch.dtype) -> None:
         num_items_in_batch=num,
     )
     check(out, got, ref, want, G.reshape(-1, V), e, w, dtype)
+
+
+@pytest.mark.parametrize("name", ["sft_kl", "asft"])
+def test_reference_anchor_3d_hidden(name: str) -> None:
+    """The fused-linear kernel sweeps the reference support ([B, L, Kr], shifted like labels)."""
+    e, w, b, y, kw = make(torch.float32, seed=3)
+    b_, length = 2, N // 2
+    e3 = e.reshape(b_, length, H)
+    y3 = y.reshape(b_, length)
+    kw3 = {k: kw[k].reshape(b_, length, -1) for k in ("reference_ids", "reference_logprobs")}
+
+    def fused(e_, w_, b2):
+        return fused_linear_qtarget_loss(
+            L.get_preset(name), e_, w_, y3, bias=b2, impl="triton", blocks=BLOCKS, **kw3
+        )
+
+    out, got = grads(fused, e3, w, b)
+    ref, want, G = reference(L.get_preset(name, impl="torch"), e3, w, b, y3, kw3, None)
+    check(out, got, ref, want, G.reshape(-1, V), e, w, torch.float32)
 
 
 def test_all_rows_ignored_gives_zero_and_zero_grads() -> None:

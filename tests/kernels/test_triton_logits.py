@@ -81,6 +81,29 @@ def test_target_sft_loss_3d_shifted_inplace_and_num_items(dtype: torch.dtype) ->
     check(out.detach(), zz.grad, ref.detach(), z_ref.grad, dtype, 1.0 / 7)
 
 
+@pytest.mark.parametrize("params", [{}, {"tail": "model"}], ids=["renorm", "tail_model"])
+@pytest.mark.parametrize("name", ["sft_kl", "asft"])
+def test_reference_anchor_3d_shifted(name: str, params: dict) -> None:
+    """SFT+KL / ASFT read reference_ids / reference_logprobs ([B, L, Kr], label-aligned, shifted
+    like labels) in the Triton kernel exactly as in the PyTorch reference; the teacher tensors in
+    the same batch (another support) are not read."""
+    z64, y, kw = make_batch(N, V, K, seed=3)
+    b, length = 3, N // 3
+    z = z64.float().reshape(b, length, V)
+    labels = y.reshape(b, length)
+    kw3 = {
+        k: kw[k].reshape(b, length, -1)
+        for k in ("teacher_ids", "teacher_logprobs", "reference_ids", "reference_logprobs")
+    }
+    out, grad = run(L.get_preset(name, impl="triton", **params), z, labels, kw3)
+    ref, gref = run(L.get_preset(name, impl="torch", **params), z.double(), labels, as64(kw3))
+    check(out, grad, ref, gref, torch.float32, 1.0 / int((labels[:, 1:] != -100).sum()))
+    teacher, _ = run(
+        L.get_preset(name, impl="torch", anchor="teacher", **params), z.double(), labels, as64(kw3)
+    )
+    assert abs(float(teacher - ref)) > 1e-4
+
+
 def test_inplace_equals_out_of_place() -> None:
     z64, y, kw = make_batch(N, V, K, seed=2)
     z = z64.to(torch.bfloat16)

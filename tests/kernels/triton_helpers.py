@@ -42,12 +42,25 @@ def make_batch(
     sup = [i for i in range(n) if y[i] >= 0]
     assert any(int(y[i]) in ids[i].tolist() for i in sup)
     assert any(int(y[i]) not in ids[i].tolist() for i in sup)
+    # the reference model (SFT+KL's / ASFT's anchor): another distribution, a wider support with
+    # padding on other rows, the label put in as an extra column on some rows (label_in_support)
+    reference = torch.log_softmax(2.0 * torch.randn(n, vocab, generator=g, dtype=torch.float64), -1)
+    rlp, rids = reference.topk(k + 2, dim=-1)
+    rids = rids.to(torch.int32)
+    rids[6, -3:] = -1
+    rlp[6, -3:] = float("-inf")
+    for r in (0, 4, 7):
+        if int(y[r]) >= 0 and int(y[r]) not in rids[r].tolist():
+            rids[r, -1] = int(y[r])
+            rlp[r, -1] = reference[r, y[r]]
     logp_y = torch.log_softmax(z, -1).gather(1, y.clamp_min(0)[:, None]).squeeze(1)
     kw = {
         "teacher_ids": ids,
         "teacher_logprobs": lp.float(),
         "token_weights": torch.rand(n, generator=g).float(),
-        "ref_logprobs": (logp_y - 0.2).float(),
+        "reference_ids": rids,
+        "reference_logprobs": rlp.float(),
+        "reference_label_logprobs": (logp_y - 0.2).float(),
         "old_logprobs": (logp_y + 0.1 * torch.randn(n, generator=g, dtype=torch.float64)).float(),
         "sequence_ids": torch.arange(n) // 4,
     }
@@ -69,7 +82,9 @@ SUPPORTED: list[tuple[str, dict[str, float | bool]]] = [
     ("cft", {}),
     ("label_smoothing", {}),
     ("sft_kl", {}),
+    ("sft_kl", {"anchor": "teacher"}),
     ("asft", {}),
+    ("asft", {"renormalize": False}),
     ("proximal_sft", {}),
     ("kd", {}),
     ("kd", {"renormalize": False}),

@@ -17,7 +17,8 @@ B, T, V, K = 3, 9, 37, 6
 
 
 def seq_batch(seed: int = 0, *, b: int = B, t: int = T, k: int = K) -> dict[str, Tensor]:
-    """HF-style [B, T, V] logits and [B, T] labels, teacher tensors aligned with labels."""
+    """HF-style [B, T, V] logits and [B, T] labels, teacher and reference tensors aligned with
+    labels."""
     g = torch.Generator().manual_seed(seed)
     z = 2.0 * torch.randn(b, t, V, generator=g, dtype=torch.float64)
     y = torch.randint(0, V, (b, t), generator=g)
@@ -25,6 +26,8 @@ def seq_batch(seed: int = 0, *, b: int = B, t: int = T, k: int = K) -> dict[str,
     y[0, -2:] = -100  # padding
     teacher = torch.log_softmax(2.0 * torch.randn(b, t, V, generator=g, dtype=torch.float64), -1)
     lp, ids = teacher.topk(k, -1)
+    reference = torch.log_softmax(torch.randn(b, t, V, generator=g, dtype=torch.float64), -1)
+    rlp, rids = reference.topk(k + 1, -1)
     logp_y = torch.zeros(b, t, dtype=torch.float64)
     logp_y[:, 1:] = (
         torch.log_softmax(z[:, :-1], -1).gather(-1, y[:, 1:].clamp_min(0)[..., None]).squeeze(-1)
@@ -35,7 +38,10 @@ def seq_batch(seed: int = 0, *, b: int = B, t: int = T, k: int = K) -> dict[str,
         "teacher_ids": ids.to(torch.int32),
         "teacher_logprobs": lp.float(),
         "token_weights": torch.rand(b, t, generator=g, dtype=torch.float64),
-        "ref_logprobs": logp_y - 0.1 * torch.rand(b, t, generator=g, dtype=torch.float64),
+        "reference_ids": rids.to(torch.int32),
+        "reference_logprobs": rlp.float(),
+        "reference_label_logprobs": logp_y
+        - 0.1 * torch.rand(b, t, generator=g, dtype=torch.float64),
         "old_logprobs": logp_y + 0.4 * (torch.rand(b, t, generator=g, dtype=torch.float64) - 0.5),
     }
 

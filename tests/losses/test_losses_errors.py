@@ -205,12 +205,14 @@ def test_missing_inputs() -> None:
         L.SFT()(d["z"], d["y"], teacher_ids=d["ids"])
     with pytest.raises(ValueError, match=r"Proximal SFT .* needs old_logprobs"):
         L.ProximalSFT()(d["z"], d["y"])
-    with pytest.raises(ValueError, match=r"iw-SFT .* needs ref_logprobs"):
+    with pytest.raises(ValueError, match=r"iw-SFT .* needs reference_label_logprobs"):
         L.IwSFT()(d["z"], d["y"])
     with pytest.raises(ValueError, match="TokenWeightTrust needs token_weights"):
         L.CFT()(d["z"], d["y"])
     with pytest.raises(ValueError, match="iw-SFT weights are per sequence"):
-        L.IwSFT()(d["z"].reshape(-1, V), d["y"].reshape(-1), ref_logprobs=torch.zeros(B * T))
+        L.IwSFT()(
+            d["z"].reshape(-1, V), d["y"].reshape(-1), reference_label_logprobs=torch.zeros(B * T)
+        )
 
 
 def test_per_token_inputs_shape_and_finiteness() -> None:
@@ -224,12 +226,14 @@ def test_per_token_inputs_shape_and_finiteness() -> None:
     ref[1, 2] = float("nan")
     with pytest.raises(
         ValueError,
-        match=re.escape("ref_logprobs[1, 2] = nan is not finite at a supervised position"),
+        match=re.escape(
+            "reference_label_logprobs[1, 2] = nan is not finite at a supervised position"
+        ),
     ):
-        L.IwSFT()(d["z"], d["y"], ref_logprobs=ref)
+        L.IwSFT()(d["z"], d["y"], reference_label_logprobs=ref)
     with pytest.raises(
         ValueError,
-        match=re.escape(f"sequence_weights has shape ({B + 1},) but logits has {B} sequences"),
+        match=re.escape(f"sequence_weights has shape ({B + 1},) but logits has {B} rows"),
     ):
         L.QTargetLoss(gamma=L.SequenceWeightTrust())(
             d["z"], d["y"], sequence_weights=torch.ones(B + 1)

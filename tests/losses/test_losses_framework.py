@@ -44,7 +44,7 @@ def batch(seed: int = 0) -> dict[str, Tensor]:
         "token_weights": torch.rand(N, generator=g, dtype=torch.float64),
         "sequence_weights": 0.2 + torch.rand(S, generator=g, dtype=torch.float64),
         "sequence_ids": torch.arange(N) // (N // S),
-        "ref_logprobs": logp_y - 0.2 * torch.rand(N, generator=g, dtype=torch.float64),
+        "reference_label_logprobs": logp_y - 0.2 * torch.rand(N, generator=g, dtype=torch.float64),
         "old_logprobs": logp_y + (torch.rand(N, generator=g, dtype=torch.float64) - 0.5),
     }
 
@@ -89,7 +89,7 @@ def gamma_closed(name: str, b: dict[str, Tensor]) -> Tensor:
         return b["sequence_weights"][b["sequence_ids"]]
     if name == "iw":
         mask = y != -100
-        d = torch.where(mask, lpy - b["ref_logprobs"], torch.zeros_like(lpy))
+        d = torch.where(mask, lpy - b["reference_label_logprobs"], torch.zeros_like(lpy))
         per = torch.stack([d[b["sequence_ids"] == s].sum() for s in range(S)])
         return (0.5 * per).exp()[b["sequence_ids"]]
     if name == "ratio":

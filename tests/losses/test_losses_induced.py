@@ -79,14 +79,15 @@ def test_figure3_target_sft_curve_with_teacher() -> None:
 
 def _curve_kwargs(name: str, m: int) -> dict[str, object]:
     kw: dict[str, object] = {}
-    if L.get_preset(name).residual.needs_teacher:
-        kw["teacher_probs"] = torch.tensor([0.3, 0.25, 0.2, 0.1, 0.1, 0.05], dtype=torch.float64)
+    source = L.get_preset(name).residual.source
+    if source is not None:  # the teacher's (KD, TARGET-SFT) or the reference's (SFT+KL, ASFT)
+        kw[f"{source}_probs"] = torch.tensor([0.3, 0.25, 0.2, 0.1, 0.1, 0.05], dtype=torch.float64)
     if name == "cft":
         kw["token_weights"] = torch.full((m,), 0.7, dtype=torch.float64)
     if name == "proximal_sft":
         kw["old_logprobs"] = torch.full((m,), -1.0, dtype=torch.float64)
     if name == "iw_sft":
-        kw["ref_logprobs"] = torch.full((m,), -1.0, dtype=torch.float64)
+        kw["reference_label_logprobs"] = torch.full((m,), -1.0, dtype=torch.float64)
         kw["sequence_ids"] = torch.arange(m)
     return kw
 
@@ -103,11 +104,12 @@ def test_figure3_curve_for_every_preset(name: str) -> None:
     logits = torch.log(curve.p)
     labels = torch.full((25,), curve.label)
     kw = dict(_curve_kwargs(name, 25))
-    if "teacher_probs" in kw:
-        tp = kw.pop("teacher_probs")
-        assert isinstance(tp, Tensor)
-        kw["teacher_ids"] = torch.arange(6).expand(25, -1)
-        kw["teacher_logprobs"] = torch.log(tp).expand(25, -1)
+    for source in ("teacher", "reference"):
+        if f"{source}_probs" in kw:
+            tp = kw.pop(f"{source}_probs")
+            assert isinstance(tp, Tensor)
+            kw[f"{source}_ids"] = torch.arange(6).expand(25, -1)
+            kw[f"{source}_logprobs"] = torch.log(tp).expand(25, -1)
     t = loss.target(logits, labels, **kw)  # type: ignore[arg-type]
     want = curve.p - t.scale[:, None] * (curve.p - t.dense())
     torch.testing.assert_close(curve.q, want, atol=TOL, rtol=TOL)

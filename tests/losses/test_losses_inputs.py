@@ -24,12 +24,18 @@ def test_names_are_the_fields_and_the_keywords_of_every_loss_call() -> None:
         "token_weights",
         "sequence_weights",
         "sequence_ids",
-        "ref_logprobs",
+        "reference_ids",
+        "reference_logprobs",
+        "reference_label_logprobs",
         "old_logprobs",
     )
     assert tuple(L.LossInputs().as_dict()) == L.LOSS_INPUT_NAMES
     assert _per_token_keywords(L.QTargetLoss.forward) == L.LOSS_INPUT_NAMES
     assert _per_token_keywords(L.fused_linear_qtarget_loss) == L.LOSS_INPUT_NAMES
+    # an old name is taken through **kwargs (with a DeprecationWarning), never a field or a
+    # keyword of the signature; it maps to a field
+    for old, new in L.DEPRECATED_INPUT_NAMES.items():
+        assert new in L.LOSS_INPUT_NAMES and old not in L.LOSS_INPUT_NAMES
 
 
 def test_pipeline_on_a_logits_backend_is_the_call() -> None:

@@ -27,7 +27,8 @@ TEACHER_PRESETS = ["target_sft", "kd", "hybrid_kd", "sft_kl", "asft"]
 @pytest.mark.parametrize("name", TEACHER_PRESETS)
 def test_teacher_tensors_by_position_equal_by_keyword(name):
     z, y, ids, lp = _data()
-    loss = L.get_preset(name)
+    # SFT+KL and ASFT read the teacher tensors only with anchor="teacher"
+    loss = L.get_preset(name, **({"anchor": "teacher"} if name in ("sft_kl", "asft") else {}))
     za, zb = z.clone().requires_grad_(True), z.clone().requires_grad_(True)
     a = loss(za, y, ids, lp)
     b = loss(zb, y, teacher_ids=ids, teacher_logprobs=lp)

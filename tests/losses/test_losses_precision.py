@@ -30,12 +30,15 @@ def batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Te
     z[torch.arange(1, N, 3), y[1::3]] += 6.0
     y[::17] = -100
     lp, ids = torch.log_softmax(3.0 * torch.randn(N, V, generator=g), -1).topk(K, -1)
+    rlp, rids = torch.log_softmax(2.0 * torch.randn(N, V, generator=g), -1).topk(K // 2, -1)
     logp = torch.log_softmax(z.double(), -1).gather(1, y.clamp_min(0)[:, None]).squeeze(1)
     kw = {
         "teacher_ids": ids.to(torch.int32),
         "teacher_logprobs": lp,
         "token_weights": torch.rand(N, generator=g),
-        "ref_logprobs": (logp - 0.01).float(),
+        "reference_ids": rids.to(torch.int32),
+        "reference_logprobs": rlp,
+        "reference_label_logprobs": (logp - 0.01).float(),
         "old_logprobs": (logp + 0.1 * torch.randn(N, generator=g, dtype=torch.float64)).float(),
         "sequence_ids": torch.arange(N) // 16,
     }

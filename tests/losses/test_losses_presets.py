@@ -21,6 +21,7 @@ from target_sft import losses as L
 
 TOL = 1e-10
 N, V, K = 24, 40, 6
+KR = 8  # the reference model's top-k
 SEQ = 4  # sequences (for iw-SFT): rows are split 6/6/6/6
 
 
@@ -31,9 +32,11 @@ class Data:
     ids: Tensor  # [N, K] int32, -1 padding
     lp: Tensor  # [N, K] float64 teacher log-probs (full-vocab log-softmax), -inf padding
     token_weights: Tensor
-    ref_logprobs: Tensor
+    reference_label_logprobs: Tensor
     old_logprobs: Tensor
     sequence_ids: Tensor
+    rids: Tensor  # [N, KR] int32 reference-model top-k (SFT+KL's / ASFT's anchor), -1 padding
+    rlp: Tensor  # [N, KR] float64 its log-probs, -inf padding
     mask: Tensor = field(init=False)
 
     def __post_init__(self) -> None:
@@ -44,7 +47,9 @@ class Data:
             "teacher_ids": self.ids,
             "teacher_logprobs": self.lp,
             "token_weights": self.token_weights,
-            "ref_logprobs": self.ref_logprobs,
+            "reference_ids": self.rids,
+            "reference_logprobs": self.rlp,
+            "reference_label_logprobs": self.reference_label_logprobs,
             "old_logprobs": self.old_logprobs,
             "sequence_ids": self.sequence_ids,
         }
@@ -77,7 +82,13 @@ def make_data(seed: int = 0) -> Data:
     ref = logp_y - 0.3 * torch.rand(N, generator=g, dtype=torch.float64) + 0.1
     old = logp_y + (torch.rand(N, generator=g, dtype=torch.float64) - 0.5)
     seq = torch.arange(N) // (N // SEQ)
-    return Data(z, y, ids, lp, token_weights, ref, old, seq)
+    # the reference model: its own distribution and a support of another size than the teacher's
+    reference = torch.log_softmax(2.0 * torch.randn(N, V, generator=g, dtype=torch.float64), -1)
+    rlp, rids = reference.topk(KR, dim=-1)
+    rids = rids.to(torch.int32)
+    rids[4, -3:] = -1
+    rlp[4, -3:] = float("-inf")
+    return Data(z, y, ids, lp, token_weights, ref, old, seq, rids, rlp)
 
 
 # ------------------------------------------------------------------ dense float64 helpers
@@ -93,14 +104,24 @@ def p_label(d: Data) -> Tensor:
     return probs(d).gather(1, d.y.clamp_min(0)[:, None]).squeeze(1)
 
 
-def teacher_dense(d: Data, *, renormalize: bool) -> Tensor:
-    """π_T on the support as a dense [N, V] tensor (renormalised or the raw truncated values)."""
-    r = torch.where(d.ids >= 0, d.lp.exp(), torch.zeros_like(d.lp))
+def sparse_dense(ids: Tensor, lp: Tensor, *, renormalize: bool) -> Tensor:
+    """A cached top-k as a dense [N, V] tensor (renormalised or the raw truncated values)."""
+    r = torch.where(ids >= 0, lp.exp(), torch.zeros_like(lp))
     dense = torch.zeros(N, V, dtype=torch.float64)
-    dense.scatter_add_(1, d.ids.long().clamp_min(0), r)
+    dense.scatter_add_(1, ids.long().clamp_min(0), r)
     if renormalize:
         dense = dense / dense.sum(-1, keepdim=True)
     return dense
+
+
+def teacher_dense(d: Data, *, renormalize: bool) -> Tensor:
+    """π_T on the teacher support, dense."""
+    return sparse_dense(d.ids, d.lp, renormalize=renormalize)
+
+
+def reference_dense(d: Data, *, renormalize: bool) -> Tensor:
+    """π_ref on the reference support, dense (SFT+KL's and ASFT's anchor)."""
+    return sparse_dense(d.rids, d.rlp, renormalize=renormalize)
 
 
 def guided_dense(d: Data, eta: float) -> Tensor:
@@ -119,7 +140,7 @@ def topk_entropy_weight(d: Data, k: int) -> Tensor:
 
 def iw_weights(d: Data) -> Tensor:
     logp_y = torch.log(p_label(d))
-    diff = torch.where(d.mask, logp_y - d.ref_logprobs, torch.zeros_like(logp_y))
+    diff = torch.where(d.mask, logp_y - d.reference_label_logprobs, torch.zeros_like(logp_y))
     per_seq = torch.stack([diff[d.sequence_ids == s].sum() for s in range(SEQ)])
     return per_seq.exp()[d.sequence_ids]
 
@@ -256,6 +277,31 @@ ROWS: list[Row] = [
     Row(
         "sft_kl",
         lambda: L.SFTKL(lam=LAM_KL),
+        lambda z, d: (
+            -_lp(z, d)[1] + LAM_KL * _kl(reference_dense(d, renormalize=True), _lp(z, d)[0])
+        ),
+        lambda d: (
+            torch.full((N,), 1 / (1 + LAM_KL), dtype=torch.float64),
+            reference_dense(d, renormalize=True),
+            torch.full((N,), 1 + LAM_KL, dtype=torch.float64),
+        ),
+    ),
+    Row(
+        "sft_kl_raw",
+        lambda: L.SFTKL(lam=LAM_KL, renormalize=False),
+        lambda z, d: (
+            -_lp(z, d)[1] + LAM_KL * _kl(reference_dense(d, renormalize=False), _lp(z, d)[0])
+        ),
+        lambda d: (
+            torch.full((N,), 1 / (1 + LAM_KL), dtype=torch.float64),
+            reference_dense(d, renormalize=False)
+            + (1 - reference_dense(d, renormalize=False).sum(-1, keepdim=True)) * probs(d),
+            torch.full((N,), 1 + LAM_KL, dtype=torch.float64),
+        ),
+    ),
+    Row(
+        "sft_kl_teacher_anchor",
+        lambda: L.SFTKL(lam=LAM_KL, anchor="teacher"),
         lambda z, d: -_lp(z, d)[1] + LAM_KL * _kl(teacher_dense(d, renormalize=True), _lp(z, d)[0]),
         lambda d: (
             torch.full((N,), 1 / (1 + LAM_KL), dtype=torch.float64),
@@ -264,21 +310,21 @@ ROWS: list[Row] = [
         ),
     ),
     Row(
-        "sft_kl_raw",
-        lambda: L.SFTKL(lam=LAM_KL, renormalize=False),
+        "asft",
+        lambda: L.ASFT(lam=LAM_ASFT),
         lambda z, d: (
-            -_lp(z, d)[1] + LAM_KL * _kl(teacher_dense(d, renormalize=False), _lp(z, d)[0])
+            -p_label(d) * _lp(z, d)[1]
+            + LAM_ASFT * _kl(reference_dense(d, renormalize=True), _lp(z, d)[0])
         ),
         lambda d: (
-            torch.full((N,), 1 / (1 + LAM_KL), dtype=torch.float64),
-            teacher_dense(d, renormalize=False)
-            + (1 - teacher_dense(d, renormalize=False).sum(-1, keepdim=True)) * probs(d),
-            torch.full((N,), 1 + LAM_KL, dtype=torch.float64),
+            p_label(d) / (p_label(d) + LAM_ASFT),
+            reference_dense(d, renormalize=True),
+            p_label(d) + LAM_ASFT,
         ),
     ),
     Row(
-        "asft",
-        lambda: L.ASFT(lam=LAM_ASFT),
+        "asft_teacher_anchor",
+        lambda: L.ASFT(lam=LAM_ASFT, anchor="teacher"),
         lambda z, d: (
             -p_label(d) * _lp(z, d)[1]
             + LAM_ASFT * _kl(teacher_dense(d, renormalize=True), _lp(z, d)[0])
@@ -487,7 +533,7 @@ def test_iw_sft_author_variant(data: Data) -> None:
     """Length-normalised, clipped weights (the authors' code) as an option."""
     loss = L.IwSFT(length_normalize=True, clip=(0.0, 1.05))
     logp_y = torch.log(p_label(data))
-    diff = torch.where(data.mask, logp_y - data.ref_logprobs, torch.zeros_like(logp_y))
+    diff = torch.where(data.mask, logp_y - data.reference_label_logprobs, torch.zeros_like(logp_y))
     w = []
     for s in range(SEQ):
         sel = data.sequence_ids == s

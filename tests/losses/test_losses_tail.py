@@ -149,7 +149,7 @@ def test_tail_errors() -> None:
     with pytest.raises(ValueError, match="renormalize=False keeps the truncated teacher"):
         L.KD(renormalize=False, tail="model")
     with pytest.raises(TypeError, match="unexpected keyword argument 'tail'"):
-        L.SFTKL(tail="model")
+        L.SFT(tail="model")
     z, y, ids, lp = make_data()
     lp = lp.clone()
     lp[4] = torch.log_softmax(lp[4], -1) + 0.2  # not full-softmax log-probs: Σ exp > 1

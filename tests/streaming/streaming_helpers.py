@@ -3,6 +3,7 @@ DataLoader workers and by `torchrun` children: keep it free of pytest)."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -15,13 +16,78 @@ from conftest import make_record
 from target_sft import CacheWriter
 
 
-def make_cache(path: str | os.PathLike[str], n: int, *, shard_size: str = "2KiB", t: int = 24):
+def make_cache(
+    path: str | os.PathLike[str],
+    n: int,
+    *,
+    shard_size: str = "2KiB",
+    t: int = 24,
+    tokenizer: str | None = None,
+):
     """A small cache: keys 0..n-1, many shards of a few records each."""
     rng = np.random.default_rng(11)
-    with CacheWriter(path, top_k=8, vocab_size=1000, shard_size=shard_size, threads=1) as w:
+    with CacheWriter(
+        path, top_k=8, vocab_size=1000, shard_size=shard_size, threads=1, tokenizer=tokenizer
+    ) as w:
         for i in range(n):
             w.add(**make_record(i, rng, t=t))
     return str(path)
+
+
+def set_role(path: str | os.PathLike[str], role: str | None) -> None:
+    """Write the manifest's ``role`` field (``None``: remove it), sealed as docs/FORMAT.md §1
+    says (by hand: the seal is XXH3-64 of the text before the ``manifest_checksum`` member)."""
+    import xxhash
+
+    p = os.path.join(path, "manifest.json")
+    with open(p) as f:
+        m = json.load(f)
+    m.pop("manifest_checksum", None)
+    m.pop("role", None)
+    if role is not None:
+        m["role"] = role
+    body = json.dumps(m, indent=2)
+    head = body[: body.rindex("}")].rstrip() + ",\n  "
+    seal = xxhash.xxh3_64_hexdigest(head.encode())
+    with open(p, "w") as f:
+        f.write(f'{head}"manifest_checksum": "xxh3-64:{seal}"\n}}\n')
+
+
+def make_reference_cache(
+    path: str | os.PathLike[str],
+    keys,
+    *,
+    shard_size: str = "3KiB",
+    role: str | None = "reference",
+    seed: int = 29,
+    vocab_size: int = 1000,
+    tokenizer: str | None = None,
+    t: int = 24,
+):
+    """A reference cache over ``keys`` (written in that order, other record contents than
+    :func:`make_cache`'s, another shard size), with the manifest ``role``."""
+    rng = np.random.default_rng(seed)
+    with CacheWriter(
+        path,
+        top_k=8,
+        vocab_size=vocab_size,
+        shard_size=shard_size,
+        threads=1,
+        tokenizer=tokenizer,
+    ) as w:
+        for k in keys:
+            w.add(**make_record(int(k), rng, t=t, vocab=min(vocab_size, 1000)))
+    set_role(path, role)
+    return str(path)
+
+
+def reference_view(batch):
+    """collate_fn: per sample (key, reference key, reference record's input_ids, topk_ids)."""
+    out = []
+    for s in batch:
+        r = s.reference.record()
+        out.append((s.key, s.reference.key, r.input_ids.tolist(), r.topk_ids.tolist()))
+    return out
 
 
 def keys_of(batch):

@@ -17,7 +17,9 @@ Target Distribution Design*); ``Q = p − ∂L/∂z`` recovers it from any loss 
   the same losses straight from the last hidden states and the LM head, without materialising the
   logits (Triton kernels on CUDA, the chunked PyTorch reference elsewhere; ``docs/KERNELS.md``).
 * :class:`LossInputs`: the per-token tensors every loss takes besides logits and labels
-  (:data:`LOSS_INPUT_NAMES`, the keyword arguments).
+  (:data:`LOSS_INPUT_NAMES`, the keyword arguments; :data:`DEPRECATED_INPUT_NAMES`, old names
+  still accepted with a warning): teacher and reference top-k, reference / old-policy label
+  log-probs, token / sequence weights and ``sequence_ids`` (the sample of each token).
 
 Every loss runs one pipeline (:meth:`QTargetLoss.pipeline`) against a backend (:mod:`.backend`):
 materialised logits (PyTorch reference or Triton row kernels) or the fused LM head. The sweeps
@@ -38,7 +40,7 @@ from ..kernels.contract import (
     SharpenedSoftmax,
     StatRequest,
 )
-from ._inputs import LOSS_INPUT_NAMES, LossInputs
+from ._inputs import DEPRECATED_INPUT_NAMES, LOSS_INPUT_NAMES, LossInputs
 from .fused_linear import fused_linear_qtarget_loss, fused_linear_target_sft_loss
 from .induced import InducedTargetCurve, induced_target, induced_target_curve, p_loss_closed_form
 from .presets import (
@@ -90,6 +92,7 @@ __all__ = [
     "CFT",
     "DEFAULT_CHUNK_ELEMENTS",
     "DEFAULT_CUDA_CHUNK_ELEMENTS",
+    "DEPRECATED_INPUT_NAMES",
     "DFT",
     "EAFT",
     "GEM",

@@ -23,7 +23,8 @@ __all__ = [
     "check_per_token",
     "check_probability_like",
     "check_reduction",
-    "check_teacher",
+    "check_sequence_ids",
+    "check_support",
     "first_index",
     "fmt_index",
 ]
@@ -116,60 +117,61 @@ def check_labels(labels: Tensor, logits: Tensor, ignore_index: int, *, values: b
         )
 
 
-def check_teacher(
-    teacher_ids: Tensor,
-    teacher_logprobs: Tensor,
+def check_support(
+    source: str,
+    ids: Tensor,
+    logprobs: Tensor,
     labels: Tensor,
     vocab: int,
     *,
     values: bool,
 ) -> None:
-    """Sparse teacher tensors aligned with ``labels`` (``[*labels.shape, K]``), ids in [-1, V)."""
-    for name, t in (("teacher_ids", teacher_ids), ("teacher_logprobs", teacher_logprobs)):
+    """A sparse distribution from a cache (``source``: ``"teacher"`` or ``"reference"``, named
+    ``{source}_ids`` / ``{source}_logprobs`` in the messages) aligned with ``labels``
+    (``[*labels.shape, K]``): ids in [-1, V) (``-1`` pads), log-probs not NaN / +inf, no token
+    twice in one support."""
+    id_name, lp_name = f"{source}_ids", f"{source}_logprobs"
+    for name, t in ((id_name, ids), (lp_name, logprobs)):
         if not isinstance(t, Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.device != labels.device:
             raise ValueError(f"{name} is on {t.device} but labels is on {labels.device}")
-    if teacher_ids.is_floating_point() or teacher_ids.dtype == torch.bool:
-        raise ValueError(f"teacher_ids must be an integer tensor (int32), got {teacher_ids.dtype}")
-    if not teacher_logprobs.is_floating_point():
-        raise ValueError(f"teacher_logprobs must be floating point, got {teacher_logprobs.dtype}")
+    if ids.is_floating_point() or ids.dtype == torch.bool:
+        raise ValueError(f"{id_name} must be an integer tensor (int32), got {ids.dtype}")
+    if not logprobs.is_floating_point():
+        raise ValueError(f"{lp_name} must be floating point, got {logprobs.dtype}")
     want = (*labels.shape, "K")
-    if teacher_ids.dim() != labels.dim() + 1 or tuple(teacher_ids.shape[:-1]) != tuple(
-        labels.shape
-    ):
+    if ids.dim() != labels.dim() + 1 or tuple(ids.shape[:-1]) != tuple(labels.shape):
         raise ValueError(
-            f"teacher_ids has shape {tuple(teacher_ids.shape)} but labels has shape "
-            f"{tuple(labels.shape)}: teacher tensors must be aligned with labels, shape "
+            f"{id_name} has shape {tuple(ids.shape)} but labels has shape "
+            f"{tuple(labels.shape)}: {source} tensors must be aligned with labels, shape "
             f"[{', '.join(str(s) for s in want)}]"
         )
-    if tuple(teacher_logprobs.shape) != tuple(teacher_ids.shape):
+    if tuple(logprobs.shape) != tuple(ids.shape):
         raise ValueError(
-            f"teacher_logprobs has shape {tuple(teacher_logprobs.shape)} but teacher_ids has shape "
-            f"{tuple(teacher_ids.shape)}: they must match"
+            f"{lp_name} has shape {tuple(logprobs.shape)} but {id_name} has shape "
+            f"{tuple(ids.shape)}: they must match"
         )
-    if not values or teacher_ids.numel() == 0:
+    if not values or ids.numel() == 0:
         return
-    idx = first_index((teacher_ids < -1) | (teacher_ids >= vocab))
+    idx = first_index((ids < -1) | (ids >= vocab))
     if idx is not None:
-        value = int(teacher_ids[idx].item())
+        value = int(ids[idx].item())
         raise ValueError(
-            f"teacher_ids[{fmt_index(idx)}] = {value} is outside the vocabulary [0, {vocab}); "
+            f"{id_name}[{fmt_index(idx)}] = {value} is outside the vocabulary [0, {vocab}); "
             "use -1 for padding (was the cache built with a different tokenizer?)"
         )
-    valid = teacher_ids >= 0
-    idx = first_index(torch.isnan(teacher_logprobs) & valid)
+    valid = ids >= 0
+    idx = first_index(torch.isnan(logprobs) & valid)
     if idx is not None:
-        raise ValueError(f"teacher_logprobs[{fmt_index(idx)}] is NaN")
-    idx = first_index((teacher_logprobs == float("inf")) & valid)
+        raise ValueError(f"{lp_name}[{fmt_index(idx)}] is NaN")
+    idx = first_index((logprobs == float("inf")) & valid)
     if idx is not None:
-        raise ValueError(
-            f"teacher_logprobs[{fmt_index(idx)}] = inf; log-probabilities must be <= 0"
-        )
+        raise ValueError(f"{lp_name}[{fmt_index(idx)}] = inf; log-probabilities must be <= 0")
     # Duplicated ids in one support would be counted twice by every residual.
-    k = teacher_ids.shape[-1]
+    k = ids.shape[-1]
     if k > 1:
-        flat = teacher_ids.reshape(-1, k).long()
+        flat = ids.reshape(-1, k).long()
         ordered, order = flat.sort(dim=-1)
         dup = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)
         hit = first_index(dup)
@@ -177,12 +179,10 @@ def check_teacher(
             row, col = hit
             token = int(ordered[row, col + 1].item())
             a, b = sorted((int(order[row, col].item()), int(order[row, col + 1].item())))
-            lead = tuple(
-                int(i) for i in torch.unravel_index(torch.tensor(row), teacher_ids.shape[:-1])
-            )
+            lead = tuple(int(i) for i in torch.unravel_index(torch.tensor(row), ids.shape[:-1]))
             raise ValueError(
-                f"teacher_ids[{fmt_index(lead)}, :] lists token {token} twice (positions {a} and "
-                f"{b}); a teacher support must not repeat a token"
+                f"{id_name}[{fmt_index(lead)}, :] lists token {token} twice (positions {a} and "
+                f"{b}); a {source} support must not repeat a token"
             )
 
 
@@ -216,3 +216,27 @@ def check_num_items(num_items_in_batch: int | float | Tensor | None) -> None:
         )
     if math.isnan(float(num_items_in_batch)) or float(num_items_in_batch) < 0:
         raise ValueError(f"num_items_in_batch = {num_items_in_batch} must be >= 0")
+
+
+def check_sequence_ids(
+    sequence_ids: Tensor, labels: Tensor, ignore_index: int, *, values: bool
+) -> None:
+    """``sequence_ids``: an integer tensor aligned with ``labels`` (``[B, L]`` or ``[N]``), the
+    sample each label belongs to; negative (``-1``: padding) only where ``labels`` is
+    ``ignore_index``."""
+    check_per_token("sequence_ids", sequence_ids, labels)
+    if (
+        sequence_ids.is_floating_point()
+        or sequence_ids.dtype == torch.bool
+        or sequence_ids.is_complex()
+    ):
+        raise ValueError(f"sequence_ids must be an integer tensor, got {sequence_ids.dtype}")
+    if not values:
+        return
+    idx = first_index((sequence_ids < 0) & (labels != ignore_index))
+    if idx is not None:
+        raise ValueError(
+            f"sequence_ids[{fmt_index(idx)}] = {int(sequence_ids[idx].item())} is negative at a "
+            f"supervised position (labels[{fmt_index(idx)}] = {int(labels[idx].item())}): every "
+            "supervised label must belong to a sample (negative ids mark padding only)"
+        )

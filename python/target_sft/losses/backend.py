@@ -35,8 +35,9 @@ __all__ = ["Backend", "FusedLinearBackend", "LogitsBackend"]
 
 
 def _support(batch: FlatBatch) -> Tensor | None:
-    """The teacher support clamped to valid columns, or ``None`` without a teacher."""
-    return None if batch.teacher_ids is None else batch.support()[0]
+    """The support the loss reads (:attr:`FlatBatch.support_source`: the teacher's or the
+    reference's top-k) clamped to valid columns, or ``None`` when it reads none."""
+    return None if batch.support_source is None else batch.support()[0]
 
 
 class Backend(ABC):

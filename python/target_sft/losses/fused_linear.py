@@ -15,11 +15,11 @@ from torch import Tensor
 
 from ..kernels.contract import FusedLinearBlocks
 from ..kernels.dispatch import check_impl
-from ._inputs import LossInputs
+from ._inputs import LOSS_INPUT_NAMES, LossInputs, take_deprecated_inputs
 from ._validate import check_eta
 from .backend import FusedLinearBackend
 from .presets import TargetSFT
-from .qtarget import QTargetLoss
+from .qtarget import QTargetLoss, unexpected_keyword
 
 __all__ = ["FusedLinearBlocks", "fused_linear_qtarget_loss", "fused_linear_target_sft_loss"]
 
@@ -56,10 +56,13 @@ def fused_linear_qtarget_loss(
     token_weights: Tensor | None = None,
     sequence_weights: Tensor | None = None,
     sequence_ids: Tensor | None = None,
-    ref_logprobs: Tensor | None = None,
+    reference_ids: Tensor | None = None,
+    reference_logprobs: Tensor | None = None,
+    reference_label_logprobs: Tensor | None = None,
     old_logprobs: Tensor | None = None,
     num_items_in_batch: int | float | Tensor | None = None,
     reduction: str | None = None,
+    **deprecated: Tensor | None,
 ) -> Tensor:
     """``loss_fn`` (any supported preset) of ``softcap·tanh((hidden Wᵀ + bias)/softcap)``.
 
@@ -70,19 +73,32 @@ def fused_linear_qtarget_loss(
     the Triton kernels do not implement) the chunked PyTorch reference (``loss_fn.chunk_elements``
     rows × V at a time). Same value and gradients (w.r.t. ``hidden``, ``lm_head_weight`` and
     ``bias``) as ``loss_fn`` on the materialised logits, computed in float32 (float64 for float64
-    inputs). The per-token inputs are the fields of :class:`~target_sft.losses.LossInputs`.
+    inputs). The per-token inputs are the fields of :class:`~target_sft.losses.LossInputs`
+    (``**deprecated``: their old names, :data:`~target_sft.losses.DEPRECATED_INPUT_NAMES`, with
+    a ``DeprecationWarning``).
     """
+    fields = {
+        "teacher_ids": teacher_ids,
+        "teacher_logprobs": teacher_logprobs,
+        "token_weights": token_weights,
+        "sequence_weights": sequence_weights,
+        "sequence_ids": sequence_ids,
+        "reference_ids": reference_ids,
+        "reference_logprobs": reference_logprobs,
+        "reference_label_logprobs": reference_label_logprobs,
+        "old_logprobs": old_logprobs,
+    }
+    take_deprecated_inputs(fields, deprecated)
+    if deprecated:
+        raise unexpected_keyword(
+            "fused_linear_qtarget_loss",
+            next(iter(deprecated)),
+            (*LOSS_INPUT_NAMES, "num_items_in_batch", "reduction"),
+            what="inputs",
+        )
     check_impl(impl)
     _check_head(hidden, lm_head_weight, bias, softcap)
-    inputs = LossInputs(
-        teacher_ids=teacher_ids,
-        teacher_logprobs=teacher_logprobs,
-        token_weights=token_weights,
-        sequence_weights=sequence_weights,
-        sequence_ids=sequence_ids,
-        ref_logprobs=ref_logprobs,
-        old_logprobs=old_logprobs,
-    )
+    inputs = LossInputs(**fields)
     which = loss_fn.kernel_impl(hidden.device, hidden.dtype, impl=impl, fused_linear=True)
     backend = FusedLinearBackend(
         hidden,

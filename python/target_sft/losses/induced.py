@@ -97,6 +97,7 @@ def induced_target_curve(
     other: int | None = None,
     others: Tensor | None = None,
     teacher_probs: Tensor | None = None,
+    reference_probs: Tensor | None = None,
     dtype: torch.dtype = torch.float64,
     **loss_kwargs: Any,
 ) -> InducedTargetCurve:
@@ -105,8 +106,9 @@ def induced_target_curve(
     For each ``p_y`` the model distribution puts ``p_y`` on ``label`` and ``(1 − p_y) · others`` on
     the remaining tokens (``others``: a distribution over the ``V − 1`` other tokens, uniform by
     default). ``teacher_probs`` (a dense ``[V]`` distribution) is passed to teacher-based losses as
-    a full-vocabulary support (``teacher_ids``/``teacher_logprobs``). Per-token inputs such as
-    ``old_logprobs`` go through ``loss_kwargs`` with shape ``[M]``.
+    a full-vocabulary support (``teacher_ids``/``teacher_logprobs``), ``reference_probs`` likewise
+    to reference-anchored ones (SFT+KL, ASFT: ``reference_ids``/``reference_logprobs``). Per-token
+    inputs such as ``old_logprobs`` go through ``loss_kwargs`` with shape ``[M]``.
 
     Args:
         loss_fn: any loss accepted by :func:`induced_target` (``[M, V]`` logits, ``[M]`` labels).
@@ -116,6 +118,7 @@ def induced_target_curve(
         other: the non-observed token reported in ``q_other`` (default: the most likely other).
         others: the shape of the non-observed mass, ``[V − 1]``.
         teacher_probs: optional dense teacher distribution ``[V]``.
+        reference_probs: optional dense reference-model distribution ``[V]``.
         dtype: compute dtype.
     """
     if vocab_size < 2:
@@ -141,14 +144,16 @@ def induced_target_curve(
     logits = torch.log(p)
     labels = torch.full((m,), label, dtype=torch.long)
     kwargs = dict(loss_kwargs)
-    if teacher_probs is not None:
-        tp = teacher_probs.to(dtype).reshape(-1)
+    for source, probs in (("teacher", teacher_probs), ("reference", reference_probs)):
+        if probs is None:
+            continue
+        tp = probs.to(dtype).reshape(-1)
         if tp.numel() != vocab_size:
-            raise ValueError(f"teacher_probs must have {vocab_size} entries, got {tp.numel()}")
-        kwargs["teacher_ids"] = (
+            raise ValueError(f"{source}_probs must have {vocab_size} entries, got {tp.numel()}")
+        kwargs[f"{source}_ids"] = (
             torch.arange(vocab_size, dtype=torch.int32).expand(m, -1).contiguous()
         )
-        kwargs["teacher_logprobs"] = torch.log(tp / tp.sum()).expand(m, -1).contiguous()
+        kwargs[f"{source}_logprobs"] = torch.log(tp / tp.sum()).expand(m, -1).contiguous()
     q = induced_target(loss_fn, logits, labels, dtype=dtype, **kwargs)
     if other is None:
         other = int(rest[int(torch.argmax(others))].item())

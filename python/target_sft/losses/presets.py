@@ -34,6 +34,7 @@ from .trust import (
 )
 
 __all__ = [
+    "ANCHORS",
     "ASFT",
     "CFT",
     "DFT",
@@ -178,8 +179,9 @@ class IwSFT(_TokenWeighted):
     """Importance-weighted SFT (iw-SFT [23]) — Table 5 row "iw-SFT".
 
     ``ℓ = −w(τ) log p`` with the trajectory weight ``w(τ) = q(τ)/π_ref(τ) =
-    exp(Σ_t sg[log π_θ(y_t)] − log π_ref(y_t))`` (pass ``ref_logprobs``, the reference model's
-    log-prob of each label, aligned with labels); γ = w(τ), π̃ = sg[π_θ]. The authors' code uses the
+    exp(Σ_t sg[log π_θ(y_t)] − log π_ref(y_t))`` (pass ``reference_label_logprobs``, the reference
+    model's log-prob of each label, aligned with labels; and ``sequence_ids`` when rows are packed,
+    so that τ is each sample, not each row); γ = w(τ), π̃ = sg[π_θ]. The authors' code uses the
     length-normalised mean and clips w to [0, 16]: ``IwSFT(length_normalize=True, clip=(0, 16))``.
     """
 
@@ -231,6 +233,21 @@ class LabelSmoothing(QTargetLoss):
         self.epsilon = eps
 
 
+#: where SFT+KL and ASFT take their anchor distribution from (``anchor=``): the reference
+#: model's top-k (``reference_ids`` / ``reference_logprobs``, the default) or the teacher's
+ANCHORS: tuple[str, ...] = ("reference", "teacher")
+
+
+def _anchor_residual(who: str, anchor: str, renormalize: bool, tail: str) -> SparseResidual:
+    """The sparse residual of an SFT+KL / ASFT anchor (``anchor``: one of :data:`ANCHORS`)."""
+    if anchor not in ANCHORS:
+        raise ValueError(
+            f"{who}: anchor = {anchor!r} is not one of {ANCHORS} (the reference model's top-k, "
+            "reference_ids / reference_logprobs, or the teacher's, teacher_ids / teacher_logprobs)"
+        )
+    return SparseResidual(renormalize=renormalize, tail=tail, source=anchor)
+
+
 class _SparseKL(QTargetLoss):
     residual: SparseResidual
 
@@ -244,10 +261,13 @@ class _SparseKL(QTargetLoss):
 class SFTKL(_SparseKL):
     """SFT + KL to a reference model (SFT+KL [15]) — Table 5 row "SFT + KL".
 
-    ``ℓ = −log p + λ KL(π_ref ‖ π_θ)`` with π_ref the sparse reference from the cache
-    (``teacher_ids``/``teacher_logprobs``), ``KL`` over its support (renormalised by default).
-    Gradient ``(1 + λ)(p − Q)`` with γ = 1/(1 + λ), π̃ = π_ref: scale ``s = 1 + λ``.
-    ``normalize=True`` reports ``ℓ / (1 + λ)`` so that the induced Q is exactly Table 5's.
+    ``ℓ = −log p + λ KL(π_ref ‖ π_θ)`` with π_ref the sparse reference model from its cache
+    (``reference_ids`` / ``reference_logprobs``; ``anchor="teacher"``: ``teacher_ids`` /
+    ``teacher_logprobs``), ``KL`` over its support (renormalised by default; ``tail="model"``
+    spreads its missing mass over the model's tail as for :class:`KD`, the KL then over the whole
+    vocabulary). Gradient ``(1 + λ)(p − Q)`` with γ = 1/(1 + λ), π̃ = π_ref: scale
+    ``s = 1 + λ``. ``normalize=True`` reports ``ℓ / (1 + λ)`` so that the induced Q is exactly
+    Table 5's.
     """
 
     paper_row = "SFT + KL [15]"
@@ -258,17 +278,20 @@ class SFTKL(_SparseKL):
         *,
         renormalize: bool = True,
         normalize: bool = False,
+        anchor: str = "reference",
+        tail: str = "renormalize",
         **kwargs: Any,
     ) -> None:
         if not (lam >= 0.0):
             raise ValueError(f"lam = {lam} must be >= 0")
         super().__init__(
             gamma=ConstantTrust(1.0 / (1.0 + lam)),
-            residual=SparseResidual(renormalize=renormalize),
+            residual=_anchor_residual("SFTKL", anchor, renormalize, tail),
             **_options(self, kwargs),
         )
         self.lam = float(lam)
         self.normalize = bool(normalize)
+        self.anchor = anchor
 
     def _gamma_and_scale(self, ctx: TokenContext) -> tuple[Tensor, Tensor]:
         gamma = self.gamma(ctx)
@@ -291,7 +314,9 @@ class ASFT(_SparseKL):
     """Anchored SFT (ASFT [21]) — Table 5 row "ASFT".
 
     ``ℓ = −sg[p] log p + λ KL(π_base ‖ π_θ)`` (DFT + forward KL to the base model, as in the paper
-    and the authors' code), π_base sparse from the cache. Gradient ``(p + λ)(p − Q)`` with
+    and the authors' code), π_base the base (reference) model, sparse from its cache
+    (``reference_ids`` / ``reference_logprobs``; ``anchor="teacher"``: the teacher tensors;
+    ``renormalize`` and ``tail`` as in :class:`SFTKL`). Gradient ``(p + λ)(p − Q)`` with
     γ = p / (p + λ), π̃ = π_base: scale ``s = sg[p] + λ``. ``normalize=True`` divides it out.
     """
 
@@ -303,17 +328,20 @@ class ASFT(_SparseKL):
         *,
         renormalize: bool = True,
         normalize: bool = False,
+        anchor: str = "reference",
+        tail: str = "renormalize",
         **kwargs: Any,
     ) -> None:
         if not (lam >= 0.0):
             raise ValueError(f"lam = {lam} must be >= 0")
         super().__init__(
             gamma=ModelProbTrust(1.0),
-            residual=SparseResidual(renormalize=renormalize),
+            residual=_anchor_residual("ASFT", anchor, renormalize, tail),
             **_options(self, kwargs),
         )
         self.lam = float(lam)
         self.normalize = bool(normalize)
+        self.anchor = anchor
 
     def _gamma_and_scale(self, ctx: TokenContext) -> tuple[Tensor, Tensor]:
         p = ctx.p_label

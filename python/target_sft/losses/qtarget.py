@@ -25,7 +25,13 @@ from torch import Tensor, nn
 
 from ..kernels.contract import GradPlan, StatRequest
 from ..kernels.dispatch import check_impl, resolve_impl
-from ._inputs import LOSS_INPUT_NAMES, FlatBatch, LossInputs, prepare
+from ._inputs import (
+    LOSS_INPUT_NAMES,
+    FlatBatch,
+    LossInputs,
+    prepare,
+    take_deprecated_inputs,
+)
 from ._validate import check_logits, check_num_items, check_reduction, first_index
 from .backend import Backend, LogitsBackend
 from .residual import Residual, ResidualParts, residual_from_name
@@ -148,7 +154,7 @@ class QTargetLoss(nn.Module):
     Args:
         gamma: label trust γ_t — a :class:`Trust` or a constant.
         residual: residual π̃_t — a :class:`Residual` or ``"self"``, ``"uniform"``, ``"teacher"``,
-            ``"teacher_raw"``.
+            ``"teacher_raw"``, ``"reference"``, ``"reference_raw"``.
         ignore_index: label value of unsupervised positions.
         reduction: default reduction (``mean`` over supervised tokens, ``sum``, ``none``).
         chunk_elements: rows × V processed at once (bounds the temporaries); ``None`` picks
@@ -161,9 +167,10 @@ class QTargetLoss(nn.Module):
             must not be used afterwards). Ignored by the PyTorch reference.
 
     Call with ``(logits, labels, teacher_ids=None, teacher_logprobs=None, *, token_weights=None,
-    sequence_weights=None, sequence_ids=None, ref_logprobs=None, old_logprobs=None,
-    num_items_in_batch=None, reduction=None)``. ``logits`` ``[B, L, V]`` with ``labels`` ``[B, L]``
-    are shifted inside exactly as HF does; ``[N, V]`` with ``[N]`` are used as aligned. Every other
+    sequence_weights=None, sequence_ids=None, reference_ids=None, reference_logprobs=None,
+    reference_label_logprobs=None, old_logprobs=None, num_items_in_batch=None, reduction=None)``.
+    ``logits`` ``[B, L, V]`` with ``labels`` ``[B, L]`` are shifted inside exactly as HF does;
+    ``[N, V]`` with ``[N]`` are used as aligned. Every other
     per-token input is aligned with ``labels``. The returned loss is float32 (float64 for float64
     logits); the gradient has the logits' dtype and is formed in float32.
     """
@@ -278,13 +285,12 @@ class QTargetLoss(nn.Module):
         return reduce_loss(per_row, batch, red, num_items_in_batch)
 
     def _prepare(self, backend: Backend, labels: Tensor, inputs: LossInputs) -> FlatBatch:
-        if self.residual.needs_teacher and (
-            inputs.teacher_ids is None or inputs.teacher_logprobs is None
+        source = self.residual.source
+        if source is not None and (
+            getattr(inputs, f"{source}_ids") is None
+            or getattr(inputs, f"{source}_logprobs") is None
         ):
-            raise ValueError(
-                f"{type(self).__name__} with residual {self.residual!r} needs teacher_ids and "
-                "teacher_logprobs (the sparse distribution from the cache)"
-            )
+            raise ValueError(self._missing_support(source))
         return prepare(
             backend.logits,
             labels,
@@ -292,6 +298,23 @@ class QTargetLoss(nn.Module):
             ignore_index=self.ignore_index,
             check=self.check_inputs,
             flat_logits=backend.flat_logits,
+            support_source=source,
+        )
+
+    def _missing_support(self, source: str) -> str:
+        """The error of a call without the sparse distribution the residual reads."""
+        what = f"{type(self).__name__} with residual {self.residual!r} needs {source}_ids and "
+        if source == "teacher":
+            return what + (
+                "teacher_logprobs (the teacher's top-k from its cache: TargetSFTCollator(teacher))"
+            )
+        hint = ""
+        if getattr(self, "anchor", None) == "reference":
+            hint = "; or anchor='teacher' to take the anchor from teacher_ids / teacher_logprobs"
+        return what + (
+            "reference_logprobs (the reference model's top-k: build a cache of the reference "
+            "model with role='reference' and collate with TargetSFTCollator(teacher, "
+            f"reference=...)){hint}"
         )
 
     def _stats(self, batch: FlatBatch, backend: Backend) -> TokenContext:
@@ -318,6 +341,10 @@ class QTargetLoss(nn.Module):
     # ----------------------------------------------------------------- entry points
     def target(self, logits: Tensor, labels: Tensor, **inputs: Tensor | None) -> QTarget:
         """The Q-target decomposition (γ, scale, residual mass) for these inputs, no graph."""
+        extra = {k: inputs.pop(k) for k in list(inputs) if k not in LOSS_INPUT_NAMES}
+        take_deprecated_inputs(inputs, extra)
+        if extra:
+            self._bad_call(0, extra)
         with torch.no_grad():
             backend = LogitsBackend(logits.detach(), chunk_elements=self.chunk_elements)
             batch = self._prepare(backend, labels, LossInputs(**inputs))
@@ -333,7 +360,9 @@ class QTargetLoss(nn.Module):
         token_weights: Tensor | None = None,
         sequence_weights: Tensor | None = None,
         sequence_ids: Tensor | None = None,
-        ref_logprobs: Tensor | None = None,
+        reference_ids: Tensor | None = None,
+        reference_logprobs: Tensor | None = None,
+        reference_label_logprobs: Tensor | None = None,
         old_logprobs: Tensor | None = None,
         num_items_in_batch: int | float | Tensor | None = None,
         reduction: str | None = None,
@@ -342,18 +371,24 @@ class QTargetLoss(nn.Module):
         """The loss (see the class docstring for the arguments; the per-token ones are the fields
         of :class:`~target_sft.losses.LossInputs`). ``teacher_ids`` and ``teacher_logprobs`` may
         be given by position, as to :func:`~target_sft.losses.target_sft_loss`; a wrong keyword
-        is a ``TypeError`` naming this loss's class and the inputs it takes."""
+        is a ``TypeError`` naming this loss's class and the inputs it takes. The deprecated
+        ``ref_logprobs`` (:data:`~target_sft.losses.DEPRECATED_INPUT_NAMES`) is taken through
+        ``**unexpected`` as ``reference_label_logprobs``, with a ``DeprecationWarning``."""
+        fields = {
+            "teacher_ids": teacher_ids,
+            "teacher_logprobs": teacher_logprobs,
+            "token_weights": token_weights,
+            "sequence_weights": sequence_weights,
+            "sequence_ids": sequence_ids,
+            "reference_ids": reference_ids,
+            "reference_logprobs": reference_logprobs,
+            "reference_label_logprobs": reference_label_logprobs,
+            "old_logprobs": old_logprobs,
+        }
+        take_deprecated_inputs(fields, unexpected)
         if extra or unexpected:
             self._bad_call(len(extra), unexpected)
-        inputs = LossInputs(
-            teacher_ids=teacher_ids,
-            teacher_logprobs=teacher_logprobs,
-            token_weights=token_weights,
-            sequence_weights=sequence_weights,
-            sequence_ids=sequence_ids,
-            ref_logprobs=ref_logprobs,
-            old_logprobs=old_logprobs,
-        )
+        inputs = LossInputs(**fields)
         check_logits(logits)
         backend = LogitsBackend(
             logits,

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ..kernels.contract import DenseTerm, SharpenedSoftmax, StatRequest
+from ._inputs import SOURCES
 from ._validate import check_eta, first_index, fmt_index
 from .trust import TokenContext
 
@@ -108,17 +109,18 @@ def _raise_if_no_support(ctx: TokenContext, rows: Tensor, who: str, why: str) ->
         return
     r = hit[0]
     idx = ctx.batch.label_index(r)
+    src = ctx.batch.support_source
     raise ValueError(
-        f"teacher_ids[{fmt_index(idx)}, :] {why} at a supervised position (labels[{fmt_index(idx)}]"
-        f" = {int(ctx.batch.labels[r].item())}); {who} needs a non-empty teacher support there"
+        f"{src}_ids[{fmt_index(idx)}, :] {why} at a supervised position (labels[{fmt_index(idx)}]"
+        f" = {int(ctx.batch.labels[r].item())}); {who} needs a non-empty {src} support there"
     )
 
 
-def _masked_teacher_logprobs(ctx: TokenContext) -> tuple[Tensor, Tensor]:
+def _masked_support_logprobs(ctx: TokenContext) -> tuple[Tensor, Tensor]:
+    """The log-probs of the support the sweeps read (``-inf`` at padding) and its validity."""
     b = ctx.batch
     _, valid = b.support()
-    lt = b.teacher_logprobs
-    assert lt is not None
+    lt = b.support_logprobs()
     return torch.where(valid, lt, torch.full_like(lt, float("-inf"))), valid
 
 
@@ -141,7 +143,7 @@ def guided_target(ctx: TokenContext, eta: float, tail: str, who: str) -> TailedT
     ``tail="renormalize"`` (its tail holds ``m τ / 1e-3`` of the teacher instead of ``m``).
     """
     b = ctx.batch
-    lt, valid = _masked_teacher_logprobs(ctx)
+    lt, valid = _masked_support_logprobs(ctx)
     if b.check:
         _raise_if_no_support(ctx, ~valid.any(-1), who, "has no valid entry (all -1)")
     zs = ctx.stats.z_support
@@ -166,9 +168,10 @@ def guided_target(ctx: TokenContext, eta: float, tail: str, who: str) -> TailedT
         if bad is not None:
             r = bad[0]
             raise ValueError(
-                f"teacher_logprobs[{fmt_index(b.label_index(r))}, :] hold probability "
-                f"{float(kept[r]):.4g} > 1: {who} needs log-probs of the teacher's full softmax "
-                "(as the cache stores them), not log-probs renormalised or shifted otherwise"
+                f"{b.support_source}_logprobs[{fmt_index(b.label_index(r))}, :] hold probability "
+                f"{float(kept[r]):.4g} > 1: {who} needs log-probs of the {b.support_source}'s "
+                "full softmax (as the cache stores them), not log-probs renormalised or shifted "
+                "otherwise"
             )
     log_m = torch.log((1.0 - kept).clamp_min(0.0))
     # τ = 1 − π_θ(S) from log π_θ(S), accurate to the rounding of lse
@@ -191,8 +194,20 @@ def guided_target(ctx: TokenContext, eta: float, tail: str, who: str) -> TailedT
 class Residual(ABC):
     """A residual choice π̃_t."""
 
-    #: whether the caller must pass ``teacher_ids`` / ``teacher_logprobs``
-    needs_teacher: bool = False
+    #: the sparse distribution from a cache that π̃ reads (``"teacher"``: ``teacher_ids`` /
+    #: ``teacher_logprobs``; ``"reference"``: ``reference_ids`` / ``reference_logprobs``), or
+    #: ``None``; the loss sweeps exactly this support
+    source: str | None = None
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether the caller must pass ``teacher_ids`` / ``teacher_logprobs``."""
+        return self.source == "teacher"
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the caller must pass ``reference_ids`` / ``reference_logprobs``."""
+        return self.source == "reference"
 
     def request(self) -> StatRequest:
         """Row statistics needed to evaluate ``CE(π̃, π_θ)`` (the gradient needs none)."""
@@ -245,6 +260,10 @@ class UniformResidual(Residual):
 class SparseResidual(Residual):
     """π̃ = a sparse reference / teacher distribution read from the cache (KD, SFT+KL, ASFT).
 
+    ``source`` says which: ``"teacher"`` (``teacher_ids`` / ``teacher_logprobs``; KD, Hybrid KD)
+    or ``"reference"`` (``reference_ids`` / ``reference_logprobs``; SFT+KL's and ASFT's anchor).
+    Below, π_T is that distribution.
+
     The cache stores ``log π_T`` over the full vocabulary, truncated to the top-K support ``S``, so
     the stored mass ``Σ_{a∈S} π_T(a) = 1 − m`` is below one (``m``: the missing tail).
     ``renormalize=True`` makes π̃ a distribution by spreading ``m``: with ``tail="renormalize"``
@@ -256,9 +275,12 @@ class SparseResidual(Residual):
     support all agree with Table 5.
     """
 
-    needs_teacher = True
-
-    def __init__(self, *, renormalize: bool = True, tail: str = "renormalize") -> None:
+    def __init__(
+        self, *, renormalize: bool = True, tail: str = "renormalize", source: str = "teacher"
+    ) -> None:
+        if source not in SOURCES:
+            raise ValueError(f"source = {source!r} is not one of {SOURCES}")
+        self.source = source
         self.renormalize = bool(renormalize)
         self.tail = check_tail(tail)
         if self.tail == "model" and not self.renormalize:
@@ -280,7 +302,7 @@ class SparseResidual(Residual):
         """``(π̃ restricted to the support [N, K], self mass [N])`` (``tail="renormalize"``)."""
         if self.tail == "model":
             raise ValueError(f"{self!r}: π̃ has mass off the support; use target()")
-        lt, _ = _masked_teacher_logprobs(ctx)
+        lt, _ = _masked_support_logprobs(ctx)
         has_mass = torch.isfinite(lt).any(-1)
         if self.renormalize:
             if ctx.batch.check:
@@ -306,14 +328,20 @@ class SparseResidual(Residual):
         return parts
 
     def describe(self) -> str:
+        pi = "π_T" if self.source == "teacher" else "π_ref"
         if self.tail == "model":
-            return "π_T on S, m·sg[π_θ] / (1 − π_θ(S)) off S (m = 1 − π_T(S))"
-        return "π_T|_S / π_T(S)" if self.renormalize else "π_T|_S + (1 − π_T(S)) sg[π_θ]"
+            text = "π_T on S, m·sg[π_θ] / (1 − π_θ(S)) off S (m = 1 − π_T(S))"
+        elif self.renormalize:
+            text = "π_T|_S / π_T(S)"
+        else:
+            text = "π_T|_S + (1 − π_T(S)) sg[π_θ]"
+        return text.replace("π_T", pi)
 
     def __repr__(self) -> str:
+        src = "" if self.source == "teacher" else f", source={self.source!r}"
         if self.tail == "model":
-            return "SparseResidual(tail='model')"
-        return f"SparseResidual(renormalize={self.renormalize})"
+            return f"SparseResidual(tail='model'{src})"
+        return f"SparseResidual(renormalize={self.renormalize}{src})"
 
 
 class GuidedResidual(Residual):
@@ -343,13 +371,10 @@ class GuidedResidual(Residual):
     it tends to ``sg[π_θ]``.
     """
 
-    needs_teacher = True
-
     def __init__(self, eta: float = 0.5, *, tail: str = "renormalize") -> None:
         self.eta = check_eta(eta)
         self.tail = check_tail(tail)
-        if self.eta == 0.0:
-            self.needs_teacher = False
+        self.source = None if self.eta == 0.0 else "teacher"
 
     def request(self) -> StatRequest:
         if self.eta == 0.0 or self.tail == "model":
@@ -407,12 +432,15 @@ class GEMResidual(Residual):
 
 
 def residual_from_name(name: str) -> Residual:
-    """``"self"``, ``"uniform"``, ``"teacher"`` (renormalised sparse) or ``"teacher_raw"``."""
+    """``"self"``, ``"uniform"``, ``"teacher"`` / ``"reference"`` (renormalised sparse, from the
+    teacher's / the reference model's top-k) or ``"teacher_raw"`` / ``"reference_raw"``."""
     table: dict[str, Residual] = {
         "self": SelfResidual(),
         "uniform": UniformResidual(),
         "teacher": SparseResidual(renormalize=True),
         "teacher_raw": SparseResidual(renormalize=False),
+        "reference": SparseResidual(renormalize=True, source="reference"),
+        "reference_raw": SparseResidual(renormalize=False, source="reference"),
     }
     if name not in table:
         raise ValueError(f"residual = {name!r} is not one of {sorted(table)} (or pass a Residual)")

@@ -172,12 +172,17 @@ class TokenWeightTrust(Trust):
 
 
 class SequenceWeightTrust(Trust):
-    """γ_t = w_{b(t)} given by the caller per sequence (``sequence_weights``, shape ``[B]``)."""
+    """γ_t = w_{s(t)} given by the caller per sequence (``sequence_weights``).
+
+    ``s(t)`` is the sample of token t: ``sequence_ids[t]`` when given (packed rows: one weight per
+    sample, ``sequence_weights`` indexed by sample id), else the row of ``[B, L, V]`` logits
+    (``sequence_weights`` of shape ``[B]``).
+    """
 
     def __call__(self, ctx: TokenContext) -> Tensor:
         b = ctx.batch
         w = b.require("sequence_weights", "SequenceWeightTrust")
-        idx = b.require("sequence_index", "SequenceWeightTrust")
+        idx, _ = b.sequences("SequenceWeightTrust")
         out = w[idx]
         b.check_finite_supervised("sequence_weights", out)
         return out
@@ -193,7 +198,9 @@ class ImportanceWeightTrust(Trust):
     """γ_t = w(τ) = q(τ) / π_ref(τ) per trajectory (iw-SFT), with q = sg[π_θ].
 
     ``log w_b = T · Σ_{t ∈ b, supervised} (sg[log π_θ(y_t)] − log π_ref(y_t))`` from the caller's
-    ``ref_logprobs`` (reference log-prob of each label, aligned with labels). Paper (Table 4):
+    ``reference_label_logprobs`` (reference log-prob of each label, aligned with labels). The
+    trajectory ``b`` of a token is its sample, ``sequence_ids`` (packed rows hold several), or
+    without it the row of ``[B, L, V]`` logits. Paper (Table 4):
     ``T = 1``, a plain sum, no clipping. The authors' code instead uses the per-token *mean*
     (``length_normalize=True``), ``T = 1`` and clips w to ``[0, 16]`` (``clip=(0, 16)``).
     """
@@ -216,17 +223,12 @@ class ImportanceWeightTrust(Trust):
 
     def __call__(self, ctx: TokenContext) -> Tensor:
         b = ctx.batch
-        ref = b.require("ref_logprobs", "iw-SFT (ImportanceWeightTrust)")
-        idx = b.sequence_index
-        if idx is None or b.num_sequences is None:
-            raise ValueError(
-                "iw-SFT weights are per sequence: pass [B, L, V] logits, or sequence_ids with "
-                "[N, V] logits"
-            )
-        b.check_finite_supervised("ref_logprobs", ref)
+        ref = b.require("reference_label_logprobs", "iw-SFT (ImportanceWeightTrust)")
+        idx, n_sequences = b.sequences("iw-SFT")
+        b.check_finite_supervised("reference_label_logprobs", ref)
         zero = torch.zeros_like(ref)
         diff = torch.where(b.mask, ctx.log_p_label - ref, zero)
-        total = torch.zeros(b.num_sequences, dtype=diff.dtype, device=diff.device)
+        total = torch.zeros(n_sequences, dtype=diff.dtype, device=diff.device)
         total.index_add_(0, idx, diff)
         if self.length_normalize:
             count = torch.zeros_like(total).index_add_(0, idx, b.mask.to(diff.dtype))

@@ -33,6 +33,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from target_sft.cache import CacheInfo, CacheSample, KeySplit, TeacherCache
 from target_sft.checks import check_int, parse_size
 from target_sft.errors import CacheInputError, CacheMismatchError
+from target_sft.streaming.keyindex import LocalFiles
 from target_sft.streaming.manifest import fetch_manifest
 from target_sft.streaming.order import EpochOrder
 from target_sft.streaming.partition import (
@@ -42,6 +43,7 @@ from target_sft.streaming.partition import (
     worker_length,
     worker_rank_index,
 )
+from target_sft.streaming.reference import ReferenceSource, cache_role, check_role
 from target_sft.streaming.store import NoRoom, ShardStore, default_local_dir, is_url
 
 __all__ = ["STATE_FORMAT", "STATE_VERSION", "StreamingTeacherDataset"]
@@ -92,6 +94,20 @@ class StreamingTeacherDataset(IterableDataset):  # type: ignore[type-arg]
             :meth:`split_by_key`): the epoch order, the rank and worker shares and the resume
             state are then those of that side's records. Local caches only (the keys are read
             once, at construction).
+        reference: a reference cache (directory, :class:`~target_sft.TeacherCache` or URL,
+            read like the teacher's) holding the same samples by key, built separately (its
+            shards need not line up with the teacher's). Every yielded sample then carries
+            ``.reference``: the record of the same key there. Order, partition, epochs,
+            ``key_split`` and the state are the teacher's. Checked when the dataset is built:
+            its manifest ``role`` is ``"reference"``, its tokenizer and vocabulary are the
+            teacher's, and it holds every key streamed (else :class:`CacheKeyError` naming the
+            key). Remote: its shards are fetched, prefetched and evicted with the teacher's.
+        reference_local_dir: remote reference only: its node-local directory (default
+            ``<local_dir>/reference``; kept under ``cache_limit`` on its own).
+        reference_storage_options: fsspec options of a remote reference (default:
+            ``storage_options``).
+        allow_role_mismatch: accept a teacher or reference cache whose manifest ``role``
+            contradicts its slot (a cache without ``role`` is a teacher).
 
     Use ``set_epoch(epoch)`` before each epoch (like ``DistributedSampler``). Save progress with
     :meth:`state_dict` (see there for ``num_workers > 0``) or through torchdata's
@@ -117,6 +133,10 @@ class StreamingTeacherDataset(IterableDataset):  # type: ignore[type-arg]
         rank: int | None = None,
         world_size: int | None = None,
         key_split: KeySplit | None = None,
+        reference: str | os.PathLike[str] | TeacherCache | None = None,
+        reference_local_dir: str | os.PathLike[str] | None = None,
+        reference_storage_options: dict[str, Any] | None = None,
+        allow_role_mismatch: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(shuffle, (bool, np.bool_)):
@@ -145,27 +165,69 @@ class StreamingTeacherDataset(IterableDataset):  # type: ignore[type-arg]
         self.storage_options = dict(storage_options or {})
 
         src = os.fspath(path_or_url)
+        ref_src = None
+        if reference is not None:
+            ref_src = os.fspath(
+                reference.path if isinstance(reference, TeacherCache) else reference
+            )
+        ref_remote = ref_src is not None and is_url(ref_src)
         self.remote = is_url(src)
         self.source = src.removeprefix("file://") if not self.remote else src.rstrip("/")
         self._cache: TeacherCache | None = None  # local: the one cache every sample references
         self._manifest: dict[str, Any] | None = None  # remote: the manifest, fetched once
         self.local_dir: Path | None = None
+        if self.remote or ref_remote:
+            self.local_dir = Path(local_dir) if local_dir is not None else default_local_dir()
+        elif local_dir is not None or cache_limit is not None or reference_local_dir is not None:
+            raise CacheInputError(
+                "local_dir, cache_limit and reference_local_dir apply to remote caches; "
+                f"{src} is local and is memory-mapped in place"
+            )
         if self.remote:
             self._manifest = fetch_manifest(self.source, self.storage_options)
             self.info = CacheInfo.from_manifest(self.source, self._manifest)
-            self.local_dir = Path(local_dir) if local_dir is not None else default_local_dir()
         else:
-            if local_dir is not None or cache_limit is not None:
-                raise CacheInputError(
-                    "local_dir and cache_limit apply to remote caches; "
-                    f"{src} is local and is memory-mapped in place"
-                )
             self._cache = TeacherCache(self.source)
             self.info = self._cache.info
+        if not isinstance(allow_role_mismatch, (bool, np.bool_)):
+            raise CacheInputError(
+                f"allow_role_mismatch must be a bool, got {allow_role_mismatch!r}"
+            )
+        role = cache_role(self.info, self._manifest, self._cache)
+        check_role(self.info, role, "teacher", bool(allow_role_mismatch))
         shards = self.info.shards
         self._shard_records = np.array([s["records"] for s in shards], dtype=np.int64)
         ident: list[Any] = [(s["file"], s["records"], s.get("checksum", "")) for s in shards]
         self._apply_key_split(key_split, ident)
+        self.reference: ReferenceSource | None = None
+        if reference is not None:
+            if reference_local_dir is not None and not ref_remote:
+                raise CacheInputError(
+                    f"reference_local_dir applies to a remote reference; {ref_src} is local"
+                )
+            ref_dir = None
+            if ref_remote:
+                assert self.local_dir is not None
+                ref_dir = (
+                    Path(reference_local_dir)
+                    if reference_local_dir is not None
+                    else self.local_dir / "reference"
+                )
+            self.reference = ReferenceSource(
+                reference,
+                teacher=self.info,
+                teacher_files=self._teacher_files(),
+                positions=self._select,
+                storage_options=(
+                    self.storage_options
+                    if reference_storage_options is None
+                    else dict(reference_storage_options)
+                ),
+                local_dir=ref_dir,
+                cache_limit=self.cache_limit,
+                retries=self.download_retries,
+                allow_role_mismatch=bool(allow_role_mismatch),
+            )
 
         # position: epoch, start of the epoch's remaining segment, per-worker resume
         self._epoch = check_int("epoch", epoch, 0)
@@ -177,6 +239,15 @@ class StreamingTeacherDataset(IterableDataset):  # type: ignore[type-arg]
         self._iter_pid = os.getpid()
         self._store: ShardStore | None = None
         self._store_pid = -1
+
+    def _teacher_files(self) -> tuple[Any, str, str]:
+        """``(fs, root, shown)`` of the teacher's directory (to read its shards' key tables)."""
+        if not self.remote:
+            return LocalFiles(), self.source, self.source
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(self.source, **self.storage_options)
+        return fs, root.rstrip("/"), self.source
 
     def _apply_key_split(self, key_split: KeySplit | None, ident: list[Any]) -> None:
         """The records the epochs order: every record, or those of ``key_split``'s side (then
@@ -507,7 +578,7 @@ class StreamingTeacherDataset(IterableDataset):  # type: ignore[type-arg]
             block_size=self.shuffle_block_size,
         )
         steps = self._steps(order, lay, self._start, skip, total)
-        if self.remote:
+        if self.remote or (self.reference is not None and self.reference.remote):
             return self._iter_remote(steps, progress)
         return self._iter_local(steps, progress)
 
@@ -526,104 +597,159 @@ class StreamingTeacherDataset(IterableDataset):  # type: ignore[type-arg]
                 p = order.positions(x)
                 yield p if self._select is None else self._select[p]
 
+    def _with_reference(
+        self, cache: TeacherCache, p: int, rcache: TeacherCache, rp: int
+    ) -> CacheSample:
+        """The teacher sample ``(cache, p)`` with its reference record ``(rcache, rp)``, whose
+        key is checked (records are matched by key hash: this catches a hash collision)."""
+        key, rkey = cache.key_at(p), rcache.key_at(rp)
+        if key != rkey:
+            raise CacheMismatchError(
+                f"StreamingTeacherDataset: the teacher key {key!r} (record {p} of {cache.path}) "
+                f"was matched to the record {rp} of the reference cache {self.reference}, whose "
+                f"key is {rkey!r} (their key hashes collide, or {key!r} is not in the "
+                "reference cache)"
+            )
+        return CacheSample(cache, p, CacheSample(rcache, rp))
+
     def _iter_local(
         self, steps: Iterator[npt.NDArray[np.int64]], progress: dict[str, Any]
     ) -> Iterator[CacheSample]:
         cache = self._cache
         if cache is None:  # pragma: no cover - set in __init__ and by unpickling
             cache = self._cache = TeacherCache(self.source)
+        ref = self.reference
         for pos in steps:
-            for p in pos.tolist():
+            if ref is None:
+                for p in pos.tolist():
+                    progress["yielded"] += 1
+                    yield CacheSample(cache, p)
+                continue
+            assert ref.cache is not None
+            for p, rp in zip(pos.tolist(), ref.position_of[pos].tolist(), strict=True):
+                sample = self._with_reference(cache, p, ref.cache, rp)
                 progress["yielded"] += 1
-                yield CacheSample(cache, p)
+                yield sample
 
     def _iter_remote(
         self, steps: Iterator[npt.NDArray[np.int64]], progress: dict[str, Any]
     ) -> Iterator[CacheSample]:
-        store = self._get_store()
-        starts = np.concatenate([[0], np.cumsum(self._shard_records)]).astype(np.int64)
+        """Iterate with remote shards: the teacher's (source 0) and/or the reference's (source
+        1), planned, prefetched, pinned and released together, shard by shard."""
+        ref = self.reference
+        stores: dict[int, ShardStore] = {}
+        starts: dict[int, npt.NDArray[np.int64]] = {}
+        if self.remote:
+            stores[0] = self._get_store()
+            starts[0] = np.concatenate([[0], np.cumsum(self._shard_records)]).astype(np.int64)
+        if ref is not None and ref.remote:
+            stores[1], starts[1] = ref.store(), ref.starts
         pool = ThreadPoolExecutor(self.download_threads, thread_name_prefix="target-sft-fetch")
         stop = threading.Event()
-        demanded: set[int] = set()
-        scheduled: dict[int, Future[TeacherCache]] = {}
-        ahead: deque[tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], list[int]]] = deque()
+        Shard = tuple[int, int]  # (source, shard)
+        demanded: set[Shard] = set()
+        scheduled: dict[Shard, Future[TeacherCache]] = {}
+        # per step: positions per source (global), shard per position per source, shards needed
+        Plan = tuple[dict[int, Any], dict[int, Any], list[Shard]]
+        ahead: deque[Plan] = deque()
 
-        def plan(pos: npt.NDArray[np.int64]) -> tuple[Any, Any, list[int]]:
-            shard = np.searchsorted(starts, pos, side="right") - 1
-            _, first = np.unique(shard, return_index=True)
-            return pos, shard, shard[np.sort(first)].tolist()  # shards in first-use order
+        def plan(pos: npt.NDArray[np.int64]) -> Plan:
+            at = {0: pos} if ref is None else {0: pos, 1: ref.position_of[pos]}
+            shards: dict[int, Any] = {}
+            needed: list[Shard] = []
+            for src in stores:
+                shard = np.searchsorted(starts[src], at[src], side="right") - 1
+                _, first = np.unique(shard, return_index=True)
+                shards[src] = shard
+                needed += [(src, s) for s in shard[np.sort(first)].tolist()]  # first-use order
+            return at, shards, needed
 
-        def schedule(s: int) -> None:
-            f = scheduled.get(s)
+        def schedule(k: Shard) -> None:
+            f = scheduled.get(k)
             if f is None or (f.done() and isinstance(f.exception(), NoRoom)):
-                scheduled[s] = pool.submit(store.acquire, s, lambda: s in demanded, stop)
+                scheduled[k] = pool.submit(stores[k[0]].acquire, k[1], lambda: k in demanded, stop)
 
-        def get(s: int) -> TeacherCache:
+        def get(k: Shard) -> TeacherCache:
             try:
-                return scheduled[s].result()
+                return scheduled[k].result()
             except NoRoom:  # prefetched while there was no room: fetch it now, forced
-                schedule(s)
-                return scheduled[s].result()
+                schedule(k)
+                return scheduled[k].result()
 
         def fill_ahead() -> None:
             # Plan the next steps until they use prefetch_shards shards beyond the current
             # step's (at most _MAX_AHEAD steps), and schedule those downloads.
             current = set(ahead[0][2])
-            future: list[int] = []
+            future: list[Shard] = []
             seen = set(current)
             for _, _, ss in list(ahead)[1:]:
-                for s in ss:
-                    if s not in seen:
-                        seen.add(s)
-                        future.append(s)
+                for k in ss:
+                    if k not in seen:
+                        seen.add(k)
+                        future.append(k)
             while len(future) < self.prefetch_shards and len(ahead) < _MAX_AHEAD:
                 nxt = next(steps, None)
                 if nxt is None:
                     break
                 ahead.append(plan(nxt))
-                for s in ahead[-1][2]:
-                    if s not in seen:
-                        seen.add(s)
-                        future.append(s)
-            for s in future[: self.prefetch_shards]:
-                schedule(s)
+                for k in ahead[-1][2]:
+                    if k not in seen:
+                        seen.add(k)
+                        future.append(k)
+            for k in future[: self.prefetch_shards]:
+                schedule(k)
+
+        def samples(src: int, at: dict[int, Any], shards: dict[int, Any], caches: Any) -> Any:
+            """(cache, local position) of each sample of a step in source ``src``."""
+            if src not in stores:  # a local cache: global positions
+                cache = self._cache if src == 0 else ref.cache  # type: ignore[union-attr]
+                return [(cache, p) for p in at[src].tolist()]
+            local = (at[src] - starts[src][shards[src]]).tolist()
+            return [(caches[(src, s)], p) for s, p in zip(shards[src].tolist(), local, strict=True)]
 
         try:
             nxt0 = next(steps, None)
             if nxt0 is not None:
                 ahead.append(plan(nxt0))
             while ahead:
-                pos, shard, needed = ahead[0]
-                for s in needed:
-                    demanded.add(s)
-                    schedule(s)
+                at, shards, needed = ahead[0]
+                for k in needed:
+                    demanded.add(k)
+                    schedule(k)
                 fill_ahead()
-                caches = {s: get(s) for s in needed}
-                local = pos - starts[shard]
-                for s, p in zip(shard.tolist(), local.tolist(), strict=True):
-                    progress["yielded"] += 1
-                    yield CacheSample(caches[s], p)
+                caches = {k: get(k) for k in needed}
+                teacher = samples(0, at, shards, caches)
+                if ref is None:
+                    for c, p in teacher:
+                        progress["yielded"] += 1
+                        yield CacheSample(c, p)
+                else:
+                    refs = samples(1, at, shards, caches)
+                    for (c, p), (rc, rp) in zip(teacher, refs, strict=True):
+                        sample = self._with_reference(c, p, rc, rp)
+                        progress["yielded"] += 1
+                        yield sample
                 ahead.popleft()
                 if not ahead:
                     nxt = next(steps, None)
                     if nxt is not None:
                         ahead.append(plan(nxt))
-                keep = {s for _, _, ss in ahead for s in ss}
-                for s in needed:
-                    if s not in keep:
-                        demanded.discard(s)
-                        store.release(s)
-                        del scheduled[s]
+                keep = {k for _, _, ss in ahead for k in ss}
+                for k in needed:
+                    if k not in keep:
+                        demanded.discard(k)
+                        stores[k[0]].release(k[1])
+                        del scheduled[k]
         finally:
             stop.set()
-            for s, f in list(scheduled.items()):
+            for k, f in list(scheduled.items()):
                 if f.cancel():
                     continue
                 try:
                     f.result()
                 except BaseException:
                     continue
-                store.release(s)
+                stores[k[0]].release(k[1])
             pool.shutdown(wait=True)
 
     def __repr__(self) -> str:
@@ -632,5 +758,6 @@ class StreamingTeacherDataset(IterableDataset):  # type: ignore[type-arg]
             f"shards={len(self._shard_records)}, shuffle={self.shuffle}, seed={self.seed}, "
             f"batch_size={self.batch_size}, drop_last={self.drop_last}, epoch={self._epoch}"
             + ("" if self.key_split is None else f", key_split={self.key_split}")
+            + ("" if self.reference is None else f", reference={self.reference}")
             + ")"
         )

@@ -45,4 +45,8 @@ def fetch_manifest(url: str, storage_options: dict[str, Any]) -> dict[str, Any]:
     except Exception as e:
         raise CacheIOError(errno.EIO, f"cannot fetch {shown}: {type(e).__name__}: {e}") from e
     parsed: dict[str, Any] = json.loads(_core.parse_manifest(bytes(raw), shown))
+    if "role" not in parsed:  # a field the native parser may not carry; the raw text is sealed
+        role = json.loads(bytes(raw)).get("role")
+        if role is not None:
+            parsed["role"] = role
     return parsed
