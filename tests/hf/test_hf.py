@@ -397,7 +397,7 @@ def test_split_batch_varlen_kwargs_for_flash_attention(cache, model_dir):
     flash.config._attn_implementation = "flash_attention_2"  # no flash-attn on CPU: inputs only
     model_inputs, labels, loss_inputs = split_batch(batch, flash)
     assert labels is batch["labels"]
-    assert sorted(loss_inputs) == ["teacher_ids", "teacher_logprobs"]
+    assert sorted(loss_inputs) == ["sequence_ids", "teacher_ids", "teacher_logprobs"]
     assert sorted(model_inputs) == [
         "cu_seq_lens_k",
         "cu_seq_lens_q",
