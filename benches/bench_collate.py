@@ -404,7 +404,7 @@ def main() -> None:
     # correctness first: every path builds the same batch
     npc = NumpyCollator(cache_dir)
     ref = build_batch(items[0], threads=1, label_in_support=LABEL_IN_SUPPORT)
-    same(npc(batches[0]), ref)
+    same(ref, npc(batches[0]))  # the names of the numpy baseline (build_batch adds sequence_ids)
 
     # 1.-3. the Rust builder: 1 and 2 threads, reused buffers and fresh arrays, padded and packed
     with_label = build_batch(items[0], threads=1, label_in_support=True)

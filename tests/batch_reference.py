@@ -33,6 +33,18 @@ def make_sample(
         )
         holes = rng.random(t) < 0.1  # a few unsupervised positions inside the answer
         labels[holes] = IGNORE
+    return {
+        "key": key,
+        "input_ids": ids,
+        "labels": labels,
+        **make_rows(labels, rng, k=k, vocab=vocab),
+    }
+
+
+def make_rows(labels: np.ndarray, rng: np.random.Generator, *, k: int, vocab: int) -> dict:
+    """Random rows (``topk_ids``, ``topk_logprobs``, ``label_logprobs``, ``label_ranks``) of
+    ``k`` entries for the supervised positions of ``labels``: the label inside the top-k for
+    most rows and outside for others, some rows ending with padding (-1 / -inf)."""
     rows = np.flatnonzero(labels[1:] != IGNORE) + 1
     s = rows.size
     topk = np.full((s, k), -1, np.int32)
@@ -56,9 +68,6 @@ def make_sample(
         else:
             label_lp[r], ranks[r] = row_lp[-1] - 1.5, k + int(rng.integers(0, 50))
     return {
-        "key": key,
-        "input_ids": ids,
-        "labels": labels,
         "topk_ids": topk,
         "topk_logprobs": lps,
         "label_logprobs": label_lp,
@@ -77,6 +86,48 @@ def write_sample_cache(
             t = int(rng.integers(*lengths))
             w.add(**make_sample(f"doc-{i}", rng, t=t, k=k, vocab=vocab))
     return TeacherCache(path)
+
+
+def write_reference_cache(
+    path, teacher: TeacherCache, *, seed: int, k: int, reverse: bool = True, **writer
+) -> TeacherCache:
+    """A reference cache (role ``"reference"``) of the same samples as ``teacher`` (keys, tokens,
+    labels) with other rows of ``k`` entries, stored in reverse order by default (so that
+    positions differ and records must be found by key); ``writer`` goes to ``CacheWriter``."""
+    rng = np.random.default_rng(seed)
+    records = teacher.records_at(range(len(teacher)))
+    if reverse:
+        records = records[::-1]
+    writer.setdefault("role", "reference")
+    with CacheWriter(path, top_k=k, vocab_size=teacher.vocab_size, **writer) as w:
+        for r in records:
+            w.add(
+                r.key,
+                r.input_ids,
+                r.labels,
+                **make_rows(r.labels, rng, k=k, vocab=teacher.vocab_size),
+            )
+    return TeacherCache(path)
+
+
+def _place_rows(
+    rec: CacheRecord, ids: np.ndarray, lps: np.ndarray, row: int, off: int, n: int, extra: bool
+) -> np.ndarray:
+    """Write ``rec``'s rows at its supervised positions (HF alignment) of ``ids``/``lps`` (with
+    the label column when ``extra``); return its label log-probs placed the same way."""
+    k = rec.topk_ids.shape[1]
+    label_lps = np.zeros(ids.shape[1], np.float32)
+    for r, t in enumerate(rec.supervised_positions):
+        if t >= n:
+            break
+        ids[row, off + t, :k] = rec.topk_ids[r]
+        lps[row, off + t, :k] = rec.topk_logprobs[r]
+        label_lps[off + t] = rec.label_logprobs[r]
+        lab = rec.labels[t]
+        if extra and lab not in rec.topk_ids[r]:
+            ids[row, off + t, k] = lab
+            lps[row, off + t, k] = rec.label_logprobs[r]
+    return label_lps
 
 
 def first_fit(lengths: list[int], capacity: int) -> list[tuple[int, int]]:
@@ -104,7 +155,10 @@ def reference_batch(
     padding: str = "longest",
     pad_to_multiple_of: int | None = None,
     label_in_support: bool = True,  # build_batch's default
+    references: list[CacheRecord] | None = None,
 ) -> dict:
+    """The batch of ``records`` (with ``references``: each record's reference record, placed
+    in the ``reference_*`` tensors exactly like the teacher rows)."""
     k = records[0].topk_ids.shape[1]
     w = k + int(label_in_support)
     lengths = [min(r.n_tokens, max_length or r.n_tokens) for r in records]
@@ -129,26 +183,32 @@ def reference_batch(
     position_ids = np.zeros((rows, length), np.int64)
     tids = np.full((rows, length, w), -1, np.int32)
     tlps = np.full((rows, length, w), -np.inf, np.float32)
-    for rec, (row, off), n in zip(records, places, lengths, strict=True):
+    seq = np.full((rows, length), -1, np.int64)
+    if references is not None:
+        wr = references[0].topk_ids.shape[1] + int(label_in_support)
+        rids = np.full((rows, length, wr), -1, np.int32)
+        rlps = np.full((rows, length, wr), -np.inf, np.float32)
+        rlab = np.zeros((rows, length), np.float32)
+    for i, (rec, (row, off), n) in enumerate(zip(records, places, lengths, strict=True)):
         input_ids[row, off : off + n] = rec.input_ids[:n]
         labels[row, off + 1 : off + n] = rec.labels[1:n]  # a sample's first token: -100
         mask[row, off : off + n] = 1
         position_ids[row, off : off + n] = np.arange(n)
-        for r, t in enumerate(rec.supervised_positions):
-            if t >= n:
-                break
-            tids[row, off + t, :k] = rec.topk_ids[r]
-            tlps[row, off + t, :k] = rec.topk_logprobs[r]
-            lab = rec.labels[t]
-            if label_in_support and lab not in rec.topk_ids[r]:
-                tids[row, off + t, k] = lab
-                tlps[row, off + t, k] = rec.label_logprobs[r]
+        seq[row, off : off + n] = i
+        _place_rows(rec, tids, tlps, row, off, n, label_in_support)
+        if references is not None:
+            ref = references[i]
+            assert ref.key == rec.key and np.array_equal(ref.labels, rec.labels)
+            rlab[row] += _place_rows(ref, rids, rlps, row, off, n, label_in_support)
     out = {
         "input_ids": input_ids,
         "labels": labels,
         "teacher_ids": tids,
         "teacher_logprobs": tlps,
+        "sequence_ids": seq,
     }
+    if references is not None:
+        out.update(reference_ids=rids, reference_logprobs=rlps, reference_label_logprobs=rlab)
     if not packing:
         out["attention_mask"] = mask
         return out

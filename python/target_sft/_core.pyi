@@ -10,6 +10,7 @@ import numpy.typing as npt
 from typing_extensions import Self
 
 __all__ = [
+    "CACHE_ROLES",
     "FORMAT_VERSION",
     "CacheWriter",
     "TeacherCache",
@@ -28,6 +29,7 @@ __all__ = [
 
 __version__: str
 FORMAT_VERSION: int
+CACHE_ROLES: list[str]  # the manifest's "role" values (core::manifest::Role::NAMES)
 
 # stub-only alias (private: no runtime counterpart)
 _RawRecord = tuple[
@@ -63,6 +65,7 @@ class CacheWriter:
         floor: float,
         manifest_name: str = ...,  # "manifest.json" (core::manifest::MANIFEST_NAME)
         wait_s: float = 0.0,
+        role: str = "teacher",
     ) -> Self: ...
     def add(
         self,
@@ -92,6 +95,9 @@ class TeacherCache:
     def get_many_at(self, positions: list[int], threads: int = 0) -> list[_RawRecord]: ...
     def key_at(self, position: int) -> int | str: ...
     def keys_range(self, start: int, stop: int) -> list[int | str]: ...
+    def positions_matching(
+        self, other: TeacherCache, positions: list[int]
+    ) -> npt.NDArray[np.int64]: ...  # -1: key not in self
     def position(self, key: int | str) -> int: ...
     def __contains__(self, key: Any, /) -> bool: ...
     def verify(self, progress: Callable[[int, int], Any] | None = None) -> int: ...
@@ -130,6 +136,7 @@ def build_batch(
     out: dict[str, npt.NDArray[Any]]
     | Callable[[str, tuple[int, ...], str], npt.NDArray[Any]]
     | None = None,
+    references: list[tuple[TeacherCache, int]] | None = None,  # one (cache, position) per item
 ) -> dict[str, Any]: ...
 def check_batch_options(
     *,

@@ -31,8 +31,16 @@ import numpy as np
 import numpy.typing as npt
 
 from target_sft import _core
-from target_sft.checks import as_float32, as_float64, as_int32, check_int, check_wait, parse_size
-from target_sft.errors import CacheInputError, CacheKeyError
+from target_sft.checks import (
+    as_float32,
+    as_float64,
+    as_int32,
+    check_int,
+    check_role,
+    check_wait,
+    parse_size,
+)
+from target_sft.errors import CacheInputError, CacheKeyError, CacheMismatchError
 
 IGNORE_INDEX = -100
 Key = int | str
@@ -48,6 +56,7 @@ __all__ = [
     "TeacherCache",
     "TeacherCacheDataset",
     "merge_manifests",
+    "reference_positions",
     "split_by_key",
 ]
 
@@ -165,6 +174,9 @@ class CacheInfo:
     created_by: str = ""
     #: fidelity over the shards that carry statistics (None for caches written before them)
     stats: FidelityStats | None = None
+    #: what the cached model is to a training run: ``"teacher"`` or ``"reference"`` (the
+    #: manifest's ``role``, checked by the native reader; ``"teacher"`` for older caches)
+    role: str = "teacher"
 
     @property
     def bytes_per_token(self) -> float:
@@ -191,6 +203,7 @@ class CacheInfo:
             shards=m["shards"],
             created_by=m.get("created_by", ""),
             stats=FidelityStats.from_manifest(m.get("stats")),
+            role=m.get("role", "teacher"),
         )
 
 
@@ -226,6 +239,9 @@ class CacheWriter:
             adopts only orphan shards carrying its own prefix.
         prior_records: (compact) records buffered to learn the id-frequency table.
         compact_sqrt_step, compact_tail_step, compact_floor: (compact) the codebook's steps.
+        role: what the cached model is to a training run, recorded in the manifest
+            (docs/FORMAT.md §1): ``"teacher"`` (default) or ``"reference"`` (a frozen reference
+            model's rows, for ``TargetSFTCollator(reference=...)``). An append must keep it.
 
     ``add`` validates on the calling thread and raises :class:`CacheInputError` at once; encoding
     and writing happen on background threads. Leaving the ``with`` block normally closes the cache
@@ -254,6 +270,7 @@ class CacheWriter:
         compact_tail_step: float = 2.5,
         compact_floor: float = -48.0,
         wait: bool | float = False,
+        role: Literal["teacher", "reference"] = "teacher",
     ) -> None:
         if mode not in ("create", "append"):
             raise CacheInputError(f'mode must be "create" or "append", got {mode!r}')
@@ -283,6 +300,7 @@ class CacheWriter:
             tail_step=float(compact_tail_step),
             floor=float(compact_floor),
             wait_s=check_wait(wait),
+            role=check_role("role", role),
         )
         self.info: CacheInfo | None = None
 
@@ -430,6 +448,29 @@ class TeacherCache:
         return self._info.top_k
 
     @property
+    def role(self) -> str:
+        """``"teacher"`` or ``"reference"``: the manifest's ``role`` (docs/FORMAT.md §1)."""
+        return self._info.role
+
+    def check_role(self, slot: str, where: str, *, allow_mismatch: bool = False) -> None:
+        """Check that this cache may fill the slot ``slot`` (``"teacher"`` or ``"reference"``)
+        of ``where`` (e.g. ``"TargetSFTCollator(reference=...)"``): its manifest's role must be
+        ``slot``; otherwise :class:`CacheMismatchError` naming both (with ``allow_mismatch``, a
+        warning: e.g. a teacher cache deliberately used as the reference)."""
+        check_role("slot", slot)
+        if self.role == slot:
+            return
+        msg = (
+            f"{where}: the cache at {self.path} holds a {self.role} (its manifest's role) but is "
+            f"passed as the {slot}; pass it in its own slot, build it with role={slot!r} "
+            "(target-sft cache build --role), or pass allow_role_mismatch=True if this is "
+            "deliberate"
+        )
+        if not allow_mismatch:
+            raise CacheMismatchError(msg)
+        warnings.warn(msg, stacklevel=3)
+
+    @property
     def vocab_size(self) -> int:
         return self._info.vocab_size
 
@@ -566,10 +607,12 @@ class CacheSample:
     """A reference to one record of a cache: what the datasets yield and the collator batches.
 
     Holding a reference instead of decoded arrays lets the collator decode a whole batch in one
-    native call, in parallel. It pickles as (cache path, position, reference).
+    native call, in parallel. It pickles as (cache path, position[, reference]).
 
-    ``reference``: the same sample's record in a reference cache (found by key), attached by a
-    dataset given ``reference=``; ``None`` otherwise.
+    ``reference``: the same sample's record in a reference cache (same key; its tokens and
+    labels are checked against this record's when the batch is built), attached by a dataset
+    given ``reference=``; the collator places it in the ``reference_*`` tensors (docs/DATA.md
+    §Several caches).
     """
 
     cache: TeacherCache
@@ -594,10 +637,23 @@ class TeacherCacheDataset:
     :class:`TargetSFTCollator`. The dataset holds no per-sample Python objects, so forked
     DataLoader workers do not copy-on-write a large list; it pickles as the cache path (and the
     split's positions, 8 bytes a record).
+
+    With ``reference`` (a cache of a reference model built from the same rows, role
+    ``"reference"``), every item carries the same sample's reference record as
+    ``CacheSample.reference``: found by key, once, when the dataset is made (one native bulk
+    lookup; 8 bytes a record). A key missing from the reference cache raises
+    :class:`CacheKeyError` naming the key and both caches. The teacher cache's role must be
+    ``"teacher"`` and the reference's ``"reference"`` (:class:`CacheMismatchError` otherwise;
+    ``allow_role_mismatch=True`` warns instead).
     """
 
     def __init__(
-        self, cache: TeacherCache | str | os.PathLike[str], *, key_split: KeySplit | None = None
+        self,
+        cache: TeacherCache | str | os.PathLike[str],
+        *,
+        key_split: KeySplit | None = None,
+        reference: TeacherCache | str | os.PathLike[str] | None = None,
+        allow_role_mismatch: bool = False,
     ) -> None:
         self.cache = cache if isinstance(cache, TeacherCache) else TeacherCache(cache)
         if key_split is not None and not isinstance(key_split, KeySplit):
@@ -605,6 +661,15 @@ class TeacherCacheDataset:
         self.key_split = key_split
         self._positions = None if key_split is None else key_split.positions(self.cache)
         self._len = len(self.cache) if self._positions is None else len(self._positions)
+        self.reference: TeacherCache | None = None
+        self._ref_positions: npt.NDArray[np.int64] | None = None
+        if reference is not None:
+            ref = reference if isinstance(reference, TeacherCache) else TeacherCache(reference)
+            where = "TeacherCacheDataset"
+            self.cache.check_role("teacher", where, allow_mismatch=allow_role_mismatch)
+            ref.check_role("reference", where, allow_mismatch=allow_role_mismatch)
+            self.reference = ref
+            self._ref_positions = reference_positions(self.cache, ref, self._positions)
 
     def __len__(self) -> int:
         return self._len
@@ -617,7 +682,12 @@ class TeacherCacheDataset:
             i += self._len
         if not 0 <= i < self._len:
             raise IndexError(f"index {int(index)} is out of range for {self._len} records")
-        return CacheSample(self.cache, i if self._positions is None else int(self._positions[i]))
+        position = i if self._positions is None else int(self._positions[i])
+        if self.reference is None or self._ref_positions is None:
+            return CacheSample(self.cache, position)
+        return CacheSample(
+            self.cache, position, CacheSample(self.reference, int(self._ref_positions[i]))
+        )
 
     def __getitems__(self, indices: Sequence[int]) -> list[CacheSample]:
         """Batched fetch (used by ``DataLoader`` when present)."""
@@ -633,14 +703,43 @@ class TeacherCacheDataset:
                 "cache itself: split_by_key(cache, eval_fraction=..., seed=...)"
             )
         train, held = KeySplit.pair(eval_fraction, seed)
+        # the roles were checked (or allowed) when this dataset was made
         return (
-            TeacherCacheDataset(self.cache, key_split=train),
-            TeacherCacheDataset(self.cache, key_split=held),
+            TeacherCacheDataset(
+                self.cache, key_split=train, reference=self.reference, allow_role_mismatch=True
+            ),
+            TeacherCacheDataset(
+                self.cache, key_split=held, reference=self.reference, allow_role_mismatch=True
+            ),
         )
 
     def __repr__(self) -> str:
         split = "" if self.key_split is None else f", key_split={self.key_split}"
-        return f"TeacherCacheDataset({self.cache!r}{split})"
+        ref = "" if self.reference is None else f", reference={self.reference!r}"
+        return f"TeacherCacheDataset({self.cache!r}{split}{ref})"
+
+
+def reference_positions(
+    cache: TeacherCache, reference: TeacherCache, positions: Sequence[int] | None = None
+) -> npt.NDArray[np.int64]:
+    """The positions in ``reference`` of the records of ``cache`` at ``positions`` (all of
+    them by default), found by key in one native bulk lookup.
+
+    Raises:
+        CacheKeyError: a key of ``cache`` that ``reference`` lacks (the first one, naming it
+            and both caches).
+    """
+    pos = list(range(len(cache))) if positions is None else [int(p) for p in positions]
+    found = reference._c.positions_matching(cache._c, pos)
+    missing = np.flatnonzero(found < 0)
+    if missing.size:
+        key = cache.key_at(pos[int(missing[0])])
+        raise CacheKeyError(
+            f"key {key!r} of the teacher cache at {cache.path} is not in the reference cache at "
+            f"{reference.path} ({missing.size} of {len(pos)} records lack a reference record); "
+            "build the reference cache from the same rows (same keys)"
+        )
+    return found
 
 
 @dataclass(frozen=True, slots=True)

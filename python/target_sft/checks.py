@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from target_sft import _core
 from target_sft.errors import CacheInputError
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "as_float64",
     "as_int32",
     "check_int",
+    "check_role",
     "check_wait",
     "parse_size",
     "to_numpy",
@@ -121,3 +123,12 @@ def check_wait(wait: bool | float) -> float:
             f"of seconds >= 0, got {wait!r}"
         )
     return float(wait)
+
+
+def check_role(name: str, role: Any) -> str:
+    """A cache role (the manifest's ``role``: ``"teacher"`` or ``"reference"``, the list kept by
+    the native core, docs/FORMAT.md §1), checked before anything expensive starts."""
+    if not isinstance(role, str) or role not in _core.CACHE_ROLES:
+        roles = " or ".join(repr(r) for r in _core.CACHE_ROLES)
+        raise CacheInputError(f"{name} must be {roles}, got {role!r}")
+    return role

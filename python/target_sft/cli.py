@@ -151,6 +151,7 @@ def inspect_text(
         f"cache          {i.path}",
         f"format         version {i.format_version}, {'complete' if i.complete else 'INCOMPLETE (writer still running or died; append to finish)'}",
         f"codec          {i.codec} {json.dumps(i.codec_params, sort_keys=True)}",
+        f"role           {i.role}",
         f"top_k          {i.top_k}",
         f"vocab_size     {i.vocab_size}",
         f"temperature    {i.temperature:g}",
@@ -259,6 +260,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         shard_size=args.shard_size,
         progress=not args.quiet,
         rebuild_changed=args.rebuild_changed,
+        role=args.role,
     )
     if result.stats.rank == 0:
         i = result.info
@@ -457,6 +459,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bld.add_argument("--out", required=True, help="cache directory (an unfinished one resumes)")
     bld.add_argument("--top-k", type=int, default=64, help="teacher tokens kept per position")
+    bld.add_argument(
+        "--role",
+        choices=["teacher", "reference"],
+        default="teacher",
+        help="what the model is to training (recorded in the manifest): the teacher, or a "
+        "frozen reference (e.g. the student's base) for TargetSFTCollator(reference=...)",
+    )
     bld.add_argument(
         "--temperature", type=float, default=1.0, help="softmax temperature of the teacher"
     )

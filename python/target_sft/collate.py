@@ -110,6 +110,65 @@ def _native_item(i: int, item: Any, cache: TeacherCache | None) -> tuple[Any, ..
     return (cache._c, position, given.get("input_ids"), given.get("labels"))
 
 
+def _item_key(item: Any) -> Key:
+    """The cache key of a batch item already checked by :func:`_native_item`."""
+    if isinstance(item, (CacheSample, CacheRecord)):
+        return item.key
+    key = item["key"] if isinstance(item, Mapping) else item
+    return int(key) if isinstance(key, np.integer) else key
+
+
+def _native_references(
+    items: Sequence[BatchItem], reference: TeacherCache | None
+) -> list[tuple[Any, int]] | None:
+    """Each item's reference record as ``(native cache, position)`` (``None``: the batch has no
+    reference): the item's own (``CacheSample.reference``), else its key's record in
+    ``reference``. Either every item has one or none has."""
+    attached = [isinstance(it, CacheSample) and it.reference is not None for it in items]
+    if reference is None and not any(attached):
+        return None
+    out: list[tuple[Any, int]] = []
+    for i, item in enumerate(items):
+        if isinstance(item, CacheSample) and item.reference is not None:
+            out.append((item.reference.cache._c, item.reference.position))
+            continue
+        if reference is None:
+            j = attached.index(True)
+            raise CacheInputError(
+                f"batch item {j} carries a reference record but batch item {i} "
+                f"({_describe(item)}) does not, and no reference cache was given to look its key "
+                "up in; the items of a batch all have a reference or none has (pass reference=..., "
+                "or give every dataset the reference cache)"
+            )
+        if isinstance(item, CacheRecord):
+            raise CacheInputError(
+                f"batch item {i} is a CacheRecord (key {item.key!r}): a batch with a reference "
+                "is built from CacheSample objects, keys or dicts with 'key' (the records are "
+                "decoded, and their alignment checked, by the native builder)"
+            )
+        key = _item_key(item)
+        try:
+            out.append((reference._c, reference.position(key)))
+        except CacheKeyError:
+            raise CacheKeyError(
+                f"batch item {i}: key {key!r} is not in the reference cache at {reference.path}; "
+                "build the reference cache from the same rows (same keys) as the teacher's"
+            ) from None
+    return out
+
+
+def _teacher_slot(where: str, teacher: Any, cache: Any) -> Any:
+    """The teacher cache given as ``teacher=`` or by its old name ``cache=`` (not both)."""
+    if cache is None:
+        return teacher
+    if teacher is not None and teacher is not cache:
+        raise CacheInputError(
+            f"{where}: cache= is the old name of teacher=; pass the teacher cache once, as "
+            f"teacher=... (got teacher={teacher!r} and cache={cache!r})"
+        )
+    return cache
+
+
 def _options(
     padding: str, max_length: int | None, pad_to_multiple_of: int | None, packing: bool
 ) -> dict[str, Any]:
@@ -136,6 +195,8 @@ def build_batch(
     items: Sequence[BatchItem],
     *,
     cache: TeacherCache | None = None,
+    teacher: TeacherCache | None = None,
+    reference: TeacherCache | None = None,
     pad_token_id: int = 0,
     max_length: int | None = None,
     packing: bool = False,
@@ -149,7 +210,12 @@ def build_batch(
 
     Args:
         items: the samples (see :data:`BatchItem`); they may come from several caches.
-        cache: where int/str keys and dict items are looked up.
+        cache: where int/str keys and dict items are looked up (the teacher cache).
+        teacher: the same as ``cache`` (its new name; give one of them).
+        reference: a reference cache (docs/DATA.md §Several caches): each item's key is looked
+            up in it, unless the item is a :class:`CacheSample` carrying its ``reference``
+            record; the batch then holds the ``reference_*`` tensors. Without it, a batch has
+            a reference when its items carry one (all of them or none).
         pad_token_id: ``input_ids`` value at padding positions.
         max_length: truncate longer samples to this many tokens (their teacher rows with them);
             with ``packing``, the capacity of a row.
@@ -175,16 +241,24 @@ def build_batch(
         ``teacher_ids`` int32 ``[B, L, W]`` (-1 padding), ``teacher_logprobs`` float32
         ``[B, L, W]`` (-inf padding), ``W = K`` (``K + 1`` with ``label_in_support``); padded:
         ``attention_mask`` int64 ``[B, L]``; packed: ``position_ids`` int64 ``[B, L]``,
-        ``cu_seqlens`` int32 ``[segments + 1]`` and ``max_seqlen`` (int). See docs/DATA.md.
+        ``cu_seqlens`` int32 ``[segments + 1]`` and ``max_seqlen`` (int); ``sequence_ids`` int64
+        ``[B, L]`` (the index of the item each position belongs to, ``-1`` at padding); with a
+        reference, ``reference_ids`` int32 / ``reference_logprobs`` float32 ``[B, L, Wr]``
+        (``Wr = Kr`` or ``Kr + 1``, placed exactly like the teacher's) and
+        ``reference_label_logprobs`` float32 ``[B, L]`` (``0.0`` where unsupervised). See
+        docs/DATA.md.
 
     Raises:
         CacheInputError: bad options or items, output buffers too small or of the wrong dtype.
-        CacheKeyError: a key or position not in its cache.
+        CacheKeyError: a key or position not in its cache (a key missing from the reference
+            cache names the key and the cache).
         CacheMismatchError: ``input_ids`` given with a key differ from the cached tokens (the
             message says how: a truncation — the batch's ids a prefix or a suffix of the cached
             ids, or the reverse — or the first differing position); ``labels`` given with a key
             differ from the cached labels (the first differing position); caches with different
-            ``top_k`` or vocabularies in one batch.
+            ``top_k`` or vocabularies in one batch; a reference record that is not the same
+            sample as the teacher's (other tokens, labels or number of supervised tokens: the
+            message names the key, both caches and the first difference).
         CacheCorruptionError: a record that does not decode.
         TypeError: an item of an unsupported type.
     """
@@ -193,9 +267,11 @@ def build_batch(
         raise TypeError(f"items must be a sequence of samples, got {type(items).__name__}")
     if len(items) == 0:
         raise CacheInputError("build_batch needs at least one sample")
+    cache = _teacher_slot("build_batch", teacher, cache)
     native = [_native_item(i, item, cache) for i, item in enumerate(items)]
     return _core.build_batch(
         native,
+        references=_native_references(items, reference),
         pad_token_id=int(pad_token_id),
         label_in_support=bool(label_in_support),
         threads=check_int("threads", threads, 0, 4096),
@@ -208,9 +284,14 @@ class TargetSFTCollator:
     """A ``collate_fn`` for ``torch.utils.data.DataLoader`` that builds Target-SFT batches.
 
     Args:
-        cache: the cache that int/str keys and dict items are looked up in (a
-            :class:`TeacherCache` or its path). May be ``None`` when every item is a
-            :class:`CacheSample` or a :class:`CacheRecord`.
+        teacher: the teacher cache that int/str keys and dict items are looked up in (a
+            :class:`TeacherCache` or its path; ``cache=`` is its old name). May be ``None``
+            when every item is a :class:`CacheSample` or a :class:`CacheRecord`.
+        reference: a reference cache (a :class:`TeacherCache` or its path, role
+            ``"reference"``): every batch then also holds ``reference_ids``,
+            ``reference_logprobs`` and ``reference_label_logprobs``, from each item's
+            ``CacheSample.reference`` when it carries one, else from its key's record here
+            (docs/DATA.md §Several caches).
         pad_token_id: ``input_ids`` value at padding positions (default: the tokenizer's pad
             token; required without a tokenizer).
         max_length: truncate samples to this many tokens; with ``packing``, the row capacity.
@@ -237,6 +318,10 @@ class TargetSFTCollator:
             a difference raises :class:`CacheMismatchError` naming both (docs/DATA.md).
         allow_tokenizer_mismatch: warn instead of raising on a tokenizer mismatch (for
             tokenizers you know give the same ids).
+        return_keys: add ``sample_keys``: the items' cache keys in item order (a list), so that
+            ``sample_keys[sequence_ids[b, t]]`` is the key of position ``(b, t)``.
+        allow_role_mismatch: warn instead of raising when a cache's manifest role contradicts
+            its slot (a reference-role cache as the teacher, or the reverse).
 
     Items may be :class:`CacheSample` objects (what :class:`TeacherCacheDataset` and the
     streaming datasets yield), keys, dicts with ``"key"`` and optionally ``"input_ids"`` and
@@ -250,8 +335,10 @@ class TargetSFTCollator:
 
     def __init__(
         self,
-        cache: TeacherCache | str | os.PathLike[str] | None = None,
+        teacher: TeacherCache | str | os.PathLike[str] | None = None,
         *,
+        reference: TeacherCache | str | os.PathLike[str] | None = None,
+        cache: TeacherCache | str | os.PathLike[str] | None = None,
         pad_token_id: int | None = None,
         max_length: int | None = None,
         packing: bool = False,
@@ -263,9 +350,23 @@ class TargetSFTCollator:
         shared_memory_slots: int = 8,
         tokenizer: Any = None,
         allow_tokenizer_mismatch: bool = False,
+        return_keys: bool = False,
+        allow_role_mismatch: bool = False,
     ) -> None:
+        cache = _teacher_slot("TargetSFTCollator", teacher, cache)
         if cache is not None and not isinstance(cache, TeacherCache):
             cache = TeacherCache(cache)
+        if reference is not None and not isinstance(reference, TeacherCache):
+            reference = TeacherCache(reference)
+        self.allow_role_mismatch = bool(allow_role_mismatch)
+        if cache is not None:
+            cache.check_role(
+                "teacher", "TargetSFTCollator(teacher=...)", allow_mismatch=allow_role_mismatch
+            )
+        if reference is not None:
+            reference.check_role(
+                "reference", "TargetSFTCollator(reference=...)", allow_mismatch=allow_role_mismatch
+            )
         if isinstance(tokenizer, (str, os.PathLike)):
             from transformers import AutoTokenizer
 
@@ -285,6 +386,8 @@ class TargetSFTCollator:
             threads = check_int("threads", threads, 0, 4096)
         check_int("shared_memory_slots", shared_memory_slots, 0)
         self.cache = cache
+        self.reference = reference
+        self.return_keys = bool(return_keys)
         self.pad_token_id = int(pad_token_id)
         self.max_length = max_length
         self.packing = bool(packing)
@@ -314,7 +417,14 @@ class TargetSFTCollator:
                 what="TargetSFTCollator's tokenizer",
             )
         if self.cache is not None:
-            self._tokenizer_check.check(self.cache.info, "TargetSFTCollator(cache=...)")
+            self._tokenizer_check.check(self.cache.info, "TargetSFTCollator(teacher=...)")
+        if self.reference is not None:
+            self._tokenizer_check.check(self.reference.info, "TargetSFTCollator(reference=...)")
+
+    @property
+    def teacher(self) -> TeacherCache | None:
+        """The teacher cache (``cache`` is its old name)."""
+        return self.cache
 
     @property
     def tokenizer_check(self) -> TokenizerCheck | None:
@@ -322,18 +432,26 @@ class TargetSFTCollator:
         return self._tokenizer_check
 
     def _check_caches(self, items: Sequence[BatchItem]) -> None:
-        """The tokenizer check of the items' caches: a dict lookup per distinct cache object
-        (the verdict is kept per recorded fingerprint)."""
+        """The role and tokenizer checks of the items' caches (teacher and reference): a dict
+        lookup per distinct cache object (the verdict is kept per recorded fingerprint)."""
         check = self._tokenizer_check
-        if check is None:
-            return
-        last = None
+        last: dict[str, Any] = {"teacher": self.cache, "reference": self.reference}
         for i, item in enumerate(items):
-            c = item.cache if isinstance(item, CacheSample) else None
-            if c is None or c is last or c is self.cache:
+            if not isinstance(item, CacheSample):
                 continue
-            last = c
-            check.check(c.info, f"TargetSFTCollator: batch item {i}")
+            pairs = [("teacher", item.cache)]
+            if item.reference is not None:
+                pairs.append(("reference", item.reference.cache))
+            for slot, c in pairs:
+                if c is last[slot]:
+                    continue
+                last[slot] = c
+                where = f"TargetSFTCollator: batch item {i}" + (
+                    "'s reference" if slot == "reference" else ""
+                )
+                c.check_role(slot, where, allow_mismatch=self.allow_role_mismatch)
+                if check is not None:
+                    check.check(c.info, where)
 
     def __call__(self, items: Sequence[BatchItem]) -> dict[str, Any]:
         """Collate a list of items into a batch (dict of tensors, see :func:`build_batch`)."""
@@ -344,6 +462,7 @@ class TargetSFTCollator:
             threads = 1 if in_worker else 0
         kw = {
             "cache": self.cache,
+            "reference": self.reference,
             "pad_token_id": self.pad_token_id,
             "max_length": self.max_length,
             "packing": self.packing,
@@ -353,7 +472,7 @@ class TargetSFTCollator:
             "threads": threads,
         }
         if self.return_tensors == "np":
-            return build_batch(items, **kw)
+            return self._with_keys(items, build_batch(items, **kw))
         import torch
 
         slot = None
@@ -369,18 +488,27 @@ class TargetSFTCollator:
             # the batch into new shared memory when sending it, in the queue's feeder thread;
             # measured faster than writing into new shared memory directly.)
             batch = build_batch(items, **kw)
-            return {
-                k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()
-            }
+            return self._with_keys(
+                items,
+                {
+                    k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v
+                    for k, v in batch.items()
+                },
+            )
         tensors: dict[str, Any] = {}
         offset = 0
-        width = self._teacher_width(items)
+        width, ref_width = self._widths(items)
+        # per token: input_ids, labels, attention_mask/position_ids, sequence_ids (int64), the
+        # teacher rows (int32 + float32 per column) and, with a reference, its rows and label
+        # log-prob (float32); one alignment pad per output
+        per_token = 4 * 8 + 2 * 4 * width + (2 * 4 * ref_width + 4 if ref_width else 0)
+        outputs = 6 + (3 if ref_width else 0)
 
         def alloc(name: str, shape: tuple[int, ...], dtype: str) -> np.ndarray:
             nonlocal offset
             if not tensors:  # the first output: room for the whole batch in the slot
                 rows, length = shape[0], shape[1]
-                pool.reserve(slot, rows * length * (3 * 8 + 2 * 4 * width) + 5 * _ALIGN)
+                pool.reserve(slot, rows * length * per_token + outputs * _ALIGN)
             t = _shm.view(pool.slots[slot]["storage"], offset, shape, getattr(torch, dtype))
             offset += -(-t.nbytes // _ALIGN) * _ALIGN
             tensors[name] = t
@@ -397,23 +525,36 @@ class TargetSFTCollator:
             else (torch.from_numpy(v) if isinstance(v, np.ndarray) else v)
             for k, v in batch.items()
         }
-        return _shm.PooledBatch(out, pool, slot)
+        return _shm.PooledBatch(self._with_keys(items, out), pool, slot)
 
-    def _teacher_width(self, items: Sequence[BatchItem]) -> int:
-        """Teacher columns of the batch (an upper bound is enough: it sizes a buffer)."""
-        k = 0
+    def _with_keys(self, items: Sequence[BatchItem], batch: dict[str, Any]) -> dict[str, Any]:
+        """``batch`` with ``sample_keys`` when the collator returns keys."""
+        if self.return_keys:
+            batch["sample_keys"] = [_item_key(item) for item in items]
+        return batch
+
+    def _widths(self, items: Sequence[BatchItem]) -> tuple[int, int]:
+        """Teacher and reference columns of the batch (0: no reference). Upper bounds are
+        enough: they size a buffer."""
+        k = kr = 0
         for item in items:
             if isinstance(item, CacheSample):
                 k = max(k, item.cache.top_k)
+                if item.reference is not None:
+                    kr = max(kr, item.reference.cache.top_k)
             elif isinstance(item, CacheRecord):
                 k = max(k, int(item.topk_ids.shape[1]) if item.topk_ids.ndim == 2 else 0)
             elif self.cache is not None:
                 k = max(k, self.cache.top_k)
-        return max(k, 1) + int(self.label_in_support)
+        if self.reference is not None:
+            kr = max(kr, self.reference.top_k)
+        extra = int(self.label_in_support)
+        return max(k, 1) + extra, (kr + extra if kr else 0)
 
     def __repr__(self) -> str:
+        ref = "" if self.reference is None else f"reference={self.reference!r}, "
         return (
-            f"TargetSFTCollator(cache={self.cache!r}, pad_token_id={self.pad_token_id}, "
+            f"TargetSFTCollator(teacher={self.cache!r}, {ref}pad_token_id={self.pad_token_id}, "
             f"max_length={self.max_length}, packing={self.packing}, padding={self.padding!r}, "
             f"pad_to_multiple_of={self.pad_to_multiple_of}, "
             f"label_in_support={self.label_in_support})"

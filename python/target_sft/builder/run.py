@@ -23,7 +23,7 @@ from target_sft.builder.plan import plan_ranks
 from target_sft.builder.resume import check_directory, rank_files, resume_state
 from target_sft.builder.teacher import PendingBatch, TeacherRunner, check_ids_fit, collate
 from target_sft.cache import CacheInfo, CacheWriter, merge_manifests
-from target_sft.checks import check_int, check_wait
+from target_sft.checks import check_int, check_role, check_wait
 from target_sft.errors import CacheInputError
 from target_sft.fingerprint import tokenizer_fingerprint
 from target_sft.models import load_teacher, load_tokenizer, teacher_fingerprint
@@ -105,8 +105,11 @@ class BuildOptions:
     progress: bool | None
     on_batch: Callable[[BuildStats], None] | None
     rebuild_changed: bool
+    # what the cached model is to a training run (the manifest's role, docs/FORMAT.md §1)
+    role: Literal["teacher", "reference"] = "teacher"
 
     def __post_init__(self) -> None:
+        check_role("role", self.role)
         for name in ("top_k", "batch_tokens", "max_batch_size", "window"):
             check_int(name, getattr(self, name), 1)
         t = self.temperature
@@ -156,6 +159,7 @@ class _RankBuild:
             shard_prefix=self.prefix,
             manifest_name=self.manifest_name,
             wait=self.opts.wait,
+            role=self.opts.role,
         )
         return self.writer
 
@@ -349,6 +353,7 @@ def build_teacher_cache(
     on_batch: Callable[[BuildStats], None] | None = None,
     rebuild_changed: bool = False,
     wait: bool | float = False,
+    role: Literal["teacher", "reference"] = "teacher",
 ) -> BuildResult:
     """Cache a teacher's top-``k`` log-probs for every sample of ``dataset`` in ``path``.
 
@@ -391,6 +396,11 @@ def build_teacher_cache(
             :class:`CacheLockedError` once the data is checked (before the teacher loads),
             naming it; ``True`` waits; a number waits at most that many seconds
             (docs/FORMAT.md §6).
+        role: what the cached model is to a training run, recorded in the manifest:
+            ``"teacher"`` (the model the student learns from) or ``"reference"`` (a frozen
+            model, e.g. the student's base, whose rows feed SFT+KL/ASFT anchors and iw-SFT
+            weights: ``TargetSFTCollator(teacher, reference=...)``, docs/DATA.md). A resumed
+            build must keep it.
 
     Returns:
         :class:`BuildResult` with the merged cache's :class:`CacheInfo` and this rank's stats.
@@ -424,6 +434,7 @@ def build_teacher_cache(
         progress=progress,
         on_batch=on_batch,
         rebuild_changed=rebuild_changed,
+        role=role,
     )
     out = Path(path)
     dist = dist_context(rank, world_size, dist_timeout)

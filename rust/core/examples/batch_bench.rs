@@ -18,6 +18,7 @@ fn main() {
         .collect();
     let (mut ids, mut mask, mut labels) = (Vec::new(), Vec::new(), Vec::new());
     let (mut tids, mut tlps) = (Vec::new(), Vec::new());
+    let mut seq = Vec::new();
     let mut run = |round_trip: bool| -> (f64, usize) {
         let mut best = f64::INFINITY;
         let mut sup = 0;
@@ -55,6 +56,7 @@ fn main() {
                             position: p,
                             input_ids: None,
                             labels: None,
+                            reference: None,
                         })
                         .collect()
                 };
@@ -63,6 +65,7 @@ fn main() {
                 ids.resize(n, 0i64);
                 mask.resize(n, 0i64);
                 labels.resize(n, 0i64);
+                seq.resize(n, 0i64);
                 tids.resize(nt, 0i32);
                 tlps.resize(nt, 0f32);
                 let out = BatchBuffers {
@@ -72,6 +75,8 @@ fn main() {
                     position_ids: None,
                     teacher_ids: &mut tids[..nt],
                     teacher_logprobs: &mut tlps[..nt],
+                    sequence_ids: &mut seq[..n],
+                    reference: None,
                 };
                 sup += plan.fill(&sources, out, false).unwrap();
             }

@@ -12,6 +12,12 @@
 //! token `t >= 1`. Each sample's first position gets label `-100` (nothing in the sample
 //! predicts it: in a packed row the previous token belongs to another sample), so
 //! `labels[b, t] != -100` exactly where a teacher row was placed.
+//!
+//! A cached sample may carry a [`Reference`]: the same sample's record in a second cache (a
+//! reference model's). Its rows are placed exactly like the teacher's, into the `reference_*`
+//! tensors, by the same row machinery ([`PlacedRows`]); the plan checks that the two records
+//! are one sample (key, token hash, token and supervised counts), the fill that their labels
+//! are equal. `sequence_ids[b, t]` says which item each position belongs to (`-1`: padding).
 
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -19,7 +25,7 @@ use std::sync::Arc;
 use rayon::prelude::*;
 
 use crate::cache::TeacherCache;
-use crate::codec::{DecodeScratch, RowSink};
+use crate::codec::{DecodeScratch, Frame, RowSink};
 use crate::error::{Error, ErrorKind, Result};
 use crate::hash;
 use crate::record::{count_supervised, describe_ids, describe_labels, Key, IGNORE_INDEX};
@@ -37,6 +43,13 @@ pub struct RecordView<'a> {
     pub top_k: usize,
 }
 
+/// The same sample's record in a reference cache (see the module docs).
+#[derive(Clone, Copy)]
+pub struct Reference<'a> {
+    pub cache: &'a TeacherCache,
+    pub position: u64,
+}
+
 /// One sample of a batch.
 pub enum Source<'a> {
     /// The record at a global position of a cache. With `input_ids`, the record's stored token
@@ -48,6 +61,9 @@ pub enum Source<'a> {
         position: u64,
         input_ids: Option<&'a [i32]>,
         labels: Option<&'a [i32]>,
+        /// The sample's record in a reference cache: either every sample of a batch has one
+        /// or none has.
+        reference: Option<Reference<'a>>,
     },
     /// A record already in memory.
     Decoded(RecordView<'a>),
@@ -161,11 +177,19 @@ pub struct Placement {
     pub len: usize,
 }
 
+/// A located record: its shard and index there.
+struct Located {
+    shard: Arc<ShardReader>,
+    index: usize,
+}
+
 enum Resolved {
     Shard {
         shard: Arc<ShardReader>,
         index: usize,
         n_sup: usize,
+        /// The reference record (checked to be the same sample).
+        reference: Option<Located>,
     },
     Decoded,
 }
@@ -180,6 +204,10 @@ pub struct BatchPlan {
     pub top_k: usize,
     /// Teacher columns in the batch: `K`, or `K + 1` with `label_in_support`.
     pub width: usize,
+    /// Entries per row of the reference cache (`Kr`); `None`: the batch has no reference.
+    pub reference_top_k: Option<usize>,
+    /// Reference columns: `Kr`, or `Kr + 1` with `label_in_support` (0 without a reference).
+    pub reference_width: usize,
     pub packing: bool,
     /// In flat (row-major) order.
     pub placements: Vec<Placement>,
@@ -203,6 +231,18 @@ pub struct BatchBuffers<'a> {
     pub position_ids: Option<&'a mut [i64]>,
     pub teacher_ids: &'a mut [i32],
     pub teacher_logprobs: &'a mut [f32],
+    /// `B * L`: the item each position belongs to, `-1` at padding.
+    pub sequence_ids: &'a mut [i64],
+    /// Exactly when the plan has a reference.
+    pub reference: Option<ReferenceBuffers<'a>>,
+}
+
+/// The reference tensors of a batch: `B * L * reference_width` rows and `B * L` label
+/// log-probs (`0.0` where unsupervised).
+pub struct ReferenceBuffers<'a> {
+    pub ids: &'a mut [i32],
+    pub logprobs: &'a mut [f32],
+    pub label_logprobs: &'a mut [f32],
 }
 
 fn item_err(i: usize, key: Option<&Key>, e: Error) -> Error {
@@ -222,6 +262,15 @@ impl BatchPlan {
         let max_len = opts.max_length.unwrap_or(usize::MAX);
         let mut top_k: Option<(usize, usize)> = None; // (k, item that set it)
         let mut vocab: Option<(usize, usize)> = None;
+        // (Kr, item that set it) and whether item 0 has a reference (all or none must)
+        let mut ref_k: Option<(usize, usize)> = None;
+        let has_ref = matches!(
+            sources[0],
+            Source::Cached {
+                reference: Some(_),
+                ..
+            }
+        );
         let mut resolved = Vec::with_capacity(sources.len());
         let mut lens = Vec::with_capacity(sources.len());
         for (i, src) in sources.iter().enumerate() {
@@ -231,7 +280,11 @@ impl BatchPlan {
                     position,
                     input_ids,
                     labels,
+                    reference,
                 } => {
+                    if reference.is_some() != has_ref {
+                        return Err(item_err(i, None, mixed_references(i, has_ref)));
+                    }
                     let (s, index) = cache.locate(*position).map_err(|e| item_err(i, None, e))?;
                     let shard = cache.shard(s).map_err(|e| item_err(i, None, e))?;
                     // checked before the batch is sized by it
@@ -276,14 +329,37 @@ impl BatchPlan {
                         None => vocab = Some((v, i)),
                         _ => {}
                     }
+                    let reference = match reference {
+                        None => None,
+                        Some(r) => {
+                            let located = resolve_reference(cache, &shard, index, &row, r)
+                                .map_err(|e| item_err(i, shard.key(index).ok().as_ref(), e))?;
+                            let kr = r.cache.manifest.top_k;
+                            match ref_k {
+                                Some((k0, j)) if k0 != kr => {
+                                    return Err(item_err(i, None, Error::mismatch(format!(
+                                        "its reference cache ({}) has top_k = {kr} but batch item {j}'s has {k0}; a batch needs one reference top_k",
+                                        r.cache.dir.display()
+                                    ))))
+                                }
+                                None => ref_k = Some((kr, i)),
+                                _ => {}
+                            }
+                            Some(located)
+                        }
+                    };
                     resolved.push(Resolved::Shard {
                         shard: shard.clone(),
                         index,
                         n_sup: row.n_supervised as usize,
+                        reference,
                     });
                     (cache.manifest.top_k, row.n_tokens as usize)
                 }
                 Source::Decoded(r) => {
+                    if has_ref {
+                        return Err(item_err(i, Some(&r.key), mixed_references(i, has_ref)));
+                    }
                     check_view(r).map_err(|e| item_err(i, Some(&r.key), e))?;
                     resolved.push(Resolved::Decoded);
                     (r.top_k, r.input_ids.len())
@@ -309,6 +385,8 @@ impl BatchPlan {
         }
         let top_k = top_k.expect("non-empty").0;
         let width = top_k + usize::from(opts.label_in_support);
+        let reference_top_k = ref_k.map(|(k, _)| k);
+        let reference_width = reference_top_k.map_or(0, |k| k + usize::from(opts.label_in_support));
         // rows and placements
         let mut placements = Vec::with_capacity(sources.len());
         let (rows, longest) = if opts.packing {
@@ -352,7 +430,9 @@ impl BatchPlan {
         let len = base
             .checked_next_multiple_of(opts.pad_to_multiple_of)
             .ok_or_else(|| Error::input("the padded length overflows"))?;
-        let elements = rows.checked_mul(len).and_then(|n| n.checked_mul(width));
+        let elements = rows
+            .checked_mul(len)
+            .and_then(|n| n.checked_mul(width.max(reference_width)));
         if elements.is_none_or(|n| n > isize::MAX as usize / 8) {
             return Err(Error::input(format!(
                 "a batch of {rows} x {len} tokens x {width} teacher entries is too large"
@@ -363,6 +443,8 @@ impl BatchPlan {
             len,
             top_k,
             width,
+            reference_top_k,
+            reference_width,
             packing: opts.packing,
             placements,
             cu_seqlens: Vec::new(),
@@ -407,6 +489,12 @@ impl BatchPlan {
         self.rows * self.len * self.width
     }
 
+    /// Elements of the reference row tensors (`B * L * reference_width`; 0 without a
+    /// reference).
+    pub fn reference_elements(&self) -> usize {
+        self.rows * self.len * self.reference_width
+    }
+
     /// Fill `out` (every element is written) and return the number of supervised positions
     /// (teacher rows) in the batch. `parallel` fills the pieces with rayon (call it inside the
     /// pool to use); otherwise everything runs on the calling thread. `sources` must be the
@@ -436,6 +524,20 @@ impl BatchPlan {
         check("labels", out.labels.len(), n)?;
         check("teacher_ids", out.teacher_ids.len(), nt)?;
         check("teacher_logprobs", out.teacher_logprobs.len(), nt)?;
+        check("sequence_ids", out.sequence_ids.len(), n)?;
+        if out.reference.is_some() != self.reference_top_k.is_some() {
+            return Err(Error::input(if out.reference.is_some() {
+                "reference output buffers given for a batch without a reference"
+            } else {
+                "the batch has a reference: it needs the reference output buffers"
+            }));
+        }
+        if let Some(r) = &out.reference {
+            let nr = self.reference_elements();
+            check("reference_ids", r.ids.len(), nr)?;
+            check("reference_logprobs", r.logprobs.len(), nr)?;
+            check("reference_label_logprobs", r.label_logprobs.len(), n)?;
+        }
         if self.packing != out.position_ids.is_some()
             || self.packing == out.attention_mask.is_some()
         {
@@ -474,20 +576,43 @@ impl BatchPlan {
         let mut pos = out
             .position_ids
             .map(|m| carve(m, spans.iter().map(|s| s.1)).into_iter());
+        let seq = carve(out.sequence_ids, spans.iter().map(|s| s.1));
+        let wr = self.reference_width;
+        let mut reference = out.reference.map(|r| {
+            let ids = carve(r.ids, spans.iter().map(|s| s.1 * wr));
+            let lps = carve(r.logprobs, spans.iter().map(|s| s.1 * wr));
+            let lab = carve(r.label_logprobs, spans.iter().map(|s| s.1));
+            ids.into_iter()
+                .zip(lps)
+                .zip(lab)
+                .map(|((ids, lps), label_lps)| RowsOut {
+                    ids,
+                    lps,
+                    label_lps: Some(label_lps),
+                })
+        });
         let pieces: Vec<Piece<'_>> = spans
             .iter()
             .zip(ids)
             .zip(labels)
             .zip(tids.into_iter().zip(tlps))
-            .map(|(((&(place, _), ids), labels), (tids, tlps))| Piece {
-                place,
-                ids,
-                labels,
-                mask: mask.as_mut().map(|m| m.next().expect("one per span")),
-                pos: pos.as_mut().map(|m| m.next().expect("one per span")),
-                tids,
-                tlps,
-            })
+            .zip(seq)
+            .map(
+                |((((&(place, _), ids), labels), (tids, tlps)), seq)| Piece {
+                    place,
+                    ids,
+                    labels,
+                    mask: mask.as_mut().map(|m| m.next().expect("one per span")),
+                    pos: pos.as_mut().map(|m| m.next().expect("one per span")),
+                    seq,
+                    teacher: RowsOut {
+                        ids: tids,
+                        lps: tlps,
+                        label_lps: None,
+                    },
+                    reference: reference.as_mut().map(|r| r.next().expect("one per span")),
+                },
+            )
             .collect();
         let results: Vec<Result<usize>> = if parallel {
             pieces
@@ -505,7 +630,7 @@ impl BatchPlan {
         results.into_iter().sum()
     }
 
-    fn fill_piece(&self, sources: &[Source<'_>], pc: Piece<'_>) -> Result<usize> {
+    fn fill_piece(&self, sources: &[Source<'_>], mut pc: Piece<'_>) -> Result<usize> {
         let Some(p) = pc.place else {
             pc.ids.fill(self.opts.pad_token_id);
             pc.labels.fill(i64::from(IGNORE_INDEX));
@@ -516,76 +641,129 @@ impl BatchPlan {
                 // the padding tail is a segment of its own (see `cu_seqlens`)
                 pos.iter_mut().enumerate().for_each(|(j, x)| *x = j as i64);
             }
-            pc.tids.fill(-1);
-            pc.tlps.fill(f32::NEG_INFINITY);
+            pc.seq.fill(-1);
+            pc.teacher.fill_unsupervised(&[], pc.ids.len(), self.width);
+            if let Some(mut r) = pc.reference {
+                r.fill_unsupervised(&[], pc.ids.len(), self.reference_width);
+            }
             return Ok(0);
         };
-        let place = self.placements[p];
-        let item = place.item;
+        let item = self.placements[p].item;
+        pc.seq.fill(item as i64);
         match (&sources[item], &self.resolved[item]) {
             (
-                _,
+                src,
                 Resolved::Shard {
                     shard,
                     index,
                     n_sup,
+                    reference,
                 },
             ) => self
-                .fill_cached(shard, *index, *n_sup, given_labels(&sources[item]), pc)
-                .map_err(|e| {
-                    let key = shard.key(*index).ok();
-                    // a label mismatch is about the sample, not where its record is stored
-                    let e = if e.kind == ErrorKind::Mismatch {
-                        e
-                    } else {
-                        e.at(format_args!(
-                            "shard {}, record {index}",
-                            shard.path.display()
-                        ))
-                    };
-                    item_err(item, key.as_ref(), e)
-                }),
+                .fill_cached(src, shard, *index, *n_sup, reference.as_ref(), pc)
+                .map_err(|e| item_err(item, shard.key(*index).ok().as_ref(), e)),
             (Source::Decoded(r), _) => Ok(self.fill_decoded(r, pc)),
             (Source::Cached { .. }, Resolved::Decoded) => unreachable!("resolved from sources"),
         }
     }
 
+    /// A cached sample: its tokens, its teacher rows and (with a reference) the reference
+    /// record's rows, each decoded by [`open_record`] and placed by [`BatchPlan::place_rows`].
     fn fill_cached(
         &self,
+        src: &Source<'_>,
         shard: &ShardReader,
         index: usize,
         n_sup: usize,
-        labels: Option<&[i32]>,
+        reference: Option<&Located>,
         pc: Piece<'_>,
     ) -> Result<usize> {
-        let n_tokens = shard.index_row(index).n_tokens as usize;
-        let frame = shard.frame(index);
+        let Source::Cached {
+            cache,
+            labels: given,
+            reference: ref_src,
+            ..
+        } = src
+        else {
+            unreachable!("resolved from a cached source")
+        };
+        // a label mismatch is about the sample, not where its record is stored
+        let at = |e: Error, shard: &ShardReader, index: usize| {
+            if e.kind == ErrorKind::Mismatch {
+                e
+            } else {
+                e.at(format_args!(
+                    "shard {}, record {index}",
+                    shard.path.display()
+                ))
+            }
+        };
         TOKENS.with(|tok| {
             let tok = &mut *tok.borrow_mut();
             DecodeScratch::with_thread_local(|scratch| {
-                let mut f = shard.codec.open_frame(frame, n_tokens, n_sup, scratch)?;
-                f.tokens(&mut tok.ids, &mut tok.labels)?;
-                if let Some(given) = labels {
-                    if given != &tok.labels[..] {
+                let n = pc.ids.len();
+                let f = open_record(shard, index, n_sup, scratch, &mut tok.ids, &mut tok.labels)
+                    .map_err(|e| at(e, shard, index))?;
+                if let Some(given) = given {
+                    if *given != &tok.labels[..] {
                         return Err(Error::mismatch(describe_labels(given, &tok.labels)));
                     }
                 }
-                let n = pc.ids.len();
                 supervised_positions(&tok.labels[..n], &mut tok.pos);
-                let mut sink = self.write_sample(&tok.ids[..n], &tok.labels, &tok.pos, pc);
-                f.rows(&tok.labels, tok.pos.len(), &mut sink)?;
+                self.write_tokens(
+                    &tok.ids[..n],
+                    &tok.labels,
+                    pc.ids,
+                    pc.labels,
+                    pc.mask,
+                    pc.pos,
+                );
+                self.place_rows(f, &tok.labels, &tok.pos, self.top_k, pc.teacher)
+                    .map_err(|e| at(e, shard, index))?;
+                if let (Some(loc), Some(r), Some(out)) = (reference, ref_src, pc.reference) {
+                    let (rs, ri) = (&loc.shard, loc.index);
+                    let f = open_record(
+                        rs,
+                        ri,
+                        n_sup,
+                        scratch,
+                        &mut tok.ref_ids,
+                        &mut tok.ref_labels,
+                    )
+                    .map_err(|e| at(e, rs, ri).at("the reference record"))?;
+                    if tok.ref_labels != tok.labels {
+                        return Err(Error::mismatch(describe_reference(
+                            "labels",
+                            &tok.labels,
+                            &tok.ref_labels,
+                            cache,
+                            r.cache,
+                        )));
+                    }
+                    self.place_rows(f, &tok.ref_labels, &tok.pos, r.cache.manifest.top_k, out)
+                        .map_err(|e| at(e, rs, ri).at("the reference record"))?;
+                }
                 Ok(tok.pos.len())
             })
         })
     }
 
-    fn fill_decoded(&self, r: &RecordView<'_>, pc: Piece<'_>) -> usize {
+    fn fill_decoded(&self, r: &RecordView<'_>, mut pc: Piece<'_>) -> usize {
         let n = pc.ids.len();
         let k = self.top_k;
         TOKENS.with(|tok| {
             let pos = &mut tok.borrow_mut().pos;
             supervised_positions(&r.labels[..n], pos);
-            let mut sink = self.write_sample(&r.input_ids[..n], r.labels, pos, pc);
+            self.write_tokens(
+                &r.input_ids[..n],
+                r.labels,
+                pc.ids,
+                pc.labels,
+                pc.mask,
+                pc.pos,
+            );
+            pc.teacher.fill_unsupervised(pos, n, self.width);
+            let mut sink = self.sink(r.labels, pos, k, pc.teacher);
             for row in 0..pos.len() {
                 let (_, ids, lps) = sink.row(row);
                 ids.copy_from_slice(&r.topk_ids[row * k..(row + 1) * k]);
@@ -597,36 +775,63 @@ impl BatchPlan {
     }
 
     /// Write a sample's tokens (`ids` = its first `n` tokens), its labels (`-100` at its first
-    /// position), mask or position ids, and `-1`/`-inf` at the positions without a teacher row;
-    /// return the sink for the teacher rows at `pos`.
-    fn write_sample<'a>(
+    /// position) and mask or position ids.
+    fn write_tokens(
         &self,
         ids: &[i32],
-        labels: &'a [i32],
-        pos: &'a [u32],
-        pc: Piece<'a>,
-    ) -> PlacedRows<'a> {
+        labels: &[i32],
+        out_ids: &mut [i64],
+        out_labels: &mut [i64],
+        mask: Option<&mut [i64]>,
+        pos: Option<&mut [i64]>,
+    ) {
         let n = ids.len();
-        for (o, &x) in pc.ids.iter_mut().zip(ids) {
+        for (o, &x) in out_ids.iter_mut().zip(ids) {
             *o = i64::from(x);
         }
-        pc.labels[0] = i64::from(IGNORE_INDEX);
-        for (o, &x) in pc.labels[1..].iter_mut().zip(&labels[1..n]) {
+        out_labels[0] = i64::from(IGNORE_INDEX);
+        for (o, &x) in out_labels[1..].iter_mut().zip(&labels[1..n]) {
             *o = i64::from(x);
         }
-        if let Some(m) = pc.mask {
+        if let Some(m) = mask {
             m.fill(1);
         }
-        if let Some(p) = pc.pos {
+        if let Some(p) = pos {
             p.iter_mut().enumerate().for_each(|(j, x)| *x = j as i64);
         }
-        let w = self.width;
-        fill_unsupervised(pos, n, w, pc.tids, pc.tlps);
+    }
+
+    /// The one way rows of a record reach a batch tensor (teacher or reference): `-1`/`-inf`
+    /// (and label log-prob `0.0`) at the positions of the piece without a row, then the frame's
+    /// first `pos.len()` rows of `k` entries at `pos`, with the label column.
+    fn place_rows(
+        &self,
+        f: Frame<'_>,
+        labels: &[i32],
+        pos: &[u32],
+        k: usize,
+        mut out: RowsOut<'_>,
+    ) -> Result<()> {
+        let w = k + usize::from(self.opts.label_in_support);
+        let n = out.ids.len() / w;
+        out.fill_unsupervised(pos, n, w);
+        let mut sink = self.sink(labels, pos, k, out);
+        f.rows(labels, pos.len(), &mut sink)
+    }
+
+    fn sink<'a>(
+        &self,
+        labels: &'a [i32],
+        pos: &'a [u32],
+        k: usize,
+        out: RowsOut<'a>,
+    ) -> PlacedRows<'a> {
         PlacedRows {
-            k: self.top_k,
-            w,
-            ids: pc.tids,
-            lps: pc.tlps,
+            k,
+            w: k + usize::from(self.opts.label_in_support),
+            ids: out.ids,
+            lps: out.lps,
+            label_lps: out.label_lps,
             pos,
             labels,
             label_in_support: self.opts.label_in_support,
@@ -634,12 +839,112 @@ impl BatchPlan {
     }
 }
 
-/// The labels a cached source was given to check (`None`: not checked).
-fn given_labels<'a>(src: &Source<'a>) -> Option<&'a [i32]> {
-    match src {
-        Source::Cached { labels, .. } => *labels,
-        Source::Decoded(_) => None,
+/// Whether a batch has references is decided by its item 0; item `i` disagrees.
+fn mixed_references(i: usize, has_ref: bool) -> Error {
+    Error::input(if has_ref {
+        format!("batch item 0 has a reference record but item {i} has none; the items of a batch all have a reference or none has")
+    } else {
+        format!("batch item {i} has a reference record but item 0 has none; the items of a batch all have a reference or none has")
+    })
+}
+
+/// Locate the reference record `r` of the record `index` of `shard` (in `cache`, index row
+/// `row`) and check that it is the same sample: the same key, token hash and token and
+/// supervised counts (its labels are compared when the batch is filled).
+fn resolve_reference(
+    cache: &TeacherCache,
+    shard: &ShardReader,
+    index: usize,
+    row: &crate::shard::IndexRow,
+    r: &Reference<'_>,
+) -> Result<Located> {
+    let (s, ri) = r
+        .cache
+        .locate(r.position)
+        .map_err(|e| e.at("its reference"))?;
+    let rs = r.cache.shard(s).map_err(|e| e.at("its reference"))?;
+    let rrow = rs.checked_row(ri).map_err(|e| e.at("its reference"))?;
+    if r.cache.manifest.vocab_size != cache.manifest.vocab_size {
+        return Err(Error::mismatch(format!(
+            "the reference cache ({}) has vocab_size {} but the teacher cache ({}) has {}; a reference must share the teacher's tokenizer",
+            r.cache.dir.display(),
+            r.cache.manifest.vocab_size,
+            cache.dir.display(),
+            cache.manifest.vocab_size
+        )));
     }
+    let (key, rkey) = (shard.key(index)?, rs.key(ri)?);
+    if key != rkey {
+        return Err(Error::mismatch(format!(
+            "the reference record at position {} of {} has key {rkey}, not the teacher record's key {key}; pair records by key",
+            r.position,
+            r.cache.dir.display()
+        )));
+    }
+    if rrow.token_hash != row.token_hash || rrow.n_tokens != row.n_tokens {
+        let (a, _) = decode_tokens(shard, index, row)?;
+        let (b, _) = decode_tokens(&rs, ri, &rrow).map_err(|e| e.at("its reference"))?;
+        return Err(Error::mismatch(describe_reference(
+            "tokens", &a, &b, cache, r.cache,
+        )));
+    }
+    if rrow.n_supervised != row.n_supervised {
+        return Err(Error::mismatch(format!(
+            "the reference record has {} supervised tokens but the teacher record has {} (teacher cache {}, reference cache {}); both caches must be built from the same rows",
+            rrow.n_supervised,
+            row.n_supervised,
+            cache.dir.display(),
+            r.cache.dir.display()
+        )));
+    }
+    Ok(Located {
+        shard: rs,
+        index: ri,
+    })
+}
+
+/// How a reference record's `what` (tokens or labels) differ from the teacher record's: the
+/// first differing position, both caches named.
+fn describe_reference(
+    what: &str,
+    teacher: &[i32],
+    reference: &[i32],
+    cache: &TeacherCache,
+    ref_cache: &TeacherCache,
+) -> String {
+    let t = teacher
+        .iter()
+        .zip(reference)
+        .take_while(|(a, b)| a == b)
+        .count();
+    let show = |v: Option<&i32>| v.map_or("(end)".to_string(), i32::to_string);
+    format!(
+        "the reference record's {what} differ from the teacher record's at position {t} (teacher {}, reference {}; {} vs {} entries; teacher cache {}, reference cache {}): both caches must be built from the same rows (same tokenizer, chat template, truncation and supervision)",
+        show(teacher.get(t)),
+        show(reference.get(t)),
+        teacher.len(),
+        reference.len(),
+        cache.dir.display(),
+        ref_cache.dir.display()
+    )
+}
+
+/// Open record `index` of `shard` and decode its tokens into `ids`/`labels`; its rows are
+/// next in the returned frame.
+fn open_record<'a>(
+    shard: &'a ShardReader,
+    index: usize,
+    n_sup: usize,
+    scratch: &'a mut DecodeScratch,
+    ids: &mut Vec<i32>,
+    labels: &mut Vec<i32>,
+) -> Result<Frame<'a>> {
+    let n_tokens = shard.index_row(index).n_tokens as usize;
+    let mut f = shard
+        .codec
+        .open_frame(shard.frame(index), n_tokens, n_sup, scratch)?;
+    f.tokens(ids, labels)?;
+    Ok(f)
 }
 
 /// Decode a record's `(input_ids, labels)` (the tokens section only).
@@ -695,8 +1000,36 @@ struct Piece<'a> {
     labels: &'a mut [i64],
     mask: Option<&'a mut [i64]>,
     pos: Option<&'a mut [i64]>,
-    tids: &'a mut [i32],
-    tlps: &'a mut [f32],
+    seq: &'a mut [i64],
+    teacher: RowsOut<'a>,
+    reference: Option<RowsOut<'a>>,
+}
+
+/// A piece of one model's row tensors (`ids`/`lps`: `n * width`) and, for the reference, of its
+/// label log-probs (`n`).
+struct RowsOut<'a> {
+    ids: &'a mut [i32],
+    lps: &'a mut [f32],
+    label_lps: Option<&'a mut [f32]>,
+}
+
+impl RowsOut<'_> {
+    /// `-1`/`-inf` (label log-prob `0.0`) at every one of the piece's `n` positions that gets
+    /// no row (`pos`: the positions that do, increasing).
+    fn fill_unsupervised(&mut self, pos: &[u32], n: usize, w: usize) {
+        let mut start = 0usize;
+        for &t in pos.iter().chain(std::iter::once(&(n as u32))) {
+            let t = t as usize;
+            if t > start {
+                self.ids[start * w..t * w].fill(-1);
+                self.lps[start * w..t * w].fill(f32::NEG_INFINITY);
+                if let Some(l) = self.label_lps.as_deref_mut() {
+                    l[start..t].fill(0.0);
+                }
+            }
+            start = t + 1;
+        }
+    }
 }
 
 /// Cut `buf` into consecutive slices of the given lengths, which must tile it exactly: every
@@ -717,6 +1050,8 @@ struct TokenScratch {
     ids: Vec<i32>,
     labels: Vec<i32>,
     pos: Vec<u32>,
+    ref_ids: Vec<i32>,
+    ref_labels: Vec<i32>,
 }
 
 thread_local! {
@@ -736,19 +1071,6 @@ fn supervised_positions(labels: &[i32], pos: &mut Vec<u32>) {
     );
 }
 
-/// `-1`/`-inf` at every position of the piece that gets no teacher row.
-fn fill_unsupervised(pos: &[u32], n: usize, w: usize, ids: &mut [i32], lps: &mut [f32]) {
-    let mut start = 0usize;
-    for &t in pos.iter().chain(std::iter::once(&(n as u32))) {
-        let t = t as usize;
-        if t > start {
-            ids[start * w..t * w].fill(-1);
-            lps[start * w..t * w].fill(f32::NEG_INFINITY);
-        }
-        start = t + 1;
-    }
-}
-
 /// Rows of one sample inside the batch's teacher tensors: row `r` at position `pos[r]`, `k`
 /// decoded entries then (with `label_in_support`) the label column.
 struct PlacedRows<'a> {
@@ -756,6 +1078,8 @@ struct PlacedRows<'a> {
     w: usize,
     ids: &'a mut [i32],
     lps: &'a mut [f32],
+    /// Where the rows' label log-probs go (indexed by position), if anywhere.
+    label_lps: Option<&'a mut [f32]>,
     pos: &'a [u32],
     labels: &'a [i32],
     label_in_support: bool,
@@ -778,10 +1102,13 @@ impl RowSink for PlacedRows<'_> {
 
     #[inline]
     fn label(&mut self, r: usize, logprob: f32, _rank: i32) {
+        let t = self.pos[r] as usize;
+        if let Some(l) = self.label_lps.as_deref_mut() {
+            l[t] = logprob;
+        }
         if !self.label_in_support {
             return;
         }
-        let t = self.pos[r] as usize;
         let at = t * self.w;
         let label = self.labels[t];
         let present = self.ids[at..at + self.k].contains(&label);

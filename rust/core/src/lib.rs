@@ -18,11 +18,13 @@ pub mod shard;
 pub mod stats;
 pub mod writer;
 
-pub use batch::{BatchBuffers, BatchOptions, BatchPlan, RecordView, Source};
+pub use batch::{
+    BatchBuffers, BatchOptions, BatchPlan, RecordView, Reference, ReferenceBuffers, Source,
+};
 pub use cache::TeacherCache;
 pub use codec::{CodebookParams, CodecKind};
 pub use error::{Error, ErrorKind, Result};
-pub use manifest::Manifest;
+pub use manifest::{Manifest, Role};
 pub use record::{Key, Record};
 pub use stats::Fidelity;
 pub use writer::{CacheWriter, WriterOptions};

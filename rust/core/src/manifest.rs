@@ -146,6 +146,14 @@ fn check_fields(value: &Value, shown: &str) -> Result<()> {
             "{shown} lacks the manifest fields {missing:?}: it is not a complete target-sft manifest"
         )));
     }
+    if let Some(role) = value.get("role") {
+        if !role.as_str().is_some_and(|r| Role::NAMES.contains(&r)) {
+            return Err(Error::format(format!(
+                "{shown}: \"role\" is {}, expected \"teacher\" or \"reference\" (or no role: a teacher)",
+                role
+            )));
+        }
+    }
     let Some(shards) = value["shards"].as_array() else {
         return Err(Error::format(format!(
             "{shown}: \"shards\" is {}, not a list of shard entries",
@@ -222,6 +230,45 @@ pub struct Manifest {
     /// shards whenever the manifest is loaded or recounted, so it never disagrees with them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stats: Option<Fidelity>,
+    /// What the cached model is to a training run (docs/FORMAT.md §1): absent in caches written
+    /// before roles existed, which hold teachers.
+    #[serde(default)]
+    pub role: Role,
+}
+
+/// The manifest's `role`: which slot of a training run the cached model fills.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// The model the student is trained towards (`teacher_*` batch tensors).
+    #[default]
+    Teacher,
+    /// A frozen reference (e.g. the student's base) for KL anchors and importance weights
+    /// (`reference_*` batch tensors).
+    Reference,
+}
+
+impl Role {
+    /// The spellings the manifest and the APIs accept.
+    pub const NAMES: [&'static str; 2] = ["teacher", "reference"];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Teacher => "teacher",
+            Role::Reference => "reference",
+        }
+    }
+
+    /// The role spelled `s`, else an input error naming `what` and the accepted spellings.
+    pub fn parse(s: &str, what: &str) -> Result<Self> {
+        match s {
+            "teacher" => Ok(Role::Teacher),
+            "reference" => Ok(Role::Reference),
+            _ => Err(Error::input(format!(
+                "{what} must be \"teacher\" or \"reference\", got {s:?}"
+            ))),
+        }
+    }
 }
 
 /// The `teacher` field holding a content fingerprint of the weights; when present, the fields in
@@ -380,8 +427,9 @@ impl Manifest {
     /// The settings two parts of one cache must share, as (field, value) pairs. `tokenizer` and
     /// `teacher` enter through their identifying fields only ([`identity`]): the same weights
     /// loaded from `./t`, `/abs/t` or a copy on another node are the same teacher.
-    pub fn settings(&self) -> [(&'static str, Value); 7] {
+    pub fn settings(&self) -> [(&'static str, Value); 8] {
         [
+            ("role", Value::from(self.role.name())),
             ("codec", Value::from(self.codec.clone())),
             ("codec_params", self.codec_params.clone()),
             ("top_k", Value::from(self.top_k)),
@@ -471,7 +519,37 @@ mod tests {
             shards: vec![],
             created_by: "test".into(),
             stats: None,
+            role: Role::Teacher,
         }
+    }
+
+    #[test]
+    fn role_is_teacher_when_absent_and_checked_when_present() {
+        let mut v = serde_json::to_value(sample()).unwrap();
+        let parse = |v: &Value| Manifest::from_bytes(&serde_json::to_vec(v).unwrap(), "m", false);
+        v.as_object_mut().unwrap().remove("role");
+        assert_eq!(parse(&v).unwrap().role, Role::Teacher);
+        v["role"] = "reference".into();
+        assert_eq!(parse(&v).unwrap().role, Role::Reference);
+        for bad in [Value::from("Teacher"), Value::from(1), Value::Null] {
+            v["role"] = bad.clone();
+            let e = parse(&v).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::Format, "{e}");
+            assert!(e.message.contains(&format!("\"role\" is {bad}")), "{e}");
+        }
+        // a different role is a different setting: no append or merge across roles
+        let mut r = sample();
+        r.role = Role::Reference;
+        let e = sample().check_same_settings(&r, "part").unwrap_err();
+        assert!(
+            e.message.contains(r#"role = "reference" vs "teacher""#),
+            "{e}"
+        );
+        assert_eq!(Role::parse("reference", "role").unwrap(), Role::Reference);
+        assert!(Role::parse("ref", "role")
+            .unwrap_err()
+            .message
+            .contains("role must be"));
     }
 
     #[test]

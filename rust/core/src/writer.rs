@@ -19,7 +19,7 @@ use crate::codec::{Codebook, CodebookParams, Codec, CodecKind, EncodeScratch, Id
 use crate::error::{Error, ErrorKind, Result};
 use crate::fsutil::TMP_PREFIX;
 use crate::lock::{writer_locks, Lock, LockWait};
-use crate::manifest::{Manifest, ShardEntry, CACHE_FORMAT, FORMAT_VERSION, MANIFEST_NAME};
+use crate::manifest::{Manifest, Role, ShardEntry, CACHE_FORMAT, FORMAT_VERSION, MANIFEST_NAME};
 use crate::record::{Record, Stamp};
 use crate::shard::{codec_params_json, EncodedRecord, ShardBuilder, ShardReader};
 use crate::stats::Fidelity;
@@ -39,6 +39,8 @@ pub struct WriterOptions {
     pub temperature: f64,
     pub tokenizer: Value,
     pub teacher: Value,
+    /// The manifest's `role` (what the cached model is to a training run).
+    pub role: Role,
     /// Shard files are named `{prefix}-{n:06}.safetensors`.
     pub shard_prefix: String,
     /// The manifest file this writer keeps (`manifest.json`; several writers building one
@@ -68,6 +70,7 @@ impl WriterOptions {
             temperature: 1.0,
             tokenizer: Value::Object(Default::default()),
             teacher: Value::Object(Default::default()),
+            role: Role::Teacher,
             shard_prefix: "shard".into(),
             manifest_name: MANIFEST_NAME.into(),
             prior_records: 64,
@@ -207,6 +210,7 @@ impl CacheWriter {
             shards: Vec::new(),
             created_by: opts.created_by.clone(),
             stats: None,
+            role: opts.role,
         };
         let mut seen = HashSet::new();
         let has_manifest = dir.join(&opts.manifest_name).exists();

@@ -2,22 +2,16 @@
 //! built from the same records decoded into `Record`s first; the layout follows docs/DATA.md.
 mod common;
 
-use common::{record, Rng};
+use common::{record, rows, Rng};
 use target_sft_core::{
     BatchBuffers, BatchOptions, BatchPlan, CacheWriter, CodecKind, ErrorKind, Key, Record,
-    RecordView, Source, TeacherCache, WriterOptions,
+    RecordView, Reference, ReferenceBuffers, Source, TeacherCache, WriterOptions,
 };
 
 const K: usize = 8;
 const V: usize = 500;
 
 fn cache(name: &str, codec: CodecKind, n: usize, seed: u64) -> (TeacherCache, Vec<Record>) {
-    let dir = std::env::temp_dir().join(format!("tsft-batch-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let mut o = WriterOptions::new(K, V);
-    o.codec = codec;
-    o.shard_bytes = 2048;
-    o.prior_records = 2;
     let mut rng = Rng::new(seed);
     let recs: Vec<Record> = (0..n)
         .map(|i| {
@@ -25,12 +19,42 @@ fn cache(name: &str, codec: CodecKind, n: usize, seed: u64) -> (TeacherCache, Ve
             record(&mut rng, Key::Int(i as i64), V, K, t)
         })
         .collect();
+    (write_cache(name, codec, K, &recs), recs)
+}
+
+/// A cache of `recs` (`k` entries per row) in a fresh directory.
+fn write_cache(name: &str, codec: CodecKind, k: usize, recs: &[Record]) -> TeacherCache {
+    let dir = std::env::temp_dir().join(format!("tsft-batch-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut o = WriterOptions::new(k, V);
+    o.codec = codec;
+    o.shard_bytes = 2048;
+    o.prior_records = 2;
     let mut w = CacheWriter::create(&dir, o).unwrap();
-    for r in &recs {
+    for r in recs {
         w.add(r.clone()).unwrap();
     }
     w.close().unwrap();
-    (TeacherCache::open(&dir).unwrap(), recs)
+    TeacherCache::open(&dir).unwrap()
+}
+
+/// The same samples as `recs` (keys, tokens, labels) with other rows of `k` entries: what a
+/// reference model's cache of the same rows holds.
+fn reference_records(recs: &[Record], k: usize, seed: u64) -> Vec<Record> {
+    let mut rng = Rng::new(seed);
+    recs.iter()
+        .map(|r| {
+            let (topk_ids, topk_logprobs, label_logprobs, label_ranks) =
+                rows(&mut rng, &r.labels, V, k);
+            Record {
+                topk_ids,
+                topk_logprobs,
+                label_logprobs,
+                label_ranks,
+                ..r.clone()
+            }
+        })
+        .collect()
 }
 
 #[derive(Debug, PartialEq)]
@@ -43,6 +67,11 @@ struct Batch {
     tids: Vec<i32>,
     tlps: Vec<u32>,
     cu: Vec<i32>,
+    seq: Vec<i64>,
+    /// Empty without a reference.
+    rids: Vec<i32>,
+    rlps: Vec<u32>,
+    rlab: Vec<u32>,
     supervised: usize,
 }
 
@@ -52,6 +81,10 @@ fn build(sources: &[Source<'_>], opts: &BatchOptions, parallel: bool) -> Batch {
     // garbage everywhere: every element must be written
     let (mut ids, mut side, mut labels) = (vec![7i64; n], vec![7i64; n], vec![7i64; n]);
     let (mut tids, mut tlps) = (vec![7i32; nt], vec![7.0f32; nt]);
+    let mut seq = vec![7i64; n];
+    let nr = plan.reference_elements();
+    let (mut rids, mut rlps) = (vec![7i32; nr], vec![7.0f32; nr]);
+    let mut rlab = vec![7.0f32; if nr > 0 { n } else { 0 }];
     let (mask, pos) = if opts.packing {
         (None, Some(&mut side[..]))
     } else {
@@ -64,6 +97,12 @@ fn build(sources: &[Source<'_>], opts: &BatchOptions, parallel: bool) -> Batch {
         position_ids: pos,
         teacher_ids: &mut tids,
         teacher_logprobs: &mut tlps,
+        sequence_ids: &mut seq,
+        reference: plan.reference_top_k.map(|_| ReferenceBuffers {
+            ids: &mut rids,
+            logprobs: &mut rlps,
+            label_logprobs: &mut rlab,
+        }),
     };
     let supervised = if parallel {
         rayon::ThreadPoolBuilder::new()
@@ -84,6 +123,10 @@ fn build(sources: &[Source<'_>], opts: &BatchOptions, parallel: bool) -> Batch {
         tids,
         tlps: tlps.iter().map(|x| x.to_bits()).collect(),
         cu: plan.cu_seqlens.clone(),
+        seq,
+        rids,
+        rlps: rlps.iter().map(|x| x.to_bits()).collect(),
+        rlab: rlab.iter().map(|x| x.to_bits()).collect(),
         supervised,
     }
 }
@@ -98,6 +141,9 @@ fn batch_err(sources: &[Source<'_>]) -> target_sft_core::Error {
     let (n, nt) = (plan.tokens(), plan.teacher_elements());
     let (mut ids, mut mask, mut labels) = (vec![0i64; n], vec![0i64; n], vec![0i64; n]);
     let (mut tids, mut tlps) = (vec![0i32; nt], vec![0f32; nt]);
+    let mut seq = vec![0i64; n];
+    let nr = plan.reference_elements();
+    let (mut rids, mut rlps, mut rlab) = (vec![0i32; nr], vec![0f32; nr], vec![0f32; n]);
     let out = BatchBuffers {
         input_ids: &mut ids,
         attention_mask: Some(&mut mask),
@@ -105,6 +151,12 @@ fn batch_err(sources: &[Source<'_>]) -> target_sft_core::Error {
         position_ids: None,
         teacher_ids: &mut tids,
         teacher_logprobs: &mut tlps,
+        sequence_ids: &mut seq,
+        reference: plan.reference_top_k.map(|_| ReferenceBuffers {
+            ids: &mut rids,
+            logprobs: &mut rlps,
+            label_logprobs: &mut rlab,
+        }),
     };
     plan.fill(sources, out, false)
         .expect_err("expected an error")
@@ -121,6 +173,7 @@ fn given_ids_and_labels_are_checked_and_differences_described() {
             position: p as u64,
             input_ids: Some(ids),
             labels,
+            reference: None,
         }])
     };
     let n = r.n_tokens();
@@ -162,6 +215,7 @@ fn given_ids_and_labels_are_checked_and_differences_described() {
             position: p as u64,
             input_ids: Some(&r.input_ids),
             labels: Some(&r.labels),
+            reference: None,
         }],
         &BatchOptions::default(),
     );
@@ -246,6 +300,7 @@ fn direct_decoding_equals_the_record_round_trip() {
                 position: p,
                 input_ids: None,
                 labels: None,
+                reference: None,
             })
             .collect();
         for opts in layouts() {
@@ -353,12 +408,14 @@ fn bad_inputs_are_errors_naming_the_item() {
                 position: 0,
                 input_ids: None,
                 labels: None,
+                reference: None,
             },
             Source::Cached {
                 cache: &c,
                 position: 99,
                 input_ids: None,
                 labels: None,
+                reference: None,
             },
         ],
         &opts,
@@ -372,6 +429,7 @@ fn bad_inputs_are_errors_naming_the_item() {
             position: 2,
             input_ids: Some(&wrong),
             labels: None,
+            reference: None,
         }],
         &opts,
     );
@@ -403,4 +461,202 @@ fn bad_inputs_are_errors_naming_the_item() {
     ] {
         assert_eq!(err(&views(&recs), &bad).kind, ErrorKind::Input);
     }
+}
+
+const KR: usize = 5;
+
+/// Cached sources of `positions` in `c`, each with its record in `r` at `ref_positions`.
+fn with_reference<'a>(
+    c: &'a TeacherCache,
+    positions: &[u64],
+    r: &'a TeacherCache,
+    ref_positions: &[u64],
+) -> Vec<Source<'a>> {
+    positions
+        .iter()
+        .zip(ref_positions)
+        .map(|(&p, &q)| Source::Cached {
+            cache: c,
+            position: p,
+            input_ids: None,
+            labels: None,
+            reference: Some(Reference {
+                cache: r,
+                position: q,
+            }),
+        })
+        .collect()
+}
+
+fn cached<'a>(c: &'a TeacherCache, positions: &[u64]) -> Vec<Source<'a>> {
+    positions
+        .iter()
+        .map(|&p| Source::Cached {
+            cache: c,
+            position: p,
+            input_ids: None,
+            labels: None,
+            reference: None,
+        })
+        .collect()
+}
+
+#[test]
+fn reference_rows_are_placed_like_teacher_rows() {
+    for (name, codec) in [("exact", CodecKind::Exact), ("compact", CodecKind::Compact)] {
+        let (t, recs) = cache(&format!("ref-t-{name}"), codec, 14, 21);
+        let mut refs = reference_records(&recs, KR, 5);
+        refs.reverse(); // stored in another order: found by position, checked by key
+        let r = write_cache(&format!("ref-r-{name}"), codec, KR, &refs);
+        let order: Vec<u64> = vec![3, 0, 7, 12, 5, 9, 1, 13];
+        let ref_order: Vec<u64> = order.iter().map(|&p| recs.len() as u64 - 1 - p).collect();
+        let sources = with_reference(&t, &order, &r, &ref_order);
+        for opts in layouts() {
+            let b = build(&sources, &opts, true);
+            let teacher_only = build(&cached(&t, &order), &opts, false);
+            // the reference cache's rows, placed as a teacher's would be
+            let as_teacher = build(&cached(&r, &ref_order), &opts, false);
+            assert_eq!(
+                (&b.ids, &b.labels, &b.side, &b.tids, &b.tlps, &b.seq),
+                (
+                    &teacher_only.ids,
+                    &teacher_only.labels,
+                    &teacher_only.side,
+                    &teacher_only.tids,
+                    &teacher_only.tlps,
+                    &teacher_only.seq
+                ),
+                "{name} {opts:?}"
+            );
+            assert_eq!(b.rids, as_teacher.tids, "{name} {opts:?}");
+            assert_eq!(b.rlps, as_teacher.tlps, "{name} {opts:?}");
+            assert_eq!(b, build(&sources, &opts, false), "{name} {opts:?} serial");
+            // label log-probs: the record's, at its supervised positions; 0.0 elsewhere
+            let plan = BatchPlan::new(&sources, &opts).unwrap();
+            let mut want = vec![0f32.to_bits(); b.rows * b.len];
+            let mut seq = vec![-1i64; b.rows * b.len];
+            for p in &plan.placements {
+                // decoded one by one (the compact codec quantises log-probs)
+                let rec = r.get_at(ref_order[p.item]).unwrap();
+                let start = p.row * b.len + p.offset;
+                seq[start..start + p.len].fill(p.item as i64);
+                let mut row = 0;
+                for t in 1..rec.labels.len() {
+                    if rec.labels[t] == -100 {
+                        continue;
+                    }
+                    if t < p.len {
+                        want[start + t] = rec.label_logprobs[row].to_bits();
+                    }
+                    row += 1;
+                }
+            }
+            assert_eq!(b.rlab, want, "{name} {opts:?}");
+            assert_eq!(b.seq, seq, "{name} {opts:?}");
+            let w = KR + usize::from(opts.label_in_support);
+            assert_eq!(b.rids.len(), b.rows * b.len * w);
+        }
+    }
+}
+
+#[test]
+fn sequence_ids_name_the_item_of_every_position() {
+    let (t, _) = cache("seq", CodecKind::Exact, 6, 2);
+    let order = [4u64, 1, 0, 5];
+    for opts in layouts() {
+        let sources = cached(&t, &order);
+        let plan = BatchPlan::new(&sources, &opts).unwrap();
+        let b = build(&sources, &opts, false);
+        for (flat, &s) in b.seq.iter().enumerate() {
+            let (row, at) = (flat / b.len, flat % b.len);
+            let owner = plan
+                .placements
+                .iter()
+                .find(|p| p.row == row && (p.offset..p.offset + p.len).contains(&at));
+            assert_eq!(s, owner.map_or(-1, |p| p.item as i64), "{opts:?} {flat}");
+        }
+    }
+}
+
+#[test]
+fn a_reference_record_must_be_the_same_sample() {
+    let (t, recs) = cache("ref-err-t", CodecKind::Exact, 6, 31);
+    let i = recs.iter().position(|r| r.n_supervised() >= 2).unwrap();
+    let good = reference_records(&recs, KR, 8);
+    let r = write_cache("ref-err-r", CodecKind::Exact, KR, &good);
+    let p = i as u64;
+    // the same sample: fine
+    assert!(BatchPlan::new(
+        &with_reference(&t, &[p], &r, &[p]),
+        &BatchOptions::default()
+    )
+    .is_ok());
+    // another record (another key)
+    let other = ((i + 1) % recs.len()) as u64;
+    let e = batch_err(&with_reference(&t, &[p], &r, &[other]));
+    assert_eq!(e.kind, ErrorKind::Mismatch, "{e}");
+    assert!(
+        e.message.starts_with(&format!(
+            "batch item 0 (key {i}): the reference record at position {other}"
+        )),
+        "{e}"
+    );
+    // mixed: an item without a reference
+    let mut mixed = with_reference(&t, &[p], &r, &[p]);
+    mixed.extend(cached(&t, &[p]));
+    let e = batch_err(&mixed);
+    assert_eq!(e.kind, ErrorKind::Input, "{e}");
+    assert!(
+        e.message
+            .contains("batch item 0 has a reference record but item 1 has none"),
+        "{e}"
+    );
+    let mut mixed = cached(&t, &[p]);
+    mixed.extend(with_reference(&t, &[p], &r, &[p]));
+    assert!(batch_err(&mixed)
+        .message
+        .contains("batch item 1 has a reference record but item 0 has none"));
+    // edited reference records (same key): other tokens, other supervision, other labels
+    let edit = |name: &str, f: &dyn Fn(&mut Record)| {
+        let mut recs2 = good.clone();
+        f(&mut recs2[i]);
+        let r2 = write_cache(name, CodecKind::Exact, KR, &recs2);
+        let e = batch_err(&with_reference(&t, &[p], &r2, &[p]));
+        assert_eq!(e.kind, ErrorKind::Mismatch, "{e}");
+        assert!(
+            e.message.starts_with(&format!("batch item 0 (key {i}): ")),
+            "{e}"
+        );
+        assert!(e.message.contains(&t.dir.display().to_string()), "{e}");
+        assert!(e.message.contains(&r2.dir.display().to_string()), "{e}");
+        e.message
+    };
+    let m = edit("ref-err-ids", &|r| {
+        r.input_ids[0] = (r.input_ids[0] + 1) % V as i32
+    });
+    assert!(
+        m.contains("the reference record's tokens differ from the teacher record's at position 0"),
+        "{m}"
+    );
+    let m = edit("ref-err-sup", &|r| {
+        let t = r.labels.iter().rposition(|&l| l != -100).unwrap();
+        r.labels[t] = -100;
+        let (ids, lps, lab, ranks) = rows(&mut Rng::new(1), &r.labels, V, KR);
+        (r.topk_ids, r.topk_logprobs, r.label_logprobs, r.label_ranks) = (ids, lps, lab, ranks);
+    });
+    assert!(
+        m.contains("supervised tokens but the teacher record has"),
+        "{m}"
+    );
+    let m = edit("ref-err-labels", &|r| {
+        // the same number of supervised tokens, one of them another label
+        let t = r.labels.iter().rposition(|&l| l != -100).unwrap();
+        r.labels[t] = (r.labels[t] + 1) % V as i32;
+        let (ids, lps, lab, ranks) = rows(&mut Rng::new(1), &r.labels, V, KR);
+        (r.topk_ids, r.topk_logprobs, r.label_logprobs, r.label_ranks) = (ids, lps, lab, ranks);
+    });
+    assert!(
+        m.contains("the reference record's labels differ from the teacher record's at position"),
+        "{m}"
+    );
 }

@@ -41,6 +41,7 @@ fn read_all(dir: &Path, keys: &[Key], ids: &[Vec<i32>]) -> Result<Reads, Error> 
             position: p,
             input_ids: Some(&ids[p as usize]),
             labels: None,
+            reference: None,
         })
         .collect();
     let opts = BatchOptions {
@@ -60,6 +61,8 @@ fn read_all(dir: &Path, keys: &[Key], ids: &[Vec<i32>]) -> Result<Reads, Error> 
             position_ids: None,
             teacher_ids: &mut tids,
             teacher_logprobs: &mut tlps,
+            sequence_ids: &mut vec![0i64; nt],
+            reference: None,
         },
         false,
     )?;

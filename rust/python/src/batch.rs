@@ -11,7 +11,9 @@ use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PySlice, PyTuple};
 use target_sft_core as core;
-use target_sft_core::{BatchBuffers, BatchOptions, BatchPlan, RecordView, Source};
+use target_sft_core::{
+    BatchBuffers, BatchOptions, BatchPlan, RecordView, Reference, ReferenceBuffers, Source,
+};
 
 use crate::{err, key_from_py, process_pool, PyTeacherCache};
 
@@ -22,6 +24,7 @@ enum Item<'py> {
         position: u64,
         input_ids: Option<PyReadonlyArray1<'py, i32>>,
         labels: Option<PyReadonlyArray1<'py, i32>>,
+        reference: Option<(Bound<'py, PyTeacherCache>, u64)>,
     },
     Decoded {
         key: core::Key,
@@ -100,6 +103,7 @@ fn parse_item<'py>(i: usize, obj: &Bound<'py, PyAny>) -> PyResult<Item<'py>> {
             position,
             input_ids: optional(2, "input_ids")?,
             labels: optional(3, "labels")?,
+            reference: None,
         });
     }
     if t.len() != 7 {
@@ -118,6 +122,50 @@ fn parse_item<'py>(i: usize, obj: &Bound<'py, PyAny>) -> PyResult<Item<'py>> {
     })
 }
 
+/// Attach `references[i]` (a `(cache, position)` tuple) to the cached item `i`.
+fn attach_references<'py>(
+    items: &mut [Item<'py>],
+    references: &[Bound<'py, PyAny>],
+) -> PyResult<()> {
+    if references.len() != items.len() {
+        return Err(input_err(format!(
+            "references has {} entries but there are {} items: one (cache, position) per item",
+            references.len(),
+            items.len()
+        )));
+    }
+    for (i, (item, r)) in items.iter_mut().zip(references).enumerate() {
+        let bad = || {
+            input_err(format!(
+                "references[{i}] must be a (cache, position) tuple, got {}",
+                r.get_type()
+            ))
+        };
+        let t = r.cast::<PyTuple>().map_err(|_| bad())?;
+        if t.len() != 2 {
+            return Err(bad());
+        }
+        let cache = t
+            .get_item(0)?
+            .cast_into::<PyTeacherCache>()
+            .map_err(|_| bad())?;
+        let position: u64 = t.get_item(1)?.extract().map_err(|_| {
+            input_err(format!(
+                "references[{i}]: the position must be a non-negative int"
+            ))
+        })?;
+        match item {
+            Item::Cached { reference, .. } => *reference = Some((cache, position)),
+            Item::Decoded { .. } => {
+                return Err(input_err(format!(
+                    "batch item {i} is a decoded record: only (cache, position) items can have a reference record"
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
 fn source<'a>(item: &'a Item<'_>) -> Source<'a> {
     let s = |a: &'a PyReadonlyArray1<'_, i32>| a.as_slice().expect("checked contiguous");
     match item {
@@ -126,11 +174,16 @@ fn source<'a>(item: &'a Item<'_>) -> Source<'a> {
             position,
             input_ids,
             labels,
+            reference,
         } => Source::Cached {
             cache: &cache.get().inner,
             position: *position,
             input_ids: input_ids.as_ref().map(s),
             labels: labels.as_ref().map(s),
+            reference: reference.as_ref().map(|(c, p)| Reference {
+                cache: &c.get().inner,
+                position: *p,
+            }),
         },
         Item::Decoded {
             key,
@@ -232,7 +285,8 @@ fn writable<'py, T: Element>(
 /// (views of their first elements are filled) or a callable `(name, shape, dtype) -> array`.
 #[pyfunction]
 #[pyo3(signature = (items, *, packing=false, max_length=None, padding="longest",
-    pad_to_multiple_of=1, pad_token_id=0, label_in_support=true, threads=0, out=None))]
+    pad_to_multiple_of=1, pad_token_id=0, label_in_support=true, threads=0, out=None,
+    references=None))]
 #[allow(clippy::too_many_arguments)]
 fn build_batch<'py>(
     py: Python<'py>,
@@ -245,6 +299,7 @@ fn build_batch<'py>(
     label_in_support: bool,
     threads: usize,
     out: Option<Bound<'py, PyAny>>,
+    references: Option<Vec<Bound<'py, PyAny>>>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let opts = BatchOptions::from_args(
         packing,
@@ -255,11 +310,14 @@ fn build_batch<'py>(
         label_in_support,
     )
     .map_err(err)?;
-    let items = items
+    let mut items = items
         .iter()
         .enumerate()
         .map(|(i, obj)| parse_item(i, obj))
         .collect::<PyResult<Vec<_>>>()?;
+    if let Some(r) = &references {
+        attach_references(&mut items, r)?;
+    }
     let sources: Vec<Source<'_>> = items.iter().map(source).collect();
     let plan = py.detach(|| BatchPlan::new(&sources, &opts)).map_err(err)?;
     let out = out.as_ref();
@@ -279,6 +337,18 @@ fn build_batch<'py>(
     )?;
     let teacher_ids = output::<i32>(py, out, "teacher_ids", &teach)?;
     let teacher_logprobs = output::<f32>(py, out, "teacher_logprobs", &teach)?;
+    let sequence_ids = output::<i64>(py, out, "sequence_ids", &tok)?;
+    let reference = match plan.reference_top_k {
+        None => None,
+        Some(_) => {
+            let shape = [plan.rows, plan.len, plan.reference_width];
+            Some((
+                output::<i32>(py, out, "reference_ids", &shape)?,
+                output::<f32>(py, out, "reference_logprobs", &shape)?,
+                output::<f32>(py, out, "reference_label_logprobs", &tok)?,
+            ))
+        }
+    };
     {
         let mut w_ids = writable("input_ids", &input_ids)?;
         let mut w_labels = writable("labels", &labels)?;
@@ -292,6 +362,15 @@ fn build_batch<'py>(
         )?;
         let mut w_tids = writable("teacher_ids", &teacher_ids)?;
         let mut w_tlps = writable("teacher_logprobs", &teacher_logprobs)?;
+        let mut w_seq = writable("sequence_ids", &sequence_ids)?;
+        let mut w_ref = match &reference {
+            None => None,
+            Some((ids, lps, lab)) => Some((
+                writable("reference_ids", ids)?,
+                writable("reference_logprobs", lps)?,
+                writable("reference_label_logprobs", lab)?,
+            )),
+        };
         let side_slice = w_side.as_slice_mut().expect("contiguous");
         let (attention_mask, position_ids) = if packing {
             (None, Some(side_slice))
@@ -305,6 +384,12 @@ fn build_batch<'py>(
             position_ids,
             teacher_ids: w_tids.as_slice_mut().expect("contiguous"),
             teacher_logprobs: w_tlps.as_slice_mut().expect("contiguous"),
+            sequence_ids: w_seq.as_slice_mut().expect("contiguous"),
+            reference: w_ref.as_mut().map(|(ids, lps, lab)| ReferenceBuffers {
+                ids: ids.as_slice_mut().expect("contiguous"),
+                logprobs: lps.as_slice_mut().expect("contiguous"),
+                label_logprobs: lab.as_slice_mut().expect("contiguous"),
+            }),
         };
         py.detach(|| {
             if threads == 1 || plan.placements.len() < 2 {
@@ -326,6 +411,12 @@ fn build_batch<'py>(
     d.set_item("labels", labels)?;
     d.set_item("teacher_ids", teacher_ids)?;
     d.set_item("teacher_logprobs", teacher_logprobs)?;
+    if let Some((ids, lps, lab)) = reference {
+        d.set_item("reference_ids", ids)?;
+        d.set_item("reference_logprobs", lps)?;
+        d.set_item("reference_label_logprobs", lab)?;
+    }
+    d.set_item("sequence_ids", sequence_ids)?;
     if packing {
         d.set_item("cu_seqlens", PyArray1::from_slice(py, &plan.cu_seqlens))?;
         d.set_item("max_seqlen", plan.max_seqlen)?;

@@ -136,7 +136,7 @@ impl PyCacheWriter {
     #[new]
     #[pyo3(signature = (path, *, top_k, vocab_size, codec, zstd_level, shard_bytes, threads, temperature,
         tokenizer_json, teacher_json, shard_prefix, prior_records, append, sqrt_step, tail_step, floor,
-        manifest_name=core::manifest::MANIFEST_NAME.to_string(), wait_s=0.0))]
+        manifest_name=core::manifest::MANIFEST_NAME.to_string(), wait_s=0.0, role="teacher"))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -158,6 +158,7 @@ impl PyCacheWriter {
         floor: f64,
         manifest_name: String,
         wait_s: f64,
+        role: &str,
     ) -> PyResult<Self> {
         let parse = |what: &str, s: &str| {
             serde_json::from_str(s)
@@ -171,6 +172,7 @@ impl PyCacheWriter {
         opts.temperature = temperature;
         opts.tokenizer = parse("tokenizer", tokenizer_json)?;
         opts.teacher = parse("teacher", teacher_json)?;
+        opts.role = core::Role::parse(role, "role").map_err(err)?;
         opts.shard_prefix = shard_prefix;
         opts.manifest_name = manifest_name;
         opts.prior_records = prior_records;
@@ -372,6 +374,33 @@ impl PyTeacherCache {
             .collect()
     }
 
+    /// The positions in this cache of the keys at `positions` of `other` (one bulk lookup,
+    /// GIL released): `-1` where this cache lacks the key.
+    fn positions_matching<'py>(
+        &self,
+        py: Python<'py>,
+        other: &Bound<'py, PyTeacherCache>,
+        positions: Vec<u64>,
+    ) -> PyResult<Bound<'py, PyArray1<i64>>> {
+        let other = &other.get().inner;
+        let out = py
+            .detach(|| -> core::Result<Vec<i64>> {
+                positions
+                    .iter()
+                    .map(|&p| {
+                        let key = other.key_at(p)?;
+                        match self.inner.position(&key) {
+                            Ok(q) => Ok(q as i64),
+                            Err(e) if e.kind == ErrorKind::KeyNotFound => Ok(-1),
+                            Err(e) => Err(e),
+                        }
+                    })
+                    .collect()
+            })
+            .map_err(err)?;
+        Ok(PyArray1::from_vec(py, out))
+    }
+
     fn position(&self, py: Python<'_>, key: &Bound<'_, PyAny>) -> PyResult<u64> {
         let key = key_from_py(key)?;
         py.detach(|| self.inner.position(&key)).map_err(err)
@@ -546,6 +575,7 @@ fn scan_parts<'py>(
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("FORMAT_VERSION", core::manifest::FORMAT_VERSION)?;
+    m.add("CACHE_ROLES", core::Role::NAMES.to_vec())?;
     m.add_class::<PyCacheWriter>()?;
     m.add_class::<PyTeacherCache>()?;
     m.add_function(wrap_pyfunction!(merge_manifests, m)?)?;

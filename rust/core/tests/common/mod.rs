@@ -36,6 +36,28 @@ pub fn record(rng: &mut Rng, key: Key, vocab: usize, k: usize, t: usize) -> Reco
     if t > 4 && rng.below(2) == 0 {
         labels[t - 1] = ((input_ids[t - 1] as u64 + 1) % vocab as u64) as i32; // exception
     }
+    let (topk_ids, topk_logprobs, label_logprobs, label_ranks) = rows(rng, &labels, vocab, k);
+    Record {
+        key,
+        input_ids,
+        labels,
+        topk_ids,
+        topk_logprobs,
+        label_logprobs,
+        label_ranks,
+    }
+}
+
+/// Random teacher rows `(topk_ids, topk_logprobs, label_logprobs, label_ranks)` of `k` entries
+/// for the supervised positions of `labels` (a record's row fields).
+#[allow(clippy::type_complexity)]
+pub fn rows(
+    rng: &mut Rng,
+    labels: &[i32],
+    vocab: usize,
+    k: usize,
+) -> (Vec<i32>, Vec<f32>, Vec<f32>, Vec<i32>) {
+    let t = labels.len();
     let sup: Vec<usize> = (1..t).filter(|&i| labels[i] != -100).collect();
     let mut topk_ids = Vec::new();
     let mut topk_lps = Vec::new();
@@ -79,13 +101,5 @@ pub fn record(rng: &mut Rng, key: Key, vocab: usize, k: usize, t: usize) -> Reco
         label_lps.push(ll);
         label_ranks.push(lr);
     }
-    Record {
-        key,
-        input_ids,
-        labels,
-        topk_ids,
-        topk_logprobs: topk_lps,
-        label_logprobs: label_lps,
-        label_ranks,
-    }
+    (topk_ids, topk_lps, label_lps, label_ranks)
 }
