@@ -26,9 +26,9 @@ import yaml  # transformers' HfArgumentParser needs it
 from accelerate import Accelerator
 from transformers import HfArgumentParser, LlamaForCausalLM, Trainer, TrainingArguments
 
-from batch_reference import write_sample_cache
+from batch_reference import write_reference_cache, write_sample_cache
 from build_helpers import save_tiny_llama
-from target_sft import TargetSFTCollator, TeacherCacheDataset
+from target_sft import TargetSFTCollator, TeacherCache, TeacherCacheDataset
 from target_sft import losses as L
 from target_sft.config import (
     PRESET_PARAMETERS,
@@ -68,8 +68,18 @@ def config(tmp_path, cls=TargetSFTConfig, **kw):
     return cls(output_dir=str(tmp_path / "out"), **BASE, **kw)
 
 
+def reference_of(cache):
+    """A reference cache of the same samples, beside ``cache`` (made once): iw-SFT, SFT+KL and
+    ASFT need one to construct a trainer."""
+    path = Path(cache.path).parent / "reference"
+    if not path.exists():
+        write_reference_cache(path, cache, seed=4, k=K)
+    return TeacherCache(path)
+
+
 def trainer_loss(model, cache, args, **kw):
-    return TargetSFTTrainer(model, args, train_dataset=TeacherCacheDataset(cache), **kw).loss_fn
+    ds = TeacherCacheDataset(cache, reference=reference_of(cache))
+    return TargetSFTTrainer(model, args, train_dataset=ds, **kw).loss_fn
 
 
 def state(loss: Any) -> tuple[type, dict[str, Any]]:

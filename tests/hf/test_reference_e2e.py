@@ -205,7 +205,10 @@ def check(world, reference64, steps, method, old_from=None):
         loss, grads = expected_step(world, reference64, step, method, old)
         assert step["loss"] == pytest.approx(loss, rel=1e-6, abs=1e-9), f"step {i} loss"
         for name, g in grads.items():
-            torch.testing.assert_close(step["grads"][name], g, rtol=1e-5, atol=1e-9, msg=name)
+            # the cache holds float32 log-probs: ~1e-7 relative, felt where gradients cancel
+            tol = 1e-6 * float(g.abs().max())
+            got = step["grads"][name]
+            torch.testing.assert_close(got, g, rtol=1e-5, atol=tol, msg=f"step {i}: {name}")
         if old_from is not None:  # this step's policy is π_old at the sample's next visit
             model = LlamaForCausalLM.from_pretrained(world["student_dir"], dtype=torch.float64)
             model.load_state_dict(step["params"])
