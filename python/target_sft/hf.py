@@ -709,9 +709,9 @@ class TargetSFTTrainerMixin:
             ``args.fused_linear`` (a ``TargetSFTConfig`` field), else ``False``.
 
     Checks at construction, against every cache of ``train_dataset``, ``eval_dataset`` and
-    the ``data_collator`` (teacher and reference caches alike): the tokenizer (``processing_class``, or
-    ``tokenizer`` on old transformers) must be the one the cache was built with (content
-    fingerprint), and the model's vocabulary must hold the cache's token ids;
+    the ``data_collator`` (teacher and reference caches alike): the tokenizer
+    (``processing_class``, or ``tokenizer`` on old transformers) must be the one the cache was
+    built with (content fingerprint), and the model's vocabulary must hold the cache's token ids;
     :class:`~target_sft.CacheMismatchError` otherwise. A :class:`~target_sft.TargetSFTCollator`
     without a tokenizer of its own gets this one, so the caches of later batches are checked
     too; every batch's ids are checked against the model before its forward pass
