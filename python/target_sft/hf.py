@@ -235,8 +235,9 @@ def split_batch(
 
     ``labels`` and :data:`LOSS_INPUT_KEYS` are taken out (the model computes no loss of its own
     and never sees the teacher or reference tensors, nor ``sequence_ids``); ``sample_keys``
-    (``TargetSFTCollator(return_keys=True)``) is dropped. A ``transformers`` model also gets ``use_cache=False``:
-    a loss needs no KV cache, and a cache would switch off transformers' packed-sequence masks.
+    (``TargetSFTCollator(return_keys=True)``) is dropped. A ``transformers`` model also gets
+    ``use_cache=False``: a loss needs no KV cache, and a cache would switch off transformers'
+    packed-sequence masks.
 
     Packed layout (``position_ids`` and ``cu_seqlens``, no ``attention_mask``) needs ``model``
     (how samples are kept apart depends on its attention): a flash-attention model gets the

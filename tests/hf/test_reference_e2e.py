@@ -154,7 +154,7 @@ def token_rows(sample):
 
 
 def kl_to_reference(lp, ref, y):
-    """KL(π̃_ref ‖ π_θ) over the reference's top-K ∪ {label}, π̃_ref renormalised there."""
+    """KL(π̃_ref ‖ π_θ) over the reference's top-K ∪ {label}, π̃_ref renormalised on it."""
     support = torch.topk(ref, K).indices.tolist()
     if y not in support:
         support.append(y)
