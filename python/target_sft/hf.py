@@ -43,8 +43,6 @@ from target_sft.fingerprint import (
 from target_sft.losses import (
     DEPRECATED_INPUT_NAMES,
     LOSS_INPUT_NAMES,
-    ClippedRatioTrust,
-    ImportanceWeightTrust,
     QTargetLoss,
     fused_linear_qtarget_loss,
     get_preset,
@@ -109,31 +107,29 @@ def make_loss(loss: str | LossFn | None = "target_sft", **loss_kwargs: Any) -> L
     return loss
 
 
+def _required(loss_fn: Any) -> tuple[str, ...]:
+    """The loss inputs the loss cannot run without (:attr:`QTargetLoss.required_inputs`; a
+    ``functools.partial`` of :func:`target_sft_loss` needs the teacher's)."""
+    if isinstance(loss_fn, QTargetLoss):
+        return loss_fn.required_inputs
+    fn = getattr(loss_fn, "func", loss_fn)  # functools.partial
+    return ("teacher_ids", "teacher_logprobs") if fn is target_sft_loss else ()
+
+
 def _needs_teacher(loss_fn: Any) -> bool:
     """Whether the loss cannot run without ``teacher_ids``/``teacher_logprobs``."""
-    if isinstance(loss_fn, QTargetLoss):
-        return bool(getattr(loss_fn.residual, "needs_teacher", False))
-    fn = getattr(loss_fn, "func", loss_fn)  # functools.partial
-    return fn is target_sft_loss
+    return "teacher_ids" in _required(loss_fn)
 
 
 def _needs_reference(loss_fn: Any) -> tuple[str, ...]:
-    """The reference tensors (:class:`~target_sft.losses.LossInputs` fields) the loss cannot run
-    without: the top-k of a residual anchored on the reference (SFT+KL, ASFT), the label
-    log-probs of iw-SFT's trust."""
-    if not isinstance(loss_fn, QTargetLoss):
-        return ()
-    need: tuple[str, ...] = ()
-    if getattr(loss_fn.residual, "needs_reference", False):
-        need += ("reference_ids", "reference_logprobs")
-    if isinstance(loss_fn.gamma, ImportanceWeightTrust):
-        need += ("reference_label_logprobs",)
-    return need
+    """The reference tensors the loss cannot run without: the top-k of a residual anchored on
+    the reference (SFT+KL, ASFT), the label log-probs of iw-SFT's trust."""
+    return tuple(k for k in _required(loss_fn) if k.startswith("reference_"))
 
 
 def _needs_old_logprobs(loss_fn: Any) -> bool:
     """Whether the loss reads ``old_logprobs`` (Proximal SFT's trust)."""
-    return isinstance(loss_fn, QTargetLoss) and isinstance(loss_fn.gamma, ClippedRatioTrust)
+    return "old_logprobs" in _required(loss_fn)
 
 
 def _accepted_inputs(loss_fn: Any, loss_inputs: dict[str, Any]) -> dict[str, Any]:

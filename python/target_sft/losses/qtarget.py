@@ -219,6 +219,13 @@ class QTargetLoss(nn.Module):
         own = [n for n in named if n not in LOSS_OPTIONS]
         return (*own, *(o for o in LOSS_OPTIONS if forwards or o in named))
 
+    @property
+    def required_inputs(self) -> tuple[str, ...]:
+        """The :class:`~target_sft.losses.LossInputs` fields this loss cannot run without (its
+        trust's, then its residual's), e.g. ``("reference_label_logprobs",)`` for iw-SFT; a
+        trainer checks its data can provide them before the first step."""
+        return tuple(dict.fromkeys((*self.gamma.inputs, *self.residual.inputs)))
+
     # ----------------------------------------------------------------- hooks for the presets
     def _gamma_and_scale(self, ctx: TokenContext) -> tuple[Tensor, Tensor]:
         """γ_t and the overall per-token scale s_t (Cor. 2's ``a_t + b_t``; 1 by default)."""

@@ -200,6 +200,11 @@ class Residual(ABC):
     source: str | None = None
 
     @property
+    def inputs(self) -> tuple[str, ...]:
+        """The :class:`~target_sft.losses.LossInputs` fields π̃ cannot be formed without."""
+        return () if self.source is None else (f"{self.source}_ids", f"{self.source}_logprobs")
+
+    @property
     def needs_teacher(self) -> bool:
         """Whether the caller must pass ``teacher_ids`` / ``teacher_logprobs``."""
         return self.source == "teacher"

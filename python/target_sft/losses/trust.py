@@ -53,6 +53,9 @@ class TokenContext:
 class Trust(ABC):
     """A label-trust choice γ_t (detached, ``[N]``)."""
 
+    #: the :class:`~target_sft.losses.LossInputs` fields this choice cannot run without
+    inputs: tuple[str, ...] = ()
+
     def request(self) -> StatRequest:
         """Row statistics this choice needs from the forward sweep."""
         return StatRequest()
@@ -159,6 +162,8 @@ class TopKEntropyTrust(Trust):
 class TokenWeightTrust(Trust):
     """γ_t = w_t given by the caller per token (``token_weights``, aligned with labels; CFT)."""
 
+    inputs = ("token_weights",)
+
     def __call__(self, ctx: TokenContext) -> Tensor:
         w = ctx.batch.require("token_weights", "TokenWeightTrust")
         ctx.batch.check_finite_supervised("token_weights", w)
@@ -178,6 +183,8 @@ class SequenceWeightTrust(Trust):
     sample, ``sequence_weights`` indexed by sample id), else the row of ``[B, L, V]`` logits
     (``sequence_weights`` of shape ``[B]``).
     """
+
+    inputs = ("sequence_weights",)
 
     def __call__(self, ctx: TokenContext) -> Tensor:
         b = ctx.batch
@@ -204,6 +211,8 @@ class ImportanceWeightTrust(Trust):
     ``T = 1``, a plain sum, no clipping. The authors' code instead uses the per-token *mean*
     (``length_normalize=True``), ``T = 1`` and clips w to ``[0, 16]`` (``clip=(0, 16)``).
     """
+
+    inputs = ("reference_label_logprobs",)
 
     def __init__(
         self,
@@ -257,6 +266,8 @@ class ClippedRatioTrust(Trust):
     This is exactly the gradient weight of ``−min(r, clip(r, 1 − ε, 1 + ε))`` (advantage 1): the
     lower clip never binds (``min`` keeps the unclipped ``r``), the upper clip zeroes the update.
     """
+
+    inputs = ("old_logprobs",)
 
     def __init__(self, epsilon: float = 0.2) -> None:
         if not (epsilon >= 0.0):
