@@ -40,7 +40,20 @@ def free_port() -> int:
 
 
 def launch(launcher: str, *child_args: str) -> None:
-    port = str(free_port())
+    """Run the child under ``launcher`` with 2 processes. The rendezvous port is picked free and
+    then released, so another process on this shared machine can take it before the launcher
+    binds it: only that failure (address in use) is retried, with a new port."""
+    for attempt in range(3):
+        r = _launch_once(launcher, str(free_port()), child_args)
+        out = r.stdout[-3000:] + r.stderr[-6000:]
+        if r.returncode == 0 or "address already in use" not in out.lower() or attempt == 2:
+            break
+    assert r.returncode == 0, out
+
+
+def _launch_once(
+    launcher: str, port: str, child_args: tuple[str, ...]
+) -> subprocess.CompletedProcess[str]:
     if launcher == "torchrun":
         pre = ["-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2"]
         pre += ["--master-addr", "127.0.0.1", "--master-port", port]
@@ -53,8 +66,7 @@ def launch(launcher: str, *child_args: str) -> None:
     # HF_HOME: no user accelerate config (its default_config.yaml) changes the launch
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": os.path.join(child_args[2], "hf")}
     cmd = [sys.executable, *pre, CHILD, *child_args]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
 
 
 @pytest.fixture(scope="module")
