@@ -36,6 +36,8 @@ from torch import Tensor
 from transformers import TrainerCallback
 
 from target_sft.cache import Key
+from target_sft.kernels.contract import StatRequest, compute_dtype
+from target_sft.kernels.reference import fused_row_stats, row_stats
 
 __all__ = [
     "OLD_POLICY_FILE",
@@ -47,13 +49,7 @@ __all__ = [
 
 #: the store's file inside a checkpoint directory
 OLD_POLICY_FILE = "old_policy_logprobs.npz"
-#: float32 elements of one chunk of logit rows (64 MiB)
-_CHUNK_ELEMENTS = 1 << 24
 _IGNORE_INDEX = -100
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _supervised(labels: Tensor, ignore_index: int) -> Tensor:
@@ -64,8 +60,11 @@ def _supervised(labels: Tensor, ignore_index: int) -> Tensor:
     return mask
 
 
-def _chunk_rows(vocab: int, chunk_elements: int | None) -> int:
-    return max(1, int(chunk_elements or _CHUNK_ELEMENTS) // max(1, vocab))
+def _rows(labels: Tensor, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(b, t, y)`` of the supervised positions: the logits of row ``(b, t − 1)`` predict
+    ``y = labels[b, t]``."""
+    b, t = _supervised(labels, ignore_index).nonzero(as_tuple=True)
+    return b, t, labels[b, t].long()
 
 
 @torch.no_grad()
@@ -76,12 +75,10 @@ def label_logprobs(
     ignore_index: int = _IGNORE_INDEX,
     chunk_elements: int | None = None,
 ) -> Tensor:
-    """The model's log-prob of each label, aligned with ``labels`` (HF convention).
-
-    ``out[b, t] = log_softmax(logits[b, t − 1])[labels[b, t]]`` at supervised positions
-    (``labels[b, t] != ignore_index``, ``t ≥ 1``), ``0`` elsewhere; float32 (float64 for float64
-    logits), no graph. Only the supervised rows are read, ``chunk_elements`` (default ``2**24``)
-    logit values at a time in float32: no ``N × V`` float32 buffer.
+    """The detached log-prob ``log π_θ(labels[b, t])`` at every supervised position of a batch
+    (label-aligned ``[B, L]``, 0 elsewhere), from the model's logits with HF's shift (row
+    ``t − 1`` predicts ``labels[t]``), by the losses' chunked sweep (no ``[N, V]`` float32
+    buffer: at most ``chunk_elements`` logits at a time).
 
     Args:
         logits: ``[B, L, V]``.
@@ -92,20 +89,11 @@ def label_logprobs(
             f"label_logprobs needs logits [B, L, V] and labels [B, L], got {tuple(logits.shape)} "
             f"and {tuple(labels.shape)}"
         )
-    cdt = _compute_dtype(logits.dtype)
-    out = torch.zeros(labels.shape, dtype=cdt, device=logits.device)
-    mask = _supervised(labels, ignore_index)
-    b, t = mask.nonzero(as_tuple=True)
-    if b.numel() == 0:
-        return out
-    y = labels[b, t].long()
-    rows = _chunk_rows(int(logits.shape[-1]), chunk_elements)
-    vals = torch.empty(b.numel(), dtype=cdt, device=logits.device)
-    for s in range(0, b.numel(), rows):
-        e = s + rows
-        z = logits[b[s:e], t[s:e] - 1].to(cdt)
-        vals[s:e] = z.gather(1, y[s:e, None])[:, 0] - torch.logsumexp(z, -1)
-    out[b, t] = vals
+    out = torch.zeros(labels.shape, dtype=compute_dtype(logits.dtype), device=logits.device)
+    b, t, y = _rows(labels, ignore_index)
+    if b.numel():
+        st = row_stats(logits[b, t - 1], y, None, StatRequest(), chunk_elements)
+        out[b, t] = st.z_label - st.lse
     return out
 
 
@@ -121,8 +109,8 @@ def label_logprobs_from_hidden(
     chunk_elements: int | None = None,
 ) -> Tensor:
     """:func:`label_logprobs` of the logits ``softcap·tanh((hidden @ weight.T + bias)/softcap)``
-    without building them: the supervised rows' logits are formed ``chunk_elements`` at a time
-    (what the trainer uses with ``fused_linear=True``).
+    without building them (the fused-linear sweep: ``chunk_elements`` logits at a time; what the
+    trainer uses with ``fused_linear=True``).
 
     Args:
         hidden: the last hidden states ``[B, L, H]``.
@@ -134,24 +122,23 @@ def label_logprobs_from_hidden(
             f"label_logprobs_from_hidden needs hidden [B, L, H] and labels [B, L], got "
             f"{tuple(hidden.shape)} and {tuple(labels.shape)}"
         )
-    cdt = _compute_dtype(weight.dtype)
-    out = torch.zeros(labels.shape, dtype=cdt, device=hidden.device)
-    mask = _supervised(labels, ignore_index)
-    b, t = mask.nonzero(as_tuple=True)
-    if b.numel() == 0:
-        return out
-    y = labels[b, t].long()
-    rows = _chunk_rows(int(weight.shape[0]), chunk_elements)
-    vals = torch.empty(b.numel(), dtype=cdt, device=hidden.device)
-    w = weight.detach()
-    for s in range(0, b.numel(), rows):
-        e = s + rows
-        h = hidden[b[s:e], t[s:e] - 1].to(w.dtype)
-        z = (h @ w.T if bias is None else torch.addmm(bias.detach(), h, w.T)).to(cdt)
-        if softcap is not None:
-            z = softcap * torch.tanh(z / softcap)
-        vals[s:e] = z.gather(1, y[s:e, None])[:, 0] - torch.logsumexp(z, -1)
-    out[b, t] = vals
+    out = torch.zeros(labels.shape, dtype=compute_dtype(weight.dtype), device=hidden.device)
+    b, t, y = _rows(labels, ignore_index)
+    if b.numel():
+        h = hidden[b, t - 1].detach()
+        every = torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
+        st = fused_row_stats(
+            h,
+            weight.detach(),
+            None if bias is None else bias.detach(),
+            y,
+            None,
+            every,
+            StatRequest(),
+            softcap=softcap,
+            chunk_elements=chunk_elements,
+        )
+        out[b, t] = st.z_label - st.lse
     return out
 
 
