@@ -467,7 +467,8 @@ def _save_records(path: Path, recs: Sequence[SyntheticRecord]) -> None:
 
 
 def _load_records(path: Path) -> list[SyntheticRecord]:
-    z = np.load(path)
+    with np.load(path) as npz:
+        z = {name: npz[name] for name in npz.files}  # each npz[name] access re-reads the file
     t_off, s_off = z["t_off"], z["s_off"]
     out = []
     for i, key in enumerate(z["keys"].tolist()):
