@@ -1,16 +1,31 @@
-"""Codec benchmark: bytes per supervised token, KL of the decoded top-k, encode and decode speed.
+"""Codec benchmark: bytes per supervised token, KL of the decoded top-k, encode and decode speed,
+on three families of teacher data (:mod:`target_sft.testing.families`):
 
-Data: :mod:`target_sft.testing.synthetic` (Qwen-shaped teacher output, see docs/SYNTHETIC_DATA.md).
-Baselines, measured in the same run on the same records:
+* ``synthetic``: the project's Qwen-shaped generator (docs/SYNTHETIC_DATA.md; the compact codec
+  was tuned on it);
+* ``text-lm``: top-64 dumps of a small causal LM trained here on real text found on the machine,
+  on held-out documents (trained once, then cached under ``benches/.data``, gitignored);
+* ``flat-256k``: the same LM at temperature 2, ids spread over a 262,144-token vocabulary.
 
-* ``numpy-memmap``: the records stored uncompressed (int32 ids, float32 log-probs, raw tokens) in
-  numpy memmaps with an offsets table; "decode" = slicing and copying the arrays of a record.
-* ``python-ref``: the pure-Python reference decoder of our format (zstandard + numpy,
-  ``tests/cache/reference_reader.py``, written from docs/FORMAT.md alone).
+Stores, measured per family in the same run on the same records:
 
+* ``exact`` and ``compact``: this project's cache (``CacheWriter`` / ``TeacherCache``), today's
+  fixed parameters;
+* ``fp16+zstd``: the common practice: each record's arrays (ids, tokens, labels, ranks as int32,
+  log-probs as float16) concatenated and compressed as one zstd frame (level ``--zstd-level``, 3 by
+  default, the cache writer's default too) with an offsets table; decode = decompress, view, and
+  convert the log-probs back to float32;
+* ``numpy-memmap``: uncompressed int32 + float32 memmaps with an offsets table; decode = slicing
+  and copying one record's arrays;
+* ``python-ref``: the pure-Python reference decoder of our format (``tests/cache/reference_reader.py``,
+  written from docs/FORMAT.md alone), on the first ``--ref-records`` records only.
+
+bytes/tok = total bytes written (shards, tables, index; for the baselines, arrays + offsets) per
+supervised token. KL = KL(teacher top-k ‖ decoded top-k), both renormalised over the row, per row.
 Throughput is per core: encode uses one encoder thread and divides the supervised tokens by the
 process CPU time of the whole write (validation, encoding, committing, Python included); decode
-uses one thread. Timings are the best of ``--repeats`` runs (the machine may be shared). Run ``python benches/bench_codec.py --help`` for options.
+uses one thread. Timings are the best of ``--repeats`` runs (the machine may be shared). Run
+``python benches/bench_codec.py --help`` for options.
 """
 
 from __future__ import annotations
@@ -25,34 +40,44 @@ import time
 from pathlib import Path
 
 import numpy as np
+import zstandard
 
 from target_sft import CacheWriter, TeacherCache
-from target_sft.testing.synthetic import generate_list, stats
+from target_sft.testing.families import FAMILIES, family_stats, load_family
 
 ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "benches" / ".data"
+STORES = ("numpy-memmap", "fp16+zstd", "exact", "compact")
+
+
+def _sort_rows(ids: np.ndarray, lps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    o = np.argsort(ids, axis=1, kind="stable")
+    return np.take_along_axis(ids, o, axis=1), np.take_along_axis(lps, o, axis=1)
 
 
 def kl_rows(orig_ids, orig_lps, dec_ids, dec_lps) -> np.ndarray:
-    """KL(P || Q) per row, P/Q = original/decoded top-k renormalised over the valid entries."""
-    out = np.empty(orig_ids.shape[0])
-    for r in range(orig_ids.shape[0]):
-        m = orig_ids[r] >= 0
-        oi, ol = orig_ids[r][m], orig_lps[r][m].astype(np.float64)
-        md = dec_ids[r] >= 0
-        di, dl = dec_ids[r][md], dec_lps[r][md].astype(np.float64)
-        o, d = np.argsort(oi), np.argsort(di)
-        assert np.array_equal(oi[o], di[d]), "ids must round-trip"
-        p = ol[o] - np.logaddexp.reduce(ol[o])
-        q = dl[d] - np.logaddexp.reduce(dl[d])
-        pe = np.exp(p)
-        out[r] = float(np.sum(pe * (p - q), where=pe > 0))
-    return out
+    """KL(P || Q) per row, P/Q = original/decoded top-k renormalised over the valid entries.
+
+    Rows are compared as sets of ids (the compact codec stores them in another order); the ids
+    must round-trip exactly."""
+    oi, ol = _sort_rows(orig_ids, orig_lps.astype(np.float64))
+    di, dl = _sort_rows(dec_ids, dec_lps.astype(np.float64))
+    assert np.array_equal(oi, di), "ids must round-trip"
+    valid = oi >= 0
+    ol = np.where(valid, ol, -np.inf)
+    dl = np.where(valid, dl, -np.inf)
+    p = ol - np.logaddexp.reduce(ol, axis=1, keepdims=True)
+    q = dl - np.logaddexp.reduce(dl, axis=1, keepdims=True)
+    pe = np.exp(p)
+    with np.errstate(invalid="ignore"):
+        terms = np.where(pe > 0, pe * (p - q), 0.0)
+    return terms.sum(axis=1)
 
 
-def write_cache(path: Path, recs, codec: str, threads: int) -> tuple[float, float]:
+def write_cache(path: Path, recs, vocab: int, codec: str, threads: int) -> tuple[float, float]:
     t0, c0 = time.perf_counter(), time.process_time()
     with CacheWriter(
-        path, top_k=recs[0].topk_ids.shape[1], vocab_size=VOCAB, codec=codec, threads=threads
+        path, top_k=recs[0].topk_ids.shape[1], vocab_size=vocab, codec=codec, threads=threads
     ) as w:
         for r in recs:
             w.add(
@@ -103,113 +128,223 @@ def read_memmap(path: Path, n: int) -> float:
     return time.perf_counter() - t0
 
 
+def encode_fp16_zstd(recs, level: int) -> tuple[list[bytes], float]:
+    """Each record as one zstd frame: int32 tokens, labels, top-k ids, label ranks; float16
+    top-k and label log-probs. Returns the frames and the process CPU seconds."""
+    c0 = time.process_time()
+    cctx = zstandard.ZstdCompressor(level=level, write_content_size=True)
+    frames = []
+    for r in recs:
+        raw = b"".join(
+            (
+                r.input_ids.astype(np.int32).tobytes(),
+                r.labels.astype(np.int32).tobytes(),
+                r.topk_ids.astype(np.int32).tobytes(),
+                r.topk_logprobs.astype(np.float16).tobytes(),
+                r.label_logprobs.astype(np.float16).tobytes(),
+                r.label_ranks.astype(np.int32).tobytes(),
+            )
+        )
+        frames.append(cctx.compress(raw))
+    return frames, time.process_time() - c0
+
+
+def decode_fp16_zstd(frames: list[bytes], shapes: list[tuple[int, int, int]]) -> tuple[list, float]:
+    """Decode every frame into float32/int32 arrays; returns them and the wall seconds."""
+    dctx = zstandard.ZstdDecompressor()
+    out = []
+    t0 = time.perf_counter()
+    for f, (t, s, k) in zip(frames, shapes, strict=True):
+        buf = dctx.decompress(f)
+        o = 0
+        toks = np.frombuffer(buf, np.int32, t, o).copy()
+        o += 4 * t
+        labels = np.frombuffer(buf, np.int32, t, o).copy()
+        o += 4 * t
+        ids = np.frombuffer(buf, np.int32, s * k, o).reshape(s, k).copy()
+        o += 4 * s * k
+        lps = np.frombuffer(buf, np.float16, s * k, o).reshape(s, k).astype(np.float32)
+        o += 2 * s * k
+        llp = np.frombuffer(buf, np.float16, s, o).astype(np.float32)
+        o += 2 * s
+        ranks = np.frombuffer(buf, np.int32, s, o).copy()
+        out.append((toks, labels, ids, lps, llp, ranks))
+    return out, time.perf_counter() - t0
+
+
+def bench_family(fam, args, ref, tmp: Path) -> dict:
+    recs, vocab = fam.records, fam.vocab_size
+    sup = sum(r.label_logprobs.size for r in recs)
+    res: dict = {}
+
+    mm_bytes = write_memmap(tmp / "memmap", recs)
+    mm_s = min(read_memmap(tmp / "memmap", len(recs)) for _ in range(args.repeats))
+    res["numpy-memmap"] = {
+        "bytes_per_token": mm_bytes / sup,
+        "kl_mean": 0.0,
+        "kl_p99": 0.0,
+        "kl_max": 0.0,
+        "decode_tok_s_per_core": sup / mm_s,
+    }
+
+    enc = [encode_fp16_zstd(recs, args.zstd_level) for _ in range(args.repeats)]
+    frames, enc_cpu = enc[0][0], min(e[1] for e in enc)
+    shapes = [(r.input_ids.size, *r.topk_ids.shape) for r in recs]
+    dec_runs = [decode_fp16_zstd(frames, shapes) for _ in range(args.repeats)]
+    dec, dec_s = dec_runs[0][0], min(d[1] for d in dec_runs)
+    kl = np.concatenate(
+        [kl_rows(r.topk_ids, r.topk_logprobs, d[2], d[3]) for r, d in zip(recs, dec, strict=True)]
+    )
+    res["fp16+zstd"] = {
+        "bytes_per_token": (sum(len(f) for f in frames) + 8 * (len(frames) + 1)) / sup,
+        "kl_mean": float(kl.mean()),
+        "kl_p99": float(np.quantile(kl, 0.99)),
+        "kl_max": float(kl.max()),
+        "encode_tok_s_per_core": sup / enc_cpu,
+        "decode_tok_s_per_core": sup / dec_s,
+    }
+
+    for codec in ("exact", "compact"):
+        path = tmp / codec
+        runs = []
+        for _ in range(args.repeats):
+            shutil.rmtree(path, ignore_errors=True)
+            runs.append(write_cache(path, recs, vocab, codec, threads=1))
+        wall, cpu = min(runs, key=lambda x: x[1])
+        cache = TeacherCache(path)
+        n = len(cache)
+        dec_s = float("inf")
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            dec = cache.records_at(range(n), threads=1)
+            dec_s = min(dec_s, time.perf_counter() - t0)
+        kl = np.concatenate(
+            [
+                kl_rows(r.topk_ids, r.topk_logprobs, d.topk_ids, d.topk_logprobs)
+                for r, d in zip(recs, dec, strict=True)
+            ]
+        )
+        # The reference reader on the first --ref-records records (it is slow: a reference).
+        shards = ref.open_shards(path)[1]
+        t0 = time.perf_counter()
+        ref_sup = 0
+        for i in range(min(args.ref_records, len(shards[0]))):
+            ref_sup += shards[0].record(i)["label_logprobs"].size
+        ref_s = time.perf_counter() - t0
+        res[codec] = {
+            "bytes_per_token": cache.info.bytes / sup,
+            "kl_mean": float(kl.mean()),
+            "kl_p99": float(np.quantile(kl, 0.99)),
+            "kl_max": float(kl.max()),
+            "encode_tok_s_per_core": sup / cpu,
+            "encode_wall_s": wall,
+            "decode_tok_s_per_core": sup / dec_s,
+            "python_ref_decode_tok_s": ref_sup / ref_s if ref_s > 0 else float("nan"),
+        }
+        shutil.rmtree(path, ignore_errors=True)
+    shutil.rmtree(tmp / "memmap", ignore_errors=True)
+    return res
+
+
+def print_family(name: str, res: dict) -> None:
+    mm, fz = res["numpy-memmap"], res["fp16+zstd"]
+    print(
+        f"\n[{name}]\n{'store':<14}{'bytes/tok':>10}{'mean KL':>10}{'p99 KL':>9}{'max KL':>9}"
+        f"{'enc tok/s/core':>16}{'dec tok/s/core':>16}{'bytes vs fp16+zstd':>20}"
+        f"{'dec vs memmap':>15}{'dec vs py-ref':>15}"
+    )
+    for store in STORES:
+        r = res[store]
+        enc = r.get("encode_tok_s_per_core")
+        enc_s = f"{enc:,.0f}" if enc else "-"
+        refv = r.get("python_ref_decode_tok_s")
+        ref_s = f"{r['decode_tok_s_per_core'] / refv:,.1f}x" if refv else "-"
+        print(
+            f"{store:<14}{r['bytes_per_token']:>10.1f}{r['kl_mean']:>10.2e}{r['kl_p99']:>9.1e}"
+            f"{r['kl_max']:>9.1e}{enc_s:>16}"
+            f"{r['decode_tok_s_per_core']:>16,.0f}"
+            f"{r['bytes_per_token'] / fz['bytes_per_token']:>19.2f}x"
+            f"{r['decode_tok_s_per_core'] / mm['decode_tok_s_per_core']:>14.2f}x"
+            f"{ref_s:>15}"
+        )
+
+
 def main() -> None:
-    global VOCAB
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--records", type=int, default=200)
-    ap.add_argument("--mean-length", type=int, default=1024)
-    ap.add_argument("--vocab-size", type=int, default=151_936)
+    ap.add_argument(
+        "--families", default=",".join(FAMILIES), help=f"comma-separated subset of {FAMILIES}"
+    )
+    ap.add_argument("--records", type=int, default=200, help="synthetic records")
+    ap.add_argument("--mean-length", type=int, default=1024, help="synthetic mean length")
+    ap.add_argument(
+        "--lm-records", type=int, default=400, help="records of each LM family (256 tokens each)"
+    )
     ap.add_argument("--top-k", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--zstd-level", type=int, default=3, help="zstd level of the fp16+zstd store")
     ap.add_argument(
-        "--ref-records", type=int, default=8, help="records decoded by the slow python-ref baseline"
+        "--ref-records", type=int, default=2, help="records decoded by the slow python-ref baseline"
     )
     ap.add_argument("--repeats", type=int, default=3, help="timings are the best of this many runs")
+    ap.add_argument("--data-dir", default=str(DATA), help="where the trained LM and dumps are kept")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
-    VOCAB = args.vocab_size
-
-    t0 = time.perf_counter()
-    recs = generate_list(
-        args.records,
-        vocab_size=args.vocab_size,
-        top_k=args.top_k,
-        mean_length=args.mean_length,
-        seed=args.seed,
-    )
-    gen_s = time.perf_counter() - t0
-    st = stats(recs)
-    sup = sum(r.label_logprobs.size for r in recs)
-    print(
-        f"data: {args.records} records, {sum(r.input_ids.size for r in recs):,} tokens, {sup:,} supervised, "
-        f"k={args.top_k}, V={args.vocab_size} (generated in {gen_s:.1f} s)"
-    )
-    print(
-        "data stats:",
-        json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in st.items()}),
-    )
+    names = [f for f in args.families.split(",") if f]
+    for f in names:
+        if f not in FAMILIES:
+            ap.error(f"unknown family {f!r}; choose from {FAMILIES}")
 
     sys.path.insert(0, str(ROOT / "tests" / "cache"))
     import reference_reader as ref
 
+    results: dict = {"zstd_level": args.zstd_level, "families": {}}
     tmp = Path(tempfile.mkdtemp(prefix="tsft-bench-"))
-    results: dict = {
-        "records": args.records,
-        "supervised_tokens": sup,
-        "top_k": args.top_k,
-        "vocab": args.vocab_size,
-    }
     try:
-        mm_bytes = write_memmap(tmp / "memmap", recs)
-        mm_s = min(read_memmap(tmp / "memmap", len(recs)) for _ in range(args.repeats))
-        results["numpy-memmap"] = {"bytes_per_token": mm_bytes / sup, "decode_tok_s": sup / mm_s}
-        for codec in ("exact", "compact"):
-            path = tmp / codec
-            runs = []
-            for _ in range(args.repeats):
-                shutil.rmtree(path, ignore_errors=True)
-                runs.append(write_cache(path, recs, codec, threads=1))
-            wall, cpu = min(runs, key=lambda x: x[1])
-            cache = TeacherCache(path)
-            n = len(cache)
-            dec_s = float("inf")
-            for _ in range(args.repeats):
-                t0 = time.perf_counter()
-                dec = cache.records_at(range(n), threads=1)
-                dec_s = min(dec_s, time.perf_counter() - t0)
-            kl = np.concatenate(
-                [
-                    kl_rows(r.topk_ids, r.topk_logprobs, d.topk_ids, d.topk_logprobs)
-                    for r, d in zip(recs, dec, strict=True)
-                ]
-            )
-            m = args.ref_records
+        for name in names:
             t0 = time.perf_counter()
-            ref_recs = (
-                ref.read_cache(path, limit=m)
-                if "limit" in ref.read_cache.__code__.co_varnames
-                else ref.read_cache(path)[:m]
+            fam = load_family(
+                name,
+                args.records if name == "synthetic" else args.lm_records,
+                cache_dir=args.data_dir,
+                top_k=args.top_k,
+                seed=args.seed,
+                synthetic_length=args.mean_length,
+                log=True,
             )
-            ref_s = time.perf_counter() - t0
-            ref_sup = sum(r["label_logprobs"].size for r in ref_recs)
-            results[codec] = {
-                "bytes_per_token": cache.info.bytes / sup,
-                "kl_mean": float(kl.mean()),
-                "kl_p99": float(np.quantile(kl, 0.99)),
-                "kl_max": float(kl.max()),
-                "encode_tok_s_per_core": sup / cpu,
-                "encode_wall_s": wall,
-                "decode_tok_s_per_core": sup / dec_s,
-                "python_ref_decode_tok_s": ref_sup / ref_s,
+            load_s = time.perf_counter() - t0
+            st = family_stats(fam.records)
+            sup = int(st["rows"])
+            print(
+                f"\n== {name}: {len(fam.records)} records, {int(st['tokens']):,} tokens, {sup:,} "
+                f"supervised, k={args.top_k}, V={fam.vocab_size:,} (loaded in {load_s:.1f} s)"
+            )
+            print("shape:", json.dumps({k: round(v, 4) for k, v in st.items()}))
+            if name != "synthetic":
+                print("LM:", json.dumps(fam.info))
+            res = bench_family(fam, args, ref, tmp)
+            print_family(name, res)
+            results["families"][name] = {
+                "records": len(fam.records),
+                "vocab": fam.vocab_size,
+                "shape": st,
+                "info": fam.info,
+                "stores": res,
             }
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    mm = results["numpy-memmap"]
-    print(
-        f"\n{'store':<14}{'bytes/tok':>10}{'mean KL':>11}{'p99 KL':>10}{'max KL':>10}{'enc tok/s/core':>16}{'dec tok/s/core':>16}{'dec vs memmap':>15}{'dec vs py-ref':>15}"
-    )
-    print(
-        f"{'numpy-memmap':<14}{mm['bytes_per_token']:>10.1f}{'0':>11}{'0':>10}{'0':>10}{'-':>16}{mm['decode_tok_s']:>16,.0f}{'1.00x':>15}{'-':>15}"
-    )
-    for codec in ("exact", "compact"):
-        r = results[codec]
+    print("\nsummary (compact vs fp16+zstd, same records):")
+    for name, fr in results["families"].items():
+        c, f = fr["stores"]["compact"], fr["stores"]["fp16+zstd"]
         print(
-            f"{codec:<14}{r['bytes_per_token']:>10.1f}{r['kl_mean']:>11.2e}{r['kl_p99']:>10.1e}{r['kl_max']:>10.1e}"
-            f"{r['encode_tok_s_per_core']:>16,.0f}{r['decode_tok_s_per_core']:>16,.0f}"
-            f"{r['decode_tok_s_per_core'] / mm['decode_tok_s']:>14.2f}x{r['decode_tok_s_per_core'] / r['python_ref_decode_tok_s']:>14.1f}x"
+            f"  {name:<10} median top-1 {fr['shape']['median_top1_p']:.3f}, top-64 mass "
+            f"{fr['shape']['mean_topk_mass']:.3f}: compact {c['bytes_per_token']:.1f} B/tok at "
+            f"mean KL {c['kl_mean']:.2e} vs fp16+zstd {f['bytes_per_token']:.1f} B/tok at "
+            f"{f['kl_mean']:.2e} ({c['bytes_per_token'] / f['bytes_per_token']:.2f}x the bytes); "
+            f"encode {c['encode_tok_s_per_core']:,.0f}/s/core, decode "
+            f"{c['decode_tok_s_per_core']:,.0f}/s/core"
         )
     print(
         f"\nmachine: {platform.machine()} {platform.processor() or ''}, python {platform.python_version()}"
@@ -217,8 +352,6 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 
-
-VOCAB = 0
 
 if __name__ == "__main__":
     main()
