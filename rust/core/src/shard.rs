@@ -881,9 +881,9 @@ mod tests {
     use super::*;
     use crate::container::header_end;
 
-    /// A shard of `keys` (frames are arbitrary bytes: the key tables never look at them),
-    /// written to a fresh directory; returns its path and bytes.
-    fn shard(keys: &[Key]) -> (PathBuf, Vec<u8>) {
+    /// The bytes of a shard of `keys` (frames are arbitrary bytes: the key tables never look
+    /// at them), and the reader of it.
+    fn shard(keys: &[Key]) -> (ShardReader, Vec<u8>) {
         // a fresh directory per call (tests run in parallel)
         static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let dir = std::env::temp_dir().join(format!(
@@ -908,7 +908,9 @@ mod tests {
             .unwrap();
         let path = dir.join("s.safetensors");
         let bytes = std::fs::read(&path).unwrap();
-        (path, bytes)
+        let reader = ShardReader::open(&path, Some(bytes.len() as u64)).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap(); // the map stays valid
+        (reader, bytes)
     }
 
     /// What a ranged reader does: the header, then only the ranges the tables need.
@@ -941,9 +943,8 @@ mod tests {
     #[test]
     fn key_tables_match_the_reader_without_the_payload() {
         let keys = keys();
-        let (path, bytes) = shard(&keys);
+        let (r, bytes) = shard(&keys);
         let (hashes, got) = read(&bytes, keys.len(), Some(&[6, 0, 5])).unwrap();
-        let r = ShardReader::open(&path, Some(bytes.len() as u64)).unwrap();
         assert_eq!(
             hashes,
             (0..r.len()).map(|i| r.key_hash(i)).collect::<Vec<_>>()
