@@ -736,7 +736,7 @@ def reference_positions(
         key = cache.key_at(pos[int(missing[0])])
         raise CacheKeyError(
             f"key {key!r} of the teacher cache at {cache.path} is not in the reference cache at "
-            f"{reference.path} ({missing.size} of {len(pos)} records lack a reference record); "
+            f"{reference.path} ({missing.size} of the {len(pos)} records lack a reference record); "
             "build the reference cache from the same rows (same keys)"
         )
     return found

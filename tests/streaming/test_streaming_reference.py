@@ -278,3 +278,30 @@ def test_damaged_key_table_or_wrong_match_is_an_error(caches, tmp_path, monkeypa
     d.reference.position_of = np.roll(d.reference.position_of, 1)
     with pytest.raises(CacheMismatchError, match=r"teacher key 0 .*was matched to the record"):
         next(iter(d))
+
+
+def test_remote_damaged_key_table_and_missing_key_are_named(caches, server, tmp_path):
+    """A remote cache's key tables are parsed and verified natively from ranged reads: a
+    damaged ``key_hash`` is a corruption naming the shard's URL and the region; a teacher key
+    the remote reference lacks is named (its key decoded from the remote key tables)."""
+    root, teacher, reference = caches
+    bad = root / "bad_remote"
+    if not bad.exists():
+        shutil.copytree(reference, bad)
+        f = bad / TeacherCache(bad).info.shards[1]["file"]
+        raw = bytearray(f.read_bytes())
+        n = int.from_bytes(raw[:8], "little")
+        raw[8 + n + json.loads(raw[8 : 8 + n])["key_hash"]["data_offsets"][0]] ^= 0x01
+        f.write_bytes(bytes(raw))
+    name = TeacherCache(reference).info.shards[1]["file"]
+    with pytest.raises(CacheCorruptionError, match=f"bad_remote/{name}: region key_hash"):
+        StreamingTeacherDataset(teacher, reference=f"{server}/bad_remote", local_dir=tmp_path)
+    partial_ref = root / "partial_remote"
+    if not partial_ref.exists():
+        make_reference_cache(partial_ref, [k for k in range(N) if k != 17])
+    with pytest.raises(CacheKeyError) as ei:
+        StreamingTeacherDataset(
+            f"{server}/teacher", reference=str(partial_ref), local_dir=tmp_path / "n"
+        )
+    msg = str(ei.value)
+    assert "key 17 " in msg and str(partial_ref) in msg and "1 of the 61" in msg

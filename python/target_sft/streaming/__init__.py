@@ -9,8 +9,8 @@ the seams of the design in ``docs/STREAMING.md``, one concept per module:
 * ``store.py`` — the node-local shard store of a remote cache (download, verify, commit, pin,
   evict under a size limit; ``flock`` files between the processes of a node);
 * ``manifest.py`` — fetching a remote cache's manifest (parsed and validated by the native core);
-* ``keyindex.py`` — the key index of a cache's shards (their key tables, without the payload):
-  matching a teacher's records to another cache's by key;
+* ``keyindex.py`` — matching a teacher's records to another cache's by key (the native lookup;
+  for a remote cache, ranged reads of its shards' key tables, parsed and verified natively);
 * ``reference.py`` — the reference cache that follows the teacher (``reference=``): opened,
   checked (role, tokenizer, keys) and matched once;
 * ``dataset.py`` — :class:`StreamingTeacherDataset`: iteration, epochs, ``state_dict`` / resume.

@@ -33,7 +33,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from target_sft.cache import CacheInfo, CacheSample, KeySplit, TeacherCache
 from target_sft.checks import check_int, parse_size
 from target_sft.errors import CacheInputError, CacheMismatchError
-from target_sft.streaming.keyindex import LocalFiles
+from target_sft.streaming.keyindex import RemoteKeys
 from target_sft.streaming.manifest import fetch_manifest
 from target_sft.streaming.order import EpochOrder
 from target_sft.streaming.partition import (
@@ -216,7 +216,7 @@ class StreamingTeacherDataset(IterableDataset):  # type: ignore[type-arg]
             self.reference = ReferenceSource(
                 reference,
                 teacher=self.info,
-                teacher_files=self._teacher_files(),
+                teacher_keys=self._teacher_keys(),
                 positions=self._select,
                 storage_options=(
                     self.storage_options
@@ -240,14 +240,14 @@ class StreamingTeacherDataset(IterableDataset):  # type: ignore[type-arg]
         self._store: ShardStore | None = None
         self._store_pid = -1
 
-    def _teacher_files(self) -> tuple[Any, str, str]:
-        """``(fs, root, shown)`` of the teacher's directory (to read its shards' key tables)."""
-        if not self.remote:
-            return LocalFiles(), self.source, self.source
+    def _teacher_keys(self) -> TeacherCache | RemoteKeys:
+        """The teacher cache (local) or its shards' key tables (remote), to match keys in."""
+        if self._cache is not None:
+            return self._cache
         import fsspec
 
         fs, root = fsspec.core.url_to_fs(self.source, **self.storage_options)
-        return fs, root.rstrip("/"), self.source
+        return RemoteKeys(fs, root.rstrip("/"), self.source, self.info.shards)
 
     def _apply_key_split(self, key_split: KeySplit | None, ident: list[Any]) -> None:
         """The records the epochs order: every record, or those of ``key_split``'s side (then

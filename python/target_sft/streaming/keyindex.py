@@ -1,30 +1,31 @@
-"""The key index of a cache's shards, read without their payload: each record's XXH3-64 key hash
-(the ``key_hash`` table, docs/FORMAT.md §2-§3), and the keys of a few records (``key_offsets`` /
-``key_bytes``). It reads the shard's header and tables only (a few bytes per record; for a remote
-cache, ranged reads through fsspec), verified by the shard's region checksums (format version 2,
-docs/FORMAT.md §7) before use.
+"""Matching a teacher cache's records to another cache's (a reference cache built separately,
+whose shards need not line up with the teacher's) by key: for every teacher record the
+dataset streams, the position of the record with the same key there.
 
-:func:`match_by_key` uses it to find, for every record of a teacher cache, the position of the
-record with the same key in another cache (a reference cache built separately, whose shards need
-not line up with the teacher's): the whole key set is checked once, and a key the other cache
-lacks is a :class:`CacheKeyError` naming it.
+Two local caches are matched by the native bulk lookup (:func:`target_sft.cache.
+reference_positions`, exact: it compares the keys). A remote cache is matched by its records'
+key hashes, read without its shards' payload: this module fetches, with ranged reads through
+fsspec, the byte ranges the native :class:`~target_sft._core.ShardKeyTables` asks for (the
+header, then the ``key_hash`` table; the key tables to name a key), and the native code parses
+and verifies them (region checksums, docs/FORMAT.md §7) exactly as it reads a local shard. A
+key the other cache lacks is a :class:`CacheKeyError` naming it.
 """
 
 from __future__ import annotations
 
 import errno
-import json
 import logging
-import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from target_sft.errors import CacheCorruptionError, CacheFormatError, CacheIOError, CacheKeyError
+from target_sft._core import ShardKeyTables
+from target_sft.cache import TeacherCache, reference_positions
+from target_sft.errors import CacheCorruptionError, CacheIOError, CacheKeyError
 
-__all__ = ["KeyTables", "LocalFiles", "match_by_key", "read_key_tables"]
+__all__ = ["RemoteKeys", "match_by_key"]
 
 
 log = logging.getLogger(__name__)
@@ -45,12 +46,13 @@ def _read(fs: Any, path: str, start: int, end: int, size: int, shown: str) -> by
     if len(data) == end - start:
         return data
     if len(data) == size:  # the server ignored the Range header
-        if shown.rsplit("/", 1)[0] not in _WHOLE_FILES:
-            _WHOLE_FILES.add(shown.rsplit("/", 1)[0])
+        cache = shown.rsplit("/", 1)[0]
+        if cache not in _WHOLE_FILES:
+            _WHOLE_FILES.add(cache)
             log.warning(
                 "%s: the server ignores range requests, so reading the shards' key tables "
                 "downloads whole shards (once per table read)",
-                shown.rsplit("/", 1)[0],
+                cache,
             )
         return data[start:end]
     raise CacheCorruptionError(
@@ -60,172 +62,118 @@ def _read(fs: Any, path: str, start: int, end: int, size: int, shown: str) -> by
 
 
 @dataclass
-class KeyTables:
-    """What the key index needs of one shard: its header and the byte ranges of its tables."""
+class _RemoteShard:
+    """One remote shard's parsed header and the byte ranges read of it so far."""
 
-    fs: Any
     path: str
     shown: str
     size: int
-    data_start: int  # offset of the data buffer in the file (8 + header length)
-    header: dict[str, Any]
-    checksums: dict[str, int]  # table name -> XXH3-64 (empty for a version-1 shard)
-    key_hash: npt.NDArray[np.uint64]
+    tables: ShardKeyTables
+    pieces: list[tuple[int, bytes]] = field(default_factory=list)
 
-    def _tables(self, *names: str) -> list[bytes]:
-        """The verified bytes of adjacent tables ``names``, read in one ranged request."""
-        spans = [self.header[n]["data_offsets"] for n in names]
-        lo, hi = min(b for b, _ in spans), max(e for _, e in spans)
-        raw = _read(
-            self.fs, self.path, self.data_start + lo, self.data_start + hi, self.size, self.shown
+    def fetch(self, fs: Any, keys: bool) -> list[tuple[int, bytes]]:
+        """The pieces holding the ranges the native tables need (read once each)."""
+        for start, end in self.tables.ranges(keys):
+            if not any(a <= start and end <= a + len(b) for a, b in self.pieces):
+                self.pieces.append((start, _read(fs, self.path, start, end, self.size, self.shown)))
+        return self.pieces
+
+
+@dataclass
+class RemoteKeys:
+    """The key index of a remote cache: ``fs`` (fsspec), ``root`` (its directory as ``fs``
+    names it), ``shown`` (as messages name it) and ``shards`` (its manifest's shard entries)."""
+
+    fs: Any
+    root: str
+    shown: str
+    shards: list[dict[str, Any]]
+    _open: list[_RemoteShard] = field(default_factory=list, repr=False)
+
+    def _shards(self) -> list[_RemoteShard]:
+        if not self._open:
+            for e in self.shards:
+                path, shown = f"{self.root}/{e['file']}", f"{self.shown}/{e['file']}"
+                size = int(e["bytes"])
+                end = ShardKeyTables.header_end(
+                    _read(self.fs, path, 0, min(8, size), size, shown), size, shown
+                )
+                head = _read(self.fs, path, 0, end, size, shown)
+                tables = ShardKeyTables(head, size, int(e["records"]), shown)
+                self._open.append(_RemoteShard(path, shown, size, tables))
+        return self._open
+
+    def key_hashes(self) -> npt.NDArray[np.uint64]:
+        """The verified key hash of every record, in the cache's order."""
+        return np.concatenate(
+            [s.tables.key_hashes(s.fetch(self.fs, False)) for s in self._shards()]
+            + [np.empty(0, np.uint64)]
         )
-        out = [raw[b - lo : e - lo] for b, e in spans]
-        for n, r in zip(names, out, strict=True):
-            if n != "checksums":
-                self._verify(n, r)
-        return out
 
-    def _table(self, name: str) -> bytes:
-        return self._tables(name)[0]
-
-    def _verify(self, name: str, raw: bytes) -> None:
-        if not self.checksums:  # a version-1 shard: no region checksums
-            return
-        want = self.checksums.get(name)
-        if want is None:
-            raise CacheCorruptionError(f"{self.shown}: the checksums table does not list {name}")
-        import xxhash
-
-        got = xxhash.xxh3_64_intdigest(raw)
-        if got != want:
-            raise CacheCorruptionError(
-                f"{self.shown}: region {name} is corrupted (XXH3-64 {got:016x}, the shard's "
-                f"checksums table lists {want:016x})"
-            )
-
-    def keys(self, local: list[int]) -> list[int | str]:
-        """The keys of records ``local`` (indices in this shard)."""
-        offsets = np.frombuffer(self._table("key_offsets"), dtype="<u8")
-        blob = self._table("key_bytes")
-        out: list[int | str] = []
-        for i in local:
-            raw = blob[int(offsets[i]) : int(offsets[i + 1])]
-            if raw[:1] == b"i" and len(raw) == 9:
-                out.append(int.from_bytes(raw[1:], "little", signed=True))
-            elif raw[:1] == b"s":
-                out.append(raw[1:].decode("utf-8"))
-            else:
-                raise CacheCorruptionError(f"{self.shown}: key {i} is not a valid key encoding")
-        return out
+    def key_at(self, position: int) -> int | str:
+        """The key of the record at global ``position``."""
+        starts = np.cumsum([0] + [int(e["records"]) for e in self.shards])
+        i = int(np.searchsorted(starts, position, side="right") - 1)
+        s = self._shards()[i]
+        return s.tables.keys(s.fetch(self.fs, True), [position - int(starts[i])])[0]
 
 
-def read_key_tables(fs: Any, root: str, shown_root: str, entry: dict[str, Any]) -> KeyTables:
-    """Read and verify a shard's header and ``key_hash`` table (``entry``: its manifest entry;
-    ``root``: the cache directory as ``fs`` names it; ``shown_root``: as messages name it)."""
-    path, shown = f"{root}/{entry['file']}", f"{shown_root}/{entry['file']}"
-    size = int(entry["bytes"])
-    if size < 8:
-        raise CacheCorruptionError(f"{shown}: {size} bytes is too short for a shard")
-    (n,) = struct.unpack("<Q", _read(fs, path, 0, 8, size, shown))
-    if n > size - 8:
-        raise CacheCorruptionError(f"{shown}: header length {n} exceeds the file ({size} bytes)")
-    head = _read(fs, path, 8, 8 + n, size, shown)
-    try:
-        header = json.loads(head)
-    except ValueError as e:
-        raise CacheCorruptionError(f"{shown}: the shard header is not JSON ({e})") from e
-    meta = header.get("__metadata__", {})
-    if meta.get("format") != "target-sft-shard" or "key_hash" not in header:
-        raise CacheFormatError(f"{shown} is not a target-sft shard")
-    records = int(entry["records"])
-    if header["key_hash"]["shape"] != [records]:
-        raise CacheCorruptionError(
-            f"{shown}: key_hash has shape {header['key_hash']['shape']}, the manifest lists "
-            f"{records} records"
-        )
-    t = KeyTables(fs, path, shown, size, 8 + n, header, {}, np.empty(0, np.uint64))
-    if "checksums" in header:  # version 2: verify the header and every table used (§7)
-        # key_hash and checksums are near each other (key_offsets between): one request
-        key_hash, raw = t._tables("key_hash", "checksums")  # verified below, once named
-        names = str(meta.get("checksums", "")).split(",")
-        values = np.frombuffer(raw, dtype="<u8")
-        if len(names) != len(values) or names[:1] != ["header"]:
-            raise CacheCorruptionError(f"{shown}: the checksums table does not name its regions")
-        t.checksums = {k: int(v) for k, v in zip(names, values, strict=True)}
-        t._verify("header", struct.pack("<Q", n) + head)
-        t._verify("key_hash", key_hash)
-    elif str(meta.get("format_version", "1")) != "1":
-        raise CacheCorruptionError(f"{shown}: a version-2 shard without a checksums table")
-    else:
-        key_hash = t._table("key_hash")
-    t.key_hash = np.frombuffer(key_hash, dtype="<u8").astype(np.uint64)
-    return t
+def _hashes(side: TeacherCache | RemoteKeys) -> npt.NDArray[np.uint64]:
+    return side.key_hashes() if isinstance(side, RemoteKeys) else side._c.key_hashes(0, len(side))
 
 
-class LocalFiles:
-    """The one fsspec call this module makes (``cat_file``), for a local cache without fsspec."""
-
-    @staticmethod
-    def cat_file(path: str, start: int, end: int) -> bytes:
-        with open(path, "rb") as f:
-            f.seek(start)
-            return f.read(end - start)
-
-
-def _all_tables(fs: Any, root: str, shown: str, shards: list[dict[str, Any]]) -> list[KeyTables]:
-    return [read_key_tables(fs, root, shown, e) for e in shards]
+def _shown(side: TeacherCache | RemoteKeys) -> str:
+    return side.shown if isinstance(side, RemoteKeys) else str(side.path)
 
 
 def match_by_key(
-    teacher: tuple[Any, str, str, list[dict[str, Any]]],
-    other: tuple[Any, str, str, list[dict[str, Any]]],
+    teacher: TeacherCache | RemoteKeys,
+    other: TeacherCache | RemoteKeys,
     positions: npt.NDArray[np.int64] | None,
 ) -> npt.NDArray[np.int64]:
     """For every global position of the teacher cache (or of ``positions`` only: the others get
     ``-1``), the global position of the record with the same key in the other cache.
 
-    Each cache is ``(fs, root, shown, shards)`` (``shards``: its manifest's shard entries; ``fs``
-    an fsspec filesystem or :class:`LocalFiles`). Records are matched by their 64-bit key hash;
-    the match is exact unless two keys share a hash, which the reader of the records detects
-    (it compares the keys themselves); two keys of the other cache sharing a hash that a
-    teacher key needs is refused here (:class:`CacheKeyError`, about one chance in 10**6 at
-    ten million records).
+    Two local caches are matched by key (the native lookup). With a remote one, records are
+    matched by their 64-bit key hash (a local cache's from the native reader); the match is
+    exact unless two keys share a hash, which the reader of the records detects (it compares
+    the keys themselves); two keys of the other cache sharing a hash that a teacher key needs
+    is refused here (:class:`CacheKeyError`, about one chance in 10**6 at ten million records).
 
     Raises:
         CacheKeyError: a teacher key the other cache does not hold (the first one, named).
     """
-    t_tables = _all_tables(*teacher)
-    o_tables = _all_tables(*other)
-    t_hash = np.concatenate([t.key_hash for t in t_tables] + [np.empty(0, np.uint64)])
-    o_hash = np.concatenate([t.key_hash for t in o_tables] + [np.empty(0, np.uint64)])
+    n = (
+        len(teacher)
+        if isinstance(teacher, TeacherCache)
+        else sum(int(e["records"]) for e in teacher.shards)
+    )
+    want = np.arange(n, dtype=np.int64) if positions is None else positions
+    out = np.full(n, -1, dtype=np.int64)
+    if isinstance(teacher, TeacherCache) and isinstance(other, TeacherCache):
+        out[want] = reference_positions(teacher, other, want.tolist())
+        return out
+    t_hash, o_hash = _hashes(teacher), _hashes(other)
     order = np.argsort(o_hash, kind="stable")
     sorted_hash = o_hash[order]
-    out = np.full(t_hash.shape[0], -1, dtype=np.int64)
-    want = np.arange(t_hash.shape[0]) if positions is None else positions
     h = t_hash[want]
     lo = np.searchsorted(sorted_hash, h, side="left")
     hi = np.searchsorted(sorted_hash, h, side="right")
     found = hi > lo
-    t_starts = np.concatenate([[0], np.cumsum([len(t.key_hash) for t in t_tables])])
-
-    def key_of(p: int) -> int | str:
-        s = int(np.searchsorted(t_starts, p, side="right") - 1)
-        return t_tables[s].keys([p - int(t_starts[s])])[0]
-
     if not found.all():
         p = int(want[np.flatnonzero(~found)[0]])
         raise CacheKeyError(
-            f"the key {key_of(p)!r} of the teacher cache {teacher[2]} (record {p}) is not in "
-            f"the reference cache {other[2]} ({len(o_hash)} records; "
-            f"{int((~found).sum())} of the {len(want)} teacher records streamed have no "
-            "reference record): build the reference cache over the same samples"
+            f"key {teacher.key_at(p)!r} of the teacher cache at {_shown(teacher)} (record {p}) "
+            f"is not in the reference cache at {_shown(other)} ({int((~found).sum())} of the "
+            f"{len(want)} records lack a reference record); build the reference cache from "
+            "the same rows (same keys)"
         )
     if ((hi - lo) > 1).any():
         p = int(want[np.flatnonzero((hi - lo) > 1)[0]])
         raise CacheKeyError(
-            f"the key {key_of(p)!r} of the teacher cache {teacher[2]} hashes (XXH3-64) like "
-            f"several keys of the reference cache {other[2]}: matching by key hash cannot "
-            "tell them apart; rename one of the colliding keys"
+            f"the key {teacher.key_at(p)!r} of the teacher cache {_shown(teacher)} hashes "
+            f"(XXH3-64) like several keys of the reference cache {_shown(other)}: matching by "
+            "key hash cannot tell them apart; rename one of the colliding keys"
         )
     out[want] = order[lo]
     return out

@@ -7,7 +7,8 @@ teacher sample gets ``.reference``, the record of the same key here (docs/STREAM
 
 Checked once, when the dataset is built: the cache's ``role`` (manifest field; absent means
 ``"teacher"``) against the slot it is passed to, its tokenizer and vocabulary against the
-teacher's, and that it holds every teacher key the dataset streams (``keyindex.match_by_key``).
+teacher's, and that it holds every teacher key the dataset streams (``keyindex.match_by_key``:
+the native lookup, or the native key tables of a remote cache's shards).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy.typing as npt
 
 from target_sft.cache import CacheInfo, TeacherCache
 from target_sft.errors import CacheInputError, CacheMismatchError
-from target_sft.streaming.keyindex import LocalFiles, match_by_key
+from target_sft.streaming.keyindex import RemoteKeys, match_by_key
 from target_sft.streaming.manifest import MANIFEST_NAME, fetch_manifest
 from target_sft.streaming.store import ShardStore, is_url
 
@@ -99,8 +100,8 @@ class ReferenceSource:
 
     Args:
         reference: a cache directory, a :class:`TeacherCache` or a URL.
-        teacher: the teacher's :class:`CacheInfo`; ``teacher_files``: ``(fs, root, shown)`` of
-            the teacher's directory (to read its key tables).
+        teacher: the teacher's :class:`CacheInfo`; ``teacher_keys``: the teacher cache (local)
+            or its :class:`RemoteKeys` (remote), to match keys in.
         positions: the teacher's global positions the dataset streams (``None``: all).
         storage_options, local_dir, cache_limit, retries: as the dataset's, for this cache.
         allow_role_mismatch: accept a cache whose manifest role is not ``"reference"``.
@@ -111,7 +112,7 @@ class ReferenceSource:
         reference: str | os.PathLike[str] | TeacherCache,
         *,
         teacher: CacheInfo,
-        teacher_files: tuple[Any, str, str],
+        teacher_keys: TeacherCache | RemoteKeys,
         positions: npt.NDArray[np.int64] | None,
         storage_options: dict[str, Any],
         local_dir: Path | None,
@@ -137,7 +138,9 @@ class ReferenceSource:
             import fsspec
 
             fs, root = fsspec.core.url_to_fs(self.source, **storage_options)
-            files: tuple[Any, str, str] = (fs, root.rstrip("/"), self.source)
+            keys: TeacherCache | RemoteKeys = RemoteKeys(
+                fs, root.rstrip("/"), self.source, self.info.shards
+            )
         else:
             if isinstance(reference, TeacherCache):
                 self.cache = reference
@@ -148,13 +151,11 @@ class ReferenceSource:
                     )
                 self.cache = TeacherCache(self.source)
             self.info = self.cache.info
-            files = (LocalFiles(), str(self.source), str(self.source))
+            keys = self.cache
         role = cache_role(self.info, self.manifest, self.cache)
         check_role(self.info, role, "reference", allow_role_mismatch)
         check_same_vocab(teacher, self.info)
-        self.position_of = match_by_key(
-            (*teacher_files, teacher.shards), (*files, self.info.shards), positions
-        )
+        self.position_of = match_by_key(teacher_keys, keys, positions)
         self.starts = np.concatenate(
             [[0], np.cumsum([s["records"] for s in self.info.shards])]
         ).astype(np.int64)

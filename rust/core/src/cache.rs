@@ -108,6 +108,22 @@ impl TeacherCache {
         self.shard(s)?.key(i)
     }
 
+    /// The key hashes (XXH3-64 of the encoded keys, verified with each shard's region
+    /// checksums when it opens) of positions `start..stop` (`stop` clamped to the length).
+    pub fn key_hashes(&self, start: u64, stop: u64) -> Result<Vec<u64>> {
+        let stop = stop.min(self.len());
+        let mut out = Vec::with_capacity(stop.saturating_sub(start) as usize);
+        let mut pos = start;
+        while pos < stop {
+            let (s, i) = self.locate(pos)?;
+            let r = self.shard(s)?;
+            let end = r.len().min(i + (stop - pos) as usize);
+            out.extend((i..end).map(|j| r.key_hash(j)));
+            pos += (end - i) as u64;
+        }
+        Ok(out)
+    }
+
     fn key_map(&self) -> Result<&KeyMap> {
         self.keys
             .get_or_init(|| {

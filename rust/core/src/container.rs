@@ -124,23 +124,34 @@ pub struct Header {
     pub data_start: usize,
 }
 
-/// Parse and validate the header of a container of `file_len` bytes whose first bytes are
-/// `head` (at least the whole header must be present). Every tensor range is checked to lie
-/// inside the file and to match its dtype and shape; tensors must tile the data buffer exactly.
-pub fn parse_header(head: &[u8], file_len: usize) -> Result<Header> {
-    if head.len() < 8 || file_len < 8 {
+/// Where the header of a container of `file_len` bytes ends (`8 + N`: the data buffer's offset),
+/// read from its first 8 bytes (`prefix`: at least those), checked to fit the file.
+pub fn header_end(prefix: &[u8], file_len: usize) -> Result<usize> {
+    if prefix.len() < 8 || file_len < 8 {
         return Err(Error::corrupt(format!(
             "file is {file_len} bytes long, shorter than the 8-byte header length; the file is truncated"
         )));
     }
-    let n = u64::from_le_bytes(head[..8].try_into().unwrap());
-    if n > MAX_HEADER || n as usize > file_len - 8 || n as usize > head.len() - 8 {
+    let n = u64::from_le_bytes(prefix[..8].try_into().unwrap());
+    if n > MAX_HEADER || n as usize > file_len - 8 {
         return Err(Error::corrupt(format!(
             "header length {n} does not fit in a file of {file_len} bytes; the file is truncated or not a shard"
         )));
     }
-    let n = n as usize;
-    let data_start = 8 + n;
+    Ok(8 + n as usize)
+}
+
+/// Parse and validate the header of a container of `file_len` bytes whose first bytes are
+/// `head` (at least the whole header must be present). Every tensor range is checked to lie
+/// inside the file and to match its dtype and shape; tensors must tile the data buffer exactly.
+pub fn parse_header(head: &[u8], file_len: usize) -> Result<Header> {
+    let data_start = header_end(head, file_len)?;
+    if data_start > head.len() {
+        return Err(Error::input(format!(
+            "internal: the header ends at byte {data_start}, only {} bytes were read",
+            head.len()
+        )));
+    }
     let value: Value = serde_json::from_slice(&head[8..data_start]).map_err(|e| {
         Error::corrupt(format!(
             "header is not valid JSON ({e}); the file is damaged or not a shard"

@@ -289,10 +289,49 @@ fn meta_usize(h: &Header, key: &str) -> Result<usize> {
         .map_err(|_| Error::format(format!("shard metadata {key:?} is not an integer")))
 }
 
+/// The bytes of a shard file a reader holds: all of them (a memory map) or the pieces a ranged
+/// reader fetched (a remote cache's key index, [`ShardKeyTables`]), each with its file offset.
+pub struct FilePieces<'a> {
+    pieces: Vec<(usize, &'a [u8])>,
+}
+
+impl<'a> FilePieces<'a> {
+    /// The whole file.
+    pub fn whole(bytes: &'a [u8]) -> Self {
+        Self {
+            pieces: vec![(0, bytes)],
+        }
+    }
+
+    /// Pieces of the file: `(offset in the file, bytes)`.
+    pub fn new(pieces: Vec<(usize, &'a [u8])>) -> Self {
+        Self { pieces }
+    }
+
+    /// The bytes of `range` (of the file), which one piece must hold.
+    pub fn get(&self, range: Range<usize>) -> Result<&'a [u8]> {
+        self.pieces
+            .iter()
+            .find(|(at, b)| *at <= range.start && range.end <= at + b.len())
+            .map(|(at, b)| &b[range.start - at..range.end - at])
+            .ok_or_else(|| {
+                Error::input(format!(
+                    "internal: bytes {}..{} of the shard were not read (read: {:?})",
+                    range.start,
+                    range.end,
+                    self.pieces
+                        .iter()
+                        .map(|(at, b)| *at..at + b.len())
+                        .collect::<Vec<_>>()
+                ))
+            })
+    }
+}
+
 /// Verify a shard's region checksums (docs/FORMAT.md §7): the header first (which covers the
-/// `checksums` tensor's description and the region list), then every table a reader uses.
-/// Returns false for a version-1 shard, which has none.
-fn check_regions(bytes: &[u8], h: &Header) -> Result<bool> {
+/// `checksums` tensor's description and the region list), then the tables `only` names (every
+/// table a reader uses when `None`). Returns false for a version-1 shard, which has none.
+fn check_regions(bytes: &FilePieces<'_>, h: &Header, only: Option<&[&str]>) -> Result<bool> {
     let version = h
         .metadata
         .get("format_version")
@@ -327,11 +366,12 @@ fn check_regions(bytes: &[u8], h: &Header) -> Result<bool> {
             "region {CHECKSUMS}: the tensor is not U64 [K >= 1]"
         )));
     }
-    let sums: Vec<u64> = bytes[t.range.clone()]
+    let sums: Vec<u64> = bytes
+        .get(t.range.clone())?
         .chunks_exact(8)
         .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
         .collect();
-    let header_sum = hash::region_checksum(&bytes[..h.data_start]);
+    let header_sum = hash::region_checksum(bytes.get(0..h.data_start)?);
     if header_sum != sums[0] {
         return Err(fail(format!(
             "region {HEADER_REGION} (header length, tensor table and __metadata__) fails its checksum (stored {:016x}, computed {header_sum:016x})",
@@ -361,7 +401,10 @@ fn check_regions(bytes: &[u8], h: &Header) -> Result<bool> {
         )));
     }
     for (name, &stored) in names.iter().zip(&sums).skip(1) {
-        let got = hash::region_checksum(&bytes[h.tensors[*name].range.clone()]);
+        if only.is_some_and(|o| !o.contains(name)) {
+            continue;
+        }
+        let got = hash::region_checksum(bytes.get(h.tensors[*name].range.clone())?);
         if got != stored {
             return Err(fail(format!(
                 "region {name} fails its checksum (stored {stored:016x}, computed {got:016x})"
@@ -369,6 +412,179 @@ fn check_regions(bytes: &[u8], h: &Header) -> Result<bool> {
         }
     }
     Ok(true)
+}
+
+/// Check a tensor's dtype, shape and alignment.
+fn check_tensor(h: &Header, name: &str, dtype: Dtype, shape: &[usize]) -> Result<()> {
+    let t = h
+        .tensors
+        .get(name)
+        .ok_or_else(|| Error::format(format!("tensor {name:?} is missing")))?;
+    if t.dtype != dtype || t.shape != shape {
+        return Err(Error::corrupt(format!(
+            "tensor {name:?} is {:?}{:?}, expected {:?}{shape:?}",
+            t.dtype, t.shape, dtype
+        )));
+    }
+    if t.range.start % dtype.size() != 0 {
+        return Err(Error::corrupt(format!("tensor {name:?} is not aligned")));
+    }
+    Ok(())
+}
+
+/// The file range of a vector (rank-1 tensor) of `dtype`.
+fn vector_range(h: &Header, name: &str, dtype: Dtype) -> Result<Range<usize>> {
+    let t = h
+        .tensors
+        .get(name)
+        .ok_or_else(|| Error::format(format!("tensor {name:?} is missing")))?;
+    if t.dtype != dtype || t.shape.len() != 1 {
+        return Err(Error::corrupt(format!(
+            "tensor {name:?} has the wrong dtype or rank"
+        )));
+    }
+    Ok(t.range.clone())
+}
+
+/// The checks of a shard's header that every reader of its records' keys makes (after its
+/// region checksums, docs/FORMAT.md §7): the format and its version, and the dtype, shape and
+/// alignment of `key_hash`, `key_offsets` and `key_bytes`. Returns the shard's record count.
+fn check_key_tables(h: &Header) -> Result<usize> {
+    if meta(h, "format")? != SHARD_FORMAT {
+        return Err(Error::format(
+            "not a target-sft shard (metadata \"format\" differs)",
+        ));
+    }
+    let version: u32 = meta(h, "format_version")?
+        .parse()
+        .map_err(|_| Error::format("format_version is not an integer"))?;
+    if version > FORMAT_VERSION {
+        return Err(Error::new(
+            ErrorKind::Version,
+            format!("written with shard format version {version}, newer than {FORMAT_VERSION}; upgrade target-sft"),
+        ));
+    }
+    let n = meta_usize(h, "records")?;
+    check_tensor(h, "key_hash", Dtype::U64, &[n])?;
+    check_tensor(h, "key_offsets", Dtype::U64, &[n + 1])?;
+    vector_range(h, "key_bytes", Dtype::U8)?;
+    Ok(n)
+}
+
+/// Check a `key_offsets` table (its bytes) against `key_bytes` (`key_len` bytes): it starts at
+/// 0 and never decreases nor passes the end, so every key lies inside `key_bytes`.
+fn check_key_offsets(key_offsets: &[u8], key_len: usize) -> Result<()> {
+    let at = |i: usize| u64::from_le_bytes(key_offsets[8 * i..8 * i + 8].try_into().unwrap());
+    let mut prev_key_end = 0;
+    for i in 0..(key_offsets.len() / 8).saturating_sub(1) {
+        let (a, b) = (at(i), at(i + 1));
+        if a != prev_key_end || b < a || b > key_len as u64 {
+            return Err(Error::corrupt(format!(
+                "record {i}: its key lies outside key_bytes"
+            )));
+        }
+        prev_key_end = b;
+    }
+    Ok(())
+}
+
+/// Tables less than this many bytes apart are read in one request by [`ShardKeyTables::ranges`].
+const COALESCE_GAP: usize = 64 << 10;
+
+/// One shard's key tables (`key_hash`; `key_offsets` and `key_bytes` for its keys), for a
+/// reader that fetches byte ranges of the file instead of holding it (a remote cache's key
+/// index): the file's first 8 bytes give the header's length ([`crate::container::header_end`]), the header gives
+/// the [`ranges`](Self::ranges) to read, and the tables are verified by the same code as a
+/// [`ShardReader`]'s (header and key-table checks, region checksums, key offsets) before use.
+pub struct ShardKeyTables {
+    head: Vec<u8>,
+    header: Header,
+    records: Option<usize>,
+}
+
+impl ShardKeyTables {
+    /// Parse the header `head` (the file's first `8 + N` bytes, [`crate::container::header_end`]) of a shard of
+    /// `file_len` bytes holding `records` records (the manifest's count, if known). Nothing in
+    /// it is trusted yet: it is verified, by its checksum, with the tables.
+    pub fn parse(head: &[u8], file_len: usize, records: Option<usize>) -> Result<Self> {
+        let header = parse_header(head, file_len)?;
+        Ok(Self {
+            head: head[..header.data_start].to_vec(),
+            header,
+            records,
+        })
+    }
+
+    /// The byte ranges of the file (`start..end`) that [`key_hashes`](Self::key_hashes)
+    /// (`keys` false) or [`keys`](Self::keys) (`keys` true) need, tables less than 64 KiB
+    /// apart coalesced into one range.
+    pub fn ranges(&self, keys: bool) -> Vec<Range<usize>> {
+        let names: &[&str] = if keys {
+            &["key_offsets", "key_bytes", CHECKSUMS]
+        } else {
+            &["key_hash", CHECKSUMS]
+        };
+        let mut r: Vec<Range<usize>> = names
+            .iter()
+            .filter_map(|n| self.header.tensors.get(*n).map(|t| t.range.clone()))
+            .collect();
+        r.sort_unstable_by_key(|x| x.start);
+        let mut out: Vec<Range<usize>> = Vec::new();
+        for x in r {
+            match out.last_mut() {
+                Some(l) if x.start <= l.end + COALESCE_GAP => l.end = l.end.max(x.end),
+                _ => out.push(x),
+            }
+        }
+        out
+    }
+
+    /// Verify the header (its checksum, then the key-table checks and the manifest's record
+    /// count) and the tables `names`, whose bytes `pieces` holds; returns the record count.
+    fn check(&self, pieces: &FilePieces<'_>, names: &[&str]) -> Result<usize> {
+        let mut all = vec![(0, &self.head[..])];
+        all.extend(pieces.pieces.iter().copied());
+        check_regions(&FilePieces::new(all), &self.header, Some(names))?;
+        let n = check_key_tables(&self.header)?;
+        if let Some(want) = self.records.filter(|&w| w != n) {
+            return Err(Error::corrupt(format!(
+                "the shard holds {n} records but the manifest lists {want}; it was replaced or the manifest is damaged"
+            )));
+        }
+        Ok(n)
+    }
+
+    /// The verified `key_hash` table (XXH3-64 of each record's encoded key), from `pieces` of
+    /// the file holding [`ranges(false)`](Self::ranges).
+    pub fn key_hashes(&self, pieces: &FilePieces<'_>) -> Result<Vec<u64>> {
+        self.check(pieces, &["key_hash"])?;
+        let b = pieces.get(self.header.tensors["key_hash"].range.clone())?;
+        Ok(b.chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+            .collect())
+    }
+
+    /// The keys of records `which` (indices in this shard), from verified `key_offsets` and
+    /// `key_bytes` tables in `pieces` (holding [`ranges(true)`](Self::ranges)).
+    pub fn keys(&self, pieces: &FilePieces<'_>, which: &[usize]) -> Result<Vec<Key>> {
+        let n = self.check(pieces, &["key_offsets", "key_bytes"])?;
+        let offsets = pieces.get(self.header.tensors["key_offsets"].range.clone())?;
+        let bytes = pieces.get(self.header.tensors["key_bytes"].range.clone())?;
+        check_key_offsets(offsets, bytes.len())?;
+        let at = |i: usize| u64::from_le_bytes(offsets[8 * i..8 * i + 8].try_into().unwrap());
+        which
+            .iter()
+            .map(|&i| {
+                if i >= n {
+                    return Err(Error::input(format!(
+                        "record {i} is out of range: the shard has {n} records"
+                    )));
+                }
+                Key::decode(&bytes[at(i) as usize..at(i + 1) as usize])
+                    .map_err(|e| e.at(format!("record {i}")))
+            })
+            .collect()
+    }
 }
 
 /// Recompute the region checksums of the shard file `bytes` in place over its current content:
@@ -434,26 +650,12 @@ impl ShardReader {
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io("cannot map", path, e))?;
         let header = parse_header(&mmap, mmap.len())?;
         // Before anything in the header or a table is trusted (docs/FORMAT.md §7, §8).
-        let checksummed = check_regions(&mmap, &header)?;
-        if meta(&header, "format")? != SHARD_FORMAT {
-            return Err(Error::format(
-                "not a target-sft shard (metadata \"format\" differs)",
-            ));
-        }
-        let version: u32 = meta(&header, "format_version")?
-            .parse()
-            .map_err(|_| Error::format("format_version is not an integer"))?;
-        if version > FORMAT_VERSION {
-            return Err(Error::new(
-                ErrorKind::Version,
-                format!("written with shard format version {version}, newer than {FORMAT_VERSION}; upgrade target-sft"),
-            ));
-        }
+        let checksummed = check_regions(&FilePieces::whole(&mmap), &header, None)?;
+        let n = check_key_tables(&header)?;
         let kind =
             CodecKind::parse(meta(&header, "codec")?).map_err(|e| Error::format(e.message))?;
         let top_k = meta_usize(&header, "top_k")?;
         let vocab = meta_usize(&header, "vocab_size")?;
-        let n = meta_usize(&header, "records")?;
         if top_k == 0 || top_k > 1024 || vocab == 0 || vocab > (1 << 31) {
             return Err(Error::format(format!(
                 "top_k {top_k} / vocab_size {vocab} are out of range"
@@ -478,11 +680,8 @@ impl ShardReader {
             key_bytes_at: 0,
             payload_at: 0,
         };
-        reader.check_tensor("record_index", Dtype::U64, &[n, INDEX_COLS])?;
-        reader.check_tensor("key_hash", Dtype::U64, &[n])?;
-        reader.check_tensor("key_offsets", Dtype::U64, &[n + 1])?;
+        check_tensor(&reader.header, "record_index", Dtype::U64, &[n, INDEX_COLS])?;
         reader.tensor("payload", Dtype::U8)?;
-        reader.tensor("key_bytes", Dtype::U8)?;
         let at = |name: &str| reader.header.tensors[name].range.start;
         (reader.index_at, reader.key_hash_at, reader.key_offsets_at) =
             (at("record_index"), at("key_hash"), at("key_offsets"));
@@ -520,8 +719,6 @@ impl ShardReader {
         }
         // validate the index once so later lookups can trust it
         let payload_len = reader.tensor("payload", Dtype::U8)?.len() as u64;
-        let key_len = reader.tensor("key_bytes", Dtype::U8)?.len() as u64;
-        let mut prev_key_end = 0;
         for i in 0..n {
             let row = reader.index_row(i);
             if row.frame.end > payload_len || row.frame.start > row.frame.end {
@@ -529,50 +726,17 @@ impl ShardReader {
                     "record {i}: its frame lies outside the payload"
                 )));
             }
-            let (a, b) = (
-                reader.u64_at(reader.key_offsets_at, i),
-                reader.u64_at(reader.key_offsets_at, i + 1),
-            );
-            if a != prev_key_end || b < a || b > key_len {
-                return Err(Error::corrupt(format!(
-                    "record {i}: its key lies outside key_bytes"
-                )));
-            }
-            prev_key_end = b;
         }
+        let h = &reader.header;
+        check_key_offsets(
+            &reader.mmap[h.tensors["key_offsets"].range.clone()],
+            h.tensors["key_bytes"].range.len(),
+        )?;
         Ok(reader)
     }
 
-    fn check_tensor(&self, name: &str, dtype: Dtype, shape: &[usize]) -> Result<()> {
-        let t = self
-            .header
-            .tensors
-            .get(name)
-            .ok_or_else(|| Error::format(format!("tensor {name:?} is missing")))?;
-        if t.dtype != dtype || t.shape != shape {
-            return Err(Error::corrupt(format!(
-                "tensor {name:?} is {:?}{:?}, expected {:?}{shape:?}",
-                t.dtype, t.shape, dtype
-            )));
-        }
-        if t.range.start % dtype.size() != 0 {
-            return Err(Error::corrupt(format!("tensor {name:?} is not aligned")));
-        }
-        Ok(())
-    }
-
     fn tensor(&self, name: &str, dtype: Dtype) -> Result<&[u8]> {
-        let t = self
-            .header
-            .tensors
-            .get(name)
-            .ok_or_else(|| Error::format(format!("tensor {name:?} is missing")))?;
-        if t.dtype != dtype || t.shape.len() != 1 {
-            return Err(Error::corrupt(format!(
-                "tensor {name:?} has the wrong dtype or rank"
-            )));
-        }
-        Ok(&self.mmap[t.range.clone()])
+        Ok(&self.mmap[vector_range(&self.header, name, dtype)?])
     }
 
     #[inline]
@@ -709,5 +873,147 @@ impl ShardReader {
 
     pub fn metadata(&self) -> &BTreeMap<String, String> {
         &self.header.metadata
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::container::header_end;
+
+    /// The bytes of a shard of `keys` (frames are arbitrary bytes: the key tables never look
+    /// at them), and the reader of it.
+    fn shard(keys: &[Key]) -> (ShardReader, Vec<u8>) {
+        // a fresh directory per call (tests run in parallel)
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "tsft-keytables-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut b = ShardBuilder::default();
+        for (i, k) in keys.iter().enumerate() {
+            let key = k.encode();
+            b.push(EncodedRecord {
+                key_hash: hash::key_hash(&key),
+                key,
+                n_tokens: 2,
+                n_supervised: 1,
+                token_hash: i as u64,
+                frame: vec![i as u8; 16],
+            });
+        }
+        b.commit(&dir, "s.safetensors", &Codec::exact(4, 100, 1))
+            .unwrap();
+        let path = dir.join("s.safetensors");
+        let bytes = std::fs::read(&path).unwrap();
+        let reader = ShardReader::open(&path, Some(bytes.len() as u64)).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap(); // the map stays valid
+        (reader, bytes)
+    }
+
+    /// What a ranged reader does: the header, then only the ranges the tables need.
+    fn read(bytes: &[u8], records: usize, which: Option<&[usize]>) -> Result<(Vec<u64>, Vec<Key>)> {
+        let end = header_end(&bytes[..8], bytes.len())?;
+        let t = ShardKeyTables::parse(&bytes[..end], bytes.len(), Some(records))?;
+        let fetch = |keys| {
+            FilePieces::new(
+                t.ranges(keys)
+                    .into_iter()
+                    .map(|r| (r.start, &bytes[r]))
+                    .collect(),
+            )
+        };
+        let hashes = t.key_hashes(&fetch(false))?;
+        let keys = match which {
+            Some(w) => t.keys(&fetch(true), w)?,
+            None => vec![],
+        };
+        Ok((hashes, keys))
+    }
+
+    fn keys() -> Vec<Key> {
+        (0..5)
+            .map(Key::Int)
+            .chain(["a", "bé"].map(|s| Key::Str(s.into())))
+            .collect()
+    }
+
+    #[test]
+    fn key_tables_match_the_reader_without_the_payload() {
+        let keys = keys();
+        let (r, bytes) = shard(&keys);
+        let (hashes, got) = read(&bytes, keys.len(), Some(&[6, 0, 5])).unwrap();
+        assert_eq!(
+            hashes,
+            (0..r.len()).map(|i| r.key_hash(i)).collect::<Vec<_>>()
+        );
+        assert_eq!(got, vec![keys[6].clone(), keys[0].clone(), keys[5].clone()]);
+        let end = header_end(&bytes[..8], bytes.len()).unwrap();
+        let t = ShardKeyTables::parse(&bytes[..end], bytes.len(), None).unwrap();
+        let payload = t.header.tensors["payload"].range.clone();
+        for r in t.ranges(false).into_iter().chain(t.ranges(true)) {
+            assert!(
+                r.end <= payload.start || r.start >= payload.end,
+                "{r:?} reads the payload"
+            );
+        }
+    }
+
+    /// The error of reading the shard of [`keys`] with the first byte of `region` flipped
+    /// (`"header"`: a byte of its JSON, inside the metadata's "target-sft-shard").
+    fn damaged(region: &str, which: Option<&[usize]>) -> Error {
+        let keys = keys();
+        let (_, mut bytes) = shard(&keys);
+        let h = parse_header(&bytes, bytes.len()).unwrap();
+        let at = match region {
+            HEADER_REGION => {
+                let json = &bytes[..h.data_start];
+                let f = SHARD_FORMAT.as_bytes();
+                json.windows(f.len()).position(|w| w == f).unwrap() + 3
+            }
+            name => h.tensors[name].range.start,
+        };
+        bytes[at] ^= 0x01;
+        read(&bytes, keys.len(), which).unwrap_err()
+    }
+
+    #[test]
+    fn a_damaged_table_or_header_is_a_corruption_naming_the_region() {
+        for (region, which) in [
+            ("key_hash", None),
+            ("key_offsets", Some(&[1usize][..])),
+            ("key_bytes", Some(&[1][..])),
+            (HEADER_REGION, None),
+        ] {
+            let e = damaged(region, which);
+            assert_eq!(e.kind, ErrorKind::Corruption, "{e}");
+            assert!(e.message.contains(&format!("region {region} ")), "{e}");
+        }
+        // key_bytes are not read for the hashes: damaged, they do not stop them
+        let keys = keys();
+        let (_, mut bytes) = shard(&keys);
+        let h = parse_header(&bytes, bytes.len()).unwrap();
+        bytes[h.tensors["key_bytes"].range.start] ^= 1;
+        assert!(read(&bytes, keys.len(), None).is_ok());
+    }
+
+    #[test]
+    fn a_truncated_header_or_another_record_count_is_refused() {
+        let keys = keys();
+        let (_, bytes) = shard(&keys);
+        let e = read(&bytes[..bytes.len() - 1], keys.len(), None).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Corruption, "{e}");
+        let e = header_end(&(u64::MAX / 2).to_le_bytes(), bytes.len()).unwrap_err();
+        assert!(e.message.contains("does not fit"), "{e}");
+        let e = read(&bytes, keys.len() + 1, None).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Corruption, "{e}");
+        assert!(e.message.contains("the manifest lists 8"), "{e}");
+        // a range the caller did not read is its bug, named
+        let end = header_end(&bytes[..8], bytes.len()).unwrap();
+        let t = ShardKeyTables::parse(&bytes[..end], bytes.len(), None).unwrap();
+        let e = t.key_hashes(&FilePieces::new(vec![])).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Input, "{e}");
     }
 }

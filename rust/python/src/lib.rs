@@ -401,6 +401,19 @@ impl PyTeacherCache {
         Ok(PyArray1::from_vec(py, out))
     }
 
+    /// The key hashes of positions `start..stop` (one native pass, GIL released).
+    fn key_hashes<'py>(
+        &self,
+        py: Python<'py>,
+        start: u64,
+        stop: u64,
+    ) -> PyResult<Bound<'py, PyArray1<u64>>> {
+        let out = py
+            .detach(|| self.inner.key_hashes(start, stop))
+            .map_err(err)?;
+        Ok(PyArray1::from_vec(py, out))
+    }
+
     fn position(&self, py: Python<'_>, key: &Bound<'_, PyAny>) -> PyResult<u64> {
         let key = key_from_py(key)?;
         py.detach(|| self.inner.position(&key)).map_err(err)
@@ -571,6 +584,86 @@ fn scan_parts<'py>(
     ))
 }
 
+/// One shard's key tables read by byte ranges (a remote cache's key index): the Python side
+/// fetches the ranges this asks for; the parsing and verification are the core's
+/// (`shard::ShardKeyTables`). Errors name the shard as `shown`.
+#[pyclass(module = "target_sft._core", name = "ShardKeyTables", frozen)]
+struct PyShardKeyTables {
+    inner: core::shard::ShardKeyTables,
+    shown: String,
+}
+
+impl PyShardKeyTables {
+    fn at(&self, e: core::Error) -> PyErr {
+        err(e.at(format!("shard {}", self.shown)))
+    }
+}
+
+/// `(file offset, bytes)` pieces, read by Python, for the core (no copy).
+fn file_pieces<'a>(pieces: &'a [(usize, Bound<'_, PyBytes>)]) -> core::shard::FilePieces<'a> {
+    core::shard::FilePieces::new(pieces.iter().map(|(at, b)| (*at, b.as_bytes())).collect())
+}
+
+#[pymethods]
+impl PyShardKeyTables {
+    /// Where the header of a shard of `file_len` bytes ends (`8 + N`), from its first 8 bytes.
+    #[staticmethod]
+    fn header_end(prefix: &[u8], file_len: usize, shown: &str) -> PyResult<usize> {
+        core::container::header_end(prefix, file_len)
+            .map_err(|e| err(e.at(format!("shard {shown}"))))
+    }
+
+    /// Parse the header `head` (the file's first `header_end` bytes) of a shard of `file_len`
+    /// bytes that the manifest says holds `records` records.
+    #[new]
+    fn new(head: &[u8], file_len: usize, records: usize, shown: String) -> PyResult<Self> {
+        core::shard::ShardKeyTables::parse(head, file_len, Some(records))
+            .map(|inner| Self {
+                inner,
+                shown: shown.clone(),
+            })
+            .map_err(|e| err(e.at(format!("shard {shown}"))))
+    }
+
+    /// The `(start, end)` byte ranges of the file that `key_hashes` (or, `keys` true, `keys`)
+    /// needs.
+    fn ranges(&self, keys: bool) -> Vec<(usize, usize)> {
+        self.inner
+            .ranges(keys)
+            .into_iter()
+            .map(|r| (r.start, r.end))
+            .collect()
+    }
+
+    /// The verified key hashes, from `pieces` (`(file offset, bytes)`) holding `ranges(False)`.
+    fn key_hashes<'py>(
+        &self,
+        py: Python<'py>,
+        pieces: Vec<(usize, Bound<'py, PyBytes>)>,
+    ) -> PyResult<Bound<'py, PyArray1<u64>>> {
+        let pieces = file_pieces(&pieces);
+        let out = py
+            .detach(|| self.inner.key_hashes(&pieces))
+            .map_err(|e| self.at(e))?;
+        Ok(PyArray1::from_vec(py, out))
+    }
+
+    /// The keys of records `which` (indices in the shard), from `pieces` holding
+    /// `ranges(True)`.
+    fn keys<'py>(
+        &self,
+        py: Python<'py>,
+        pieces: Vec<(usize, Bound<'py, PyBytes>)>,
+        which: Vec<usize>,
+    ) -> PyResult<Vec<Bound<'py, PyAny>>> {
+        let keys = self
+            .inner
+            .keys(&file_pieces(&pieces), &which)
+            .map_err(|e| self.at(e))?;
+        keys.iter().map(|k| key_to_py(py, k)).collect()
+    }
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -578,6 +671,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("CACHE_ROLES", core::Role::NAMES.to_vec())?;
     m.add_class::<PyCacheWriter>()?;
     m.add_class::<PyTeacherCache>()?;
+    m.add_class::<PyShardKeyTables>()?;
     m.add_function(wrap_pyfunction!(merge_manifests, m)?)?;
     m.add_function(wrap_pyfunction!(token_hash, m)?)?;
     m.add_function(wrap_pyfunction!(xxh3_128, m)?)?;
