@@ -13,6 +13,7 @@ __all__ = [
     "CACHE_ROLES",
     "FORMAT_VERSION",
     "CacheWriter",
+    "ShardKeyTables",
     "TeacherCache",
     "__version__",
     "build_batch",

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from target_sft._core import ShardKeyTables
+from target_sft import _core
 from target_sft.cache import TeacherCache, reference_positions
 from target_sft.errors import CacheCorruptionError, CacheIOError, CacheKeyError
 
@@ -68,7 +68,7 @@ class _RemoteShard:
     path: str
     shown: str
     size: int
-    tables: ShardKeyTables
+    tables: _core.ShardKeyTables
     pieces: list[tuple[int, bytes]] = field(default_factory=list)
 
     def fetch(self, fs: Any, keys: bool) -> list[tuple[int, bytes]]:
@@ -95,11 +95,11 @@ class RemoteKeys:
             for e in self.shards:
                 path, shown = f"{self.root}/{e['file']}", f"{self.shown}/{e['file']}"
                 size = int(e["bytes"])
-                end = ShardKeyTables.header_end(
+                end = _core.ShardKeyTables.header_end(
                     _read(self.fs, path, 0, min(8, size), size, shown), size, shown
                 )
                 head = _read(self.fs, path, 0, end, size, shown)
-                tables = ShardKeyTables(head, size, int(e["records"]), shown)
+                tables = _core.ShardKeyTables(head, size, int(e["records"]), shown)
                 self._open.append(_RemoteShard(path, shown, size, tables))
         return self._open
 
