@@ -387,6 +387,16 @@ def main() -> None:
         for r in records:
             w.add(**r.as_kwargs())
     cache = TeacherCache(cache_dir)
+    # a reference cache (role "reference") of the same records, for the two-cache batch
+    ref_dir = out / "reference"
+    if ref_dir.exists():
+        shutil.rmtree(ref_dir)
+    with CacheWriter(
+        ref_dir, top_k=K, vocab_size=synthetic.QWEN_VOCAB_SIZE, codec="compact", role="reference"
+    ) as w:
+        for r in records:
+            w.add(**r.as_kwargs())
+    ref_cache = TeacherCache(ref_dir)
     n_tok = sum(r.num_tokens for r in records)
     n_sup = sum(r.num_supervised for r in records)
     batches = [
@@ -394,6 +404,9 @@ def main() -> None:
         for i in range(0, len(records), args.batch)
     ]
     items = [[CacheSample(cache, p) for p in b] for b in batches]
+    items_ref = [
+        [CacheSample(cache, p, reference=CacheSample(ref_cache, p)) for p in b] for b in batches
+    ]
     print(
         f"{len(records)} records, {n_tok} tokens, {n_sup} supervised ({n_sup / n_tok:.1%}), "
         f"{len(batches)} batches of {args.batch}; cache {cache.info.bytes_per_token:.1f} B/token",
@@ -410,13 +423,17 @@ def main() -> None:
     with_label = build_batch(items[0], threads=1, label_in_support=True)
     for name in ("teacher_ids", "teacher_logprobs"):  # the default layout: K columns + the label
         np.testing.assert_array_equal(with_label[name][..., :-1], ref[name], err_msg=name)
+    # the two-cache batch: the same records as reference, so its tensors equal the teacher's
+    two = build_batch(items_ref[0], threads=1, label_in_support=True)
+    for name in ("ids", "logprobs"):
+        np.testing.assert_array_equal(two[f"reference_{name}"], with_label[f"teacher_{name}"])
     shapes = build_batch(items[0], threads=1, label_in_support=LABEL_IN_SUPPORT)
     bufs = {k: np.empty(v.size, v.dtype) for k, v in shapes.items()}
 
-    def rust(threads: int, reuse: bool, **kw: Any) -> Any:
+    def rust(threads: int, reuse: bool, *, batches_of: Any = None, **kw: Any) -> Any:
         def run() -> None:
             keep = None
-            for it in items:
+            for it in items if batches_of is None else batches_of:
                 # hold the previous batch, like a training step would
                 keep = build_batch(
                     it,
@@ -438,6 +455,8 @@ def main() -> None:
             "rust_1t_packed_fresh": rust(1, False, **packed),
             # the library's default layout: the label as teacher column K + 1
             "rust_1t_label_fresh": rust(1, False, label_in_support=True),
+            # and a reference cache beside the teacher (SFT+KL, ASFT, iw-SFT)
+            "rust_1t_label_ref_fresh": rust(1, False, batches_of=items_ref, label_in_support=True),
         },
         args.repeats,
     )
@@ -575,6 +594,10 @@ def main() -> None:
         ("Rust builder, 1 thread, fresh arrays", "rust_1t_fresh"),
         ("Rust builder, 1 thread, fresh arrays, packed (rows of 2L)", "rust_1t_packed_fresh"),
         ("Rust builder, 1 thread, fresh arrays, label in support (K + 1)", "rust_1t_label_fresh"),
+        (
+            "Rust builder, 1 thread, fresh arrays, K + 1, teacher + reference caches",
+            "rust_1t_label_ref_fresh",
+        ),
         ("Rust builder, 2 threads, reused output buffers", "rust_2t_reuse"),
         ("Rust builder, 2 threads, fresh arrays", "rust_2t_fresh"),
         ("TargetSFTCollator in-process, 1 thread", "collator_1t"),
