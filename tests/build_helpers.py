@@ -269,3 +269,20 @@ def reseal_shard(raw: bytearray) -> None:
         sums.append(xxhash.xxh3_64_intdigest(bytes(raw[8 + n + b : 8 + n + e])))
     b, e = header["checksums"]["data_offsets"]
     raw[8 + n + b : 8 + n + e] = np.array(sums, dtype="<u8").tobytes()
+
+
+def cpu_training_args(tmp_path: Path, **overrides: Any) -> Any:
+    """``TrainingArguments`` for a small CPU Trainer run in a test: output under ``tmp_path/out``,
+    no reports, checkpoints, progress bars or DataLoader workers, seed 0; ``overrides`` win."""
+    from transformers import TrainingArguments
+
+    base: dict[str, Any] = dict(
+        output_dir=str(tmp_path / "out"),
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
+    )
+    return TrainingArguments(**{**base, **overrides})

@@ -23,7 +23,7 @@ pytest.importorskip("accelerate")
 
 from safetensors.torch import load_file
 
-from build_helpers import make_samples, save_tiny_llama
+from build_helpers import cpu_training_args, make_samples, save_tiny_llama
 from target_sft import TeacherCache
 
 CHILD = os.path.join(os.path.dirname(__file__), "accelerate_child.py")
@@ -169,21 +169,8 @@ def test_resume_with_dataloader_workers_is_bit_identical(parts, tmp_path, monkey
 
 
 def targs(tmp_path, **kw):
-    from transformers import TrainingArguments
-
-    base = dict(
-        output_dir=str(tmp_path / "out"),
-        use_cpu=True,
-        report_to=[],
-        save_strategy="no",
-        disable_tqdm=True,
-        per_device_train_batch_size=4,
-        per_device_eval_batch_size=4,
-        max_steps=2,
-        seed=0,
-    )
-    base.update(kw)
-    return TrainingArguments(**base)
+    batches = dict(per_device_train_batch_size=4, per_device_eval_batch_size=4, max_steps=2)
+    return cpu_training_args(tmp_path, **{**batches, **kw})
 
 
 def student(parts):

@@ -24,11 +24,10 @@ from transformers import (
     LlamaForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
-    TrainingArguments,
 )
 
 from batch_reference import write_sample_cache
-from build_helpers import save_tiny_llama, tiny_config
+from build_helpers import cpu_training_args, save_tiny_llama, tiny_config
 from target_sft import (
     StreamingTeacherDataset,
     TargetSFTCollator,
@@ -63,18 +62,7 @@ def fresh_model(model_dir):
     return LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
 
 
-def targs(tmp_path, **kw):
-    base = dict(
-        output_dir=str(tmp_path / "out"),
-        use_cpu=True,
-        report_to=[],
-        save_strategy="no",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        seed=0,
-    )
-    base.update(kw)
-    return TrainingArguments(**base)
+targs = cpu_training_args
 
 
 def collate(cache, **kw):

@@ -19,10 +19,10 @@ import torch
 
 pytest.importorskip("transformers")
 
-from transformers import LlamaForCausalLM, TrainerCallback, TrainingArguments
+from transformers import LlamaForCausalLM, TrainerCallback
 
 from batch_reference import write_sample_cache
-from build_helpers import save_tiny_llama
+from build_helpers import cpu_training_args, save_tiny_llama
 from target_sft import TargetSFTCollator, TeacherCacheDataset
 from target_sft.hf import TargetSFTTrainer, compute_target_sft_loss, split_batch
 from target_sft.losses import ProximalSFT
@@ -55,22 +55,8 @@ def fresh(model_dir, dtype=torch.float32):
 
 
 def targs(tmp_path, **kw):
-    base = dict(
-        output_dir=str(tmp_path / "out"),
-        use_cpu=True,
-        report_to=[],
-        save_strategy="no",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        seed=0,
-        per_device_train_batch_size=2,
-        learning_rate=0.05,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        max_grad_norm=0.0,
-    )
-    base.update(kw)
-    return TrainingArguments(**base)
+    sgd = dict(learning_rate=0.05, optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0)
+    return cpu_training_args(tmp_path, per_device_train_batch_size=2, **{**sgd, **kw})
 
 
 def batch_of(cache, keys, **kw):

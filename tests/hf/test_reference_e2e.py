@@ -20,9 +20,9 @@ import torch
 
 pytest.importorskip("transformers")
 
-from transformers import AutoTokenizer, LlamaForCausalLM, TrainingArguments
+from transformers import AutoTokenizer, LlamaForCausalLM
 
-from build_helpers import make_samples, save_tiny_model, save_tiny_tokenizer
+from build_helpers import cpu_training_args, make_samples, save_tiny_model, save_tiny_tokenizer
 from target_sft import (
     TargetSFTCollator,
     TeacherCache,
@@ -121,14 +121,8 @@ def train(world, tmp_path, loss, *, packing=False, epochs=1, **loss_kwargs):
     )
     trainer = Spy(
         LlamaForCausalLM.from_pretrained(world["student_dir"], dtype=torch.float64),
-        TrainingArguments(
-            output_dir=str(tmp_path / "out"),
-            use_cpu=True,
-            report_to=[],
-            save_strategy="no",
-            disable_tqdm=True,
-            dataloader_num_workers=0,
-            seed=0,
+        cpu_training_args(
+            tmp_path,
             per_device_train_batch_size=3,
             num_train_epochs=epochs,
             learning_rate=0.5,
