@@ -9,9 +9,11 @@
 * :func:`rescue_filter_html` — Appendix G: trajectories with each supervised token coloured
   *rescue* (student low, teacher high) or *filter* (both low), with a tooltip per token; one
   self-contained HTML file.
-* :func:`plot_loss_curves` — training curves per method, mean ± one standard deviation over seeds.
-* :func:`write_report` — all of the above into one directory with an ``index.html`` and a
-  ``README.md``; what ``target-sft plot`` and the demo call.
+* :func:`plot_loss_curves` — training curves per method, mean ± one standard deviation over seeds;
+  :func:`plot_loss_panels` — several views of the same runs side by side (mean, min–max band).
+* :class:`ReportTable` — a results table, written as Markdown (README) and as HTML (index).
+* :func:`write_report` — all of the above into one directory with an ``index.html`` (no raw
+  Markdown, no JSON) and a ``README.md``; what ``target-sft plot`` and the demo call.
 
 Every plotting function writes one file and returns a small dataclass holding its ``path`` and
 the numbers drawn, so that they can be checked. Figures are drawn with matplotlib's Agg canvas
@@ -25,6 +27,7 @@ import html
 import json
 import math
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +50,7 @@ __all__ = [
     "InducedTargets",
     "LossCurves",
     "ObservedTokenStats",
+    "ReportTable",
     "RescueFilterView",
     "TeacherGivenStudent",
     "check_tokenizer",
@@ -56,6 +60,7 @@ __all__ = [
     "parse_preset_spec",
     "plot_induced_targets",
     "plot_loss_curves",
+    "plot_loss_panels",
     "plot_teacher_given_student",
     "rescue_filter_html",
     "teacher_given_student_matrix",
@@ -543,7 +548,7 @@ def observed_token_stats(
 class TeacherGivenStudent:
     """Figure 4's numbers. ``matrix[i, j] = P(p_T ∈ teacher bin i | p_θ ∈ student bin j)``
     (columns sum to 1 where ``counts[:, j].sum() > 0``, else 0); ``counts`` the raw 2-D histogram;
-    ``quadrants`` the token counts per quadrant (split at ``split``)."""
+    ``quadrants`` the token counts per quadrant (split at ``split``); ``title`` the figure's."""
 
     path: Path
     matrix: npt.NDArray[np.float64]
@@ -553,6 +558,7 @@ class TeacherGivenStudent:
     quadrants: dict[str, int]
     split: float
     n_tokens: int
+    title: str = ""
 
 
 def _edges(bins: int | Sequence[float], scale: str, min_p: float) -> np.ndarray:
@@ -660,7 +666,8 @@ def plot_teacher_given_student(
     ax.set_ylim(lo, hi)
     ax.set_xlabel("student  p_θ(y_t)")
     ax.set_ylabel("teacher  p_T(y_t)")
-    ax.set_title(title or f"Figure 4 · P(p_T | p_θ) on {ps.size:,} observed tokens")
+    title = title or f"Figure 4 · P(p_T | p_θ) on {ps.size:,} observed tokens"
+    ax.set_title(title)
     out = _save(fig, path, dpi)
     return TeacherGivenStudent(
         path=out,
@@ -671,6 +678,7 @@ def plot_teacher_given_student(
         quadrants=quadrants,
         split=float(split),
         n_tokens=int(ps.size),
+        title=title,
     )
 
 
@@ -947,6 +955,75 @@ def _smooth(y: np.ndarray, window: int) -> np.ndarray:
     return out
 
 
+def _seed_matrix(
+    runs: Sequence[Sequence[float]] | Sequence[float], smooth: int
+) -> np.ndarray | None:
+    """One method's seeds as a ``[seeds, n]`` array: a flat list of floats is one seed, empty
+    seeds are dropped, every seed is truncated to the shortest and smoothed (:func:`_smooth`);
+    ``None`` when no seed has a value."""
+    runs_list: list[Any] = list(runs)
+    if runs_list and np.ndim(runs_list[0]) == 0:
+        runs_list = [runs_list]  # one seed given flat
+    arrays = [np.asarray(r, dtype=np.float64).reshape(-1) for r in runs_list]
+    arrays = [r for r in arrays if r.size]
+    if not arrays:
+        return None
+    n = min(r.size for r in arrays)
+    return _smooth(np.stack([r[:n] for r in arrays]), int(smooth))
+
+
+def _draw_seed_curves(
+    ax: Any,
+    histories: Mapping[str, Sequence[Sequence[float]]],
+    *,
+    steps: Mapping[str, Sequence[float]] | None,
+    smooth: int,
+    band: str,
+    xlabel: str,
+    ylabel: str,
+    log_y: bool = False,
+    colors: Mapping[str, str] | None = None,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The one routine that draws training curves (:func:`plot_loss_curves`,
+    :func:`plot_loss_panels`): per method the mean over its seeds (:func:`_seed_matrix`) as a
+    line labelled ``"name (n=seeds)"`` and, with 2+ seeds, a shaded band — ``band="std"``: ± one
+    sample standard deviation, ``band="minmax"``: the seeds' minimum to maximum. ``colors``
+    fixes a colour per method (default: matplotlib's cycle). Returns ``{method: (x, y)}`` with
+    ``y`` the ``[seeds, n]`` values drawn."""
+    if band not in ("std", "minmax"):
+        raise ValueError(f'band must be "std" or "minmax", got {band!r}')
+    drawn: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for name, runs in histories.items():
+        y = _seed_matrix(runs, smooth)
+        if y is None:
+            continue
+        n = y.shape[1]
+        mean = y.mean(axis=0)
+        x = (
+            np.asarray(steps[name], dtype=np.float64)[:n]
+            if steps is not None and name in steps
+            else np.arange(1, n + 1, dtype=np.float64)
+        )
+        color = colors.get(name) if colors is not None else None
+        (line,) = ax.plot(x, mean, lw=1.8, color=color, label=f"{name} (n={y.shape[0]})")
+        if y.shape[0] > 1:
+            if band == "std":
+                std = y.std(axis=0, ddof=1)
+                lo, hi = mean - std, mean + std
+            else:
+                lo, hi = y.min(axis=0), y.max(axis=0)
+            ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2, lw=0)
+        drawn[name] = (x, y)
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if drawn:
+        ax.legend(fontsize=9)
+    return drawn
+
+
 def plot_loss_curves(
     path: PathLike,
     histories: Mapping[str, Sequence[Sequence[float]]],
@@ -971,40 +1048,384 @@ def plot_loss_curves(
     """
     fig = _figure(figsize, dpi)
     ax = fig.add_subplot(1, 1, 1)
-    out_steps, out_mean, out_std, out_seeds = {}, {}, {}, {}
-    for name, runs in histories.items():
-        runs_list = list(runs)
-        if runs_list and np.ndim(runs_list[0]) == 0:
-            runs_list = [runs_list]  # one seed given flat
-        runs_list = [np.asarray(r, dtype=np.float64).reshape(-1) for r in runs_list]
-        runs_list = [r for r in runs_list if r.size]
-        if not runs_list:
-            continue
-        n = min(r.size for r in runs_list)
-        y = _smooth(np.stack([r[:n] for r in runs_list]), int(smooth))
-        mean = y.mean(axis=0)
-        std = y.std(axis=0, ddof=1) if y.shape[0] > 1 else np.zeros(n)
-        x = (
-            np.asarray(steps[name], dtype=np.float64)[:n]
-            if steps is not None and name in steps
-            else np.arange(1, n + 1, dtype=np.float64)
-        )
-        (line,) = ax.plot(x, mean, lw=1.8, label=f"{name} (n={y.shape[0]})")
-        if y.shape[0] > 1:
-            ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2, lw=0)
-        out_steps[name], out_mean[name], out_std[name] = x, mean, std
-        out_seeds[name] = int(y.shape[0])
-    if log_y:
-        ax.set_yscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    if out_mean:
-        ax.legend(fontsize=9)
+    drawn = _draw_seed_curves(
+        ax, histories, steps=steps, smooth=smooth, band="std", xlabel=xlabel, ylabel=ylabel,
+        log_y=log_y,
+    )  # fmt: skip
     ax.set_title(title or f"{ylabel} per method (mean ± 1 std over seeds)")
     fig.subplots_adjust(left=0.11, right=0.97, bottom=0.11, top=0.92)
     p = _save(fig, path, dpi)
-    return LossCurves(path=p, steps=out_steps, mean=out_mean, std=out_std, seeds=out_seeds)
+    return LossCurves(
+        path=p,
+        steps={k: x for k, (x, _) in drawn.items()},
+        mean={k: y.mean(axis=0) for k, (_, y) in drawn.items()},
+        std={
+            k: y.std(axis=0, ddof=1) if y.shape[0] > 1 else np.zeros(y.shape[1])
+            for k, (_, y) in drawn.items()
+        },
+        seeds={k: int(y.shape[0]) for k, (_, y) in drawn.items()},
+    )
+
+
+def plot_loss_panels(
+    panels: Mapping[str, Mapping[str, Sequence[Sequence[float]]]],
+    path: PathLike,
+    *,
+    xlabel: str = "optimizer step",
+    smooth: int = 1,
+    dpi: int = 100,
+    figsize: tuple[float, float] | None = None,
+) -> Path:
+    """Several views of the same runs side by side, one subplot per panel.
+
+    ``panels = {panel title: {method: [seed_0_values, seed_1_values, ...]}}``, e.g.
+    ``{"label NLL (nats), every method": {...}, "each method's own objective": {...}}``. In each
+    panel, one line per method: the mean over its seeds (truncated to the shortest seed,
+    smoothed with a trailing ``smooth``-step moving average) with the seeds' min–max shaded. A
+    method keeps its colour in every panel. Drawn by the same routine as
+    :func:`plot_loss_curves` (only the band differs).
+
+    Args:
+        panels: the panels in order (at least one); a panel whose methods hold no value is drawn
+            empty with "no data".
+        path: the PNG to write.
+        xlabel: the x axis of every panel (x = 1, 2, … per logged value).
+        figsize: default ``(6.5 × panels, 4.8)`` inches.
+
+    Returns:
+        the PNG's path (``figsize × dpi`` pixels).
+    """
+    if isinstance(panels, (str, bytes)) or not isinstance(panels, Mapping) or not panels:
+        raise ValueError(
+            "plot_loss_panels: panels must be a non-empty mapping "
+            "{panel title: {method: [seed curves]}}"
+        )
+    methods: list[str] = []
+    for title, histories in panels.items():
+        if not isinstance(histories, Mapping):
+            raise ValueError(
+                f"plot_loss_panels: panel {title!r} must map method -> seed curves, "
+                f"got {type(histories).__name__}"
+            )
+        methods += [m for m in histories if m not in methods]
+    colors = {m: f"C{i % 10}" for i, m in enumerate(methods)}  # one colour per method, all panels
+    k = len(panels)
+    fig = _figure(figsize or (6.5 * k, 4.8), dpi)
+    axes = fig.subplots(1, k, squeeze=False)[0]
+    for ax, (title, histories) in zip(axes, panels.items(), strict=True):
+        drawn = _draw_seed_curves(
+            ax, histories, steps=None, smooth=smooth, band="minmax", xlabel=xlabel, ylabel="",
+            colors=colors,
+        )  # fmt: skip
+        if not drawn:
+            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title(str(title), fontsize=11)
+    fig.suptitle("mean over seeds per method; shaded: min–max over seeds", fontsize=10)
+    fig.subplots_adjust(left=0.06 / k + 0.02, right=0.98, bottom=0.12, top=0.86, wspace=0.2)
+    return _save(fig, path, dpi)
+
+
+# ----------------------------------------------------------------------------------------------
+# tables and text: one structure, written as Markdown (README.md) and as HTML (index.html)
+
+_ALIGN_SEP = {"left": "---", "right": "---:", "center": ":---:"}
+
+
+@dataclass(frozen=True)
+class ReportTable:
+    """A results table for :func:`write_report`.
+
+    ``columns`` and ``rows`` hold already-formatted cells (strings of one line; inline
+    ``**bold**``, ``*italic*`` and ```code``` are Markdown in ``README.md`` and rendered as such
+    in ``index.html``); ``title`` is shown above the table (``""``: none), ``caption`` below it;
+    ``align`` optionally gives ``"left"``/``"right"``/``"center"`` per column (default left).
+    Sequences are stored as tuples. A row of the wrong length, a cell that is not a ``str`` or a
+    line break in a cell is an error naming the table, the row and the column.
+    """
+
+    title: str
+    columns: Sequence[str]
+    rows: Sequence[Sequence[str]]
+    caption: str = ""
+    align: Sequence[str] = ()
+
+    def __post_init__(self) -> None:
+        where = f"ReportTable {self.title!r}"
+        for name, v in (("title", self.title), ("caption", self.caption)):
+            if not isinstance(v, str):
+                raise TypeError(f"{where}: {name} must be a str, got {type(v).__name__}")
+        if "\n" in self.title:
+            raise ValueError(f"{where}: the title must be one line")
+
+        def line_tuple(what: str, seq: Any) -> tuple[str, ...]:
+            if isinstance(seq, (str, bytes)) or not isinstance(seq, Iterable):
+                raise TypeError(f"{where}: {what} must be a sequence of str, got {seq!r}")
+            out = tuple(seq)
+            for j, cell in enumerate(out):
+                if not isinstance(cell, str):
+                    raise TypeError(
+                        f"{where}: {what}, column {j}: {cell!r} is a {type(cell).__name__}, not "
+                        "a str; format the number first (cells are already-formatted strings)"
+                    )
+                if "\n" in cell or "\r" in cell:
+                    raise ValueError(f"{where}: {what}, column {j}: {cell!r} has a line break")
+            return out
+
+        columns = line_tuple("columns", self.columns)
+        if not columns:
+            raise ValueError(f"{where}: no columns")
+        if isinstance(self.rows, (str, bytes)):
+            raise TypeError(f"{where}: rows must be a sequence of rows, got a str")
+        rows = tuple(line_tuple(f"row {i}", r) for i, r in enumerate(self.rows))
+        for i, r in enumerate(rows):
+            if len(r) != len(columns):
+                raise ValueError(
+                    f"{where}: row {i} has {len(r)} cells for the {len(columns)} columns "
+                    f"{list(columns)}"
+                )
+        align = line_tuple("align", self.align)
+        if align and (len(align) != len(columns) or not set(align) <= set(_ALIGN_SEP)):
+            raise ValueError(
+                f"{where}: align must give one of {sorted(_ALIGN_SEP)} per column "
+                f"({len(columns)}), got {list(align)}"
+            )
+        object.__setattr__(self, "columns", columns)
+        object.__setattr__(self, "rows", rows)
+        object.__setattr__(self, "align", align)
+
+    def markdown(self) -> str:
+        """A pipe table: the title as a bold line above it, the caption as a paragraph below
+        (a ``|`` in a cell is escaped with a backslash). :meth:`from_markdown` reads it back."""
+        cells = [[c.replace("|", r"\|") for c in r] for r in (self.columns, *self.rows)]
+        seps = [_ALIGN_SEP[a] for a in self.align] or ["---"] * len(self.columns)
+        lines = [f"**{self.title}**", ""] if self.title else []
+        lines.append("| " + " | ".join(cells[0]) + " |")
+        lines.append("|" + "|".join(seps) + "|")
+        lines += ["| " + " | ".join(r) + " |" for r in cells[1:]]
+        if self.caption:
+            lines += ["", self.caption]
+        return "\n".join(lines)
+
+    def html(self) -> str:
+        """A ``<table>`` with the title and caption in its ``<caption>``; every text escaped
+        (inline ``**bold**``, ``*italic*``, ```code``` become ``<strong>``, ``<em>``, ``<code>``)."""
+        style = [f' style="text-align:{a}"' if a != "left" else "" for a in self.align]
+        style = style or [""] * len(self.columns)
+        cap = []
+        if self.title:
+            cap.append(f"<strong>{_inline_html(self.title)}</strong>")
+        if self.caption:
+            cap.append(f'<span class="caption">{_inline_html(self.caption)}</span>')
+
+        def row(tag: str, cells: Sequence[str]) -> str:
+            return "".join(
+                f"<{tag}{a}>{_inline_html(c)}</{tag}>" for a, c in zip(style, cells, strict=True)
+            )
+
+        head = row("th", self.columns)
+        body = "".join(f"<tr>{row('td', r)}</tr>" for r in self.rows)
+        return (
+            "<table>"
+            + (f"<caption>{'<br>'.join(cap)}</caption>" if cap else "")
+            + f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+        )
+
+    @classmethod
+    def from_markdown(cls, text: str, *, title: str = "", caption: str = "") -> ReportTable:
+        """Read one pipe table (header, ``|---|`` separator, rows), optionally preceded by a
+        ``**title**`` line and followed by a caption paragraph (what :meth:`markdown` writes);
+        ``title``/``caption`` are used when the text has none. Anything else is a ``ValueError``
+        saying what was found where."""
+        lines = [ln.strip() for ln in text.strip().splitlines()]
+        i = 0
+        if lines and (m := _BOLD_LINE.fullmatch(lines[0])):
+            title, i = m.group(1), 1
+            while i < len(lines) and not lines[i]:
+                i += 1
+        j = i
+        while j < len(lines) and lines[j].startswith("|"):
+            j += 1
+        if j == i:
+            raise ValueError(f"ReportTable.from_markdown: no pipe table in {text[:80]!r}")
+        table = _parse_pipe_table(lines[i:j], "ReportTable.from_markdown", title=title)
+        rest = "\n".join(lines[j:]).strip()
+        if "\n\n" in rest or any(ln.startswith("|") for ln in lines[j:]):
+            raise ValueError(
+                "ReportTable.from_markdown: more than one table and one caption paragraph in "
+                f"{text[:80]!r}"
+            )
+        return cls(table.title, table.columns, table.rows, rest or caption, table.align)
+
+
+_BOLD_LINE = re.compile(r"\*\*([^*\n]+)\*\*")
+_SEP_CELL = re.compile(r":?-+:?")
+_CODE_SPAN = re.compile(r"`([^`\n]+)`")
+_STRONG = re.compile(r"\*\*(?=\S)(.+?)(?<=\S)\*\*")
+_EM = re.compile(r"(?<![*\w])\*(?=[^\s*])(.+?)(?<=[^\s*])\*(?![*\w])")
+
+
+def _inline_html(text: str) -> str:
+    """Escaped HTML of one piece of text with Markdown's inline ```code```, ``**bold**`` and
+    ``*italic*`` rendered (inside a code span nothing is interpreted)."""
+
+    def emphasis(s: str) -> str:
+        s = _STRONG.sub(r"<strong>\1</strong>", html.escape(s))
+        return _EM.sub(r"<em>\1</em>", s)
+
+    out, pos = [], 0
+    for m in _CODE_SPAN.finditer(text):
+        out.append(emphasis(text[pos : m.start()]))
+        out.append(f"<code>{html.escape(m.group(1))}</code>")
+        pos = m.end()
+    out.append(emphasis(text[pos:]))
+    return "".join(out)
+
+
+def _pipe_cells(line: str) -> list[str]:
+    s = line.strip()
+    s = s[1:] if s.startswith("|") else s
+    s = s[:-1] if s.endswith("|") and not s.endswith(r"\|") else s
+    return [c.strip().replace(r"\|", "|") for c in re.split(r"(?<!\\)\|", s)]
+
+
+def _parse_pipe_table(lines: Sequence[str], where: str, *, title: str = "") -> ReportTable:
+    """A GitHub pipe table (``lines``: header, separator, rows) as a :class:`ReportTable`."""
+    header = _pipe_cells(lines[0])
+    seps = _pipe_cells(lines[1]) if len(lines) > 1 else []
+    if not seps or not all(_SEP_CELL.fullmatch(c) for c in seps):
+        got = repr(lines[1]) if len(lines) > 1 else "nothing"
+        raise ValueError(
+            f"{where}: the lines starting with '|' from {lines[0]!r} are not a pipe table: the "
+            f"second line must be the separator (|---|---|), got {got}"
+        )
+    if len(seps) != len(header):
+        raise ValueError(
+            f"{where}: the table {lines[0]!r} has {len(header)} header cells but "
+            f"{len(seps)} in its separator {lines[1]!r}"
+        )
+    rows = []
+    for ln in lines[2:]:
+        r = _pipe_cells(ln)
+        if len(r) != len(header):
+            raise ValueError(
+                f"{where}: the row {ln!r} has {len(r)} cells, its table's header {len(header)}"
+            )
+        rows.append(r)
+    align = [
+        "center"
+        if c.startswith(":") and c.endswith(":")
+        else "right"
+        if c.endswith(":")
+        else "left"
+        for c in seps
+    ]
+    return ReportTable(title, header, rows, align=align if set(align) != {"left"} else ())
+
+
+def _markdown_html(text: str, where: str) -> str:
+    """The HTML of a small Markdown text (``write_report``'s ``table_markdown``): pipe tables
+    as :meth:`ReportTable.html` (a ``**title**`` line right above one becomes its title),
+    ``#`` headings, ``-``/``*``/``+`` list items, fenced code blocks and paragraphs, with inline
+    markup (:func:`_inline_html`). Lines starting with ``|`` that are not a pipe table are a
+    ``ValueError`` naming them (never shown raw)."""
+    raw = text.strip("\n").splitlines()
+    lines = [ln.strip() for ln in raw]
+    out: list[str] = []
+    para: list[str] = []
+    items: list[str] = []
+    title = ""  # a lone **bold** line: the next table's title, else a paragraph
+
+    def flush() -> None:
+        nonlocal title
+        if title:
+            out.append(f"<p><strong>{_inline_html(title)}</strong></p>")
+            title = ""
+        if para:
+            out.append(f"<p>{_inline_html(' '.join(para))}</p>")
+            para.clear()
+        if items:
+            out.append("<ul>" + "".join(f"<li>{_inline_html(t)}</li>" for t in items) + "</ul>")
+            items.clear()
+
+    i = 0
+    while i < len(lines):
+        s = lines[i]
+        j = i + 1
+        if s.startswith("|"):
+            while j < len(lines) and lines[j].startswith("|"):
+                j += 1
+            if len(para) == 1 and not title and (m := _BOLD_LINE.fullmatch(para[0])):
+                title = m.group(1)
+                para.clear()
+            t, title = title, ""
+            flush()
+            out.append(_parse_pipe_table(lines[i:j], where, title=t).html())
+        elif s.startswith("```"):
+            flush()
+            while j < len(lines) and not lines[j].startswith("```"):
+                j += 1
+            out.append(f"<pre><code>{html.escape(chr(10).join(raw[i + 1 : j]))}</code></pre>")
+            j += 1  # the closing fence
+        elif not s:
+            if len(para) == 1 and not title and not items and _BOLD_LINE.fullmatch(para[0]):
+                title = para.pop()[2:-2]  # held: a table may follow
+            else:
+                flush()
+        elif m := re.fullmatch(r"(#{1,6})\s+(.*)", s):
+            flush()
+            level = min(6, len(m.group(1)) + 2)  # below the index's <h2> sections
+            out.append(f"<h{level}>{_inline_html(m.group(2))}</h{level}>")
+        elif m := re.fullmatch(r"[-*+]\s+(.*)", s):
+            if para or title:
+                flush()
+            items.append(m.group(1))
+        else:
+            if items or title:
+                flush()
+            para.append(s)
+        i = j
+    flush()
+    return "".join(out)
+
+
+def _value_markdown(v: Any) -> str:
+    """A summary value in Markdown: a mapping as ``key: value`` pairs, a list comma-separated,
+    a scalar in a code span (strings as they are, other scalars as JSON)."""
+    if isinstance(v, Mapping):
+        return "; ".join(f"{k}: {_value_markdown(x)}" for k, x in v.items()) if v else "–"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(_value_markdown(x) for x in v) if v else "–"
+    return f"`{v if isinstance(v, str) else json.dumps(v)}`"
+
+
+def _value_html(v: Any) -> str:
+    """A summary value in HTML: a mapping as a nested ``<dl>``, a list as a ``<ul>``, a scalar
+    as ``<code>`` (never a JSON dump)."""
+    if isinstance(v, Mapping):
+        if not v:
+            return "–"
+        return (
+            "<dl>"
+            + "".join(
+                f"<dt>{html.escape(str(k))}</dt><dd>{_value_html(x)}</dd>" for k, x in v.items()
+            )
+            + "</dl>"
+        )
+    if isinstance(v, (list, tuple)):
+        return "<ul>" + "".join(f"<li>{_value_html(x)}</li>" for x in v) + "</ul>" if v else "–"
+    return f"<code>{html.escape(v if isinstance(v, str) else json.dumps(v))}</code>"
+
+
+_INDEX_CSS = (
+    "body{font-family:system-ui,sans-serif;margin:2em auto;max-width:70em;color:#222;"
+    "line-height:1.5}table{border-collapse:collapse;margin:1em 0}"
+    "th,td{padding:.2em .8em;border-bottom:1px solid #ddd;text-align:left}"
+    "thead th{border-bottom:2px solid #999}caption{text-align:left;padding:.3em 0}"
+    "caption .caption{color:#555;font-size:.9em}dl.summary>dt{font-weight:600;margin-top:.4em}"
+    "dd{margin-left:1.5em}dd dl{margin:0}dd dt{display:inline;font-weight:normal;color:#555}"
+    "dd dt::after{content:': '}dd dd{display:inline;margin:0}dd dd::after{content:'';"
+    "display:block}p.note{color:#333}"
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1056,19 +1477,34 @@ def write_report(
     progress: bool | None = False,
     title: str = "target-sft report",
     allow_tokenizer_mismatch: bool = False,
+    tables: Sequence[ReportTable] = (),
+    notes: Sequence[str] = (),
+    loss_panels: Mapping[str, Mapping[str, Sequence[Sequence[float]]]] | None = None,
+    model_label: str = "student",
 ) -> dict[str, Path]:
     """Write every figure, the rescue/filter HTML, the observed-token data and an index.
 
     Files in ``out_dir``: ``figure3_induced_targets.png``, ``figure4_teacher_given_student.png``,
     ``rescue_filter.html``, ``observed_tokens.npz`` (``p_student``, ``p_teacher``, ``record``,
-    ``position``, ``label``), ``loss_curves.png`` (only with ``histories``), ``README.md`` and
-    ``index.html`` (both link everything; ``table_markdown`` is included verbatim in the README
-    and escaped in a ``<pre>`` in the HTML).
+    ``position``, ``label``), ``loss_curves.png`` (only with ``histories`` or ``loss_panels``),
+    ``README.md`` and ``index.html`` (both link everything).
 
     ``model`` is a causal LM or a checkpoint directory (:func:`observed_token_stats`);
     ``tokenizer`` a tokenizer, its directory, a callable ``id -> str`` or ``None`` (then the
-    model directory's tokenizer if it has one, else ids are shown as ``[id]``); ``histories`` is
-    :func:`plot_loss_curves`' input.
+    model directory's tokenizer if it has one, else ids are shown as ``[id]``).
+
+    Results (a "Results" section, in this order): ``table_markdown`` (Markdown text: included
+    verbatim in the README; in the HTML its pipe tables become ``<table>`` elements, its headings,
+    list items and paragraphs HTML — a block of ``|`` lines that is not a pipe table is a
+    ``ValueError``), ``tables`` (:class:`ReportTable`: :meth:`~ReportTable.markdown` in the
+    README, :meth:`~ReportTable.html` in the HTML) and ``notes`` (paragraphs, escaped; inline
+    ``**bold**``/``*italic*``/```code``` as in the tables). ``index.html`` shows no raw Markdown
+    and no JSON: the summary is a definition list (the cache's teacher description a nested one).
+
+    Training curves: ``histories`` (:func:`plot_loss_curves`' input, ``loss_ylabel`` its y axis)
+    or ``loss_panels`` (:func:`plot_loss_panels`' input: several views side by side), not both.
+    ``model_label`` names the model the student pass runs (e.g. ``"base student (before
+    fine-tuning)"``) in Figure 4's title, the rescue/filter page and the index.
 
     Before the student pass, the tokenizer (given or found) is checked against the cache's
     (content fingerprint) and the model's vocabulary against the cache's token ids:
@@ -1079,6 +1515,28 @@ def write_report(
     ``keys`` or the first ``max_records`` records; the HTML shows the ``html_records`` records with
     the most rescue + filter tokens.
     """
+    # the arguments that cost nothing to check, before the student pass
+    if histories and loss_panels:
+        raise ValueError(
+            "write_report: give histories (one panel) or loss_panels (several), not both: "
+            "both would be drawn into loss_curves.png"
+        )
+    if not isinstance(model_label, str) or not model_label.strip():
+        raise ValueError(f"write_report: model_label must be a non-empty str, got {model_label!r}")
+    if isinstance(tables, (str, ReportTable)) or isinstance(notes, str):
+        raise TypeError("write_report: tables and notes are sequences (a list of them), not one")
+    tables = list(tables)
+    notes = list(notes)
+    for t in tables:
+        if not isinstance(t, ReportTable):
+            raise TypeError(f"write_report: tables holds a {type(t).__name__}, not a ReportTable")
+    for x in notes:
+        if not isinstance(x, str):
+            raise TypeError(f"write_report: notes holds a {type(x).__name__}, not a str")
+    table_html = (
+        _markdown_html(table_markdown, "write_report: table_markdown") if table_markdown else ""
+    )
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     c = _open_cache(cache)
@@ -1114,6 +1572,7 @@ def write_report(
         bins,
         scale=scale,
         split=student_low,
+        title=f"Figure 4 · P(p_T | p_θ) on {len(stats):,} observed tokens of the {model_label}",
     )
     paths["figure4"] = fig4.path
     view = rescue_filter_html(
@@ -1123,13 +1582,20 @@ def write_report(
         token_decoder(tokenizer),  # checked above
         _pick_html_keys(stats, html_records, **th),
         stats=stats,
-        **th,
+        title=f"Rescue and filter tokens (Appendix G) · p_θ of the {model_label}",
+        student_low=student_low,
+        teacher_high=teacher_high,
+        teacher_low=teacher_low,
     )
     paths["rescue_filter"] = view.path
-    curves = None
-    if histories:
+    curves_what = None
+    if loss_panels:
+        paths["loss_curves"] = plot_loss_panels(loss_panels, out / "loss_curves.png")
+        curves_what = "One panel per quantity: per method the mean over seeds, shaded min–max."
+    elif histories:
         curves = plot_loss_curves(out / "loss_curves.png", histories, ylabel=loss_ylabel)
         paths["loss_curves"] = curves.path
+        curves_what = "Mean ± 1 std over seeds."
 
     n = len(stats)
     cats = classify_tokens(stats.p_student, stats.p_teacher, **th)
@@ -1137,36 +1603,46 @@ def write_report(
     mean_ps = float(stats.p_student.mean()) if n else float("nan")
     mean_pt = float(stats.p_teacher.mean()) if n else float("nan")
     info = c.info
-    summary = [
-        f"cache: `{info.path}` ({info.records:,} records, top-{info.top_k}, teacher "
-        f"`{json.dumps(info.teacher, sort_keys=True)}`)",
-        f"student: `{_model_name(model)}`",
-        f"observed tokens: {n:,} supervised tokens in {len(stats.keys):,} records; "
-        f"mean p_θ(y) = {mean_ps:.4f}, mean p_T(y) = {mean_pt:.4f}",
-        f"quadrants (split at {student_low:g}): "
-        + ", ".join(f"{q} {v:,}" for q, v in fig4.quadrants.items()),
-        f"rescue tokens: {n_rescue:,} ({_pct(n_rescue, n)}); filter tokens: {n_filter:,} "
-        f"({_pct(n_filter, n)})",
-    ]
+    # (term, value): a value is text with inline Markdown, or a mapping (a nested list)
+    summary: list[tuple[str, Any]] = [
+        ("cache", f"`{info.path}` ({info.records:,} records, top-{info.top_k})"),
+        ("teacher", dict(info.teacher)),
+        (model_label, f"`{_model_name(model)}`"),
+        ("observed tokens", f"{n:,} supervised tokens in {len(stats.keys):,} records; "
+         f"mean p_θ(y) = {mean_ps:.4f}, mean p_T(y) = {mean_pt:.4f}"),
+        (f"quadrants (split at {student_low:g})",
+         ", ".join(f"{q} {v:,}" for q, v in fig4.quadrants.items())),
+        ("rescue / filter tokens", f"rescue {n_rescue:,} ({_pct(n_rescue, n)}); "
+         f"filter {n_filter:,} ({_pct(n_filter, n)})"),
+    ]  # fmt: skip
     entries = [
         ("Figure 3 — induced targets", "figure3_induced_targets.png",
          "Q(y) and Q(k) that each loss drives the model toward, against p_y (illustrative "
          "teacher for teacher-based losses)."),
-        ("Figure 4 — P(p_T | p_θ)", "figure4_teacher_given_student.png",
-         "Teacher probability of the observed token given the student's, one column per p_θ bin."),
+        (f"Figure 4 — P(p_T | p_θ), {model_label}", "figure4_teacher_given_student.png",
+         "Teacher probability of the observed token given the probability p_θ that the "
+         f"{model_label} gives it, one column per p_θ bin."),
         ("Appendix G — rescue / filter tokens", "rescue_filter.html",
-         "Trajectories with rescue (student low, teacher high) and filter (both low) tokens; "
-         "hover for numbers."),
+         f"Trajectories with rescue ({model_label} low, teacher high) and filter (both low) "
+         "tokens; hover for numbers."),
     ]  # fmt: skip
-    if curves is not None:
-        entries.append(("Training curves", "loss_curves.png", "Mean ± 1 std over seeds."))
+    if curves_what is not None:
+        entries.append(("Training curves", "loss_curves.png", curves_what))
     entries.append(
         ("Observed-token data", "observed_tokens.npz", "p_student, p_teacher, record, position.")
     )
+    has_results = bool(table_markdown or tables or notes)
 
-    md = [f"# {title}", "", *[f"- {s}" for s in summary], ""]
-    if table_markdown:
-        md += ["## Results", "", table_markdown.strip(), ""]
+    md = [f"# {title}", "", *[f"- {k}: {_value_markdown(v) if isinstance(v, Mapping) else v}"
+                              for k, v in summary], ""]  # fmt: skip
+    if has_results:
+        md += ["## Results", ""]
+        if table_markdown:
+            md += [table_markdown.strip(), ""]
+        for t in tables:
+            md += [t.markdown(), ""]
+        for x in notes:
+            md += [x.strip(), ""]
     for name, file, what in entries:
         md += [f"## {name}", "", what, ""]
         md.append(f"![{name}]({file})" if file.endswith(".png") else f"[{file}]({file})")
@@ -1176,9 +1652,14 @@ def write_report(
     paths["readme"] = out / "README.md"
 
     e = html.escape
-    body = [f"<h1>{e(title)}</h1><ul>" + "".join(f"<li>{e(s)}</li>" for s in summary) + "</ul>"]
-    if table_markdown:
-        body.append(f"<h2>Results</h2><pre>{e(table_markdown.strip())}</pre>")
+    dl = "".join(
+        f"<dt>{e(k)}</dt><dd>{_value_html(v) if isinstance(v, Mapping) else _inline_html(v)}</dd>"
+        for k, v in summary
+    )
+    body = [f'<h1>{e(title)}</h1><dl class="summary">{dl}</dl>']
+    if has_results:
+        body.append("<h2>Results</h2>" + table_html + "".join(t.html() for t in tables))
+        body += [f'<p class="note">{_inline_html(x.strip())}</p>' for x in notes]
     for name, file, what in entries:
         body.append(f"<h2>{e(name)}</h2><p>{e(what)}</p>")
         if file.endswith(".png"):
@@ -1189,8 +1670,8 @@ def write_report(
             body.append(f'<p><a href="{e(file)}">{e(file)}</a></p>')
     (out / "index.html").write_text(
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f"<title>{e(title)}</title><style>body{{font-family:system-ui,sans-serif;margin:2em auto;"
-        f"max-width:70em}}</style></head><body>{''.join(body)}</body></html>\n",
+        f"<title>{e(title)}</title><style>{_INDEX_CSS}</style></head><body>{''.join(body)}"
+        "</body></html>\n",
         encoding="utf-8",
     )
     paths["index"] = out / "index.html"

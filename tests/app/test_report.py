@@ -4,10 +4,13 @@ whole report and the CLI."""
 
 from __future__ import annotations
 
+import html
+import json
 import re
 import struct
 import subprocess
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -490,6 +493,243 @@ def test_write_report(tmp_path: Path, model, cache_dir: Path) -> None:
     html_text = paths["rescue_filter"].read_text()
     assert html_text.count('<section class="traj"') == 2
     assert re.search(r">w\d+</span>", html_text)  # decoded by the model directory's tokenizer
+
+
+class _TextOf(HTMLParser):
+    """The text a browser shows of an HTML page (no tags, no <style>/<title>, entities decoded)."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self._skip = 0
+
+    def handle_starttag(self, tag: str, attrs) -> None:
+        self._skip += tag in ("style", "script", "title")
+
+    def handle_endtag(self, tag: str) -> None:
+        self._skip -= tag in ("style", "script", "title")
+
+    def handle_data(self, data: str) -> None:
+        if not self._skip:
+            self.parts.append(data)
+
+
+def html_text(page: str) -> str:
+    parser = _TextOf()
+    parser.feed(page)
+    return "".join(parser.parts)
+
+
+def test_report_table_markdown_and_html() -> None:
+    t = R.ReportTable(
+        "Accuracy <k=16>",
+        ["method", "acc | %"],
+        [("**SFT**", "25.2 ± 1.0"), ("<b>x</b> & `a*b`", "*(teacher)*")],
+        caption="mean over 3 seeds",
+        align=["left", "right"],
+    )
+    assert t.columns == ("method", "acc | %") and isinstance(t.rows[0], tuple)
+    assert t.markdown() == (
+        "**Accuracy <k=16>**\n\n"
+        "| method | acc \\| % |\n"
+        "|---|---:|\n"
+        "| **SFT** | 25.2 ± 1.0 |\n"
+        "| <b>x</b> & `a*b` | *(teacher)* |\n\n"
+        "mean over 3 seeds"
+    )
+    assert t.html() == (
+        "<table><caption><strong>Accuracy &lt;k=16&gt;</strong><br>"
+        '<span class="caption">mean over 3 seeds</span></caption>'
+        '<thead><tr><th>method</th><th style="text-align:right">acc | %</th></tr></thead><tbody>'
+        '<tr><td><strong>SFT</strong></td><td style="text-align:right">25.2 ± 1.0</td></tr>'
+        "<tr><td>&lt;b&gt;x&lt;/b&gt; &amp; <code>a*b</code></td>"
+        '<td style="text-align:right"><em>(teacher)</em></td></tr></tbody></table>'
+    )
+    # what markdown() writes reads back as the same table; no title, no caption: just the table
+    assert R.ReportTable.from_markdown(t.markdown()) == t
+    bare = R.ReportTable("", ["a"], [["1"]])
+    assert bare.markdown() == "| a |\n|---|\n| 1 |"
+    assert (
+        bare.html()
+        == "<table><thead><tr><th>a</th></tr></thead><tbody><tr><td>1</td></tr></tbody></table>"
+    )
+    assert R.ReportTable.from_markdown(bare.markdown(), title="T") == R.ReportTable(
+        "T", ["a"], [["1"]]
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"rows": [["a"]]}, ValueError, "row 0 has 1 cells for the 2 columns"),
+        ({"rows": [["a", 1.5]]}, TypeError, "row 0, column 1: 1.5 is a float, not a str"),
+        ({"rows": [["a", "b\nc"]]}, ValueError, "row 0, column 1: 'b\\\\nc' has a line break"),
+        ({"rows": "ab"}, TypeError, "rows must be a sequence of rows"),
+        ({"columns": "ab"}, TypeError, "columns must be a sequence of str"),
+        ({"columns": []}, ValueError, "no columns"),
+        ({"align": ["left"]}, ValueError, "align must give one of"),
+        ({"title": "a\nb"}, ValueError, "the title must be one line"),
+    ],
+)
+def test_report_table_errors(kwargs: dict, error: type, message: str) -> None:
+    args = {"title": "T", "columns": ["m", "v"], "rows": [["a", "b"]]} | kwargs
+    with pytest.raises(error, match=message):
+        R.ReportTable(**args)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("| a | b |\n| 1 | 2 |", "second line must be the separator"),
+        ("| a | b |\n|---|\n| 1 | 2 |", "2 header cells but 1 in its separator"),
+        ("| a | b |\n|---|---|\n| 1 | 2 | 3 |", "has 3 cells, its table's header 2"),
+        ("no table here", "no pipe table"),
+        ("| a |\n|---|\n| 1 |\n\none\n\ntwo", "more than one table and one caption"),
+    ],
+)
+def test_report_table_from_markdown_errors(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        R.ReportTable.from_markdown(text)
+
+
+def capture_figures(monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
+    """Record every figure the report saves, by file name (the Figure object drawn)."""
+    figs: dict[str, object] = {}
+    save = R._save
+
+    def spy(fig, path, dpi):
+        figs[Path(path).name] = fig
+        return save(fig, path, dpi)
+
+    monkeypatch.setattr(R, "_save", spy)
+    return figs
+
+
+def test_loss_panels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    figs = capture_figures(monkeypatch)
+    panels = {
+        "label NLL (nats), every method": {
+            "SFT": [[3.0, 2.0, 1.0, 0.5], [4.0, 2.0, 0.0]],  # truncated to 3 steps
+            "TARGET-SFT": [[2.0, 1.0]],  # one seed: no band
+        },
+        "each method's own objective": {"TARGET-SFT": [[5.0, 4.0, 3.0]], "SFT": [[1.0, 1.0]]},
+        "empty": {"SFT": []},
+    }
+    out = R.plot_loss_panels(panels, tmp_path / "p.png", dpi=20)
+    assert out == tmp_path / "p.png" and png_size(out) == (390, 96)  # (6.5·3 × 4.8) in · 20 dpi
+    fig = figs["p.png"]
+    assert [ax.get_title() for ax in fig.axes] == list(panels)
+    a0, a1, a2 = fig.axes
+    assert all(ax.get_xlabel() == "optimizer step" for ax in fig.axes)
+    sft, target = a0.get_lines()
+    assert (sft.get_label(), target.get_label()) == ("SFT (n=2)", "TARGET-SFT (n=1)")
+    np.testing.assert_allclose(sft.get_xdata(), [1, 2, 3])
+    np.testing.assert_allclose(sft.get_ydata(), [3.5, 2.0, 0.5])
+    np.testing.assert_allclose(target.get_ydata(), [2.0, 1.0])
+    # the band is the seeds' min–max (not ± std): one shaded area, for SFT only
+    (band,) = a0.collections
+    ys = band.get_paths()[0].vertices[:, 1]
+    assert ys.min() == pytest.approx(0.0) and ys.max() == pytest.approx(4.0)
+    # a method keeps its colour in every panel
+    colour = {ln.get_label().split(" (")[0]: ln.get_color() for ln in a1.get_lines()}
+    assert colour == {"SFT": sft.get_color(), "TARGET-SFT": target.get_color()}
+    assert sft.get_color() != target.get_color()
+    assert a2.get_lines() == [] and a2.texts[0].get_text() == "no data"
+    with pytest.raises(ValueError, match="non-empty mapping"):
+        R.plot_loss_panels({}, tmp_path / "x.png")
+    with pytest.raises(ValueError, match="panel 'p' must map method -> seed curves"):
+        R.plot_loss_panels({"p": [[1.0]]}, tmp_path / "x.png")
+    # plot_loss_curves draws through the same routine, with a ± 1 std band
+    res = R.plot_loss_curves(tmp_path / "c.png", {"SFT": [[3.0, 2.0], [5.0, 2.0]]}, dpi=20)
+    ys = figs["c.png"].axes[0].collections[0].get_paths()[0].vertices[:, 1]
+    assert ys.max() == pytest.approx(4.0 + np.sqrt(2)) and res.std["SFT"][0] == pytest.approx(
+        np.sqrt(2)
+    )
+
+
+def test_write_report_tables_notes_panels(
+    tmp_path: Path, model, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    figs = capture_figures(monkeypatch)
+    label = "base student (before fine-tuning)"
+    tables = [
+        R.ReportTable(
+            "Accuracy", ["method", "acc"], [["<SFT>", "**25.2**"], ["TARGET-SFT", "30.6"]]
+        ),
+        R.ReportTable(
+            "Δ to SFT", ["method", "95% interval"], [["a | b", "[-1.0, 2.0]"]], caption="paired, t"
+        ),
+    ]
+    notes = ["SFT (p) is <not> resolved & **bold** & `code`", "second note"]
+    panels = {
+        "label NLL": {"SFT": [[2.0, 1.0], [3.0, 1.0]]},
+        "own objective": {"SFT": [[1.0, 0.5]]},
+    }
+    table_md = (
+        "**Old table**\n\n| method | acc |\n|---|---:|\n| *(teacher)* | 84.9 |\n\n"
+        "Text with **bold**.\n\n## Seeds\n\n- seed `0`\n- seed 1\n\n**Lone bold**\n\nlast"
+    )
+    paths = R.write_report(
+        tmp_path / "rep", cache=cache_dir, model=model, tables=tables, notes=notes,
+        loss_panels=panels, model_label=label, table_markdown=table_md, max_records=4,
+        presets=("sft",), html_records=1, title="demo <report>",
+    )  # fmt: skip
+    page = paths["index"].read_text(encoding="utf-8")
+    text = html_text(page)
+    for raw in ("|---", "**", '{"', "`", "*("):  # no Markdown, no JSON in what is shown
+        assert raw not in text, raw
+    assert "<SFT>" not in page and "<not>" not in page  # escaped
+    assert page.count("<table>") == 3
+    assert tables[0].html() in page and tables[1].html() in page
+    assert "<td>&lt;SFT&gt;</td><td><strong>25.2</strong></td>" in page
+    assert "<caption><strong>Old table</strong></caption>" in page
+    assert '<td style="text-align:right">84.9</td>' in page and "<em>(teacher)</em>" in page
+    assert (
+        "<p>Text with <strong>bold</strong>.</p><h4>Seeds</h4>"
+        "<ul><li>seed <code>0</code></li><li>seed 1</li></ul>"
+        "<p><strong>Lone bold</strong></p><p>last</p><table>" in page
+    )
+    assert (
+        '<p class="note">SFT (p) is &lt;not&gt; resolved &amp; <strong>bold</strong> &amp; '
+        "<code>code</code></p>" in page
+    )
+    assert "SFT (p) is <not> resolved & bold & code" in text
+    assert page.index("Old table") < page.index("Accuracy") < page.index("second note")
+    # the summary: a definition list; the cache's teacher description a nested one, not JSON
+    info = TeacherCache(cache_dir).info
+    assert info.teacher  # the test means something
+    readme = paths["readme"].read_text(encoding="utf-8")
+    for k, v in info.teacher.items():
+        shown = v if isinstance(v, str) else json.dumps(v)  # None: null
+        assert f"<dt>{k}</dt><dd><code>{html.escape(shown)}</code></dd>" in page
+        assert f"{k}: `{shown}`" in readme
+    assert f"<dt>{label}</dt>" in page and f"Figure 4 — P(p_T | p_θ), {label}" in text
+    # Figure 4's and the rescue/filter page's titles name the model
+    n = np.load(paths["observed_tokens"])["p_student"].size
+    title = figs["figure4_teacher_given_student.png"].axes[0].get_title()
+    assert title == f"Figure 4 · P(p_T | p_θ) on {n:,} observed tokens of the {label}"
+    assert label in html_text(paths["rescue_filter"].read_text(encoding="utf-8"))
+    # the loss panels: one axis per panel
+    assert [ax.get_title() for ax in figs["loss_curves.png"].axes] == ["label NLL", "own objective"]
+    # the README: the same content as Markdown
+    assert table_md in readme and tables[0].markdown() in readme and tables[1].markdown() in readme
+    assert notes[0] in readme and f"- {label}: `" in readme
+
+
+def test_write_report_argument_errors(tmp_path: Path, cache_dir: Path) -> None:
+    """Checked before anything is loaded or written (model=None would fail later)."""
+    w = lambda **kw: R.write_report(tmp_path / "r", cache=cache_dir, model=None, **kw)  # noqa: E731
+    with pytest.raises(ValueError, match=r"histories .* or loss_panels .*, not both"):
+        w(histories={"a": [1.0]}, loss_panels={"p": {"a": [1.0]}})
+    with pytest.raises(ValueError, match="model_label must be a non-empty str"):
+        w(model_label=" ")
+    with pytest.raises(TypeError, match=r"sequences .*, not one"):
+        w(notes="one note")
+    with pytest.raises(TypeError, match="tables holds a str, not a ReportTable"):
+        w(tables=["| a |"])
+    with pytest.raises(ValueError, match=r"table_markdown: .* second line must be the separator"):
+        w(table_markdown="intro\n\n| a | b |\n| 1 | 2 |")
+    assert not (tmp_path / "r").exists()
 
 
 def test_import_is_lazy() -> None:
