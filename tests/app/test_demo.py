@@ -103,6 +103,8 @@ def test_check_rejects_missing_duplicate_misordered_and_unterminated_answers():
     }
     for out, ok in cases.items():
         assert bool(task.check(p, np.array([out]))[0]) is ok, out
+    parts = task.check_parts(p, np.array([(*n(150, 300, 120), EOS)]))
+    assert (parts["numbers"][0], parts["ordered"][0], parts["eos"][0]) == (True, False, True)
     with pytest.raises(ValueError, match="outputs must be"):
         task.check(p, np.zeros((1, 3), dtype=np.int64))
 
@@ -161,7 +163,9 @@ def test_summary_and_paired_difference_exact_values():
 
 def test_results_rows_pair_every_method_with_sft_on_the_same_seeds():
     cfg = DemoConfig(seeds=3)
-    ev = lambda *v: [{"seed": i, "average_at_k": a, "greedy": a} for i, a in enumerate(v)]  # noqa: E731
+    ev = lambda *v: [  # noqa: E731
+        {"seed": i, "average_at_k": a, "greedy": a, "slip_like": a / 10} for i, a in enumerate(v)
+    ]
     evals = {"Base": ev(0.2), REFERENCE: ev(0.5, 0.6, 0.7), "SFT (p)": ev(0.6, 0.8, 0.7)}
     rows = {r["label"]: r for r in results_rows(evals, cfg)}
     assert rows["Base"]["vs_sft"] is None and rows[REFERENCE]["vs_sft"] is None
@@ -171,6 +175,7 @@ def test_results_rows_pair_every_method_with_sft_on_the_same_seeds():
     assert d["high"] - d["mean"] == pytest.approx(4.3026527297494618 * 0.1 / math.sqrt(3))
     assert d["resolved"] is False
     assert rows[REFERENCE]["average_at_k"]["mean"] == pytest.approx(0.6)
+    assert rows[REFERENCE]["slip_like"]["mean"] == pytest.approx(0.06)
 
 
 # ------------------------------------------------------------------------ recipe and decoding
@@ -225,7 +230,9 @@ def test_quick_demo_end_to_end(tmp_path):
     for m in METHODS:
         es = res["evaluations"][m.label]
         assert [e["seed"] for e in es] == ([0] if m.preset is None else [0, 1, 2])
-        assert all(0.0 <= e["average_at_k"] <= 1.0 and 0.0 <= e["greedy"] <= 1.0 for e in es)
+        for e in es:
+            assert 0.0 <= e["average_at_k"] <= 1.0 and 0.0 <= e["greedy"] <= 1.0
+            assert 0.0 <= e["slip_like"] <= 1.0 - e["average_at_k"]
         row = rows[m.label]
         assert row["average_at_k"]["mean"] == pytest.approx(
             np.mean([e["average_at_k"] for e in es])

@@ -155,10 +155,13 @@ def generate(
 class Evaluation:
     """Accuracy of one model on a prompt set: ``average_at_k`` — the mean over prompts and ``k``
     answers sampled at temperature 1.0 of "the answer is right" (the paper's Average@k);
-    ``greedy`` — the share of prompts whose greedy answer is right."""
+    ``greedy`` — the share of prompts whose greedy answer is right; ``slip_like`` — the share of
+    the sampled answers that hold the right numbers and ``</s>`` but out of bucket order (the
+    kind of error a slip is; the other wrong answers miss or repeat a number or ``</s>``)."""
 
     average_at_k: float
     greedy: float
+    slip_like: float
     k: int
     prompts: int
 
@@ -167,11 +170,13 @@ def evaluate(model: Any, task: SortTask, prompts: np.ndarray, *, k: int, seed: i
     """Average@k (temperature 1.0) and greedy accuracy on ``prompts`` (:meth:`SortTask.check`)."""
     n = task.answer_length
     sampled = generate(model, prompts, n, samples=k, temperature=1.0, seed=seed)
-    ok = task.check(np.repeat(prompts, k, axis=0), sampled.reshape(-1, n))
+    parts = task.check_parts(np.repeat(prompts, k, axis=0), sampled.reshape(-1, n))
+    ok = parts["numbers"] & parts["ordered"] & parts["eos"]
     greedy = generate(model, prompts, n, temperature=None)[:, 0]
     return Evaluation(
         average_at_k=float(ok.mean()),
         greedy=float(task.check(prompts, greedy).mean()),
+        slip_like=float((parts["numbers"] & parts["eos"] & ~parts["ordered"]).mean()),
         k=k,
         prompts=len(prompts),
     )

@@ -379,7 +379,12 @@ def run_demo(out: Path, cfg: DemoConfig, *, report: bool = True) -> dict[str, An
             ev = evaluate(run.model, task, test, k=cfg.k, seed=1000 + seed)
             timer.add("evaluation", time.perf_counter() - t1)
             evals.setdefault(m.label, []).append(
-                {"seed": seed, "average_at_k": ev.average_at_k, "greedy": ev.greedy}
+                {
+                    "seed": seed,
+                    "average_at_k": ev.average_at_k,
+                    "greedy": ev.greedy,
+                    "slip_like": ev.slip_like,
+                }
             )
             if run.objective:
                 objective.setdefault(m.label, []).append(run.objective)
@@ -388,7 +393,8 @@ def run_demo(out: Path, cfg: DemoConfig, *, report: bool = True) -> dict[str, An
             tokens_seen += run.tokens
             _log(
                 f"{m.label:<36} seed {seed}: Average@{cfg.k} {ev.average_at_k:6.1%}, greedy "
-                f"{ev.greedy:6.1%} ({t1 - t0:.0f} s + {time.perf_counter() - t1:.0f} s eval)"
+                f"{ev.greedy:6.1%}, slip-like {ev.slip_like:5.1%} ({t1 - t0:.0f} s + "
+                f"{time.perf_counter() - t1:.0f} s eval)"
             )
 
     rows = results_rows(evals, cfg)
@@ -497,12 +503,14 @@ def results_rows(evals: dict[str, list[dict[str, float]]], cfg: DemoConfig) -> l
     for label, es in evals.items():
         avg = summarize([e["average_at_k"] for e in es])
         gr = summarize([e["greedy"] for e in es])
+        slip = summarize([e["slip_like"] for e in es])
         row: dict[str, Any] = {
             "label": label,
             "group": groups[label],
             "seeds": avg.n,
             "average_at_k": asdict(avg),
             "greedy": asdict(gr),
+            "slip_like": asdict(slip),
             "vs_sft": None,
         }
         mine = {e["seed"]: e["average_at_k"] for e in es}
@@ -535,6 +543,7 @@ def format_table(rows: Sequence[dict[str, Any]], teacher: Any, cfg: DemoConfig) 
         "method",
         f"Average@{cfg.k}, % (mean ± std)",
         "greedy, % (mean ± std)",
+        "slip-like samples, %",
         f"Δ Average@{cfg.k} vs SFT [95% CI]",
         "vs SFT",
         "seeds",
@@ -543,11 +552,20 @@ def format_table(rows: Sequence[dict[str, Any]], teacher: Any, cfg: DemoConfig) 
     for r in rows:
         cell, verdict = _diff(r["vs_sft"])
         body.append(
-            [r["label"], _pm(r["average_at_k"]), _pm(r["greedy"]), cell, verdict, str(r["seeds"])]
+            [
+                r["label"],
+                _pm(r["average_at_k"]),
+                _pm(r["greedy"]),
+                f"{100 * r['slip_like']['mean']:.1f}",
+                cell,
+                verdict,
+                str(r["seeds"]),
+            ]
         )
     if teacher is not None:
         avg, greedy = f"{100 * teacher.average_at_k:.1f}", f"{100 * teacher.greedy:.1f}"
-        body.append(["(teacher)", avg, greedy, "—", "—", "1"])
+        slip = f"{100 * teacher.slip_like:.1f}"
+        body.append(["(teacher)", avg, greedy, slip, "—", "—", "1"])
     title = (
         f"Demo ({cfg.name} run): Average@{cfg.k} at temperature 1.0 and greedy accuracy on "
         f"{cfg.test_prompts} test prompts"
@@ -555,7 +573,8 @@ def format_table(rows: Sequence[dict[str, Any]], teacher: Any, cfg: DemoConfig) 
         else f"Table 6 ablations ({cfg.name} run): Average@{cfg.k} on {cfg.test_prompts} test prompts"
     )
     caption = (
-        f"Mean ± std over seeds; Δ: paired difference to SFT over the same seeds with a 95% "
+        f"Mean ± std over seeds; slip-like: sampled answers with the right numbers and </s> "
+        f"but out of order (mean); Δ: paired difference to SFT over the same seeds with a 95% "
         f"t-interval, 'resolved' when it excludes 0. {cfg.epochs} epochs over {cfg.demos} "
         f"demonstrations ({cfg.noise:.0%} drawn for a slip), one learning rate for all methods."
     )

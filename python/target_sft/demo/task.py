@@ -147,13 +147,22 @@ class SortTask:
         """Whether each generated answer is right: ``outputs`` ``[n, answer_length]`` token ids
         (for ``prompts`` ``[n, prompt_length]``) must be the prompt's numbers, each once, in
         non-decreasing bucket order, then ``</s>``. Returns a bool array ``[n]``."""
+        parts = self.check_parts(prompts, outputs)
+        return parts["numbers"] & parts["ordered"] & parts["eos"]
+
+    def check_parts(self, prompts: np.ndarray, outputs: np.ndarray) -> dict[str, np.ndarray]:
+        """The three conditions of :meth:`check`, each a bool array ``[n]``: ``numbers`` (the
+        prompt's numbers, each once), ``ordered`` (non-decreasing buckets) and ``eos``. An answer
+        with ``numbers`` and ``eos`` but not ``ordered`` is the kind of error a slip is."""
         if outputs.shape != (prompts.shape[0], self.answer_length):
             raise ValueError(
                 f"outputs must be [{prompts.shape[0]}, {self.answer_length}], got {outputs.shape}"
             )
         nums = np.sort(prompts[:, 1 : 1 + self.length], axis=1)
         out = outputs[:, : self.length]
-        same = (np.sort(out, axis=1) == nums).all(axis=1)
         b = (out - N_SPECIAL) // self.bucket_width
-        ordered = (np.diff(b, axis=1) >= 0).all(axis=1)
-        return same & ordered & (outputs[:, self.length] == EOS)
+        return {
+            "numbers": (np.sort(out, axis=1) == nums).all(axis=1),
+            "ordered": (np.diff(b, axis=1) >= 0).all(axis=1),
+            "eos": outputs[:, self.length] == EOS,
+        }
