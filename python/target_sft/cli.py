@@ -561,15 +561,15 @@ def build_parser() -> argparse.ArgumentParser:
         "top-64 teacher cache (build_teacher_cache), and SFT / SFT (p) / Distill / TARGET-SFT "
         "plus a clean-data SFT control fine-tuned with the paper's recipe through "
         "StreamingTeacherDataset + TargetSFTCollator; Average@k and greedy accuracy over seeds "
-        "with paired 95%% intervals to SFT, and a report folder. docs/DEMO.md explains it.",
+        "with paired 95% intervals to SFT, and a report folder. docs/DEMO.md explains it.",
         formatter_class=fmt,
     )
     size = demo.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="a small run (about 2 minutes)")
+    size.add_argument("--quick", action="store_true", help="a small run (1–2 minutes)")
     size.add_argument(
         "--full",
         action="store_true",
-        help="Average@16, 5 seeds, Table 6 ablations, the learning-rate sweep (about 30 minutes)",
+        help="Average@16, 5 seeds, Table 6 ablations, the learning-rate sweep (20–30 minutes)",
     )
     demo.add_argument("--out", help="output directory (default: a new temporary directory)")
     demo.add_argument("--seeds", type=int, help="seeds per method (default 3; --full: 5)")
