@@ -498,7 +498,7 @@ def results_rows(evals: dict[str, list[dict[str, float]]], cfg: DemoConfig) -> l
     """Per method: mean ± std of Average@k and greedy accuracy over seeds, and the paired
     difference of Average@k to SFT (same seeds) with its 95% t-interval."""
     groups = {m.label: ("base" if m.preset is None else m.group) for m in cfg.methods()}
-    ref = {e["seed"]: e["average_at_k"] for e in evals.get(REFERENCE, [])}
+    ref = {int(e["seed"]): e["average_at_k"] for e in evals.get(REFERENCE, [])}
     rows = []
     for label, es in evals.items():
         avg = summarize([e["average_at_k"] for e in es])
@@ -513,7 +513,7 @@ def results_rows(evals: dict[str, list[dict[str, float]]], cfg: DemoConfig) -> l
             "slip_like": asdict(slip),
             "vs_sft": None,
         }
-        mine = {e["seed"]: e["average_at_k"] for e in es}
+        mine = {int(e["seed"]): e["average_at_k"] for e in es}
         if label != REFERENCE and len(mine) >= 2 and set(mine) == set(ref):
             d = paired_difference(mine, ref)
             row["vs_sft"] = {**asdict(d), "resolved": d.resolved}
