@@ -28,6 +28,7 @@ import json
 import math
 import os
 import re
+import textwrap
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -667,7 +668,8 @@ def plot_teacher_given_student(
     ax.set_xlabel("student  p_θ(y_t)")
     ax.set_ylabel("teacher  p_T(y_t)")
     title = title or f"Figure 4 · P(p_T | p_θ) on {ps.size:,} observed tokens"
-    ax.set_title(title)
+    # long titles (a model label) wrap instead of running past the figure's edges
+    ax.set_title("\n".join(textwrap.wrap(title, 60)), fontsize=10)
     out = _save(fig, path, dpi)
     return TeacherGivenStudent(
         path=out,

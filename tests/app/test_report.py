@@ -707,7 +707,9 @@ def test_write_report_tables_notes_panels(
     # Figure 4's and the rescue/filter page's titles name the model
     n = np.load(paths["observed_tokens"])["p_student"].size
     title = figs["figure4_teacher_given_student.png"].axes[0].get_title()
-    assert title == f"Figure 4 · P(p_T | p_θ) on {n:,} observed tokens of the {label}"
+    want = f"Figure 4 · P(p_T | p_θ) on {n:,} observed tokens of the {label}"
+    # wrapped to fit the figure (lines of at most 60 characters), words unchanged
+    assert title.replace("\n", " ") == want and max(map(len, title.split("\n"))) <= 60
     assert label in html_text(paths["rescue_filter"].read_text(encoding="utf-8"))
     # the loss panels: one axis per panel
     assert [ax.get_title() for ax in figs["loss_curves.png"].axes] == ["label NLL", "own objective"]
