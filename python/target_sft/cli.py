@@ -261,6 +261,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         rebuild_changed=args.rebuild_changed,
         role=args.role,
+        **({} if args.max_mean_kl is None else {"max_mean_kl": args.max_mean_kl}),
     )
     if result.stats.rank == 0:
         i = result.info
@@ -474,6 +475,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["compact", "exact"],
         default="compact",
         help="compact: quantised log-probs (smaller); exact: float32",
+    )
+    bld.add_argument(
+        "--max-mean-kl",
+        type=float,
+        default=None,
+        help="compact: the fidelity budget, mean KL(exact || decoded) per row in nats that "
+        "every record stays within (default 1e-4)",
     )
     bld.add_argument("--batch-tokens", type=int, default=16_384, help="padded tokens per batch")
     bld.add_argument("--max-batch-size", type=int, default=256, help="samples per batch at most")

@@ -49,6 +49,165 @@ impl CodebookParams {
     }
 }
 
+/// Mean codec KL per record that a writer keeps below by default (nats; docs/FORMAT.md §5.1).
+pub const DEFAULT_MAX_MEAN_KL: f64 = 1e-4;
+
+/// `2^(i/8)` for `i = 0..8`, as float64 literals (so every machine builds the same ladder).
+const EIGHTH_OCTAVES: [f64; 8] = [
+    1.0,
+    1.0905077326652577,
+    1.189207115002721,
+    1.2968395546510096,
+    std::f64::consts::SQRT_2,
+    1.5422108254079407,
+    1.681792830507429,
+    1.8340080864093424,
+];
+
+/// Rungs of the budget ladder: `sqrt_step = 1e-4 · 2^(j/8)`, `j = 0..64`.
+pub const BUDGET_RUNGS: usize = 64;
+/// The budget ladder's rung closest to the fixed default (`sqrt_step` 2.5e-3): where a writer
+/// first measures a record's KL.
+const START_RUNG: usize = 37;
+
+/// The compact codec's codebooks, one per *rung* (docs/FORMAT.md §5.1): rung `j` is the codebook
+/// of `(sqrt_steps[j], tail_steps[j], floor)`. With a budget (`max_mean_kl`) the writer encodes
+/// each record with the coarsest rung whose measured mean KL stays within it; without, the
+/// ladder has one rung (fixed parameters).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LadderParams {
+    pub sqrt_steps: Vec<f64>,
+    pub tail_steps: Vec<f64>,
+    pub floor: f64,
+    pub max_mean_kl: Option<f64>,
+}
+
+impl LadderParams {
+    /// The budget ladder: `sqrt_step = 1e-4 · 2^(j/8)` and `tail_step = min(1000 · sqrt_step,
+    /// 8)` (the fixed default's ratio), `j = 0..64`, so each rung costs about 2^(1/4) times the
+    /// KL of the one below.
+    pub fn budget(max_mean_kl: f64, floor: f64) -> Self {
+        let sqrt_steps: Vec<f64> = (0..BUDGET_RUNGS)
+            .map(|j| 1e-4 * EIGHTH_OCTAVES[j % 8] * f64::from(1u32 << (j / 8)))
+            .collect();
+        let tail_steps = sqrt_steps.iter().map(|h| (1000.0 * h).min(8.0)).collect();
+        Self {
+            sqrt_steps,
+            tail_steps,
+            floor,
+            max_mean_kl: Some(max_mean_kl),
+        }
+    }
+
+    /// One rung: fixed codebook parameters, no budget.
+    pub fn fixed(p: CodebookParams) -> Self {
+        Self {
+            sqrt_steps: vec![p.sqrt_step],
+            tail_steps: vec![p.tail_step],
+            floor: p.floor,
+            max_mean_kl: None,
+        }
+    }
+
+    pub fn rungs(&self) -> usize {
+        self.sqrt_steps.len()
+    }
+
+    pub fn rung(&self, j: usize) -> CodebookParams {
+        CodebookParams {
+            sqrt_step: self.sqrt_steps[j],
+            tail_step: self.tail_steps[j],
+            floor: self.floor,
+        }
+    }
+
+    /// The rung where a writer first measures a record (the budget ladder's rung nearest the
+    /// fixed default; rung 0 of a one-rung ladder).
+    pub fn start_rung(&self) -> usize {
+        START_RUNG.min(self.rungs() - 1)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let n = self.sqrt_steps.len();
+        if n == 0 || n > 255 || self.tail_steps.len() != n {
+            return Err(Error::input(format!(
+                "compact codec ladder needs 1 to 255 rungs with one sqrt_step and one tail_step each (got {n} and {})",
+                self.tail_steps.len()
+            )));
+        }
+        if let Some(b) = self.max_mean_kl {
+            if !(b.is_finite() && (1e-9..=1.0).contains(&b)) {
+                return Err(Error::input(format!(
+                    "max_mean_kl = {b} is out of range: give a mean codec KL per row in nats between 1e-9 and 1 (1e-4 is the default), or codec=\"exact\" for bit-for-bit log-probs"
+                )));
+            }
+        }
+        (0..n).try_for_each(|j| self.rung(j).validate())
+    }
+
+    /// The `codec_params` entries of a ladder (docs/FORMAT.md §1).
+    pub fn to_json(&self, zstd_level: i32) -> serde_json::Value {
+        serde_json::json!({
+            "zstd_level": zstd_level,
+            "max_mean_kl": self.max_mean_kl,
+            "floor": self.floor,
+            "sqrt_steps": self.sqrt_steps,
+            "tail_steps": self.tail_steps,
+        })
+    }
+
+    /// Parse `codec_params` of a compact cache: a ladder (format version 3), or the fixed
+    /// `sqrt_step`/`tail_step`/`floor` of versions 1–2 as a one-rung ladder; the flag says
+    /// whether frames carry a rung byte (only ladders do).
+    pub fn from_json(params: &serde_json::Value) -> Result<(Self, bool)> {
+        let num = |k: &str| {
+            params
+                .get(k)
+                .and_then(serde_json::Value::as_f64)
+                .ok_or_else(|| Error::format(format!("codec_params has no number {k}")))
+        };
+        let list = |k: &str| -> Result<Vec<f64>> {
+            params
+                .get(k)
+                .and_then(serde_json::Value::as_array)
+                .ok_or_else(|| Error::format(format!("codec_params has no list {k}")))?
+                .iter()
+                .map(|v| {
+                    v.as_f64().ok_or_else(|| {
+                        Error::format(format!("codec_params {k} holds a non-number"))
+                    })
+                })
+                .collect()
+        };
+        let (ladder, rung_byte) = if params.get("sqrt_steps").is_some() {
+            let max_mean_kl = match params.get("max_mean_kl") {
+                None | Some(serde_json::Value::Null) => None,
+                Some(v) => Some(v.as_f64().ok_or_else(|| {
+                    Error::format("codec_params max_mean_kl is not a number or null")
+                })?),
+            };
+            let l = Self {
+                sqrt_steps: list("sqrt_steps")?,
+                tail_steps: list("tail_steps")?,
+                floor: num("floor")?,
+                max_mean_kl,
+            };
+            (l, true)
+        } else {
+            let p = CodebookParams {
+                sqrt_step: num("sqrt_step")?,
+                tail_step: num("tail_step")?,
+                floor: num("floor")?,
+            };
+            (Self::fixed(p), false)
+        };
+        ladder
+            .validate()
+            .map_err(|e| Error::format(format!("codec_params: {}", e.message)))?;
+        Ok((ladder, rung_byte))
+    }
+}
+
 /// Index returned for values that are stored exactly.
 pub struct Codebook {
     pub params: CodebookParams,
@@ -190,6 +349,12 @@ impl Codebook {
     pub fn decoded_exp(&self, u: f32) -> Option<(f64, f64)> {
         let q = self.quantize(u) as usize;
         Some((f64::from(*self.levels.get(q)?), self.exp_levels[q]))
+    }
+
+    /// `exp(levels[n])` in float64.
+    #[inline]
+    pub fn exp_level(&self, n: usize) -> f64 {
+        self.exp_levels[n]
     }
 
     /// Largest decoding error |decoded − original| for any value that maps to level `n`.

@@ -86,14 +86,18 @@ impl IdTable {
     }
 }
 
-/// The compact codec's tables and k.
-fn parts(codec: &Codec) -> (&super::Codebook, &IdTable, usize) {
-    let cb = codec
-        .codebook
-        .as_ref()
-        .expect("compact codec has a codebook");
+/// The compact codec's id table and k.
+fn parts(codec: &Codec) -> (&IdTable, usize) {
     let table = codec.ids.as_ref().expect("compact codec has an id table");
-    (cb, table, codec.top_k)
+    (table, codec.top_k)
+}
+
+/// A row's kept mass (`Σ exp` of its log-probs) and its codec KL at the rung its record was
+/// encoded with, measured by the encoder.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RowCost {
+    pub mass: f64,
+    pub kl: f64,
 }
 
 #[derive(Default)]
@@ -109,12 +113,17 @@ pub(super) struct EncodeScratch {
     /// `stamp[id] >> 8 == gen` marks the current row's ids; the low 8 bits hold the column.
     stamp: Vec<u32>,
     gen: u32,
-    /// Input column of each entry of `cur`.
-    cols: Vec<u8>,
     new_ranks: Vec<u64>,
     /// The previous row in decoded order (ids) and the current one being built.
     prev: Vec<i32>,
     cur: Vec<i32>,
+    /// `exp` of every entry's log-prob (row-major, `k` per row; 0 past a row's entries).
+    exps: Vec<f64>,
+    /// Per row (stride `k`): the input column of each entry, in decoded order.
+    order: Vec<u8>,
+    /// Per row, its mass and KL at `rung` (the last rung measured).
+    pub(super) costs: Vec<RowCost>,
+    pub(super) rung: u8,
 }
 
 /// Small-number code of a codebook index: `L − q` (so the many tail levels are small numbers and
@@ -124,27 +133,94 @@ fn value_code(q: u32, esc: u32) -> u64 {
     u64::from(esc - q)
 }
 
-pub(super) fn encode_rows(
-    codec: &Codec,
-    raw: &mut Vec<u8>,
+/// Valid entries of a row: those before the first padding id.
+#[inline]
+fn valid(ids: &[i32]) -> usize {
+    ids.iter().position(|&x| x == -1).unwrap_or(ids.len())
+}
+
+/// Mean KL per row of every `stride`-th row of `rec` under codebook `cb` (the exps are in
+/// `s.exps`): a cheap estimate of the record's KL at that codebook.
+fn sample_kl(
+    cb: &super::Codebook,
     rec: &Record,
-    s: &mut EncodeScratch,
-) -> Result<()> {
-    let (cb, table, k) = parts(codec);
-    let esc = cb.escape();
+    k: usize,
+    s: &EncodeScratch,
+    stride: usize,
+) -> f64 {
+    let (mut sum, mut rows) = (0.0, 0usize);
+    for r in (0..rec.n_supervised()).step_by(stride) {
+        let n = valid(&rec.topk_ids[r * k..(r + 1) * k]);
+        let mut acc = RowKl::default();
+        for (&a, &ea) in rec.topk_logprobs[r * k..r * k + n]
+            .iter()
+            .zip(&s.exps[r * k..r * k + n])
+        {
+            if a != f32::NEG_INFINITY {
+                acc.push(cb, a, ea);
+            }
+        }
+        sum += acc.kl();
+        rows += 1;
+    }
+    if rows == 0 {
+        0.0
+    } else {
+        sum / rows as f64
+    }
+}
+
+/// The codebook rung to try first (docs/FORMAT.md §5.1): rung 0 of a fixed ladder; with a
+/// budget, the coarsest rung predicted to meet it. The prediction measures about 64 rows
+/// (every `stride`-th) at the start rung and at the rung the `KL ∝ step²` law points to, then
+/// interpolates `log KL` linearly in the rung between the two (how fast the KL grows along the
+/// ladder depends on the rows: the log-space tail and the top entry do not follow the law).
+fn predict_rung(codec: &Codec, rec: &Record, s: &EncodeScratch) -> Result<usize> {
+    let ladder = codec.ladder.as_ref().expect("compact codec has a ladder");
+    let Some(budget) = ladder.max_mean_kl else {
+        return Ok(0);
+    };
+    let (k, last) = (codec.top_k, ladder.rungs() - 1);
+    let stride = (rec.n_supervised() / 64).max(1);
+    let clamp = |j: f64| j.floor().clamp(0.0, last as f64) as usize;
+    let j0 = ladder.start_rung();
+    let kl0 = sample_kl(codec.codebook(j0)?, rec, k, s, stride);
+    if kl0 <= 0.0 {
+        return Ok(last);
+    }
+    // KL ∝ step² and the step grows 2^(1/8) per rung: 4 rungs per doubling of the KL
+    let j1 = clamp(j0 as f64 + 4.0 * (budget / kl0).log2());
+    if j1 == j0 {
+        return Ok(j0);
+    }
+    let kl1 = sample_kl(codec.codebook(j1)?, rec, k, s, stride);
+    if kl1 <= 0.0 {
+        return Ok(j1);
+    }
+    let per_rung = (kl1 / kl0).log2() / (j1 as f64 - j0 as f64);
+    if per_rung.is_nan() || per_rung <= 0.0 {
+        return Ok(j1.min(j0));
+    }
+    Ok(clamp(j1 as f64 + (budget / kl1).log2() / per_rung))
+}
+
+/// The ids of every row (rung-independent): `nvalid`, `row_flags`, `share_mask`, the rank
+/// numbers and `label_rank`; `s.order` keeps, per row (stride `k`), the input column of each
+/// entry in decoded order, which the values pass follows. Returns whether every row is full.
+fn ids_pass(codec: &Codec, rec: &Record, s: &mut EncodeScratch) -> bool {
+    let (table, k) = parts(codec);
     for v in [
         &mut s.nvalid,
         &mut s.row_flags,
         &mut s.share_mask,
         &mut s.label_rank,
-        &mut s.exact_values,
     ] {
         v.clear();
     }
     s.rank.clear();
-    s.value.clear();
-    s.label_value.clear();
     s.prev.clear();
+    s.order.clear();
+    s.order.resize(rec.topk_ids.len(), 0);
     if s.stamp.len() < codec.vocab_size {
         s.stamp = vec![0; codec.vocab_size];
         s.gen = 0;
@@ -153,8 +229,7 @@ pub(super) fn encode_rows(
     let mut row_labels = supervised_labels(&rec.labels);
     for r in 0..rec.n_supervised() {
         let ids = &rec.topk_ids[r * k..(r + 1) * k];
-        let lps = &rec.topk_logprobs[r * k..(r + 1) * k];
-        let n = ids.iter().position(|&x| x == -1).unwrap_or(k);
+        let n = valid(ids);
         full &= n == k;
         put_varint(&mut s.nvalid, n as u64);
         // `stamp[id] = gen << 8 | column` marks the current row's ids (one random access per id;
@@ -175,10 +250,12 @@ pub(super) fn encode_rows(
         // Decoded order: the label (if present), the shared ids in the previous row's order,
         // then the new ids by rank; `cols` keeps each placed entry's input column.
         s.cur.clear();
-        s.cols.clear();
+        let cols = &mut s.order[r * k..(r + 1) * k];
+        let mut placed = 0usize;
         if label_in {
             s.cur.push(label);
-            s.cols.push(label_st as u8);
+            cols[0] = label_st as u8;
+            placed = 1;
             s.stamp[label as usize] = (gen - 1) << 8;
         }
         let mut byte = 0u8;
@@ -187,7 +264,8 @@ pub(super) fn encode_rows(
             if st >> 8 == gen {
                 byte |= 1 << (j % 8);
                 s.cur.push(id);
-                s.cols.push(st as u8);
+                cols[placed] = st as u8;
+                placed += 1;
                 s.stamp[id as usize] = (gen - 1) << 8;
             }
             if j % 8 == 7 || j + 1 == s.prev.len() {
@@ -209,11 +287,36 @@ pub(super) fn encode_rows(
             s.rank.put(if i == 0 { rank } else { rank - prev_rank - 1 });
             prev_rank = rank;
             s.cur.push(ids[j]);
-            s.cols.push(j as u8);
+            cols[placed] = j as u8;
+            placed += 1;
         }
+        put_varint(&mut s.label_rank, rec.label_ranks[r] as u64);
+        std::mem::swap(&mut s.prev, &mut s.cur);
+    }
+    s.rank.finish();
+    full
+}
+
+/// The values of every row with codebook `cb`, in decoded order (`s.order`): the label's index,
+/// then the other entries' codes, escaped values stored exactly; each row's kept mass and KL
+/// measured on the way into `s.costs`. Returns the mean KL per row (0 without rows).
+fn values_pass(cb: &super::Codebook, rec: &Record, k: usize, s: &mut EncodeScratch) -> f64 {
+    let esc = cb.escape();
+    s.value.clear();
+    s.label_value.clear();
+    s.exact_values.clear();
+    s.costs.clear();
+    let mut sum = 0.0;
+    for r in 0..rec.n_supervised() {
+        let lps = &rec.topk_logprobs[r * k..(r + 1) * k];
+        let exps = &s.exps[r * k..(r + 1) * k];
+        let order = &s.order[r * k..(r + 1) * k];
+        let n = valid(&rec.topk_ids[r * k..(r + 1) * k]);
+        let label_in = s.row_flags[r] == 1;
+        let mut acc = RowKl::default();
         // the label's value (index q: small for likely labels), then the other entries' (L - q)
         let label_lp = if label_in {
-            lps[usize::from(s.cols[0])]
+            lps[usize::from(order[0])]
         } else {
             rec.label_logprobs[r]
         };
@@ -222,20 +325,74 @@ pub(super) fn encode_rows(
         if q == esc {
             s.exact_values.extend_from_slice(&label_lp.to_le_bytes());
         }
-        for &j in &s.cols[usize::from(label_in)..] {
+        if label_in {
+            acc.push_index(cb, q, label_lp, exps[usize::from(order[0])]);
+        }
+        for &j in &order[usize::from(label_in)..n] {
             let lp = lps[usize::from(j)];
             let q = cb.quantize(lp);
             s.value.put(value_code(q, esc));
             if q == esc {
                 s.exact_values.extend_from_slice(&lp.to_le_bytes());
             }
+            acc.push_index(cb, q, lp, exps[usize::from(j)]);
         }
-        put_varint(&mut s.label_rank, rec.label_ranks[r] as u64);
-        std::mem::swap(&mut s.prev, &mut s.cur);
+        let kl = acc.kl();
+        sum += kl;
+        s.costs.push(RowCost { mass: acc.mass, kl });
     }
-    s.rank.finish();
     s.value.finish();
     s.label_value.finish();
+    if s.costs.is_empty() {
+        0.0
+    } else {
+        sum / s.costs.len() as f64
+    }
+}
+
+pub(super) fn encode_rows(
+    codec: &Codec,
+    raw: &mut Vec<u8>,
+    rec: &Record,
+    s: &mut EncodeScratch,
+) -> Result<()> {
+    let k = codec.top_k;
+    // one exp per entry: the kept mass and the codec's KL
+    s.exps.clear();
+    s.exps.resize(rec.topk_logprobs.len(), 0.0);
+    for (r, ids) in rec.topk_ids.chunks_exact(k).enumerate() {
+        let n = valid(ids);
+        for (e, &a) in s.exps[r * k..r * k + n]
+            .iter_mut()
+            .zip(&rec.topk_logprobs[r * k..r * k + n])
+        {
+            *e = f64::from(a).exp();
+        }
+    }
+    let full = ids_pass(codec, rec, s);
+    // the values at the predicted rung; one rung finer at a time while over the budget
+    let budget = codec.ladder.as_ref().and_then(|l| l.max_mean_kl);
+    let mut rung = predict_rung(codec, rec, s)?;
+    loop {
+        let kl = values_pass(codec.codebook(rung)?, rec, k, s);
+        match budget {
+            Some(b) if kl > b => {
+                if rung == 0 {
+                    let finest = codec.ladder.as_ref().map_or(0.0, |l| l.sqrt_steps[0]);
+                    return Err(Error::input(format!(
+                        "record {}: the finest compact codebook (sqrt_step {finest:.3e}) still costs a mean KL of {kl:.3e} nats per row, above max_mean_kl = {b:.3e}; give a larger max_mean_kl, or codec=\"exact\" to store log-probs bit for bit",
+                        rec.key
+                    )));
+                }
+                rung -= 1;
+            }
+            _ => break,
+        }
+    }
+    s.rung = rung as u8;
+    if codec.rung_byte {
+        raw.push(s.rung);
+    }
     raw.push(u8::from(full));
     put_stream(raw, if full { &[] } else { &s.nvalid });
     for stream in [
@@ -276,6 +433,16 @@ impl RowKl {
         }
     }
 
+    /// Add one entry whose codebook index `q` the caller has (the escape index: exact).
+    #[inline]
+    pub fn push_index(&mut self, cb: &super::Codebook, q: u32, a: f32, ea: f64) {
+        self.mass += ea;
+        if let Some(&b) = cb.levels.get(q as usize) {
+            self.cross += ea * (f64::from(a) - f64::from(b));
+            self.diff += cb.exp_level(q as usize) - ea;
+        }
+    }
+
     /// `KL = Σ p̂·(a − b) + ln(1 + D/Z)` with `D = Σ (e^b − e^a)`: the ratio of the decoded to
     /// the exact normaliser, as `ln_1p` of the small difference (no cancellation); 0 for a row
     /// without mass.
@@ -308,7 +475,12 @@ pub(super) fn decode_rows<S: RowSink>(
     rows: usize,
     sink: &mut S,
 ) -> Result<()> {
-    let (cb, table, k) = parts(codec);
+    let (table, k) = parts(codec);
+    let cb = if codec.rung_byte {
+        codec.codebook(usize::from(c.take(1, "the codebook rung")?[0]))?
+    } else {
+        codec.codebook(0)?
+    };
     let esc = u64::from(cb.escape());
     let full = match c.take(1, "the row flags")?[0] {
         0 => false,

@@ -15,7 +15,7 @@ use std::cell::RefCell;
 use crate::error::{Error, Result};
 use crate::record::{Key, Record, IGNORE_INDEX};
 use bytes::{put_planes_u32, put_varint, Cursor};
-pub use codebook::{Codebook, CodebookParams};
+pub use codebook::{Codebook, CodebookParams, LadderParams, DEFAULT_MAX_MEAN_KL};
 pub use compact::IdTable;
 
 /// Which codec a cache uses.
@@ -49,8 +49,13 @@ pub struct Codec {
     pub top_k: usize,
     pub vocab_size: usize,
     pub zstd_level: i32,
-    /// Compact only.
-    pub codebook: Option<Codebook>,
+    /// Compact only: the codebook parameters, one rung per codebook (docs/FORMAT.md §5.1).
+    pub ladder: Option<LadderParams>,
+    /// Compact only: the codebook of each rung this codec holds (a writer: every rung; a shard
+    /// reader: the rungs its shard stores).
+    pub codebooks: Vec<Option<Codebook>>,
+    /// Compact only: whether a frame's rows section starts with its rung (format version 3).
+    pub rung_byte: bool,
     /// Compact only.
     pub ids: Option<IdTable>,
 }
@@ -72,6 +77,14 @@ thread_local! {
 pub struct DecodeScratch {
     dctx: Option<zstd::bulk::Decompressor<'static>>,
     raw: Vec<u8>,
+}
+
+impl EncodeScratch {
+    /// After a compact [`Codec::encode`]: the rung the record was encoded with, and each row's
+    /// kept mass and codec KL at that rung.
+    pub fn compact_costs(&self) -> (u8, &[compact::RowCost]) {
+        (self.compact.rung, &self.compact.costs)
+    }
 }
 
 impl DecodeScratch {
@@ -137,16 +150,22 @@ impl Codec {
             top_k,
             vocab_size,
             zstd_level,
-            codebook: None,
+            ladder: None,
+            codebooks: Vec::new(),
+            rung_byte: false,
             ids: None,
         }
     }
 
+    /// A compact codec holding the codebooks `codebooks[j]` of the ladder's rungs (`None` for
+    /// rungs it cannot decode); `rung_byte` as in [`Codec::rung_byte`].
     pub fn compact(
         top_k: usize,
         vocab_size: usize,
         zstd_level: i32,
-        codebook: Codebook,
+        ladder: LadderParams,
+        codebooks: Vec<Option<Codebook>>,
+        rung_byte: bool,
         ids: IdTable,
     ) -> Self {
         Self {
@@ -154,9 +173,39 @@ impl Codec {
             top_k,
             vocab_size,
             zstd_level,
-            codebook: Some(codebook),
+            ladder: Some(ladder),
+            codebooks,
+            rung_byte,
             ids: Some(ids),
         }
+    }
+
+    /// A writer's compact codec: every rung of `ladder` built.
+    pub fn compact_writer(
+        top_k: usize,
+        vocab_size: usize,
+        zstd_level: i32,
+        ladder: LadderParams,
+        ids: IdTable,
+    ) -> Result<Self> {
+        let codebooks = (0..ladder.rungs())
+            .map(|j| Codebook::new(ladder.rung(j)).map(Some))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self::compact(
+            top_k, vocab_size, zstd_level, ladder, codebooks, true, ids,
+        ))
+    }
+
+    /// The codebook of rung `rung` (an error naming the rung when this codec does not hold it).
+    pub fn codebook(&self, rung: usize) -> Result<&Codebook> {
+        self.codebooks
+            .get(rung)
+            .and_then(Option::as_ref)
+            .ok_or_else(|| {
+                Error::corrupt(format!(
+                    "a record uses codebook rung {rung}, which its shard does not store"
+                ))
+            })
     }
 
     /// Encode a validated record into one zstd frame.
