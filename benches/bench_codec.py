@@ -9,8 +9,13 @@ on three families of teacher data (:mod:`target_sft.testing.families`):
 
 Stores, measured per family in the same run on the same records:
 
-* ``exact`` and ``compact``: this project's cache (``CacheWriter`` / ``TeacherCache``), today's
-  fixed parameters;
+* ``exact`` and ``compact``: this project's cache (``CacheWriter`` / ``TeacherCache``);
+  ``compact`` with its default fidelity budget (``max_mean_kl=1e-4``: every record's mean codec
+  KL per row within it, docs/FORMAT.md §5.1);
+* ``compact-fixed``: the compact codec with the fixed parameters it had before the budget
+  (``sqrt_step`` 2.5e-3, ``tail_step`` 2.5: format version 2's default), and
+  ``compact@fixed-KL``: the budget set to the mean KL ``compact-fixed`` reached on the same
+  records, so the two compare at equal KL;
 * ``fp16+zstd``: the common practice: each record's arrays (ids, tokens, labels, ranks as int32,
   log-probs as float16) concatenated and compressed as one zstd frame (level ``--zstd-level``, 3 by
   default, the cache writer's default too) with an offsets table; decode = decompress, view, and
@@ -47,7 +52,8 @@ from target_sft.testing.families import FAMILIES, family_stats, load_family
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "benches" / ".data"
-STORES = ("numpy-memmap", "fp16+zstd", "exact", "compact")
+STORES = ("numpy-memmap", "fp16+zstd", "exact", "compact-fixed", "compact@fixed-KL", "compact")
+FIXED = {"max_mean_kl": None, "compact_sqrt_step": 2.5e-3, "compact_tail_step": 2.5}
 
 
 def _sort_rows(ids: np.ndarray, lps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -74,10 +80,12 @@ def kl_rows(orig_ids, orig_lps, dec_ids, dec_lps) -> np.ndarray:
     return terms.sum(axis=1)
 
 
-def write_cache(path: Path, recs, vocab: int, codec: str, threads: int) -> tuple[float, float]:
+def write_cache(
+    path: Path, recs, vocab: int, codec: str, threads: int, **kw
+) -> tuple[float, float]:
     t0, c0 = time.perf_counter(), time.process_time()
     with CacheWriter(
-        path, top_k=recs[0].topk_ids.shape[1], vocab_size=vocab, codec=codec, threads=threads
+        path, top_k=recs[0].topk_ids.shape[1], vocab_size=vocab, codec=codec, threads=threads, **kw
     ) as w:
         for r in recs:
             w.add(
@@ -204,12 +212,18 @@ def bench_family(fam, args, ref, tmp: Path) -> dict:
         "decode_tok_s_per_core": sup / dec_s,
     }
 
-    for codec in ("exact", "compact"):
-        path = tmp / codec
+    for store in STORES[2:]:
+        codec = "exact" if store == "exact" else "compact"
+        kw: dict = {}
+        if store == "compact-fixed":
+            kw = FIXED
+        elif store == "compact@fixed-KL":
+            kw = {"max_mean_kl": res["compact-fixed"]["kl_mean"]}
+        path = tmp / store
         runs = []
         for _ in range(args.repeats):
             shutil.rmtree(path, ignore_errors=True)
-            runs.append(write_cache(path, recs, vocab, codec, threads=1))
+            runs.append(write_cache(path, recs, vocab, codec, threads=1, **kw))
         wall, cpu = min(runs, key=lambda x: x[1])
         cache = TeacherCache(path)
         n = len(cache)
@@ -231,7 +245,7 @@ def bench_family(fam, args, ref, tmp: Path) -> dict:
         for i in range(min(args.ref_records, len(shards[0]))):
             ref_sup += shards[0].record(i)["label_logprobs"].size
         ref_s = time.perf_counter() - t0
-        res[codec] = {
+        res[store] = {
             "bytes_per_token": cache.info.bytes / sup,
             "kl_mean": float(kl.mean()),
             "kl_p99": float(np.quantile(kl, 0.99)),
@@ -249,7 +263,7 @@ def bench_family(fam, args, ref, tmp: Path) -> dict:
 def print_family(name: str, res: dict) -> None:
     mm, fz = res["numpy-memmap"], res["fp16+zstd"]
     print(
-        f"\n[{name}]\n{'store':<14}{'bytes/tok':>10}{'mean KL':>10}{'p99 KL':>9}{'max KL':>9}"
+        f"\n[{name}]\n{'store':<18}{'bytes/tok':>10}{'mean KL':>10}{'p99 KL':>9}{'max KL':>9}"
         f"{'enc tok/s/core':>16}{'dec tok/s/core':>16}{'bytes vs fp16+zstd':>20}"
         f"{'dec vs memmap':>15}{'dec vs py-ref':>15}"
     )
@@ -260,7 +274,7 @@ def print_family(name: str, res: dict) -> None:
         refv = r.get("python_ref_decode_tok_s")
         ref_s = f"{r['decode_tok_s_per_core'] / refv:,.1f}x" if refv else "-"
         print(
-            f"{store:<14}{r['bytes_per_token']:>10.1f}{r['kl_mean']:>10.2e}{r['kl_p99']:>9.1e}"
+            f"{store:<18}{r['bytes_per_token']:>10.1f}{r['kl_mean']:>10.2e}{r['kl_p99']:>9.1e}"
             f"{r['kl_max']:>9.1e}{enc_s:>16}"
             f"{r['decode_tok_s_per_core']:>16,.0f}"
             f"{r['bytes_per_token'] / fz['bytes_per_token']:>19.2f}x"
@@ -338,6 +352,12 @@ def main() -> None:
     print("\nsummary (compact vs fp16+zstd, same records):")
     for name, fr in results["families"].items():
         c, f = fr["stores"]["compact"], fr["stores"]["fp16+zstd"]
+        x, e = fr["stores"]["compact-fixed"], fr["stores"]["compact@fixed-KL"]
+        print(
+            f"  {name:<10} at the fixed codec's KL {x['kl_mean']:.2e}: budget "
+            f"{e['bytes_per_token']:.1f} B/tok (KL {e['kl_mean']:.2e}) vs fixed "
+            f"{x['bytes_per_token']:.1f} B/tok ({e['bytes_per_token'] / x['bytes_per_token']:.3f}x)"
+        )
         print(
             f"  {name:<10} median top-1 {fr['shape']['median_top1_p']:.3f}, top-64 mass "
             f"{fr['shape']['mean_topk_mass']:.3f}: compact {c['bytes_per_token']:.1f} B/tok at "

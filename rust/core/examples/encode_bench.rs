@@ -1,6 +1,6 @@
 //! Encode every record of a cache with the compact codec on one thread, several times, and
 //! report supervised tokens/s (codec only: no validation, no I/O).
-//! Usage: cargo run --release -p target-sft-core --example encode_bench -- CACHE [REPEATS] [MAX_MEAN_KL]
+//! Usage: cargo run --release -p target-sft-core --example encode_bench -- CACHE [REPEATS] [MAX_MEAN_KL] [ZSTD_LEVEL]
 use std::time::Instant;
 
 use target_sft_core::codec::{Codec, EncodeScratch, IdTable, LadderParams};
@@ -18,14 +18,14 @@ fn main() {
         .filter(|&&x| x >= 0)
         .for_each(|&x| counts[x as usize] += 1);
     let budget: f64 = a.get(3).map_or(1e-4, |s| s.parse().unwrap());
+    let level: i32 = a.get(4).map_or(3, |s| s.parse().unwrap());
     let codec = Codec::compact_writer(
         k,
         v,
-        3,
+        level,
         LadderParams::budget(budget, -48.0),
         IdTable::from_counts(&counts, 8192),
-    )
-    .unwrap();
+    );
     let mut scratch = EncodeScratch::default();
     let sup: usize = recs.iter().map(Record::n_supervised).sum();
     let t0 = Instant::now();

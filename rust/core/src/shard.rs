@@ -52,8 +52,8 @@ pub struct EncodedRecord {
     pub n_supervised: u64,
     pub token_hash: u64,
     pub frame: Vec<u8>,
-    /// The codebook rung of a compact frame with a rung byte (docs/FORMAT.md §5.1).
-    pub rung: Option<u8>,
+    /// The codebook rungs of a compact frame with rung bytes (docs/FORMAT.md §5.1).
+    pub rungs: Option<[u8; 2]>,
 }
 
 impl EncodedRecord {
@@ -66,7 +66,7 @@ impl EncodedRecord {
             n_supervised: rec.n_supervised() as u64,
             token_hash: hash::token_hash(&rec.input_ids),
             frame,
-            rung: None,
+            rungs: None,
         }
     }
 }
@@ -139,7 +139,7 @@ impl ShardBuilder {
         self.key_offsets.push(self.key_bytes.len() as u64);
         self.tokens += r.n_tokens;
         self.supervised += r.n_supervised;
-        self.rungs.extend(r.rung);
+        self.rungs.extend(r.rungs.into_iter().flatten());
     }
 
     /// Write the shard to `dir/file` atomically and describe it for the manifest.
@@ -969,7 +969,7 @@ mod tests {
                 n_supervised: 1,
                 token_hash: i as u64,
                 frame: vec![i as u8; 16],
-                rung: None,
+                rungs: None,
             });
         }
         b.commit(&dir, "s.safetensors", &Codec::exact(4, 100, 1))

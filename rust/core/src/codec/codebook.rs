@@ -52,23 +52,31 @@ impl CodebookParams {
 /// Mean codec KL per record that a writer keeps below by default (nats; docs/FORMAT.md §5.1).
 pub const DEFAULT_MAX_MEAN_KL: f64 = 1e-4;
 
-/// `2^(i/8)` for `i = 0..8`, as float64 literals (so every machine builds the same ladder).
-const EIGHTH_OCTAVES: [f64; 8] = [
+/// `2^(i/16)` for `i = 0..16`, as float64 literals (so every machine builds the same ladder).
+const SIXTEENTHS: [f64; 16] = [
     1.0,
+    1.0442737824274138,
     1.0905077326652577,
+    1.1387886347566916,
     1.189207115002721,
+    1.241857812073484,
     1.2968395546510096,
+    1.3542555469368927,
     std::f64::consts::SQRT_2,
+    1.4768261459394993,
     1.5422108254079407,
+    1.6104903319492543,
     1.681792830507429,
+    1.7562521603732995,
     1.8340080864093424,
+    1.9152065613971474,
 ];
 
-/// Rungs of the budget ladder: `sqrt_step = 1e-4 · 2^(j/8)`, `j = 0..64`.
-pub const BUDGET_RUNGS: usize = 64;
-/// The budget ladder's rung closest to the fixed default (`sqrt_step` 2.5e-3): where a writer
-/// first measures a record's KL.
-const START_RUNG: usize = 37;
+/// Rungs of the budget ladder: `sqrt_step = 2.5e-3 · 2^((j − 74)/16)`, `j = 0..128`.
+pub const BUDGET_RUNGS: usize = 128;
+/// The budget ladder's rung whose codebook is format version 2's fixed default (`sqrt_step`
+/// 2.5e-3, `tail_step` 2.5), where a writer first measures a record's KL.
+const START_RUNG: usize = 74;
 
 /// The compact codec's codebooks, one per *rung* (docs/FORMAT.md §5.1): rung `j` is the codebook
 /// of `(sqrt_steps[j], tail_steps[j], floor)`. With a budget (`max_mean_kl`) the writer encodes
@@ -83,12 +91,16 @@ pub struct LadderParams {
 }
 
 impl LadderParams {
-    /// The budget ladder: `sqrt_step = 1e-4 · 2^(j/8)` and `tail_step = min(1000 · sqrt_step,
-    /// 8)` (the fixed default's ratio), `j = 0..64`, so each rung costs about 2^(1/4) times the
-    /// KL of the one below.
+    /// The budget ladder: `sqrt_step = 2.5e-3 · 2^((j − 74)/16)` (1.01e-4 to 2.42e-2) and
+    /// `tail_step = min(1000 · sqrt_step, 8)`, `j = 0..128`: rung 74 is the fixed default of
+    /// format version 2, and each rung costs about 2^(1/8) times the KL of the one below.
     pub fn budget(max_mean_kl: f64, floor: f64) -> Self {
         let sqrt_steps: Vec<f64> = (0..BUDGET_RUNGS)
-            .map(|j| 1e-4 * EIGHTH_OCTAVES[j % 8] * f64::from(1u32 << (j / 8)))
+            .map(|j| {
+                // 2^((j − 74)/16) = c[(j − 74) mod 16] · 2^((j − 74) div 16), both exact
+                let e = j as i32 - START_RUNG as i32;
+                2.5e-3 * SIXTEENTHS[e.rem_euclid(16) as usize] * 2f64.powi(e.div_euclid(16))
+            })
             .collect();
         let tail_steps = sqrt_steps.iter().map(|h| (1000.0 * h).min(8.0)).collect();
         Self {
@@ -376,6 +388,35 @@ impl Codebook {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_rung_of_the_budget_ladder_builds_and_rungs_grow() {
+        for floor in [-1.0, -48.0, -200.0] {
+            let l = LadderParams::budget(1e-4, floor);
+            l.validate().unwrap();
+            assert_eq!(l.rungs(), BUDGET_RUNGS);
+            for j in 0..l.rungs() {
+                let cb = Codebook::new(l.rung(j)).unwrap();
+                assert_eq!(cb.levels[0], 0.0);
+            }
+            for w in l.sqrt_steps.windows(2) {
+                assert!((w[1] / w[0] - 2f64.powf(1.0 / 16.0)).abs() < 1e-12);
+            }
+            // the start rung is format version 2's default codebook, exactly
+            assert_eq!(
+                l.rung(l.start_rung()),
+                CodebookParams {
+                    floor,
+                    ..Default::default()
+                }
+            );
+            assert_eq!(l.sqrt_steps[START_RUNG + 16], 5e-3);
+        }
+        let (back, rung_byte) =
+            LadderParams::from_json(&LadderParams::budget(3e-5, -48.0).to_json(3)).unwrap();
+        assert!(rung_byte);
+        assert_eq!(back, LadderParams::budget(3e-5, -48.0));
+    }
 
     #[test]
     fn quantize_matches_nearest_level() {

@@ -11,6 +11,7 @@ pub mod compact;
 pub mod exact;
 
 use std::cell::RefCell;
+use std::sync::OnceLock;
 
 use crate::error::{Error, Result};
 use crate::record::{Key, Record, IGNORE_INDEX};
@@ -51,9 +52,11 @@ pub struct Codec {
     pub zstd_level: i32,
     /// Compact only: the codebook parameters, one rung per codebook (docs/FORMAT.md §5.1).
     pub ladder: Option<LadderParams>,
-    /// Compact only: the codebook of each rung this codec holds (a writer: every rung; a shard
-    /// reader: the rungs its shard stores).
-    pub codebooks: Vec<Option<Codebook>>,
+    /// Compact only: the codebook of each rung this codec holds (a shard reader: the rungs its
+    /// shard stores; a writer: each rung, built when first used).
+    pub codebooks: Vec<OnceLock<Codebook>>,
+    /// Whether a missing rung is built from the ladder (a writer) or absent (a shard reader).
+    build_rungs: bool,
     /// Compact only: whether a frame's rows section starts with its rung (format version 3).
     pub rung_byte: bool,
     /// Compact only.
@@ -80,10 +83,10 @@ pub struct DecodeScratch {
 }
 
 impl EncodeScratch {
-    /// After a compact [`Codec::encode`]: the rung the record was encoded with, and each row's
-    /// kept mass and codec KL at that rung.
-    pub fn compact_costs(&self) -> (u8, &[compact::RowCost]) {
-        (self.compact.rung, &self.compact.costs)
+    /// After a compact [`Codec::encode`]: the rungs the record was encoded with, and each row's
+    /// kept mass and codec KL as encoded.
+    pub fn compact_costs(&self) -> (compact::Rungs, &[compact::RowCost]) {
+        (self.compact.rungs, &self.compact.costs)
     }
 }
 
@@ -152,6 +155,7 @@ impl Codec {
             zstd_level,
             ladder: None,
             codebooks: Vec::new(),
+            build_rungs: false,
             rung_byte: false,
             ids: None,
         }
@@ -168,6 +172,16 @@ impl Codec {
         rung_byte: bool,
         ids: IdTable,
     ) -> Self {
+        let codebooks = codebooks
+            .into_iter()
+            .map(|c| {
+                let cell = OnceLock::new();
+                if let Some(c) = c {
+                    let _ = cell.set(c);
+                }
+                cell
+            })
+            .collect();
         Self {
             kind: CodecKind::Compact,
             top_k,
@@ -175,37 +189,57 @@ impl Codec {
             zstd_level,
             ladder: Some(ladder),
             codebooks,
+            build_rungs: false,
             rung_byte,
             ids: Some(ids),
         }
     }
 
-    /// A writer's compact codec: every rung of `ladder` built.
+    /// A writer's compact codec: every rung of `ladder` (each codebook built when first used;
+    /// the ladder must be valid: [`LadderParams::validate`] and every rung's codebook buildable).
     pub fn compact_writer(
         top_k: usize,
         vocab_size: usize,
         zstd_level: i32,
         ladder: LadderParams,
         ids: IdTable,
-    ) -> Result<Self> {
-        let codebooks = (0..ladder.rungs())
-            .map(|j| Codebook::new(ladder.rung(j)).map(Some))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Self::compact(
-            top_k, vocab_size, zstd_level, ladder, codebooks, true, ids,
-        ))
+    ) -> Self {
+        let rungs = ladder.rungs();
+        let mut c = Self::compact(
+            top_k,
+            vocab_size,
+            zstd_level,
+            ladder,
+            (0..rungs).map(|_| None).collect(),
+            true,
+            ids,
+        );
+        c.build_rungs = true;
+        c
+    }
+
+    /// Whether this codec holds (or, a writer, can build) the codebook of `rung`.
+    pub fn has_rung(&self, rung: usize) -> bool {
+        self.codebooks
+            .get(rung)
+            .is_some_and(|c| self.build_rungs || c.get().is_some())
     }
 
     /// The codebook of rung `rung` (an error naming the rung when this codec does not hold it).
     pub fn codebook(&self, rung: usize) -> Result<&Codebook> {
-        self.codebooks
-            .get(rung)
-            .and_then(Option::as_ref)
-            .ok_or_else(|| {
-                Error::corrupt(format!(
-                    "a record uses codebook rung {rung}, which its shard does not store"
-                ))
-            })
+        let missing = || {
+            Error::corrupt(format!(
+                "a record uses codebook rung {rung}, which its shard does not store"
+            ))
+        };
+        let cell = self.codebooks.get(rung).ok_or_else(missing)?;
+        match (cell.get(), self.build_rungs, &self.ladder) {
+            (Some(cb), _, _) => Ok(cb),
+            (None, true, Some(ladder)) => Ok(cell.get_or_init(|| {
+                Codebook::new(ladder.rung(rung)).expect("a writer's ladder is validated")
+            })),
+            _ => Err(missing()),
+        }
     }
 
     /// Encode a validated record into one zstd frame.
