@@ -543,11 +543,20 @@ class RefShard:
             self.rung_byte = "sqrt_steps" in self.codec_params
             cb = t["codebook"]
             if self.rung_byte:
+                # §2: a JSON list of [rung, levels] pairs of integers
                 try:
                     listed = json.loads(meta["codebook_rungs"])
-                    pairs = [(int(j), int(n)) for j, n in listed]
-                except (KeyError, ValueError, TypeError) as e:
+                except (KeyError, ValueError) as e:
                     raise RefFormatError(f"{self.name}: bad codebook_rungs: {e}") from e
+                if not isinstance(listed, list) or not all(
+                    isinstance(pair, list) and len(pair) == 2 and all(type(x) is int for x in pair)
+                    for pair in listed
+                ):
+                    raise RefFormatError(
+                        f"{self.name}: codebook_rungs {meta['codebook_rungs']!r} is not a list "
+                        "of [rung, levels] pairs of integers"
+                    )
+                pairs = [(j, n) for j, n in listed]
                 rungs = len(self.codec_params["sqrt_steps"])
                 self.codebooks: dict[int, np.ndarray] = {}
                 at = 0
