@@ -713,13 +713,19 @@ def decode_compact_rows(
 ) -> dict[str, np.ndarray]:
     """Compact rows (§5.3), following the document's pseudo-code. ``row_labels[r]`` is the label
     of row ``r`` (``labels[t]`` at the row's position, from the tokens section); ``codebooks``
-    the shard's tables by rung, ``rung_byte`` whether the section starts with its rung (§5.1)."""
+    the shard's tables by rung, ``rung_byte`` whether the section starts with its rungs and
+    split (§5.1, §5.3: rows ``r < split`` use rung ``a``, the others rung ``b``)."""
     s_len = len(row_labels)
-    rung = cur.u8() if rung_byte else 0
-    if rung not in codebooks:
-        raise cur.fail(f"codebook rung {rung} is not stored in the shard")
-    levels = codebooks[rung]
-    n_levels = len(levels)
+    if rung_byte:
+        rung_a, rung_b, split = cur.u8(), cur.u8(), cur.varint()
+        if split > s_len:
+            raise cur.fail(f"rung split {split} > S = {s_len}")
+    else:
+        rung_a = rung_b = 0
+        split = s_len
+    for rung in (rung_a, rung_b):
+        if rung not in codebooks:
+            raise cur.fail(f"codebook rung {rung} is not stored in the shard")
     m = len(id_table)
     flags = cur.u8()
     if flags & ~1:
@@ -789,7 +795,11 @@ def decode_compact_rows(
             raise cur.fail(f"{where}: label {label} among the ids but row_flags is 0")
         ids[r, :n] = row
 
-        # values: the label's (which is also its entry's), then each remaining entry's.
+        # values, with the row's codebook: the label's (which is also its entry's), then each
+        # remaining entry's.
+        levels = codebooks[rung_a if r < split else rung_b]
+        n_levels = len(levels)
+
         def value_of(q: int, where: str = where) -> np.float32:
             if q < n_levels:
                 return levels[q]

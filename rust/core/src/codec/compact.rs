@@ -135,6 +135,8 @@ pub(super) struct EncodeScratch {
     exps: Vec<f64>,
     /// Per row (stride `k`): the input column of each entry, in decoded order.
     order: Vec<u8>,
+    /// The codebook index of each entry of the row being coded, by input column.
+    qs: Vec<u32>,
     /// Per row, its mass and KL at `rung` (the last rung measured).
     pub(super) costs: Vec<RowCost>,
     pub(super) rungs: Rungs,
@@ -364,6 +366,7 @@ fn values_pass(
     s.label_value.clear();
     s.exact_values.clear();
     s.costs.clear();
+    s.qs.resize(k, 0);
     let mut sum = 0.0;
     for r in 0..rec.n_supervised() {
         let cb = if r < split { cbs.0 } else { cbs.1 };
@@ -386,7 +389,7 @@ fn values_pass(
             s.exact_values.extend_from_slice(&label_lp.to_le_bytes());
         }
         if label_in {
-            acc.push_index(cb, q, label_lp, exps[usize::from(order[0])]);
+            s.qs[usize::from(order[0])] = q;
         }
         for &j in &order[usize::from(label_in)..n] {
             let lp = lps[usize::from(j)];
@@ -395,7 +398,12 @@ fn values_pass(
             if q == esc {
                 s.exact_values.extend_from_slice(&lp.to_le_bytes());
             }
-            acc.push_index(cb, q, lp, exps[usize::from(j)]);
+            s.qs[usize::from(j)] = q;
+        }
+        // the row's KL summed in column order, as `kl_pass` does (the decoded order depends on
+        // the id table, and float sums on their order)
+        for ((&a, &ea), &q) in lps[..n].iter().zip(&exps[..n]).zip(&s.qs[..n]) {
+            acc.push_index(cb, q, a, ea);
         }
         let kl = acc.kl();
         sum += kl;
