@@ -800,7 +800,9 @@ def decode_compact_rows(
         levels = codebooks[rung_a if r < split else rung_b]
         n_levels = len(levels)
 
-        def value_of(q: int, where: str = where) -> np.float32:
+        def value_of(
+            q: int, where: str = where, levels: np.ndarray = levels, n_levels: int = n_levels
+        ) -> np.float32:
             if q < n_levels:
                 return levels[q]
             if q == n_levels:
