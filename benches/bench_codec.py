@@ -29,7 +29,9 @@ bytes/tok = total bytes written (shards, tables, index; for the baselines, array
 supervised token. KL = KL(teacher top-k ‖ decoded top-k), both renormalised over the row, per row.
 Throughput is per core: encode uses one encoder thread and divides the supervised tokens by the
 process CPU time of the whole write (validation, encoding, committing, Python included); decode
-uses one thread. Timings are the best of ``--repeats`` runs (the machine may be shared). Run
+uses one thread: ``dec`` reads every record as a Python ``CacheRecord`` (``records_at``), ``batch
+dec`` (our caches only) decodes them through the native batch builder in batches of 16 records,
+the path a training DataLoader takes (``build_batch``). Timings are the best of ``--repeats`` runs (the machine may be shared). Run
 ``python benches/bench_codec.py --help`` for options.
 """
 
@@ -47,7 +49,7 @@ from pathlib import Path
 import numpy as np
 import zstandard
 
-from target_sft import CacheWriter, TeacherCache
+from target_sft import CacheWriter, TeacherCache, build_batch
 from target_sft.testing.families import FAMILIES, family_stats, load_family
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -232,6 +234,15 @@ def bench_family(fam, args, ref, tmp: Path) -> dict:
             t0 = time.perf_counter()
             dec = cache.records_at(range(n), threads=1)
             dec_s = min(dec_s, time.perf_counter() - t0)
+        # the training path: batches of 16 records decoded by the native batch builder straight
+        # into the batch arrays (no per-record Python objects)
+        keys = [r.key for r in recs]
+        batch_s = float("inf")
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            for i in range(0, len(keys), 16):
+                build_batch(keys[i : i + 16], cache=cache, threads=1)
+            batch_s = min(batch_s, time.perf_counter() - t0)
         kl = np.concatenate(
             [
                 kl_rows(r.topk_ids, r.topk_logprobs, d.topk_ids, d.topk_logprobs)
@@ -253,6 +264,7 @@ def bench_family(fam, args, ref, tmp: Path) -> dict:
             "encode_tok_s_per_core": sup / cpu,
             "encode_wall_s": wall,
             "decode_tok_s_per_core": sup / dec_s,
+            "decode_batch_tok_s_per_core": sup / batch_s,
             "python_ref_decode_tok_s": ref_sup / ref_s if ref_s > 0 else float("nan"),
         }
         shutil.rmtree(path, ignore_errors=True)
@@ -265,7 +277,7 @@ def print_family(name: str, res: dict) -> None:
     print(
         f"\n[{name}]\n{'store':<18}{'bytes/tok':>10}{'mean KL':>10}{'p99 KL':>9}{'max KL':>9}"
         f"{'enc tok/s/core':>16}{'dec tok/s/core':>16}{'bytes vs fp16+zstd':>20}"
-        f"{'dec vs memmap':>15}{'dec vs py-ref':>15}"
+        f"{'dec vs memmap':>15}{'dec vs py-ref':>15}{'batch dec tok/s/core':>22}"
     )
     for store in STORES:
         r = res[store]
@@ -280,6 +292,11 @@ def print_family(name: str, res: dict) -> None:
             f"{r['bytes_per_token'] / fz['bytes_per_token']:>19.2f}x"
             f"{r['decode_tok_s_per_core'] / mm['decode_tok_s_per_core']:>14.2f}x"
             f"{ref_s:>15}"
+            + (
+                f"{r['decode_batch_tok_s_per_core']:>22,.0f}"
+                if "decode_batch_tok_s_per_core" in r
+                else f"{'-':>22}"
+            )
         )
 
 
