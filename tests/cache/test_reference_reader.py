@@ -1509,9 +1509,11 @@ def remux(
     streams_fn=None,
     full_flag=None,
     head_fn=None,
+    books_fn=None,
 ) -> bytes:
     """Re-encode the compact rows of ``raw`` from the reference decoding (checking that this
-    reproduces the writer's bytes), apply ``rows_fn(rows, rank_of)`` to the coded rows (each
+    reproduces the writer's bytes), first with other codebooks ``books_fn(shard, books, S) ->
+    FrameBooks`` if given, apply ``rows_fn(rows, rank_of)`` to the coded rows (each
     row knows its codebook's ``n_levels``), ``streams_fn(flags, streams) -> (flags, streams)``
     to the serialised streams and ``head_fn(books, S) -> bytes`` to the bytes before the flags
     byte (§5.3: ``u8 rung_a, u8 rung_b, varint split`` with a ladder)."""
@@ -1536,6 +1538,11 @@ def remux(
     flags, st = compact_streams(rows, shard.top_k)
     head = books.head()
     assert raw[start:] == head + join_streams(flags, st), "the spec encoder reproduces the writer"
+    if books_fn is not None:
+        books = books_fn(shard, books, len(row_labels))
+        head = books.head()
+        rows, _ = compact_rows(rec, books, shard.id_table)
+        flags, st = compact_streams(rows, shard.top_k)
     if rows_fn is not None:
         rank_of = {int(x): j for j, x in enumerate(shard.id_table.tolist())}
         rows_fn(rows, lambda x: rank_of.get(x, len(rank_of) + x))
@@ -1769,6 +1776,44 @@ def test_compact_streams_breaking_section_5_3_are_refused(compact_crafted_base, 
         compact_crafted_base, tmp_path, lambda sh, i, raw: remux(sh, raw, streams_fn=damage)
     )
     assert_record0_refused_by_both(path)
+
+
+def _resplit(shard, books, s_len):
+    """Rows 0-2 at the stored rung of fewest levels (rung_a), the others at the one of most."""
+    few = min(shard.codebooks, key=lambda j: len(shard.codebooks[j]))
+    many = max(shard.codebooks, key=lambda j: len(shard.codebooks[j]))
+    assert len(shard.codebooks[few]) + 1 < len(shard.codebooks[many]) and s_len > 3
+    tails = shard.codec_params["tail_steps"]
+    return FrameBooks({j: (shard.codebooks[j], tails[j]) for j in (few, many)}, few, many, 3)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [None, _label_index_past_escape, _value_code_past_escape],
+    ids=lambda f: "none" if f is None else f.__name__.strip("_"),
+)
+def test_rows_before_the_split_use_rung_a_table(compact_crafted_base, damage, tmp_path):
+    """§5.3: rows ``r < split`` use rung_a's table. Record 0 re-coded with rows 0-2 at a table of
+    few levels (rung_a) and the others at one of many (rung_b) reads identically in both readers,
+    as the spec predicts; a code one past the table of row 1's label or row 0's first value
+    (``L_a + 1``, a valid index of rung_b's table) is refused by both."""
+    path = craft(
+        compact_crafted_base,
+        tmp_path,
+        lambda sh, i, raw: remux(sh, raw, rows_fn=damage, books_fn=_resplit),
+    )
+    if damage is not None:
+        assert_record0_refused_by_both(path)
+        return
+    shard = rr.open_shards(path)[1][0]
+    books = frame_books(shard, shard.frame(0))
+    assert (books.split, len(books.row(0)[0]) + 1 < len(books.row(3)[0])) == (3, True), books
+    ref = shard.record(0)
+    assert_same_record(ref, TeacherCache(path).record_at(0), "position 0")
+    before = rr.open_shards(compact_crafted_base)[1][0].record(0)
+    expect = compact_rows(before, books, shard.id_table)[1]
+    for f in FIELDS[2:]:
+        assert_same_arrays(ref[f], expect[f], f)
 
 
 # Valid frames the writer never emits: both readers decode them, identically.
