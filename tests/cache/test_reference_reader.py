@@ -7,11 +7,12 @@ label exceptions, rows with padding, empty rows, -inf and sub-floor log-probs, f
 twice: by ``target_sft.TeacherCache`` and by the reference reader. Both must return the same
 arrays bit for bit; the exact codec must return what was written bit for bit; the compact codec
 must return exactly what FORMAT.md §5 predicts from the written data (ids in the decoded row order
-of §5.3, log-probs quantised by the encoding rule of §5.1 with the table of the rung the frame
-names, within its error bound). Compact caches are written under the default fidelity budget
-(format version 3: a codebook ladder, records at several rungs per shard, each frame starting with
-its rung byte) and with fixed steps (a one-rung ladder); version 1 and version 2 frames (one
-table, no rung byte) are read from tests/data/v1 and from an append to it.
+of §5.3, log-probs quantised by the encoding rule of §5.1 with the table of the rung each row's
+codebook is, within its error bound). Compact caches are written under the default fidelity budget
+(format version 3: a codebook ladder, records at several rungs per shard, each frame's rows section
+starting with ``u8 rung_a, u8 rung_b, varint split``: rows ``r < split`` coded with rung ``a``'s
+table, the others with rung ``b``'s) and with fixed steps (a one-rung ladder); version 1 and
+version 2 frames (one table, no rung bytes) are read from tests/data/v1 and from an append to it.
 
 A second, spec-side *encoder* (in this file, also from FORMAT.md alone) re-encodes every written
 record and must reproduce the writer's raw frames byte for byte. It is also used to craft frames
@@ -61,12 +62,19 @@ FIELDS = rr.RECORD_FIELDS[1:]  # the array fields
 DEFAULT_PARAMS = {"sqrt_step": 2.5e-3, "tail_step": 2.5, "floor": -48.0}
 
 
+#: §5.1: the default ladder's rung whose codebook is the version-2 default (``DEFAULT_PARAMS``),
+#: and the rung a record without supervised rows names twice (§4).
+DEFAULT_RUNG = 74
+
+
 def default_ladder() -> dict[str, Any]:
-    """§5.1, "The ladder and the fidelity budget", computed from the text alone: 64 rungs,
-    ``sqrt_steps[j] = 1e-4 · c[j mod 8] · 2^(j div 8)`` with ``c[i]`` the float64 nearest
-    ``2^(i/8)``, ``tail_steps[j] = min(1000 · sqrt_steps[j], 8)``, ``floor = -48``, budget 1e-4."""
-    c = [2.0 ** (i / 8) for i in range(8)]
-    sqrt_steps = [1e-4 * c[j % 8] * 2.0 ** (j // 8) for j in range(64)]
+    """§5.1, "The ladder and the fidelity budget", computed from the text alone: 128 rungs,
+    ``sqrt_steps[j] = 2.5e-3 · c[e mod 16] · 2^(e div 16)`` with ``e = j − 74`` (floor division)
+    and ``c[i]`` the float64 nearest ``2^(i/16)``, ``tail_steps[j] = min(1000 · sqrt_steps[j],
+    8)``, ``floor = -48``, budget 1e-4."""
+    c = [2.0 ** (i / 16) for i in range(16)]
+    e = [j - DEFAULT_RUNG for j in range(128)]
+    sqrt_steps = [2.5e-3 * c[x % 16] * 2.0 ** (x // 16) for x in e]
     return {
         "sqrt_steps": sqrt_steps,
         "tail_steps": [min(1000 * h, 8.0) for h in sqrt_steps],
@@ -380,11 +388,50 @@ def dequantize(u: np.ndarray, levels: np.ndarray, s: float) -> np.ndarray:
     return np.where(q < len(levels), levels[np.minimum(q, len(levels) - 1)], u).astype(np.float32)
 
 
+@dataclass(frozen=True)
+class FrameBooks:
+    """The codebooks a compact frame's values are coded with (§5.1, §5.3). With a ladder the rows
+    section starts with ``u8 rung_a, u8 rung_b, varint split``: rows ``r < split`` use rung
+    ``a``'s table, the others rung ``b``'s. A version 1–2 frame (``a`` None) has no such header
+    and one table for every row. ``tables``: rung (None without a ladder) -> (levels, tail step).
+    """
+
+    tables: dict[int | None, tuple[np.ndarray, float]]
+    a: int | None = None
+    b: int | None = None
+    split: int = 0
+
+    @staticmethod
+    def one_rung(rung: int, levels: np.ndarray, s: float) -> FrameBooks:
+        """Every row with rung ``rung``'s table (``rung_a = rung_b``, split 0)."""
+        return FrameBooks({rung: (levels, s)}, rung, rung, 0)
+
+    def rung(self, r: int) -> int | None:
+        """The rung of row ``r`` (§5.3: ``rung_a`` if ``r < split`` else ``rung_b``)."""
+        return self.a if r < self.split else self.b
+
+    def row(self, r: int) -> tuple[np.ndarray, float]:
+        """(levels, tail step) of row ``r``'s codebook."""
+        return self.tables[self.rung(r)]
+
+    def rungs_used(self, s_len: int) -> set[int | None]:
+        """The rungs whose tables the rows of a record of ``s_len`` rows are coded with."""
+        return {self.rung(r) for r in range(s_len)}
+
+    def head(self) -> bytes:
+        """The first bytes of the rows section (§5.3): the two rungs and the split, or nothing
+        (version 1–2)."""
+        if self.a is None:
+            return b""
+        return bytes([self.a, self.b]) + put_varint(self.split)
+
+
 @dataclass
 class Row:
     """One compact row as §5.3 codes it (absolute ranks; gaps are formed on serialisation)."""
 
     n: int
+    n_levels: int  # L of the row's codebook (§5.1: rung_a's or rung_b's table)
     flag: int
     mask: bytes
     ranks: list[int]
@@ -397,10 +444,11 @@ class Row:
 
 
 def compact_rows(
-    rec: dict[str, Any], levels: np.ndarray, id_table: np.ndarray, s: float
+    rec: dict[str, Any], books: FrameBooks, id_table: np.ndarray
 ) -> tuple[list[Row], dict[str, np.ndarray]]:
-    """The rows of ``rec`` as the writer must code them (§5.3), and what a reader must decode."""
-    L, M = len(levels), len(id_table)
+    """The rows of ``rec`` as the writer must code them (§5.3), each row's values with its own
+    codebook (``books.row(r)``), and what a reader must decode."""
+    M = len(id_table)
     rank_of = {int(x): i for i, x in enumerate(id_table.tolist())}
     labels = rec["labels"]
     row_labels = labels[1:][labels[1:] != -100]
@@ -412,6 +460,8 @@ def compact_rows(
     rows: list[Row] = []
     prev: list[int] = []
     for r in range(s_len):
+        levels, s = books.row(r)
+        L = len(levels)
         n = int(np.sum(ids[r] != -1))
         valid = [int(x) for x in ids[r, :n]]
         lp_of = dict(zip(valid, lps[r, :n].tolist(), strict=True))
@@ -434,6 +484,7 @@ def compact_rows(
         rows.append(
             Row(
                 n=n,
+                n_levels=L,
                 flag=flag,
                 mask=np.packbits(bits, bitorder="little").tobytes() if r else b"",
                 ranks=[rank_of.get(x, M + x) for x in new],
@@ -499,15 +550,13 @@ def join_streams(flags: int, st: dict[str, bytes]) -> bytes:
 def encode_frame(
     rec: dict[str, Any],
     codec: str,
-    levels=None,
+    books: FrameBooks | None = None,
     id_table=None,
-    s: float = 0.0,
     full_flag=None,
-    rung: int | None = None,
 ) -> bytes:
-    """The raw frame FORMAT.md §4 prescribes for ``rec`` (compact: coded with the table
-    ``levels`` of tail step ``s``, which is rung ``rung`` of a ladder, or the one table of a
-    version 1–2 shard when ``rung`` is None: §5.1, §5.3)."""
+    """The raw frame FORMAT.md §4 prescribes for ``rec`` (compact: the rows section starts with
+    ``books``' rungs and split, or nothing for a version 1–2 frame, and each row's values are
+    coded with its codebook: §5.1, §5.3)."""
     t_len, s_len = len(rec["input_ids"]), len(rec["label_ranks"])
     out = put_varint(t_len) + put_varint(s_len) + encode_tokens(rec["input_ids"], rec["labels"])
     if codec == "exact":
@@ -519,21 +568,27 @@ def encode_frame(
         ):
             out += planes(np.asarray(rec[f], dtype=dt))
         return out
-    rows, _ = compact_rows(rec, levels, id_table, s)
-    out += b"" if rung is None else bytes([rung])
+    assert books is not None
+    rows, _ = compact_rows(rec, books, id_table)
+    out += books.head()
     return out + join_streams(*compact_streams(rows, rec["topk_ids"].shape[1], full_flag))
 
 
-def frame_codebook(shard: rr.RefShard, raw: bytes) -> tuple[int | None, np.ndarray, float]:
-    """(rung, table, tail step) a compact frame is coded with (§5.1): with a ladder its rung
-    byte (the first byte of the rows section, §5.3) names a rung the shard's ``codebook_rungs``
-    lists; without one (version 1–2) there is no rung byte (``None``) and one table."""
-    _, _, start = tokens_end(shard, raw)
+def frame_books(shard: rr.RefShard, raw: bytes) -> FrameBooks:
+    """The codebooks a compact frame is coded with (§5.1), read from the frame: with a ladder
+    the rows section starts with ``u8 rung_a, u8 rung_b, varint split`` (§5.3), two rungs the
+    shard's ``codebook_rungs`` lists and ``split <= S``; without one (version 1–2) there are no
+    rung bytes and one table."""
+    _, s_len, start = tokens_end(shard, raw)
     if not shard.rung_byte:
-        return None, shard.codebooks[0], shard.codec_params["tail_step"]
-    rung = raw[start]
-    assert rung in shard.codebooks, (shard.name, rung, list(shard.codebooks))
-    return rung, shard.codebooks[rung], shard.codec_params["tail_steps"][rung]
+        return FrameBooks({None: (shard.codebooks[0], shard.codec_params["tail_step"])})
+    cur = rr.Cursor(raw, "frame")
+    cur.pos = start
+    a, b, split = cur.u8(), cur.u8(), cur.varint()
+    where = (shard.name, a, b, split, s_len, list(shard.codebooks))
+    assert a in shard.codebooks and b in shard.codebooks and split <= s_len, where
+    tails = shard.codec_params["tail_steps"]
+    return FrameBooks({j: (shard.codebooks[j], tails[j]) for j in (a, b)}, a, b, split)
 
 
 # --------------------------------------------------------------------------------------------
@@ -614,8 +669,9 @@ def build(name: str, tmp_path_factory) -> Built:
         seed = sorted(CONFIGS).index(name)
         params = expected_codec_params(kw)
         # the values around the escape threshold are placed for the fixed table, or for the
-        # ladder's rung 37 (close to the version-2 default)
-        threshold = escape_threshold(rung_params(params, min(37, len(params["sqrt_steps"]) - 1)))
+        # ladder's rung 74 (the version-2 default)
+        rung = min(DEFAULT_RUNG, len(params["sqrt_steps"]) - 1)
+        threshold = escape_threshold(rung_params(params, rung))
         if data == "synthetic":
             recs = synthetic_records(24, vocab, k, seed)
         elif data == "peakedness":
@@ -721,8 +777,10 @@ def test_reference_matches_teacher_cache(built):
 
 def test_writer_frames_are_the_spec_encoding(built):
     """Every raw frame the writer stored is, byte for byte, what FORMAT.md §4/§5 prescribes for
-    the written record (the compact encoder here uses only the shard's id table and the table of
-    the rung the frame names: which rung a budget picks is the writer's choice, §5.1)."""
+    the written record (the compact encoder here uses only the shard's id table and, for each
+    row, the table of the rung the frame names for it: rows ``r < split`` rung_a's, the others
+    rung_b's; which rungs and split a budget picks is the writer's choice, §5.1, checked in
+    test_budget_splits_rows_between_two_rungs)."""
     shards = rr.open_shards(built.path)[1]
     assert len(shards) >= 2, "shard_size is small: the cache must span several shards"
     for shard in shards:
@@ -732,9 +790,9 @@ def test_writer_frames_are_the_spec_encoding(built):
             if built.codec == "exact":
                 expect = encode_frame(w, "exact")
             else:
-                rung, levels, s = frame_codebook(shard, raw)
-                assert rung is not None, "version 3 frames carry their rung"
-                expect = encode_frame(w, "compact", levels, shard.id_table, s, rung=rung)
+                books = frame_books(shard, raw)
+                assert books.a is not None, "version 3 frames carry their rungs and split"
+                expect = encode_frame(w, "compact", books, shard.id_table)
             assert raw == expect, (shard.name, i, shard.keys[i])
 
 
@@ -761,13 +819,14 @@ def test_compact_decodes_what_the_spec_predicts(compact_built):
         for f in ("input_ids", "labels", "label_ranks"):
             assert np.array_equal(got[f], w[f]), (where, f)
         shard = shard_of[got["key"]]
-        rung, codebook, s = frame_codebook(shard, shard.frame(shard.keys.index(got["key"])))
-        where += f" rung {rung}"
-        _, expect = compact_rows(w, codebook, shard.id_table, s)
+        books = frame_books(shard, shard.frame(shard.keys.index(got["key"])))
+        where += f" rungs {books.a}, {books.b}, split {books.split}"
+        _, expect = compact_rows(w, books, shard.id_table)
         for f in FIELDS[2:]:
             assert_same_arrays(got[f], expect[f], (where, f))
         positions = np.flatnonzero(w["labels"][1:] != -100) + 1
         for r in range(len(positions)):
+            codebook, s = books.row(r)  # §5.3: rung_a's table if r < split, else rung_b's
             n = int(np.sum(w["topk_ids"][r] != -1))
             gid, glp = got["topk_ids"][r], got["topk_logprobs"][r]
             assert np.all(gid[n:] == -1) and np.all(np.isneginf(glp[n:])), (where, r)
@@ -793,9 +852,9 @@ def test_compact_decodes_what_the_spec_predicts(compact_built):
 
 def test_shards_are_safetensors(built):
     """§2: the tensors and metadata of a version-3 shard; a compact shard lists in
-    ``codebook_rungs`` exactly the rungs its frames name (§5.1: "each shard stores the tables of
-    the rungs its records use"), each with its table's length, and its ``codebook`` tensor is
-    those tables end to end."""
+    ``codebook_rungs`` exactly the rungs its frames name (rung_a and rung_b of each; §5.1: "each
+    shard stores the tables of the rungs its records use"), each with its table's length, and its
+    ``codebook`` tensor is those tables end to end."""
     m = rr.read_manifest(built.path)
     expected = {name for name, _ in rr._TENSORS[built.codec]}
     for e in m["shards"]:
@@ -813,7 +872,10 @@ def test_shards_are_safetensors(built):
             listed = json.loads(meta["codebook_rungs"])
             codebook = st.get_tensor("codebook")
         shard = rr.RefShard(built.path / e["file"], m, e)
-        used = {frame_codebook(shard, shard.frame(i))[0] for i in range(len(shard))}
+        used = set()
+        for i in range(len(shard)):
+            books = frame_books(shard, shard.frame(i))
+            used |= {books.a, books.b}
         assert sorted(j for j, _ in listed) == sorted(used), e["file"]
         assert sum(n for _, n in listed) == len(codebook)
         tables = [shard.codebooks[j] for j, _ in listed]
@@ -879,11 +941,12 @@ def test_id_table(compact_built):
 
 
 def test_compact_stream_layout(compact_built):
-    """§5.3 stream by stream: the rung byte names a rung the shard stores, row_flags is S bytes of
-    0/1 telling whether the label is in the row, share_mask holds ceil(n_{r-1}/8) bytes per row
-    r >= 1 and never flags the current label, label_rank is S varints, the bit streams are whole
-    bytes with zero padding, and a record with S = 0 has the rung byte, the flags byte and 11
-    empty streams (§4)."""
+    """§5.3 stream by stream: the two rung bytes name rungs the shard stores and the split varint
+    is at most S, row_flags is S bytes of 0/1 telling whether the label is in the row, share_mask
+    holds ceil(n_{r-1}/8) bytes per row r >= 1 and never flags the current label, label_rank is S
+    varints, the bit streams are whole bytes with zero padding, and a record with S = 0 has its
+    two rung bytes (§4: the writer names rung 74 twice under a budget; the one rung of a one-rung
+    ladder), split 0, the flags byte (the writer sets it to 1) and 11 empty streams."""
     b = compact_built
     shard_of = shard_of_record(b)
     for key, w in b.written.items():
@@ -892,12 +955,17 @@ def test_compact_stream_layout(compact_built):
         _, s_len, start = tokens_end(shard, raw)
         cur = rr.Cursor(raw, "frame")
         cur.pos = start
-        assert cur.u8() in shard.codebooks, key
+        rung_a, rung_b, split = cur.u8(), cur.u8(), cur.varint()
+        assert rung_a in shard.codebooks and rung_b in shard.codebooks, (key, rung_a, rung_b)
+        assert split <= s_len, (key, split, s_len)
         flags = cur.u8()
         st = {name: cur.stream() for name in rr._COMPACT_STREAMS}
         assert cur.done()
         if s_len == 0:
             assert all(v == b"" for v in st.values()), key
+            assert flags == 1 and split == 0, (key, flags, split)
+            one_rung = len(b.params["sqrt_steps"]) == 1
+            assert rung_a == rung_b == (0 if one_rung else DEFAULT_RUNG), (key, rung_a, rung_b)
             continue
         nvalid = np.sum(w["topk_ids"] != -1, axis=1).tolist()
         assert flags == int(all(n == b.k for n in nvalid)), key
@@ -1195,8 +1263,8 @@ def test_writer_accepts_section_3_edge_cases(codec, tmp_path):
         if codec == "exact":
             expect = w
         else:
-            _, levels, s = frame_codebook(shard, shard.frame(i))
-            expect = compact_rows(w, levels, shard.id_table, s)[1]
+            books = frame_books(shard, shard.frame(i))
+            expect = compact_rows(w, books, shard.id_table)[1]
         for f in FIELDS[2:]:
             assert_same_arrays(ref[f], np.asarray(expect[f]), (where, f))
 
@@ -1440,12 +1508,15 @@ def remux(
     rows_fn=None,
     streams_fn=None,
     full_flag=None,
-    rung_fn=None,
+    head_fn=None,
+    books_fn=None,
 ) -> bytes:
     """Re-encode the compact rows of ``raw`` from the reference decoding (checking that this
-    reproduces the writer's bytes), apply ``rows_fn(rows, L, rank_of)`` to the coded rows,
-    ``streams_fn(flags, streams) -> (flags, streams)`` to the serialised streams and
-    ``rung_fn(rung) -> rung or None`` to the rung byte (§5.3; None drops it)."""
+    reproduces the writer's bytes), first with other codebooks ``books_fn(shard, books, S) ->
+    FrameBooks`` if given, apply ``rows_fn(rows, rank_of)`` to the coded rows (each
+    row knows its codebook's ``n_levels``), ``streams_fn(flags, streams) -> (flags, streams)``
+    to the serialised streams and ``head_fn(books, S) -> bytes`` to the bytes before the flags
+    byte (§5.3: ``u8 rung_a, u8 rung_b, varint split`` with a ladder)."""
     cur = rr.Cursor(raw, "frame")
     t_len, s_len = cur.varint(), cur.varint()
     rec = rr.decode_tokens(cur, t_len, s_len, shard.vocab_size)
@@ -1462,51 +1533,55 @@ def remux(
             shard.id_table,
         )
     )
-    rung, levels, s = frame_codebook(shard, raw)
-    rows, _ = compact_rows(rec, levels, shard.id_table, s)
+    books = frame_books(shard, raw)
+    rows, _ = compact_rows(rec, books, shard.id_table)
     flags, st = compact_streams(rows, shard.top_k)
-    head = b"" if rung is None else bytes([rung])
+    head = books.head()
     assert raw[start:] == head + join_streams(flags, st), "the spec encoder reproduces the writer"
+    if books_fn is not None:
+        books = books_fn(shard, books, len(row_labels))
+        head = books.head()
+        rows, _ = compact_rows(rec, books, shard.id_table)
+        flags, st = compact_streams(rows, shard.top_k)
     if rows_fn is not None:
         rank_of = {int(x): j for j, x in enumerate(shard.id_table.tolist())}
-        rows_fn(rows, len(levels), lambda x: rank_of.get(x, len(rank_of) + x))
+        rows_fn(rows, lambda x: rank_of.get(x, len(rank_of) + x))
         flags, st = compact_streams(rows, shard.top_k, full_flag)
     elif full_flag is not None:
         flags, st = compact_streams(rows, shard.top_k, full_flag)
     if streams_fn is not None:
         flags, st = streams_fn(flags, dict(st))
-    if rung_fn is not None:  # rung_fn returning None: no rung byte at all
-        assert rung is not None
-        new_rung = rung_fn(rung)
-        head = b"" if new_rung is None else bytes([new_rung])
+    if head_fn is not None:
+        assert books.a is not None
+        head = head_fn(books, len(row_labels))
     return raw[:start] + head + join_streams(flags, st)
 
 
-def reorder_entries(row: Row, entries: list[int], L: int) -> None:
+def reorder_entries(row: Row, entries: list[int]) -> None:
     """Code the entries after the label in the order ``entries`` (value codes and escaped values
     follow their ids; the label's own value stays first)."""
     old = row.order[row.flag :]
     code = dict(zip(old, row.value_codes, strict=True))
     value = dict(zip(old, row.decoded[1:], strict=True))
     row.value_codes = [code[x] for x in entries]
-    row.exact = [row.decoded[0]] * (row.label_code == L) + [
+    row.exact = [row.decoded[0]] * (row.label_code == row.n_levels) + [
         value[x] for x in entries if code[x] == 0
     ]
 
 
-def _first_rank_past_vocab(rows, L, rank_of):
+def _first_rank_past_vocab(rows, rank_of):
     rows[0].ranks = [rank_of(1000 + j) for j in range(len(rows[0].ranks))]  # ids V, V+1, ...
 
 
-def _label_index_past_escape(rows, L, rank_of):
-    rows[1].label_code = L + 1
+def _label_index_past_escape(rows, rank_of):
+    rows[1].label_code = rows[1].n_levels + 1
 
 
-def _value_code_past_escape(rows, L, rank_of):
-    rows[0].value_codes[0] = L + 1
+def _value_code_past_escape(rows, rank_of):
+    rows[0].value_codes[0] = rows[0].n_levels + 1
 
 
-def _share_bit_for_the_label(rows, L, rank_of):
+def _share_bit_for_the_label(rows, rank_of):
     """Row 3's label is an entry of row 2: flag it as shared too (a repeated id)."""
     j = rows[2].order.index(rows[3].order[0])
     mask = bytearray(rows[3].mask)
@@ -1515,42 +1590,42 @@ def _share_bit_for_the_label(rows, L, rank_of):
     rows[3].ranks = rows[3].ranks[:-1]
 
 
-def _new_id_repeats_a_shared_one(rows, L, rank_of):
+def _new_id_repeats_a_shared_one(rows, rank_of):
     shared = rows[1].order[1]
     rows[1].ranks = sorted({rank_of(shared), *rows[1].ranks[1:]})
 
 
-def _share_bit_past_previous_row(rows, L, rank_of):
+def _share_bit_past_previous_row(rows, rank_of):
     assert rows[1].n == 6 and len(rows[2].mask) == 1
     rows[2].mask = bytes([rows[2].mask[0] | 0x80])  # bit 7 of a 6-entry row
 
 
-def _more_shared_than_nvalid(rows, L, rank_of):
+def _more_shared_than_nvalid(rows, rank_of):
     assert rows[6].n == 3 and rows[5].n == 8
     rows[6].mask = b"\xff"
 
 
-def _label_flag_on_empty_row(rows, L, rank_of):
+def _label_flag_on_empty_row(rows, rank_of):
     assert rows[4].n == 0
     rows[4].flag = 1
 
 
-def _label_among_ids_but_not_flagged(rows, L, rank_of):
+def _label_among_ids_but_not_flagged(rows, rank_of):
     """Row 0 (no previous row) codes its label as a new id, by rank, with row_flags 0."""
     row = rows[0]
-    assert row.flag == 1 and row.label_code < L
+    assert row.flag == 1 and row.label_code < row.n_levels
     new = sorted(row.order, key=rank_of)
-    reorder_entries(row, [x for x in new if x != row.order[0]], L)
-    row.value_codes.insert(new.index(row.order[0]), L - row.label_code)
+    reorder_entries(row, [x for x in new if x != row.order[0]])
+    row.value_codes.insert(new.index(row.order[0]), row.n_levels - row.label_code)
     row.flag = 0
     row.ranks = [rank_of(x) for x in new]
 
 
-def _nvalid_past_k(rows, L, rank_of):
+def _nvalid_past_k(rows, rank_of):
     rows[6].n = 9
 
 
-def _label_rank_past_int32(rows, L, rank_of):
+def _label_rank_past_int32(rows, rank_of):
     rows[2].label_rank = 1 << 31
 
 
@@ -1703,22 +1778,61 @@ def test_compact_streams_breaking_section_5_3_are_refused(compact_crafted_base, 
     assert_record0_refused_by_both(path)
 
 
+def _resplit(shard, books, s_len):
+    """Rows 0-2 at the stored rung of fewest levels (rung_a), the others at the one of most."""
+    few = min(shard.codebooks, key=lambda j: len(shard.codebooks[j]))
+    many = max(shard.codebooks, key=lambda j: len(shard.codebooks[j]))
+    assert len(shard.codebooks[few]) + 1 < len(shard.codebooks[many]) and s_len > 3
+    tails = shard.codec_params["tail_steps"]
+    return FrameBooks({j: (shard.codebooks[j], tails[j]) for j in (few, many)}, few, many, 3)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [None, _label_index_past_escape, _value_code_past_escape],
+    ids=lambda f: "none" if f is None else f.__name__.strip("_"),
+)
+def test_rows_before_the_split_use_rung_a_table(compact_crafted_base, damage, tmp_path):
+    """§5.3: rows ``r < split`` use rung_a's table. Record 0 re-coded with rows 0-2 at a table of
+    few levels (rung_a) and the others at one of many (rung_b) reads identically in both readers,
+    as the spec predicts; a code one past the table of row 1's label or row 0's first value
+    (``L_a + 1``, a valid index of rung_b's table) is refused by both."""
+    path = craft(
+        compact_crafted_base,
+        tmp_path,
+        lambda sh, i, raw: remux(sh, raw, rows_fn=damage, books_fn=_resplit),
+    )
+    if damage is not None:
+        assert_record0_refused_by_both(path)
+        return
+    shard = rr.open_shards(path)[1][0]
+    books = frame_books(shard, shard.frame(0))
+    assert (books.split, len(books.row(0)[0]) + 1 < len(books.row(3)[0])) == (3, True), books
+    ref = shard.record(0)
+    assert_same_record(ref, TeacherCache(path).record_at(0), "position 0")
+    before = rr.open_shards(compact_crafted_base)[1][0].record(0)
+    expect = compact_rows(before, books, shard.id_table)[1]
+    for f in FIELDS[2:]:
+        assert_same_arrays(ref[f], expect[f], f)
+
+
 # Valid frames the writer never emits: both readers decode them, identically.
 
 
-def _no_sharing(rows, L, rank_of):
+def _no_sharing(rows, rank_of):
     """Every row codes its shared ids as new ids (share_mask all zero)."""
     for row in rows:
         new = sorted(row.order[row.flag :], key=rank_of)
-        reorder_entries(row, new, L)
+        reorder_entries(row, new)
         row.ranks = [rank_of(x) for x in new]
         row.mask = bytes(len(row.mask))
 
 
-def _escape_everything(rows, L, rank_of):
-    """Every value escaped (index L, code 0) and stored exactly, even when it is a level."""
+def _escape_everything(rows, rank_of):
+    """Every value escaped (index L of the row's table, code 0) and stored exactly, even when it
+    is a level."""
     for row in rows:
-        row.label_code = L
+        row.label_code = row.n_levels
         row.value_codes = [0] * len(row.value_codes)
         row.exact = list(row.decoded)
 
@@ -1758,20 +1872,53 @@ def test_non_canonical_compact_frames_read_identically(compact_crafted_base, var
             assert sorted(got) == sorted(exp), (i, r)
 
 
+def test_any_stored_rungs_and_split_read_as_the_spec_predicts(compact_crafted_base, tmp_path):
+    """§5.3 leaves the rungs and the split to the writer (any rungs the shard stores, split <=
+    S): frames re-encoded with their first ``S // 2`` rows at the finest rung the shard stores
+    and the others at its coarsest (rung_a < rung_b, which the writer never emits), or with every
+    row at rung_a (split = S) and rung_b another stored rung, decode in both readers to exactly
+    what the spec predicts from each row's table."""
+    (shard0,) = rr.open_shards(compact_crafted_base)[1]  # positions are the shard's indices
+    assert len(shard0.codebooks) >= 2, "the test needs a shard storing several rungs"
+    expected: dict[int, dict[str, np.ndarray]] = {}
+
+    def mutate(shard, i, raw):
+        rec = shard.record(i)
+        s_len = len(rec["label_ranks"])
+        fine, coarse = min(shard.codebooks), max(shard.codebooks)
+        a, b, split = (fine, coarse, s_len // 2) if i % 2 == 0 else (coarse, fine, s_len)
+        tails = shard.codec_params["tail_steps"]
+        books = FrameBooks({j: (shard.codebooks[j], tails[j]) for j in (a, b)}, a, b, split)
+        expected[i] = {**rec, **compact_rows(rec, books, shard.id_table)[1]}
+        return encode_frame(rec, "compact", books, shard.id_table)
+
+    path = copy_cache(compact_crafted_base, tmp_path / "c")
+    rewrite_frames(path, mutate)
+    pairs = read_both(path)
+    assert any(0 < len(e["label_ranks"]) // 2 for e in expected.values())
+    for i, (ref, rec) in enumerate(pairs):
+        assert_same_record(ref, rec, f"position {i}")
+        for f in FIELDS:
+            assert_same_arrays(ref[f], np.asarray(expected[i][f]), (i, f))
+    assert TeacherCache(path).verify() == len(pairs)
+
+
 @pytest.mark.parametrize("n_levels", [65000, 65001])
 def test_codebook_size_limit(compact_crafted_base, n_levels, tmp_path):
     """§5.1: ``1 <= L <= 65000``. Frames re-encoded against a table of ``n_levels`` levels (the
-    levels of record 0's rung, then fine extra ones below them), stored as that rung's table:
-    both readers accept 65000 levels, and decode identically; both refuse 65001."""
+    levels of record 0's rung_b, then fine extra ones below them), stored as that rung's table
+    and named as both rungs of every frame: both readers accept 65000 levels, and decode
+    identically; both refuse 65001."""
     shard0 = rr.open_shards(compact_crafted_base)[1][0]
-    rung, old, s = frame_codebook(shard0, shard0.frame(0))
+    rung = frame_books(shard0, shard0.frame(0)).b
+    old, s = shard0.codebooks[rung], shard0.codec_params["tail_steps"][rung]
     extra = old[-1] - 1.0 - 1e-3 * np.arange(n_levels - len(old))
     levels = np.concatenate([old, extra]).astype(np.float32)
     assert len(levels) == n_levels and np.all(np.diff(levels) < 0)
 
     def reencode(shard, i, raw):
         rec = shard.record(i)
-        return encode_frame(rec, "compact", levels, shard.id_table, s, rung=rung)
+        return encode_frame(rec, "compact", FrameBooks.one_rung(rung, levels, s), shard.id_table)
 
     path = copy_cache(compact_crafted_base, tmp_path / "c")
     rewrite_frames(path, reencode, codebooks={rung: levels})
@@ -1787,8 +1934,9 @@ def test_codebook_size_limit(compact_crafted_base, n_levels, tmp_path):
 
 def test_compact_test_data_covers_every_path(tmp_path_factory, legacy_cache):
     """The compact caches above exercise every branch of §5.3 and of the codebook choice of §5.1
-    (else the byte-for-byte encoder comparison would prove little): frames with and without a
-    rung byte, shards storing one table and several, fixed one-rung ladders and the budget."""
+    (else the byte-for-byte encoder comparison would prove little): frames with and without rung
+    bytes, shards storing one table and several, fixed one-rung ladders and the budget, records
+    whose rows all use rung_b (split 0) and records split between rung_a and rung_b."""
     seen: dict[str, int] = dict.fromkeys(
         (
             "label in row",
@@ -1808,13 +1956,15 @@ def test_compact_test_data_covers_every_path(tmp_path_factory, legacy_cache):
             "label exception",
             "positive log-prob",
             "-inf entry",
-            "rung byte",
-            "no rung byte (version 1-2 frame)",
+            "rung bytes and split",
+            "no rung bytes (version 1-2 frame)",
             "one-rung ladder (max_mean_kl null)",
             "budget ladder",
             "shard with several rungs",
             "rung 0",
-            "rung past 37",
+            "rung past 74",
+            "split inside the record (0 < split < S)",
+            "split = 0",
         ),
         0,
     )
@@ -1835,13 +1985,16 @@ def test_compact_test_data_covers_every_path(tmp_path_factory, legacy_cache):
                 seen["one-rung ladder (max_mean_kl null)"] += not budget
             for i, key in enumerate(shard.keys):
                 w = b.written[key]
-                rung, levels, s = frame_codebook(shard, shard.frame(i))
-                seen["rung byte"] += rung is not None
-                seen["no rung byte (version 1-2 frame)"] += rung is None
-                seen["rung 0"] += rung == 0
-                seen["rung past 37"] += rung is not None and rung > 37
-                L = len(levels)
-                rows, _ = compact_rows(w, levels, shard.id_table, s)
+                books = frame_books(shard, shard.frame(i))
+                s_len = len(w["label_ranks"])
+                used = books.rungs_used(s_len)
+                seen["rung bytes and split"] += books.a is not None
+                seen["no rung bytes (version 1-2 frame)"] += books.a is None
+                seen["rung 0"] += 0 in used
+                seen["rung past 74"] += any(j is not None and j > DEFAULT_RUNG for j in used)
+                seen["split inside the record (0 < split < S)"] += 0 < books.split < s_len
+                seen["split = 0"] += books.a is not None and books.split == 0 and s_len > 0
+                rows, _ = compact_rows(w, books, shard.id_table)
                 labels = w["labels"][1:][w["labels"][1:] != -100]
                 for r, row in enumerate(rows):
                     seen["label in row"] += row.flag
@@ -1859,7 +2012,7 @@ def test_compact_test_data_covers_every_path(tmp_path_factory, legacy_cache):
                     seen["value number >= 192"] += any(c >= 192 for c in row.value_codes)
                     seen["label number >= 192"] += row.label_code >= 192
                     seen["escaped entry"] += 0 in row.value_codes
-                    seen["escaped label"] += row.label_code == L
+                    seen["escaped label"] += row.label_code == row.n_levels
                     seen["-inf entry"] += bool(np.isneginf(row.decoded[1:]).any())
                 _, st = compact_streams(rows, b.k)
                 seen["bit stream with padding"] += any(
@@ -2030,14 +2183,26 @@ def test_version1_shard_resaved_by_safetensors_reads_identically(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# Format version 3: the codebook ladder (§5.1), the rung byte (§5.3), codebook_rungs (§2), and
-# the version 1-2 frames without a rung byte that readers still read.
+# Format version 3: the codebook ladder (§5.1), the rung bytes and split (§5.3), codebook_rungs
+# (§2), and the version 1-2 frames without rung bytes that readers still read.
+
+
+def row_kl(exact: np.ndarray, decoded: np.ndarray) -> float:
+    """§1.1: one row's codec KL, ``KL(exact ‖ decoded)`` of its top-k log-probs (``exact[e]``
+    and ``decoded[e]`` of the same entry), both renormalised over the row (entries of log-prob
+    -inf carry no mass; a row without mass costs 0)."""
+    p = np.exp(np.asarray(exact, np.float64))
+    q = np.exp(np.asarray(decoded, np.float64))
+    if p.sum() <= 0:
+        return 0.0
+    p, q = p / p.sum(), q / q.sum()
+    on = p > 0
+    return max(0.0, float(np.sum(p[on] * (np.log(p[on]) - np.log(q[on])))))
 
 
 def row_kls(written: dict[str, Any], decoded: dict[str, Any]) -> list[float]:
-    """§1.1: each row's codec KL, ``KL(exact ‖ decoded)`` of the row's top-k log-probs, both
-    renormalised over the row (entries of log-prob -inf carry no mass; the label's log-prob
-    outside the top-k is not counted; a row without mass costs 0)."""
+    """§1.1: each row's codec KL between the written record and its decoding (the label's
+    log-prob outside the top-k is not counted)."""
     kls = []
     for r in range(len(written["label_ranks"])):
         n = int(np.sum(written["topk_ids"][r] != -1))
@@ -2045,14 +2210,18 @@ def row_kls(written: dict[str, Any], decoded: dict[str, Any]) -> list[float]:
         exact = dict(zip(ids, lps, strict=True))
         ids, lps = decoded["topk_ids"][r, :n].tolist(), decoded["topk_logprobs"][r, :n]
         dec = dict(zip(ids, lps, strict=True))
-        p = np.exp(np.array([exact[x] for x in exact], np.float64))
-        q = np.exp(np.array([dec[x] for x in exact], np.float64))
-        if p.sum() <= 0:
-            kls.append(0.0)
-            continue
-        p, q = p / p.sum(), q / q.sum()
-        on = p > 0
-        kls.append(max(0.0, float(np.sum(p[on] * (np.log(p[on]) - np.log(q[on]))))))
+        kls.append(row_kl(np.array(list(exact.values())), np.array([dec[x] for x in exact])))
+    return kls
+
+
+def row_kls_at(written: dict[str, Any], levels: np.ndarray, s: float) -> list[float]:
+    """§1.1: each row's codec KL were all its values coded with the table ``levels`` (tail step
+    ``s``): what a reader decodes is the §5.1 quantisation of each written value."""
+    kls = []
+    for r in range(len(written["label_ranks"])):
+        n = int(np.sum(written["topk_ids"][r] != -1))
+        lps = written["topk_logprobs"][r, :n]
+        kls.append(row_kl(lps, dequantize(lps, levels, s)))
     return kls
 
 
@@ -2062,48 +2231,54 @@ def codec_kl(written: dict[str, Any], decoded: dict[str, Any]) -> float:
     return float(np.mean(kls)) if kls else 0.0
 
 
-def rungs_of(path: Path) -> list[tuple[str, int | None]]:
-    """(shard name, rung) of every record of the cache, in global order, read from the frames."""
-    return [
-        (shard.name, frame_codebook(shard, shard.frame(i))[0])
-        for shard in rr.open_shards(path)[1]
-        for i in range(len(shard))
-    ]
+def rungs_of(path: Path) -> list[tuple[str, FrameBooks, int]]:
+    """(shard name, codebooks, S) of every record of the cache, in global order, read from the
+    frames."""
+    out = []
+    for shard in rr.open_shards(path)[1]:
+        for i in range(len(shard)):
+            raw = shard.frame(i)
+            out.append((shard.name, frame_books(shard, raw), tokens_end(shard, raw)[1]))
+    return out
 
 
 def test_records_of_every_rung_read_identically(tmp_path_factory):
-    """Records of different peakedness under the default budget: the writer picks several rungs
-    (read from the frames: at least 2 in the cache and in one shard); every record of every rung
-    decodes identically in both readers and as the spec predicts from its rung's table, and its
-    codec KL (§5.1's definition, computed here) is within the budget ``max_mean_kl``."""
+    """Records of different peakedness under the default budget: the writer codes their rows
+    with several rungs (read from the frames: at least 2 in the cache and in one shard); every
+    record decodes identically in both readers and as the spec predicts from its rows' tables
+    (rung_a's below the split, rung_b's from it), and its codec KL (§5.1's definition, computed
+    here) is within the budget ``max_mean_kl``."""
     b = build("compact-k16-v4000-peakedness", tmp_path_factory)
     rungs = rungs_of(b.path)
-    assert len({j for _, j in rungs}) >= 2, rungs
+    used = [(name, j) for name, books, s_len in rungs for j in books.rungs_used(s_len)]
+    assert len({j for _, j in used}) >= 2, rungs
     by_shard: dict[str, set] = {}
-    for name, j in rungs:
+    for name, j in used:
         by_shard.setdefault(name, set()).add(j)
     assert max(len(js) for js in by_shard.values()) >= 2, by_shard
     cache = TeacherCache(b.path)
     shard_of = shard_of_record(b)
     budget = b.params["max_mean_kl"]
-    for pos, (ref, (_, rung)) in enumerate(zip(ref_records_of(b), rungs, strict=True)):
-        where = f"position {pos}, rung {rung}"
+    for pos, (ref, (_, books, _)) in enumerate(zip(ref_records_of(b), rungs, strict=True)):
+        where = f"position {pos}, rungs {books.a}, {books.b}, split {books.split}"
         assert_same_record(ref, cache.record_at(pos), where)
         shard = shard_of[ref["key"]]
         w = b.written[ref["key"]]
-        s = b.params["tail_steps"][rung]
-        _, expect = compact_rows(w, shard.codebooks[rung], shard.id_table, s)
+        for j, (levels, s) in books.tables.items():  # the tables of the ladder's rungs (§5.1)
+            assert s == b.params["tail_steps"][j], (where, j)
+            assert_same_arrays(levels, rr.build_codebook(**rung_params(b.params, j)), (where, j))
+        _, expect = compact_rows(w, books, shard.id_table)
         for f in FIELDS[2:]:
             assert_same_arrays(ref[f], expect[f], (where, f))
         assert codec_kl(w, ref) <= budget * (1 + 1e-9), where
 
 
 def test_every_record_meets_the_budget(compact_built):
-    """§5.1: with a budget B, every record's codec KL at its rung is at most B (so every shard's
-    and the cache's mean is too); a fixed ladder (``max_mean_kl`` null) has one rung, rung 0.
-    The shards' statistics (§1.1: ``codec_kl_rows``, ``codec_kl_sum``, ``codec_kl_max``) are
-    those of the rows' codec KL as defined there, computed here from the written and decoded
-    log-probs."""
+    """§5.1: with a budget B, every record's codec KL with its rows' rungs is at most B (so every
+    shard's and the cache's mean is too); a fixed ladder (``max_mean_kl`` null) has one rung,
+    rung 0, which every frame names twice. The shards' statistics (§1.1: ``codec_kl_rows``,
+    ``codec_kl_sum``, ``codec_kl_max``) are those of the rows' codec KL as defined there,
+    computed here from the written and decoded log-probs."""
     b = compact_built
     budget = b.params["max_mean_kl"]
     m = rr.read_manifest(b.path)
@@ -2113,13 +2288,13 @@ def test_every_record_meets_the_budget(compact_built):
         for i, key in enumerate(shard.keys):
             ref = next(refs)
             assert ref["key"] == key
-            rung, _, _ = frame_codebook(shard, shard.frame(i))
+            books = frame_books(shard, shard.frame(i))
             rows = row_kls(b.written[key], ref)
             kls += rows
             if budget is None:
-                assert rung == 0 and len(b.params["sqrt_steps"]) == 1
+                assert books.a == books.b == 0 and len(b.params["sqrt_steps"]) == 1
             elif rows:
-                assert float(np.mean(rows)) <= budget * (1 + 1e-9), (key, rung)
+                assert float(np.mean(rows)) <= budget * (1 + 1e-9), (key, books)
         stats = e["stats"]
         assert stats["codec_kl_rows"] == len(kls) == e["supervised"]
         assert math.isclose(stats["codec_kl_sum"], sum(kls), rel_tol=1e-6, abs_tol=1e-12)
@@ -2127,51 +2302,156 @@ def test_every_record_meets_the_budget(compact_built):
             assert math.isclose(stats["codec_kl_max"], max(kls), rel_tol=1e-6, abs_tol=1e-12)
 
 
+def test_budget_splits_rows_between_two_rungs(compact_built):
+    """§5.1, the writer's choice under a budget B, read from the frames and checked with the
+    codec KL of §1.1 computed here (rows at a rung: the §5.1 quantisation with its table):
+
+    - rung_b is the rung ``f`` the walk ends at: the record's codec KL at ``f`` is at most B and,
+      unless ``f`` is the last rung, above B at ``f + 1`` (the walk stops there);
+    - rung_a = f + 1 with split > 0, or rung_a = f with split = 0; split < S (all S rows at
+      ``f + 1`` would be above B), and split = 0 at the last rung;
+    - the prefix is the longest: its mixed mean KL is at most B, every longer prefix's above B;
+    - a record without supervised rows names rung 74 twice, split 0 (§4).
+
+    Records split inside (0 < split < S, rung_a = rung_b + 1) occur in every budget cache whose
+    rows have several entries. With k = 1 a row renormalised over its one entry costs no KL at
+    any rung, so every record goes to the last rung. A fixed ladder names rung 0 twice."""
+    b = compact_built
+    budget = b.params["max_mean_kl"]
+    rungs = rungs_of(b.path)
+    if budget is None:
+        for name, books, s_len in rungs:
+            assert books.a == books.b == 0 and books.split <= s_len, (name, books)
+        return
+    tol = 1e-9  # the writer sums the rows' KL in its own order and arithmetic
+    last = len(b.params["sqrt_steps"]) - 1
+    tables: dict[int, tuple[np.ndarray, float]] = {}
+
+    def table(j: int) -> tuple[np.ndarray, float]:  # rung j's codebook, from §5.1 alone
+        if j not in tables:
+            tables[j] = (rr.build_codebook(**rung_params(b.params, j)), b.params["tail_steps"][j])
+        return tables[j]
+
+    split_inside = 0
+    for (name, books, s_len), ref in zip(rungs, ref_records_of(b), strict=True):
+        w = b.written[ref["key"]]
+        where = (name, ref["key"], books.a, books.b, books.split, s_len)
+        if s_len == 0:
+            assert (books.a, books.b, books.split) == (DEFAULT_RUNG, DEFAULT_RUNG, 0), where
+            continue
+        f = books.b
+        assert books.split < s_len and books.a == (f + 1 if books.split else f), where
+        kl_f = row_kls_at(w, *table(f))
+        assert math.fsum(kl_f) <= budget * s_len * (1 + tol), where
+        if b.k == 1:
+            assert f == last and max(kl_f) == 0.0, where
+        if f == last:
+            assert books.split == 0, where
+            continue
+        kl_c = row_kls_at(w, *table(f + 1))
+        assert math.fsum(kl_c) > budget * s_len * (1 - tol), where
+        # the record's KL sum with its first m rows at f + 1, the others at f
+        mixed = [math.fsum(kl_c[:m] + kl_f[m:]) for m in range(s_len + 1)]
+        assert mixed[books.split] <= budget * s_len * (1 + tol), where
+        assert math.isclose(mixed[books.split], math.fsum(row_kls(w, ref)), rel_tol=1e-9), where
+        longer = mixed[books.split + 1 :]
+        assert all(x > budget * s_len * (1 - tol) for x in longer), (where, longer)
+        split_inside += 0 < books.split < s_len
+    if b.k > 1:
+        assert split_inside, "no record of the cache is split between two rungs"
+
+
 def _rung_unlisted(shard, rung):
     return min(set(range(len(shard.codec_params["sqrt_steps"]))) - set(shard.codebooks))
 
 
-def _no_rung_byte(shard, rung):
+def _head(rung_a: int, rung_b: int, split: int) -> bytes:
+    """The start of a rows section with a ladder (§5.3)."""
+    return bytes([rung_a, rung_b]) + put_varint(split)
+
+
+def _rungs_missing(shard, books, s_len):
+    """A version-2 style frame (no rung bytes, no split) in a shard with a ladder: its flags
+    byte is read as rung_a (0: the feature record has padded rows), and this shard does not
+    store rung 0."""
     assert 0 not in shard.codebooks, "the test needs a shard without rung 0"
-    return None
+    return b""
 
 
-RUNG_BYTES = {
-    # a version-2 style frame (no rung byte) in a shard with a ladder: its flags byte is read as
-    # the rung (0: the feature record has padded rows), and this shard does not store rung 0
-    "rung-byte-missing": _no_rung_byte,
-    "rung-not-listed": _rung_unlisted,
-    "rung-past-ladder": lambda shard, rung: len(shard.codec_params["sqrt_steps"]),
-    "rung-255": lambda shard, rung: 255,
+def _split_missing(shard, books, s_len):
+    """The two rungs but no split varint: the flags byte (0: the feature record has padded
+    rows) is read as split 0, then the nvalid stream's length (7 rows) as the flags byte, whose
+    reserved bits are set."""
+    return bytes([books.a, books.b])
+
+
+#: name: (fn(shard, books, S) -> the bytes before the flags byte, what both readers' errors name)
+RUNG_HEADS = {
+    "rung-bytes-missing": (_rungs_missing, "rung"),
+    "rung-a-not-listed": (
+        lambda sh, bk, n: _head(_rung_unlisted(sh, None), bk.b, bk.split),
+        "rung",
+    ),
+    "rung-b-not-listed": (
+        lambda sh, bk, n: _head(bk.a, _rung_unlisted(sh, None), bk.split),
+        "rung",
+    ),
+    "rung-a-past-ladder": (
+        lambda sh, bk, n: _head(len(sh.codec_params["sqrt_steps"]), bk.b, bk.split),
+        "rung",
+    ),
+    "rung-b-past-ladder": (
+        lambda sh, bk, n: _head(bk.a, len(sh.codec_params["sqrt_steps"]), bk.split),
+        "rung",
+    ),
+    "rung-a-255": (lambda sh, bk, n: _head(255, bk.b, bk.split), "rung"),
+    "rung-b-255": (lambda sh, bk, n: _head(bk.a, 255, bk.split), "rung"),
+    "split-above-S": (lambda sh, bk, n: _head(bk.a, bk.b, n + 1), "split"),
+    "split-missing": (_split_missing, None),
 }
 
 
-@pytest.mark.parametrize("case", sorted(RUNG_BYTES))
-def test_rung_byte_naming_a_rung_the_shard_lacks_is_refused_by_both(
+@pytest.mark.parametrize("case", sorted(RUNG_HEADS))
+def test_rungs_or_split_breaking_section_5_3_are_refused_by_both(
     compact_crafted_base, case, tmp_path
 ):
-    """§5.1: a rung byte naming a rung the shard's ``codebook_rungs`` does not list is corruption
-    (a rung of the ladder whose table the shard does not store, a rung past the ladder)."""
+    """§5.1/§5.3: rung bytes naming a rung the shard's ``codebook_rungs`` does not list (a rung
+    of the ladder whose table the shard does not store, a rung past the ladder, 255; rung_a or
+    rung_b), a split above S, or a rows section missing its rung bytes or its split, is
+    corruption: both readers refuse the record (the Rust reader with CacheCorruptionError)."""
+    fn, names = RUNG_HEADS[case]
 
     def mutate(shard, i, raw):
-        return remux(shard, raw, rung_fn=lambda rung: RUNG_BYTES[case](shard, rung))
+        return remux(shard, raw, head_fn=lambda books, s_len: fn(shard, books, s_len))
 
     path = craft(compact_crafted_base, tmp_path, mutate)
     shard = rr.open_shards(path)[1][0]
-    with pytest.raises(rr.RefCorruptionError, match="rung"):
+    with pytest.raises(rr.RefCorruptionError, match=names):
         shard.record(0)
     shard.record(1)
     cache = TeacherCache(path)
     cache.record_at(1)
-    with pytest.raises(CacheCorruptionError, match="rung"):
+    with pytest.raises(CacheCorruptionError, match=names):
         cache.record_at(0)
-    with pytest.raises(CacheCorruptionError, match="rung"):
+    with pytest.raises(CacheCorruptionError, match=names):
         cache.verify()
 
 
+def _naming_rung_1(which: str):
+    """A mutation of a fixed-ladder frame: rung_a (``which`` "a") or rung_b named 1."""
+
+    def head(books: FrameBooks, s_len: int) -> bytes:
+        if which == "a":
+            return _head(1, books.b, books.split)
+        return _head(books.a, 1, books.split)
+
+    return lambda shard, i, raw: remux(shard, raw, head_fn=head)
+
+
 def test_fixed_ladder_frames_name_rung_0(tmp_path):
-    """§5.1: a fixed codebook (``max_mean_kl`` null) is a one-rung ladder: frames carry rung byte
-    0, the shard lists ``[[0, L]]``; a frame naming rung 1 is refused by both readers."""
+    """§5.1: a fixed codebook (``max_mean_kl`` null) is a one-rung ladder: frames name rung 0
+    twice (split <= S), the shard lists ``[[0, L]]``; a frame naming rung 1 as rung_a or as
+    rung_b is refused by both readers."""
     path = tmp_path / "written"
     recs = [one_row(), {**one_row(), "key": "s"}]
     write_cache(path, "compact", 4, 100, recs, shard_size=1 << 20, **FIXED)
@@ -2180,9 +2460,11 @@ def test_fixed_ladder_frames_name_rung_0(tmp_path):
         shard.codec_params["sqrt_steps"] == [2.5e-3] and shard.codec_params["max_mean_kl"] is None
     )
     assert list(shard.codebooks) == [0] and len(shard.codebooks[0]) == 413
-    assert [frame_codebook(shard, shard.frame(i))[0] for i in range(2)] == [0, 0]
-    path = craft(path, tmp_path, lambda sh, i, raw: remux(sh, raw, rung_fn=lambda rung: 1))
-    assert_record0_refused_by_both(path)
+    for i in range(2):
+        books = frame_books(shard, shard.frame(i))
+        assert (books.a, books.b) == (0, 0) and books.split <= 1, books
+    for which in ("a", "b"):
+        assert_record0_refused_by_both(craft(path, tmp_path / which, _naming_rung_1(which)))
 
 
 def test_codebook_level_minus_infinity(compact_crafted_base, tmp_path):
@@ -2204,8 +2486,9 @@ def test_codebook_level_minus_infinity(compact_crafted_base, tmp_path):
 
 
 def _drop_rung_of_record_0(shard, listed, tables):
-    """The rung record 0 uses is no longer listed (nor its table stored)."""
-    used = frame_codebook(shard, shard.frame(0))[0]
+    """A rung record 0 uses (rung_b, the rung of its rows from the split on) is no longer listed
+    (nor its table stored)."""
+    used = frame_books(shard, shard.frame(0)).b
     keep = [i for i, (j, _) in enumerate(listed) if j != used]
     return [listed[i] for i in keep], [tables[i] for i in keep]
 
@@ -2359,10 +2642,18 @@ def test_codebook_rungs_breaking_section_2_are_refused(compact_crafted_base, cas
         cache.record_at(0)
     read = 0
     for i in range(1, len(shard)):  # records of the rungs still listed read, identically
-        if shard.frame(i)[tokens_end(shard, shard.frame(i))[2]] in shard.codebooks:
+        raw = shard.frame(i)
+        cur = rr.Cursor(raw, "frame")
+        cur.pos = tokens_end(shard, raw)[2]
+        if {cur.u8(), cur.u8()} <= set(shard.codebooks):
             assert_same_record(shard.record(i), cache.record_at(i), f"position {i}")
             read += 1
-    assert read, "the shard has records of another rung"
+            continue
+        with pytest.raises(ref_error, match="rung"):  # the others name the dropped rung
+            shard.record(i)
+        with pytest.raises(rust_error, match="rung"):
+            cache.record_at(i)
+    assert read, "the shard has records of other rungs"
 
 
 def test_non_canonical_codebook_rungs_read_identically(compact_crafted_base, tmp_path):
@@ -2388,9 +2679,9 @@ def test_non_canonical_codebook_rungs_read_identically(compact_crafted_base, tmp
 
 @pytest.fixture(scope="module")
 def legacy_cache(tmp_path_factory) -> Path:
-    """The version-1 compact fixture (tests/data/v1: one fixed codebook, no rung byte) with
+    """The version-1 compact fixture (tests/data/v1: one fixed codebook, no rung bytes) with
     records appended by today's writer: §5.1 says the append keeps the fixed codebook and writes
-    version-2 frames and shards (no rung byte), whatever budget the writer was given."""
+    version-2 frames and shards (no rung bytes), whatever budget the writer was given."""
     path = tmp_path_factory.mktemp("legacy") / "cache"
     shutil.copytree(V1_CACHES / "compact", path)
     recs = make_records(21, 12, 1000, 8, escape_threshold(DEFAULT_PARAMS))
@@ -2406,7 +2697,7 @@ def legacy_cache(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("codec", ["exact", "compact"])
 def test_version1_fixture_read_identically_by_both(codec, tmp_path):
     """tests/data/v1 (format version 1) still reads, identically in both readers; its compact
-    frames carry no rung byte and are, byte for byte, the spec encoding of what they decode to
+    frames carry no rung bytes and are, byte for byte, the spec encoding of what they decode to
     with the one stored table (§5.1: ``levels[q]`` encodes back to ``q``)."""
     path = copy_cache(V1_CACHES / codec, tmp_path / "c")
     with pytest.warns(UserWarning, match="format-version-1"):
@@ -2422,14 +2713,14 @@ def test_version1_fixture_read_identically_by_both(codec, tmp_path):
                 assert raw == encode_frame(rec, "exact")
                 continue
             assert not shard.rung_byte
-            rung, levels, s = frame_codebook(shard, raw)
-            assert rung is None
-            assert raw == encode_frame(rec, "compact", levels, shard.id_table, s), (shard.name, i)
+            books = frame_books(shard, raw)
+            assert books.a is None
+            assert raw == encode_frame(rec, "compact", books, shard.id_table), (shard.name, i)
 
 
 def test_append_to_a_version1_cache_writes_frames_without_a_rung_byte(legacy_cache):
     """§5.1/§7: the appended shards are version 2 with the fixed codebook (no ``codebook_rungs``,
-    no rung byte: the spec encoder reproduces their frames), the manifest a sealed version 3
+    no rung bytes: the spec encoder reproduces their frames), the manifest a sealed version 3
     keeping the fixed ``codec_params``; both readers read old and new records identically."""
     m = rr.read_manifest(legacy_cache)
     assert m["format_version"] == 3
@@ -2444,9 +2735,9 @@ def test_append_to_a_version1_cache_writes_frames_without_a_rung_byte(legacy_cac
         assert_same_arrays(shard.codebooks[0], rr.build_codebook(**DEFAULT_PARAMS), shard.name)
         for i in range(len(shard)):
             raw = shard.frame(i)
-            rung, levels, s = frame_codebook(shard, raw)
-            assert rung is None
-            expect = encode_frame(shard.record(i), "compact", levels, shard.id_table, s)
+            books = frame_books(shard, raw)
+            assert books.a is None
+            expect = encode_frame(shard.record(i), "compact", books, shard.id_table)
             assert raw == expect, (shard.name, i)
     assert {sh.format_version for sh in shards[2:]} == {2}
     for i, (ref, rec) in enumerate(read_both(legacy_cache)):
