@@ -91,7 +91,7 @@ pub struct LadderParams {
 }
 
 impl LadderParams {
-    /// The budget ladder: `sqrt_step = 2.5e-3 · 2^((j − 74)/16)` (1.01e-4 to 2.42e-2) and
+    /// The budget ladder: `sqrt_step = 2.5e-3 · 2^((j − 74)/16)` (1.01e-4 to 2.48e-2) and
     /// `tail_step = min(1000 · sqrt_step, 8)`, `j = 0..128`: rung 74 is the fixed default of
     /// format version 2, and each rung costs about 2^(1/8) times the KL of the one below.
     pub fn budget(max_mean_kl: f64, floor: f64) -> Self {
