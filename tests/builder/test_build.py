@@ -651,6 +651,15 @@ def test_cli_build_from_token_ids(model_dir, model, samples, tmp_path):
     assert r.returncode == 0, r.stderr
     assert f"OK: {tmp_path / 'c'}: {len(samples)} records" in r.stdout
     check_against_reference(TeacherCache(tmp_path / "c"), model, samples[:8], atol=2e-5)
+    # the compact codec's budget reaches the manifest; without the flag, the default 1e-4
+    for flag, budget in ((("--max-mean-kl", "2e-5"), 2e-5), ((), 1e-4)):
+        out = tmp_path / f"k{budget}"
+        r = cli("cache", "build", "--teacher", str(model_dir), "--data", str(data),
+                "--out", str(out), "--top-k", str(K), "-q", *flag)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        info = TeacherCache(out).info
+        assert info.codec_params["max_mean_kl"] == budget
+        assert info.stats.codec_kl_mean <= budget
 
 
 def test_cli_build_from_prompt_response_text_with_the_chat_template(model_dir, tmp_path):
