@@ -212,7 +212,7 @@ fn sample_kl(
 }
 
 /// The codebook rung to try first (docs/FORMAT.md §5.1): rung 0 of a fixed ladder; with a
-/// budget, the coarsest rung whose KL over a sample of about 64 of the record's rows (every
+/// budget, the coarsest rung whose KL over a sample of about 32 of the record's rows (every
 /// `stride`-th) is within it: from the start rung, the `KL ∝ step²` law gives a first guess, then
 /// the sample is walked one rung at a time to where it crosses the budget (the KL does not follow
 /// the law exactly: the log-space tail and entries near probability 1 jump between rungs).
@@ -222,7 +222,7 @@ fn predict_rung(codec: &Codec, rec: &Record, s: &EncodeScratch) -> Result<usize>
         return Ok(0);
     };
     let (k, last) = (codec.top_k, ladder.rungs() - 1);
-    let stride = (rec.n_supervised() / 64).max(1);
+    let stride = (rec.n_supervised() / 32).max(1);
     let sample = |j: usize| -> Result<f64> { Ok(sample_kl(codec.codebook(j)?, rec, k, s, stride)) };
     let j0 = ladder.start_rung();
     let kl0 = sample(j0)?;
