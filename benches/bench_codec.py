@@ -9,8 +9,13 @@ on three families of teacher data (:mod:`target_sft.testing.families`):
 
 Stores, measured per family in the same run on the same records:
 
-* ``exact`` and ``compact``: this project's cache (``CacheWriter`` / ``TeacherCache``), today's
-  fixed parameters;
+* ``exact`` and ``compact``: this project's cache (``CacheWriter`` / ``TeacherCache``);
+  ``compact`` with its default fidelity budget (``max_mean_kl=1e-4``: every record's mean codec
+  KL per row within it, docs/FORMAT.md §5.1);
+* ``compact-fixed``: the compact codec with the fixed parameters it had before the budget
+  (``sqrt_step`` 2.5e-3, ``tail_step`` 2.5: format version 2's default), and
+  ``compact@fixed-KL``: the budget set to the mean KL ``compact-fixed`` reached on the same
+  records, so the two compare at equal KL;
 * ``fp16+zstd``: the common practice: each record's arrays (ids, tokens, labels, ranks as int32,
   log-probs as float16) concatenated and compressed as one zstd frame (level ``--zstd-level``, 3 by
   default, the cache writer's default too) with an offsets table; decode = decompress, view, and
@@ -24,7 +29,9 @@ bytes/tok = total bytes written (shards, tables, index; for the baselines, array
 supervised token. KL = KL(teacher top-k ‖ decoded top-k), both renormalised over the row, per row.
 Throughput is per core: encode uses one encoder thread and divides the supervised tokens by the
 process CPU time of the whole write (validation, encoding, committing, Python included); decode
-uses one thread. Timings are the best of ``--repeats`` runs (the machine may be shared). Run
+uses one thread: ``dec`` reads every record as a Python ``CacheRecord`` (``records_at``), ``batch
+dec`` (our caches only) decodes them through the native batch builder in batches of 16 records,
+the path a training DataLoader takes (``build_batch``). Timings are the best of ``--repeats`` runs (the machine may be shared). Run
 ``python benches/bench_codec.py --help`` for options.
 """
 
@@ -42,12 +49,13 @@ from pathlib import Path
 import numpy as np
 import zstandard
 
-from target_sft import CacheWriter, TeacherCache
+from target_sft import CacheWriter, TeacherCache, build_batch
 from target_sft.testing.families import FAMILIES, family_stats, load_family
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "benches" / ".data"
-STORES = ("numpy-memmap", "fp16+zstd", "exact", "compact")
+STORES = ("numpy-memmap", "fp16+zstd", "exact", "compact-fixed", "compact@fixed-KL", "compact")
+FIXED = {"max_mean_kl": None, "compact_sqrt_step": 2.5e-3, "compact_tail_step": 2.5}
 
 
 def _sort_rows(ids: np.ndarray, lps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -74,10 +82,12 @@ def kl_rows(orig_ids, orig_lps, dec_ids, dec_lps) -> np.ndarray:
     return terms.sum(axis=1)
 
 
-def write_cache(path: Path, recs, vocab: int, codec: str, threads: int) -> tuple[float, float]:
+def write_cache(
+    path: Path, recs, vocab: int, codec: str, threads: int, **kw
+) -> tuple[float, float]:
     t0, c0 = time.perf_counter(), time.process_time()
     with CacheWriter(
-        path, top_k=recs[0].topk_ids.shape[1], vocab_size=vocab, codec=codec, threads=threads
+        path, top_k=recs[0].topk_ids.shape[1], vocab_size=vocab, codec=codec, threads=threads, **kw
     ) as w:
         for r in recs:
             w.add(
@@ -204,12 +214,18 @@ def bench_family(fam, args, ref, tmp: Path) -> dict:
         "decode_tok_s_per_core": sup / dec_s,
     }
 
-    for codec in ("exact", "compact"):
-        path = tmp / codec
+    for store in STORES[2:]:
+        codec = "exact" if store == "exact" else "compact"
+        kw: dict = {}
+        if store == "compact-fixed":
+            kw = FIXED
+        elif store == "compact@fixed-KL":
+            kw = {"max_mean_kl": res["compact-fixed"]["kl_mean"]}
+        path = tmp / store
         runs = []
         for _ in range(args.repeats):
             shutil.rmtree(path, ignore_errors=True)
-            runs.append(write_cache(path, recs, vocab, codec, threads=1))
+            runs.append(write_cache(path, recs, vocab, codec, threads=1, **kw))
         wall, cpu = min(runs, key=lambda x: x[1])
         cache = TeacherCache(path)
         n = len(cache)
@@ -218,6 +234,15 @@ def bench_family(fam, args, ref, tmp: Path) -> dict:
             t0 = time.perf_counter()
             dec = cache.records_at(range(n), threads=1)
             dec_s = min(dec_s, time.perf_counter() - t0)
+        # the training path: batches of 16 records decoded by the native batch builder straight
+        # into the batch arrays (no per-record Python objects)
+        keys = [r.key for r in recs]
+        batch_s = float("inf")
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            for i in range(0, len(keys), 16):
+                build_batch(keys[i : i + 16], cache=cache, threads=1)
+            batch_s = min(batch_s, time.perf_counter() - t0)
         kl = np.concatenate(
             [
                 kl_rows(r.topk_ids, r.topk_logprobs, d.topk_ids, d.topk_logprobs)
@@ -231,7 +256,7 @@ def bench_family(fam, args, ref, tmp: Path) -> dict:
         for i in range(min(args.ref_records, len(shards[0]))):
             ref_sup += shards[0].record(i)["label_logprobs"].size
         ref_s = time.perf_counter() - t0
-        res[codec] = {
+        res[store] = {
             "bytes_per_token": cache.info.bytes / sup,
             "kl_mean": float(kl.mean()),
             "kl_p99": float(np.quantile(kl, 0.99)),
@@ -239,6 +264,7 @@ def bench_family(fam, args, ref, tmp: Path) -> dict:
             "encode_tok_s_per_core": sup / cpu,
             "encode_wall_s": wall,
             "decode_tok_s_per_core": sup / dec_s,
+            "decode_batch_tok_s_per_core": sup / batch_s,
             "python_ref_decode_tok_s": ref_sup / ref_s if ref_s > 0 else float("nan"),
         }
         shutil.rmtree(path, ignore_errors=True)
@@ -249,9 +275,9 @@ def bench_family(fam, args, ref, tmp: Path) -> dict:
 def print_family(name: str, res: dict) -> None:
     mm, fz = res["numpy-memmap"], res["fp16+zstd"]
     print(
-        f"\n[{name}]\n{'store':<14}{'bytes/tok':>10}{'mean KL':>10}{'p99 KL':>9}{'max KL':>9}"
+        f"\n[{name}]\n{'store':<18}{'bytes/tok':>10}{'mean KL':>10}{'p99 KL':>9}{'max KL':>9}"
         f"{'enc tok/s/core':>16}{'dec tok/s/core':>16}{'bytes vs fp16+zstd':>20}"
-        f"{'dec vs memmap':>15}{'dec vs py-ref':>15}"
+        f"{'dec vs memmap':>15}{'dec vs py-ref':>15}{'batch dec tok/s/core':>22}"
     )
     for store in STORES:
         r = res[store]
@@ -260,12 +286,17 @@ def print_family(name: str, res: dict) -> None:
         refv = r.get("python_ref_decode_tok_s")
         ref_s = f"{r['decode_tok_s_per_core'] / refv:,.1f}x" if refv else "-"
         print(
-            f"{store:<14}{r['bytes_per_token']:>10.1f}{r['kl_mean']:>10.2e}{r['kl_p99']:>9.1e}"
+            f"{store:<18}{r['bytes_per_token']:>10.1f}{r['kl_mean']:>10.2e}{r['kl_p99']:>9.1e}"
             f"{r['kl_max']:>9.1e}{enc_s:>16}"
             f"{r['decode_tok_s_per_core']:>16,.0f}"
             f"{r['bytes_per_token'] / fz['bytes_per_token']:>19.2f}x"
             f"{r['decode_tok_s_per_core'] / mm['decode_tok_s_per_core']:>14.2f}x"
             f"{ref_s:>15}"
+            + (
+                f"{r['decode_batch_tok_s_per_core']:>22,.0f}"
+                if "decode_batch_tok_s_per_core" in r
+                else f"{'-':>22}"
+            )
         )
 
 
@@ -338,6 +369,12 @@ def main() -> None:
     print("\nsummary (compact vs fp16+zstd, same records):")
     for name, fr in results["families"].items():
         c, f = fr["stores"]["compact"], fr["stores"]["fp16+zstd"]
+        x, e = fr["stores"]["compact-fixed"], fr["stores"]["compact@fixed-KL"]
+        print(
+            f"  {name:<10} at the fixed codec's KL {x['kl_mean']:.2e}: budget "
+            f"{e['bytes_per_token']:.1f} B/tok (KL {e['kl_mean']:.2e}) vs fixed "
+            f"{x['bytes_per_token']:.1f} B/tok ({e['bytes_per_token'] / x['bytes_per_token']:.3f}x)"
+        )
         print(
             f"  {name:<10} median top-1 {fr['shape']['median_top1_p']:.3f}, top-64 mass "
             f"{fr['shape']['mean_topk_mass']:.3f}: compact {c['bytes_per_token']:.1f} B/tok at "

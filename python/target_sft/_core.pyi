@@ -64,6 +64,7 @@ class CacheWriter:
         sqrt_step: float,
         tail_step: float,
         floor: float,
+        max_mean_kl: float | None = None,
         manifest_name: str = ...,  # "manifest.json" (core::manifest::MANIFEST_NAME)
         wait_s: float = 0.0,
         role: str = "teacher",

@@ -42,6 +42,9 @@ from target_sft.checks import (
 )
 from target_sft.errors import CacheInputError, CacheKeyError, CacheMismatchError
 
+#: The compact codec's default fidelity budget: mean codec KL per row, nats (docs/FORMAT.md §5.1).
+DEFAULT_MAX_MEAN_KL = 1e-4
+
 IGNORE_INDEX = -100
 Key = int | str
 
@@ -238,7 +241,16 @@ class CacheWriter:
             :func:`merge_manifests` joins them into ``manifest.json``; in append mode a writer
             adopts only orphan shards carrying its own prefix.
         prior_records: (compact) records buffered to learn the id-frequency table.
-        compact_sqrt_step, compact_tail_step, compact_floor: (compact) the codebook's steps.
+        max_mean_kl: (compact) the fidelity budget: the mean codec KL per row (nats,
+            ``KL(exact ‖ decoded)`` of the renormalised top-k) that every record stays within.
+            The writer measures each record at encode time and encodes it with the coarsest
+            codebook of a fixed ladder that meets the budget (docs/FORMAT.md §5.1); the manifest
+            records the budget and each shard's statistics the KL achieved. Default 1e-4.
+            ``None`` with ``compact_sqrt_step``/``compact_tail_step``: one fixed codebook.
+        compact_sqrt_step, compact_tail_step: (compact) fixed codebook steps instead of a budget
+            (give ``max_mean_kl=None``; defaults 2.5e-3 and 2.5).
+        compact_floor: (compact) the lowest codebook level (nats); lower values are stored
+            exactly.
         role: what the cached model is to a training run, recorded in the manifest
             (docs/FORMAT.md §1): ``"teacher"`` (default) or ``"reference"`` (a frozen reference
             model's rows, for ``TargetSFTCollator(reference=...)``). An append must keep it.
@@ -266,8 +278,9 @@ class CacheWriter:
         shard_prefix: str = "shard",
         manifest_name: str = "manifest.json",
         prior_records: int = 64,
-        compact_sqrt_step: float = 2.5e-3,
-        compact_tail_step: float = 2.5,
+        max_mean_kl: float | None = DEFAULT_MAX_MEAN_KL,
+        compact_sqrt_step: float | None = None,
+        compact_tail_step: float | None = None,
         compact_floor: float = -48.0,
         wait: bool | float = False,
         role: Literal["teacher", "reference"] = "teacher",
@@ -279,6 +292,17 @@ class CacheWriter:
                 raise CacheInputError(f"{name} must be a str, got {s!r}")
         if isinstance(tokenizer, str):
             tokenizer = {"fingerprint": tokenizer}
+        fixed = compact_sqrt_step is not None or compact_tail_step is not None
+        if fixed and max_mean_kl is not None:
+            raise CacheInputError(
+                "give either a fidelity budget (max_mean_kl) or fixed codebook steps "
+                "(compact_sqrt_step / compact_tail_step with max_mean_kl=None), not both"
+            )
+        if not fixed and max_mean_kl is None:
+            raise CacheInputError(
+                "max_mean_kl=None needs fixed codebook steps (compact_sqrt_step / "
+                f"compact_tail_step); or keep the default budget {DEFAULT_MAX_MEAN_KL}"
+            )
         self.path = Path(path)
         self.top_k = check_int("top_k", top_k, 1, 256)
         self._w: _core.CacheWriter | None = _core.CacheWriter(
@@ -296,9 +320,10 @@ class CacheWriter:
             manifest_name=manifest_name,
             prior_records=check_int("prior_records", prior_records, 1),
             append=mode == "append",
-            sqrt_step=float(compact_sqrt_step),
-            tail_step=float(compact_tail_step),
+            sqrt_step=float(2.5e-3 if compact_sqrt_step is None else compact_sqrt_step),
+            tail_step=float(2.5 if compact_tail_step is None else compact_tail_step),
             floor=float(compact_floor),
+            max_mean_kl=None if max_mean_kl is None else float(max_mean_kl),
             wait_s=check_wait(wait),
             role=check_role("role", role),
         )

@@ -80,6 +80,35 @@ def stats_text(info: CacheInfo) -> list[str]:
             f"  codec KL     mean {st.codec_kl_mean:.3g}, max {st.codec_kl_max:.3g} nats per row "
             "(exact vs decoded top-k, renormalised)"
         )
+        lines += shard_kl_lines(info)
+    return lines
+
+
+def shard_kl_lines(info: CacheInfo, show: int = 8) -> list[str]:
+    """The compact codec's budget and the codec KL each shard achieved (docs/FORMAT.md §5.1)."""
+    budget = info.codec_params.get("max_mean_kl")
+    if "sqrt_steps" not in info.codec_params:
+        what = "none: one fixed codebook (a cache of format version 1-2)"
+    elif budget is None:
+        what = "none: one fixed codebook"
+    else:
+        what = f"max_mean_kl {budget:.3g} nats per row, every record within it"
+    lines = [f"  KL budget    {what}"]
+    per = [
+        (s["file"], s["stats"]["codec_kl_sum"] / s["stats"]["codec_kl_rows"])
+        for s in info.shards
+        if s.get("stats") and s["stats"].get("codec_kl_rows")
+    ]
+    if not per:
+        return lines
+    kls = np.array([kl for _, kl in per])
+    lines.append(
+        f"  per shard    mean codec KL of {len(per)} shard(s): min {kls.min():.3g}, "
+        f"median {float(np.median(kls)):.3g}, max {kls.max():.3g}"
+    )
+    lines += [f"    {name}  {kl:.3g}" for name, kl in per[:show]]
+    if len(per) > show:
+        lines.append(f"    ... {len(per) - show} more")
     return lines
 
 
@@ -261,6 +290,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         rebuild_changed=args.rebuild_changed,
         role=args.role,
+        **({} if args.max_mean_kl is None else {"max_mean_kl": args.max_mean_kl}),
     )
     if result.stats.rank == 0:
         i = result.info
@@ -481,6 +511,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["compact", "exact"],
         default="compact",
         help="compact: quantised log-probs (smaller); exact: float32",
+    )
+    bld.add_argument(
+        "--max-mean-kl",
+        type=float,
+        default=None,
+        help="compact: the fidelity budget, mean KL(exact || decoded) per row in nats that "
+        "every record stays within (default 1e-4)",
     )
     bld.add_argument("--batch-tokens", type=int, default=16_384, help="padded tokens per batch")
     bld.add_argument("--max-batch-size", type=int, default=256, help="samples per batch at most")

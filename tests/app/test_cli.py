@@ -95,7 +95,14 @@ def test_inspect_stats(tmp_path, records):
     assert "entropy      mean 1.2500 nats (teacher, full vocabulary)" in out
     st = TeacherCache(tmp_path / "c").info.stats
     assert f"codec KL     mean {st.codec_kl_mean:.3g}, max {st.codec_kl_max:.3g} nats" in out
-    assert 0 < st.codec_kl_mean < 1e-3
+    assert 0 < st.codec_kl_mean <= 1e-4  # the default budget
+    assert "KL budget    max_mean_kl 0.0001 nats per row, every record within it" in out
+    # the KL each shard achieved, from its own statistics
+    info = TeacherCache(tmp_path / "c").info
+    (shard,) = info.shards
+    kl = shard["stats"]["codec_kl_sum"] / shard["stats"]["codec_kl_rows"]
+    assert "per shard    mean codec KL of 1 shard(s): " in out
+    assert f"    {shard['file']}  {kl:.3g}" in out
     # without --stats: no statistics section
     assert "statistics" not in run("cache", "inspect", str(tmp_path / "c")).stdout
 

@@ -126,13 +126,12 @@ def test_padding_side_and_batch_composition_do_not_change_records(model_dir, sam
         assert np.all(np.abs(ra.topk_logprobs[differ] - rb.topk_logprobs[differ]) < 2e-5)
 
 
-def test_compact_cache_is_the_quantised_exact_cache(model_dir, samples, tmp_path):
+def test_compact_cache_is_the_exact_cache_within_its_kl_budget(model_dir, samples, tmp_path):
     build(model_dir, samples, tmp_path / "x", codec="exact")
-    build(model_dir, samples, tmp_path / "c", codec="compact")
+    build(model_dir, samples, tmp_path / "c", codec="compact", max_mean_kl=3e-5)
     x, c = TeacherCache(tmp_path / "x"), TeacherCache(tmp_path / "c")
-    from safetensors.numpy import load_file
-
-    levels = load_file(str(next((tmp_path / "c").glob("*.safetensors"))))["codebook"]
+    assert c.info.codec_params["max_mean_kl"] == 3e-5
+    total, rows = 0.0, 0
     for s in samples:
         rx, rc = x[s["id"]], c[s["id"]]
         np.testing.assert_array_equal(rx.label_ranks, rc.label_ranks)
@@ -141,17 +140,20 @@ def test_compact_cache_is_the_quantised_exact_cache(model_dir, samples, tmp_path
         np.testing.assert_array_equal(
             np.take_along_axis(rx.topk_ids, ox, 1), np.take_along_axis(rc.topk_ids, oc, 1)
         )
-        pairs = [
-            (
-                np.take_along_axis(rx.topk_logprobs, ox, 1),
-                np.take_along_axis(rc.topk_logprobs, oc, 1),
-            ),
-            (rx.label_logprobs, rc.label_logprobs),
-        ]
-        for v_exact, v_comp in pairs:
-            nearest = levels[np.abs(v_exact[..., None] - levels).argmin(-1)]
-            tie = np.isclose(np.abs(v_exact - nearest), np.abs(v_exact - v_comp), atol=1e-6)
-            assert np.all((v_comp == nearest) | tie)
+        a = np.take_along_axis(rx.topk_logprobs, ox, 1).astype(np.float64)
+        b = np.take_along_axis(rc.topk_logprobs, oc, 1).astype(np.float64)
+        a -= np.logaddexp.reduce(a, axis=1, keepdims=True)
+        b -= np.logaddexp.reduce(b, axis=1, keepdims=True)
+        with np.errstate(invalid="ignore"):  # -inf entries (no mass) are skipped
+            terms = np.where(np.isfinite(a), np.exp(a) * (a - b), 0.0)
+        kl = np.maximum(0.0, terms.sum(1))
+        # docs/FORMAT.md §5.1: every record's mean codec KL per row is within the budget
+        assert kl.size == 0 or kl.mean() <= 3e-5 * (1 + 1e-6), (s["id"], kl.mean())
+        total, rows = total + kl.sum(), rows + kl.size
+    assert c.info.stats.codec_kl_mean == pytest.approx(total / rows, rel=1e-6)
+    # the budget is a setting: resuming with another one is refused, naming codec_params
+    with pytest.raises(CacheMismatchError, match="codec_params"):
+        build(model_dir, samples, tmp_path / "c", codec="compact", max_mean_kl=1e-4)
 
 
 def test_bf16_teacher_on_cpu(model_dir, samples, tmp_path):
@@ -649,6 +651,15 @@ def test_cli_build_from_token_ids(model_dir, model, samples, tmp_path):
     assert r.returncode == 0, r.stderr
     assert f"OK: {tmp_path / 'c'}: {len(samples)} records" in r.stdout
     check_against_reference(TeacherCache(tmp_path / "c"), model, samples[:8], atol=2e-5)
+    # the compact codec's budget reaches the manifest; without the flag, the default 1e-4
+    for flag, budget in ((("--max-mean-kl", "2e-5"), 2e-5), ((), 1e-4)):
+        out = tmp_path / f"k{budget}"
+        r = cli("cache", "build", "--teacher", str(model_dir), "--data", str(data),
+                "--out", str(out), "--top-k", str(K), "-q", *flag)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        info = TeacherCache(out).info
+        assert info.codec_params["max_mean_kl"] == budget
+        assert info.stats.codec_kl_mean <= budget
 
 
 def test_cli_build_from_prompt_response_text_with_the_chat_template(model_dir, tmp_path):

@@ -50,7 +50,7 @@ from safetensors import safe_open
 
 FORMAT = "target-sft-cache"
 SHARD_FORMAT = "target-sft-shard"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 CHECKSUMMED_VERSION = 2  # §7: manifests and shards from this version on carry region checksums
 MANIFEST_CHECKSUM = "manifest_checksum"
 IGNORE_INDEX = -100
@@ -352,9 +352,11 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     if m.get("codec") not in CODECS:
         raise RefFormatError(f"{mpath}: unknown codec {m.get('codec')!r}")
     params = m.get("codec_params")
-    need = {"zstd_level"} | (
-        {"sqrt_step", "tail_step", "floor"} if m["codec"] == "compact" else set()
-    )
+    need = {"zstd_level"}
+    if m["codec"] == "compact" and isinstance(params, dict):
+        # §5.1: a ladder (version 3) or one fixed codebook (versions 1-2)
+        ladder = {"sqrt_steps", "tail_steps", "floor", "max_mean_kl"}
+        need |= ladder if "sqrt_steps" in params else {"sqrt_step", "tail_step", "floor"}
     if not isinstance(params, dict) or not need <= params.keys():
         raise RefFormatError(f"{mpath}: codec_params {params!r} lacks {sorted(need)}")
     if not (isinstance(m.get("top_k"), int) and 1 <= m["top_k"] <= 256):
@@ -433,8 +435,8 @@ class RefShard:
             raise RefCorruptionError(f"{self.name}: __metadata__ missing or not all strings")
         if meta.get("format") != SHARD_FORMAT:
             raise RefFormatError(f"{self.name}: metadata format {meta.get('format')!r}")
-        if meta.get("format_version") not in ("1", "2"):
-            if meta.get("format_version", "").isdigit() and int(meta["format_version"]) > 2:
+        if meta.get("format_version") not in ("1", "2", "3"):
+            if meta.get("format_version", "").isdigit() and int(meta["format_version"]) > 3:
                 raise RefVersionError(f"{self.name}: format_version {meta['format_version']}")
             raise RefFormatError(f"{self.name}: format_version {meta.get('format_version')!r}")
         self.format_version = int(meta["format_version"])
@@ -534,13 +536,48 @@ class RefShard:
         self.key_bytes = t["key_bytes"].tobytes()
         self.payload = t["payload"].tobytes()
         if self.codec == "compact":
-            self.codebook = t["codebook"]
             self.id_table = t["id_table"]
-            cb = self.codebook
-            if len(cb) == 0 or cb[0] != 0 or not np.all(cb[1:] < cb[:-1]):
-                raise RefCorruptionError(f"{self.name}: codebook not strictly decreasing from 0")
-            if len(cb) > MAX_LEVELS:  # §5.1: 1 <= L <= 65000
-                raise RefCorruptionError(f"{self.name}: codebook of {len(cb)} levels")
+            # §5.1: with a ladder (codec_params sqrt_steps) the codebook tensor holds the tables
+            # of the rungs listed in codebook_rungs, in order, and every frame names its rung;
+            # otherwise it is one table and frames carry no rung byte.
+            self.rung_byte = "sqrt_steps" in self.codec_params
+            cb = t["codebook"]
+            if self.rung_byte:
+                # §2: a JSON list of [rung, levels] pairs of integers
+                try:
+                    listed = json.loads(meta["codebook_rungs"])
+                except (KeyError, ValueError) as e:
+                    raise RefFormatError(f"{self.name}: bad codebook_rungs: {e}") from e
+                if not isinstance(listed, list) or not all(
+                    isinstance(pair, list) and len(pair) == 2 and all(type(x) is int for x in pair)
+                    for pair in listed
+                ):
+                    raise RefFormatError(
+                        f"{self.name}: codebook_rungs {meta['codebook_rungs']!r} is not a list "
+                        "of [rung, levels] pairs of integers"
+                    )
+                pairs = [(j, n) for j, n in listed]
+                rungs = len(self.codec_params["sqrt_steps"])
+                self.codebooks: dict[int, np.ndarray] = {}
+                at = 0
+                for j, n in pairs:
+                    if not 0 <= j < rungs or j in self.codebooks or n < 1:
+                        raise RefCorruptionError(f"{self.name}: codebook_rungs entry [{j}, {n}]")
+                    self.codebooks[j] = cb[at : at + n]
+                    at += n
+                if at != len(cb):
+                    raise RefCorruptionError(
+                        f"{self.name}: codebook_rungs accounts for {at} of {len(cb)} levels"
+                    )
+            else:
+                self.codebooks = {0: cb}
+            for table in self.codebooks.values():
+                if len(table) == 0 or table[0] != 0 or not np.all(table[1:] < table[:-1]):
+                    raise RefCorruptionError(
+                        f"{self.name}: codebook not strictly decreasing from 0"
+                    )
+                if len(table) > MAX_LEVELS:  # §5.1: 1 <= L <= 65000
+                    raise RefCorruptionError(f"{self.name}: codebook of {len(table)} levels")
             if len(self.id_table) and int(self.id_table.max()) >= self.vocab_size:
                 raise RefCorruptionError(f"{self.name}: id_table holds ids >= vocab_size")
             if len(np.unique(self.id_table)) != len(self.id_table):
@@ -605,7 +642,13 @@ class RefShard:
         else:
             row_labels = rec["labels"][1:][rec["labels"][1:] != IGNORE_INDEX]
             rows = decode_compact_rows(
-                cur, row_labels, self.top_k, self.vocab_size, self.codebook, self.id_table
+                cur,
+                row_labels,
+                self.top_k,
+                self.vocab_size,
+                self.codebooks,
+                self.rung_byte,
+                self.id_table,
             )
         cur.expect_done("the rows section")
         rec.update(rows)
@@ -664,13 +707,25 @@ def decode_compact_rows(
     row_labels: np.ndarray,
     k: int,
     vocab_size: int,
-    levels: np.ndarray,
+    codebooks: dict[int, np.ndarray],
+    rung_byte: bool,
     id_table: np.ndarray,
 ) -> dict[str, np.ndarray]:
     """Compact rows (§5.3), following the document's pseudo-code. ``row_labels[r]`` is the label
-    of row ``r`` (``labels[t]`` at the row's position, from the tokens section)."""
+    of row ``r`` (``labels[t]`` at the row's position, from the tokens section); ``codebooks``
+    the shard's tables by rung, ``rung_byte`` whether the section starts with its rungs and
+    split (§5.1, §5.3: rows ``r < split`` use rung ``a``, the others rung ``b``)."""
     s_len = len(row_labels)
-    n_levels = len(levels)
+    if rung_byte:
+        rung_a, rung_b, split = cur.u8(), cur.u8(), cur.varint()
+        if split > s_len:
+            raise cur.fail(f"rung split {split} > S = {s_len}")
+    else:
+        rung_a = rung_b = 0
+        split = s_len
+    for rung in (rung_a, rung_b):
+        if rung not in codebooks:
+            raise cur.fail(f"codebook rung {rung} is not stored in the shard")
     m = len(id_table)
     flags = cur.u8()
     if flags & ~1:
@@ -740,8 +795,14 @@ def decode_compact_rows(
             raise cur.fail(f"{where}: label {label} among the ids but row_flags is 0")
         ids[r, :n] = row
 
-        # values: the label's (which is also its entry's), then each remaining entry's.
-        def value_of(q: int, where: str = where) -> np.float32:
+        # values, with the row's codebook: the label's (which is also its entry's), then each
+        # remaining entry's.
+        levels = codebooks[rung_a if r < split else rung_b]
+        n_levels = len(levels)
+
+        def value_of(
+            q: int, where: str = where, levels: np.ndarray = levels, n_levels: int = n_levels
+        ) -> np.float32:
             if q < n_levels:
                 return levels[q]
             if q == n_levels:

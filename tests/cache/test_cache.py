@@ -60,13 +60,49 @@ def test_exact_roundtrip_and_info(tmp_path, records):
     assert "missing" not in c and 10**6 not in c
 
 
-def test_compact_is_the_default_and_bounded(tmp_path, records):
+def _row_kl(want: dict[int, float], have: dict[int, float]) -> float:
+    """KL(exact || decoded) of one row, both renormalised over its entries (float64)."""
+    ids = sorted(want)
+    a = np.array([want[i] for i in ids], dtype=np.float64)
+    b = np.array([have[i] for i in ids], dtype=np.float64)
+    a, b = a - np.logaddexp.reduce(a), b - np.logaddexp.reduce(b)
+    return float(max(0.0, np.sum(np.exp(a) * (a - b))))
+
+
+def test_compact_with_a_kl_budget_is_the_default(tmp_path, records):
     write(tmp_path / "c", records)
     c = TeacherCache(tmp_path / "c")
     assert c.info.codec == "compact"
+    assert c.info.codec_params["max_mean_kl"] == 1e-4
+    total, rows = 0.0, 0
     for r in records:
         got = c.get(r["key"], input_ids=r["input_ids"])
         assert np.array_equal(got.label_ranks, r["label_ranks"])
+        kls = []
+        for row in range(r["label_ranks"].size):
+            want = dict(
+                zip(r["topk_ids"][row].tolist(), r["topk_logprobs"][row].tolist(), strict=True)
+            )
+            have = dict(
+                zip(got.topk_ids[row].tolist(), got.topk_logprobs[row].tolist(), strict=True)
+            )
+            assert want.keys() == have.keys()  # ids are lossless
+            kls.append(_row_kl(want, have))
+        # FORMAT.md §5.1: every record's mean KL per row is within the budget
+        assert np.mean(kls) <= 1e-4 * (1 + 1e-6), (r["key"], np.mean(kls))
+        total, rows = total + sum(kls), rows + len(kls)
+    st = c.info.stats
+    assert st.codec_kl_rows == rows
+    assert st.codec_kl_mean == pytest.approx(total / rows, rel=1e-6)
+
+
+def test_compact_with_fixed_steps_is_bounded(tmp_path, records):
+    write(tmp_path / "c", records, max_mean_kl=None, compact_sqrt_step=2.5e-3)
+    c = TeacherCache(tmp_path / "c")
+    assert c.info.codec_params["max_mean_kl"] is None
+    assert c.info.codec_params["sqrt_steps"] == [2.5e-3]
+    for r in records:
+        got = c.get(r["key"], input_ids=r["input_ids"])
         for row in range(r["label_ranks"].size):
             want = dict(
                 zip(r["topk_ids"][row].tolist(), r["topk_logprobs"][row].tolist(), strict=True)
@@ -80,6 +116,15 @@ def test_compact_is_the_default_and_bounded(tmp_path, records):
                 rp, h = np.sqrt(np.exp(v)), 2.5e-3
                 bound = 2 * np.log(rp / (rp - h / 2)) + 1e-4 if rp > 3 * h else 1.25 + 1e-4
                 assert abs(have[i] - v) <= bound, (i, v, have[i])
+
+
+def test_budget_and_fixed_steps_are_exclusive(tmp_path):
+    with pytest.raises(CacheInputError, match="not both"):
+        CacheWriter(tmp_path / "a", vocab_size=100, compact_sqrt_step=1e-3)
+    with pytest.raises(CacheInputError, match="fixed codebook steps"):
+        CacheWriter(tmp_path / "b", vocab_size=100, max_mean_kl=None)
+    with pytest.raises(CacheInputError, match="max_mean_kl"):
+        CacheWriter(tmp_path / "c", vocab_size=100, max_mean_kl=2.0)
 
 
 def test_torch_inputs(tmp_path):

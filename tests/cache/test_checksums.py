@@ -170,11 +170,12 @@ def test_version1_caches_still_read_with_one_warning(codec, tmp_path):
         assert np.array_equal(got.topk_ids, r["topk_ids"]) or codec == "compact"
         assert np.array_equal(got.label_ranks, r["label_ranks"])
     assert c.verify() == 4
-    # appending writes version-2 shards and a sealed version-2 manifest; the old shards stay
+    # appending writes version-2 shards (the fixed codebook kept: §5.1) and a sealed version-3
+    # manifest; the old shards stay
     settings = {"teacher": {"name": "t"}, "tokenizer": "tok"}  # as the fixture was written
     with CacheWriter(path, top_k=8, vocab_size=1000, codec=codec, mode="append", **settings) as w:
         w.add(**make_record("new", rng))
     m = json.loads((path / "manifest.json").read_text())
-    assert m["format_version"] == 2 and m["manifest_checksum"].startswith("xxh3-64:")
+    assert m["format_version"] == 3 and m["manifest_checksum"].startswith("xxh3-64:")
     c = TeacherCache(path)
     assert len(c) == 5 and c.verify() == 5

@@ -7,12 +7,18 @@ label exceptions, rows with padding, empty rows, -inf and sub-floor log-probs, f
 twice: by ``target_sft.TeacherCache`` and by the reference reader. Both must return the same
 arrays bit for bit; the exact codec must return what was written bit for bit; the compact codec
 must return exactly what FORMAT.md §5 predicts from the written data (ids in the decoded row order
-of §5.3, log-probs quantised by the encoding rule of §5.1, within its error bound).
+of §5.3, log-probs quantised by the encoding rule of §5.1 with the table of the rung each row's
+codebook is, within its error bound). Compact caches are written under the default fidelity budget
+(format version 3: a codebook ladder, records at several rungs per shard, each frame's rows section
+starting with ``u8 rung_a, u8 rung_b, varint split``: rows ``r < split`` coded with rung ``a``'s
+table, the others with rung ``b``'s) and with fixed steps (a one-rung ladder); version 1 and
+version 2 frames (one table, no rung bytes) are read from tests/data/v1 and from an append to it.
 
 A second, spec-side *encoder* (in this file, also from FORMAT.md alone) re-encodes every written
 record and must reproduce the writer's raw frames byte for byte. It is also used to craft frames
 that break one rule of §5.3 at a time (both readers must refuse them) and valid frames the writer
-never emits (both readers must decode them identically).
+never emits (both readers must decode them identically), and to store damaged or unusual
+``codebook_rungs`` (§2).
 
 No test is skipped: codec-specific tests are parametrised over the caches of that codec only.
 """
@@ -40,6 +46,7 @@ from target_sft import CacheWriter, TeacherCache
 from target_sft.errors import (
     CacheCorruptionError,
     CacheError,
+    CacheFormatError,
     CacheInputError,
     CacheMismatchError,
     CacheVersionError,
@@ -50,7 +57,52 @@ from target_sft.errors import (
 V1_CACHES = Path(__file__).resolve().parents[1] / "data" / "v1"
 
 FIELDS = rr.RECORD_FIELDS[1:]  # the array fields
-DEFAULT_PARAMS = {"sqrt_step": 2.5e-3, "tail_step": 2.5, "floor": -48.0}  # §5.1 defaults
+#: §5.1: the version-2 default codebook (one fixed table; still what ``max_mean_kl=None`` with
+#: these steps writes, as a one-rung ladder).
+DEFAULT_PARAMS = {"sqrt_step": 2.5e-3, "tail_step": 2.5, "floor": -48.0}
+
+
+#: §5.1: the default ladder's rung whose codebook is the version-2 default (``DEFAULT_PARAMS``),
+#: and the rung a record without supervised rows names twice (§4).
+DEFAULT_RUNG = 74
+
+
+def default_ladder() -> dict[str, Any]:
+    """§5.1, "The ladder and the fidelity budget", computed from the text alone: 128 rungs,
+    ``sqrt_steps[j] = 2.5e-3 · c[e mod 16] · 2^(e div 16)`` with ``e = j − 74`` (floor division)
+    and ``c[i]`` the float64 nearest ``2^(i/16)``, ``tail_steps[j] = min(1000 · sqrt_steps[j],
+    8)``, ``floor = -48``, budget 1e-4."""
+    c = [2.0 ** (i / 16) for i in range(16)]
+    e = [j - DEFAULT_RUNG for j in range(128)]
+    sqrt_steps = [2.5e-3 * c[x % 16] * 2.0 ** (x // 16) for x in e]
+    return {
+        "sqrt_steps": sqrt_steps,
+        "tail_steps": [min(1000 * h, 8.0) for h in sqrt_steps],
+        "floor": -48.0,
+        "max_mean_kl": 1e-4,
+    }
+
+
+def fixed_ladder(sqrt_step: float, tail_step: float, floor: float = -48.0) -> dict[str, Any]:
+    """§5.1: a fixed codebook of version 3 is a one-rung ladder with ``max_mean_kl = null``."""
+    return {
+        "sqrt_steps": [sqrt_step],
+        "tail_steps": [tail_step],
+        "floor": floor,
+        "max_mean_kl": None,
+    }
+
+
+def rung_params(codec_params: dict[str, Any], rung: int | None) -> dict[str, float]:
+    """The ``(sqrt_step, tail_step, floor)`` of one rung of a ladder (§5.1), or the fixed ones
+    of a version 1–2 cache (``rung`` None)."""
+    if rung is None:
+        return {k: codec_params[k] for k in ("sqrt_step", "tail_step", "floor")}
+    return {
+        "sqrt_step": codec_params["sqrt_steps"][rung],
+        "tail_step": codec_params["tail_steps"][rung],
+        "floor": codec_params["floor"],
+    }
 
 
 def escape_threshold(params: dict[str, float]) -> float:
@@ -247,6 +299,45 @@ def synthetic_records(n: int, vocab: int, k: int, seed: int) -> list[dict[str, A
     return out
 
 
+def peakedness_records(n: int, vocab: int, k: int, seed: int) -> list[dict[str, Any]]:
+    """Records whose rows all have one peakedness per record, from flat (logit scale 0.3) to very
+    peaked (scale 20): under a fidelity budget the writer encodes them at different rungs of the
+    ladder (§5.1), several of them in one shard."""
+    rng = np.random.default_rng(seed)
+    scales = [0.3, 1.0, 3.0, 8.0, 20.0]
+    out = []
+    for i in range(n):
+        t_len = int(rng.integers(10, 40))
+        input_ids = rng.integers(0, vocab, t_len).astype(np.int32)
+        labels = np.full(t_len, -100, dtype=np.int32)
+        s_len = t_len - 1
+        ids = np.empty((s_len, k), np.int32)
+        lps = np.empty((s_len, k), np.float32)
+        label_lps = np.empty(s_len, np.float32)
+        ranks = np.empty(s_len, np.int32)
+        for r in range(s_len):
+            cand = rng.choice(vocab, 4 * k, replace=False)
+            logits = rng.normal(0.0, scales[i % len(scales)], 4 * k)
+            lp = logits - np.logaddexp.reduce(logits)
+            order = np.argsort(-lp, kind="stable")
+            ids[r], lps[r] = cand[order[:k]], lp[order[:k]]
+            j = int(rng.integers(0, k)) if rng.random() < 0.7 else int(rng.integers(k, 4 * k))
+            labels[r + 1] = input_ids[r + 1] = cand[order[j]]
+            label_lps[r], ranks[r] = np.float32(lp[order[j]]), j
+        out.append(
+            {
+                "key": f"peaked-{i}",
+                "input_ids": input_ids,
+                "labels": labels,
+                "topk_ids": ids,
+                "topk_logprobs": lps,
+                "label_logprobs": label_lps,
+                "label_ranks": ranks,
+            }
+        )
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # A spec-side encoder (FORMAT.md §4, §5), independent of the reader's decoding loop.
 
@@ -297,11 +388,50 @@ def dequantize(u: np.ndarray, levels: np.ndarray, s: float) -> np.ndarray:
     return np.where(q < len(levels), levels[np.minimum(q, len(levels) - 1)], u).astype(np.float32)
 
 
+@dataclass(frozen=True)
+class FrameBooks:
+    """The codebooks a compact frame's values are coded with (§5.1, §5.3). With a ladder the rows
+    section starts with ``u8 rung_a, u8 rung_b, varint split``: rows ``r < split`` use rung
+    ``a``'s table, the others rung ``b``'s. A version 1–2 frame (``a`` None) has no such header
+    and one table for every row. ``tables``: rung (None without a ladder) -> (levels, tail step).
+    """
+
+    tables: dict[int | None, tuple[np.ndarray, float]]
+    a: int | None = None
+    b: int | None = None
+    split: int = 0
+
+    @staticmethod
+    def one_rung(rung: int, levels: np.ndarray, s: float) -> FrameBooks:
+        """Every row with rung ``rung``'s table (``rung_a = rung_b``, split 0)."""
+        return FrameBooks({rung: (levels, s)}, rung, rung, 0)
+
+    def rung(self, r: int) -> int | None:
+        """The rung of row ``r`` (§5.3: ``rung_a`` if ``r < split`` else ``rung_b``)."""
+        return self.a if r < self.split else self.b
+
+    def row(self, r: int) -> tuple[np.ndarray, float]:
+        """(levels, tail step) of row ``r``'s codebook."""
+        return self.tables[self.rung(r)]
+
+    def rungs_used(self, s_len: int) -> set[int | None]:
+        """The rungs whose tables the rows of a record of ``s_len`` rows are coded with."""
+        return {self.rung(r) for r in range(s_len)}
+
+    def head(self) -> bytes:
+        """The first bytes of the rows section (§5.3): the two rungs and the split, or nothing
+        (version 1–2)."""
+        if self.a is None:
+            return b""
+        return bytes([self.a, self.b]) + put_varint(self.split)
+
+
 @dataclass
 class Row:
     """One compact row as §5.3 codes it (absolute ranks; gaps are formed on serialisation)."""
 
     n: int
+    n_levels: int  # L of the row's codebook (§5.1: rung_a's or rung_b's table)
     flag: int
     mask: bytes
     ranks: list[int]
@@ -314,10 +444,11 @@ class Row:
 
 
 def compact_rows(
-    rec: dict[str, Any], levels: np.ndarray, id_table: np.ndarray, s: float
+    rec: dict[str, Any], books: FrameBooks, id_table: np.ndarray
 ) -> tuple[list[Row], dict[str, np.ndarray]]:
-    """The rows of ``rec`` as the writer must code them (§5.3), and what a reader must decode."""
-    L, M = len(levels), len(id_table)
+    """The rows of ``rec`` as the writer must code them (§5.3), each row's values with its own
+    codebook (``books.row(r)``), and what a reader must decode."""
+    M = len(id_table)
     rank_of = {int(x): i for i, x in enumerate(id_table.tolist())}
     labels = rec["labels"]
     row_labels = labels[1:][labels[1:] != -100]
@@ -329,6 +460,8 @@ def compact_rows(
     rows: list[Row] = []
     prev: list[int] = []
     for r in range(s_len):
+        levels, s = books.row(r)
+        L = len(levels)
         n = int(np.sum(ids[r] != -1))
         valid = [int(x) for x in ids[r, :n]]
         lp_of = dict(zip(valid, lps[r, :n].tolist(), strict=True))
@@ -351,6 +484,7 @@ def compact_rows(
         rows.append(
             Row(
                 n=n,
+                n_levels=L,
                 flag=flag,
                 mask=np.packbits(bits, bitorder="little").tobytes() if r else b"",
                 ranks=[rank_of.get(x, M + x) for x in new],
@@ -414,9 +548,15 @@ def join_streams(flags: int, st: dict[str, bytes]) -> bytes:
 
 
 def encode_frame(
-    rec: dict[str, Any], codec: str, levels=None, id_table=None, s: float = 0.0, full_flag=None
+    rec: dict[str, Any],
+    codec: str,
+    books: FrameBooks | None = None,
+    id_table=None,
+    full_flag=None,
 ) -> bytes:
-    """The raw frame FORMAT.md §4 prescribes for ``rec``."""
+    """The raw frame FORMAT.md §4 prescribes for ``rec`` (compact: the rows section starts with
+    ``books``' rungs and split, or nothing for a version 1–2 frame, and each row's values are
+    coded with its codebook: §5.1, §5.3)."""
     t_len, s_len = len(rec["input_ids"]), len(rec["label_ranks"])
     out = put_varint(t_len) + put_varint(s_len) + encode_tokens(rec["input_ids"], rec["labels"])
     if codec == "exact":
@@ -428,8 +568,27 @@ def encode_frame(
         ):
             out += planes(np.asarray(rec[f], dtype=dt))
         return out
-    rows, _ = compact_rows(rec, levels, id_table, s)
+    assert books is not None
+    rows, _ = compact_rows(rec, books, id_table)
+    out += books.head()
     return out + join_streams(*compact_streams(rows, rec["topk_ids"].shape[1], full_flag))
+
+
+def frame_books(shard: rr.RefShard, raw: bytes) -> FrameBooks:
+    """The codebooks a compact frame is coded with (§5.1), read from the frame: with a ladder
+    the rows section starts with ``u8 rung_a, u8 rung_b, varint split`` (§5.3), two rungs the
+    shard's ``codebook_rungs`` lists and ``split <= S``; without one (version 1–2) there are no
+    rung bytes and one table."""
+    _, s_len, start = tokens_end(shard, raw)
+    if not shard.rung_byte:
+        return FrameBooks({None: (shard.codebooks[0], shard.codec_params["tail_step"])})
+    cur = rr.Cursor(raw, "frame")
+    cur.pos = start
+    a, b, split = cur.u8(), cur.u8(), cur.varint()
+    where = (shard.name, a, b, split, s_len, list(shard.codebooks))
+    assert a in shard.codebooks and b in shard.codebooks and split <= s_len, where
+    tails = shard.codec_params["tail_steps"]
+    return FrameBooks({j: (shard.codebooks[j], tails[j]) for j in (a, b)}, a, b, split)
 
 
 # --------------------------------------------------------------------------------------------
@@ -442,16 +601,20 @@ class Built:
     codec: str
     k: int
     vocab: int
-    params: dict[str, float]
+    params: dict[str, Any]  # compact: the codec_params the manifest must hold (zstd_level aside)
     written: dict[Any, dict[str, Any]]
 
 
+#: ``max_mean_kl=None`` with fixed steps: one fixed codebook (a one-rung ladder, §5.1).
+FIXED = {"max_mean_kl": None, "compact_sqrt_step": 2.5e-3, "compact_tail_step": 2.5}
 CONFIGS = {
-    # name: (codec, top_k, vocab, data, writer kwargs)
+    # name: (codec, top_k, vocab, data, writer kwargs); compact without kwargs: the default
+    # fidelity budget over the default ladder (§5.1), records at several rungs per shard
     "exact-k1-v1000": ("exact", 1, 1000, "local", {}),
     "compact-k1-v1000": ("compact", 1, 1000, "local", {}),
     "exact-k8-v1000": ("exact", 8, 1000, "local", {}),
     "compact-k8-v1000": ("compact", 8, 1000, "local", {}),
+    "compact-k8-v1000-fixed": ("compact", 8, 1000, "local", FIXED),
     "exact-k64-v151936": ("exact", 64, 151_936, "local", {}),
     "compact-k64-v151936": ("compact", 64, 151_936, "local", {}),
     "compact-k64-v1000-steps": (  # 2h/s > h: the other branch of max(2h/s, h) in §5.1
@@ -459,13 +622,33 @@ CONFIGS = {
         64,
         1000,
         "local",
-        {"compact_sqrt_step": 1e-2, "compact_tail_step": 1.0, "compact_floor": -30.0},
+        {
+            "max_mean_kl": None,
+            "compact_sqrt_step": 1e-2,
+            "compact_tail_step": 1.0,
+            "compact_floor": -30.0,
+        },
     ),
     "compact-k8-synthetic": ("compact", 8, 1000, "synthetic", {}),
     "exact-k8-synthetic": ("exact", 8, 1000, "synthetic", {}),
+    "compact-k16-v4000-peakedness": ("compact", 16, 4000, "peakedness", {}),
 }
 EXACT = sorted(n for n, c in CONFIGS.items() if c[0] == "exact")
 COMPACT = sorted(n for n, c in CONFIGS.items() if c[0] == "compact")
+
+
+def expected_codec_params(kw: dict[str, Any]) -> dict[str, Any]:
+    """The compact ``codec_params`` (zstd_level aside) a writer given ``kw`` must store."""
+    if "max_mean_kl" in kw and kw["max_mean_kl"] is None:
+        return fixed_ladder(
+            kw.get("compact_sqrt_step", DEFAULT_PARAMS["sqrt_step"]),
+            kw.get("compact_tail_step", DEFAULT_PARAMS["tail_step"]),
+            kw.get("compact_floor", DEFAULT_PARAMS["floor"]),
+        )
+    ladder = default_ladder()
+    if "max_mean_kl" in kw:
+        ladder["max_mean_kl"] = kw["max_mean_kl"]
+    return ladder
 
 
 def write_cache(path: Path, codec: str, k: int, vocab: int, recs, **kw) -> None:
@@ -484,15 +667,17 @@ def build(name: str, tmp_path_factory) -> Built:
     if name not in _BUILT:
         codec, k, vocab, data, kw = CONFIGS[name]
         seed = sorted(CONFIGS).index(name)
-        params = {
-            "sqrt_step": kw.get("compact_sqrt_step", DEFAULT_PARAMS["sqrt_step"]),
-            "tail_step": kw.get("compact_tail_step", DEFAULT_PARAMS["tail_step"]),
-            "floor": kw.get("compact_floor", DEFAULT_PARAMS["floor"]),
-        }
+        params = expected_codec_params(kw)
+        # the values around the escape threshold are placed for the fixed table, or for the
+        # ladder's rung 74 (the version-2 default)
+        rung = min(DEFAULT_RUNG, len(params["sqrt_steps"]) - 1)
+        threshold = escape_threshold(rung_params(params, rung))
         if data == "synthetic":
             recs = synthetic_records(24, vocab, k, seed)
+        elif data == "peakedness":
+            recs = peakedness_records(30, vocab, k, seed)
         else:
-            recs = make_records(seed, 36 if k < 64 else 20, vocab, k, escape_threshold(params))
+            recs = make_records(seed, 36 if k < 64 else 20, vocab, k, threshold)
             if k == 8 and vocab == 1000:
                 recs.insert(3, feature_record())
         path = tmp_path_factory.mktemp(name) / "cache"
@@ -592,7 +777,10 @@ def test_reference_matches_teacher_cache(built):
 
 def test_writer_frames_are_the_spec_encoding(built):
     """Every raw frame the writer stored is, byte for byte, what FORMAT.md §4/§5 prescribes for
-    the written record (the compact encoder here uses only the shard's codebook and id table)."""
+    the written record (the compact encoder here uses only the shard's id table and, for each
+    row, the table of the rung the frame names for it: rows ``r < split`` rung_a's, the others
+    rung_b's; which rungs and split a budget picks is the writer's choice, §5.1, checked in
+    test_budget_splits_rows_between_two_rungs)."""
     shards = rr.open_shards(built.path)[1]
     assert len(shards) >= 2, "shard_size is small: the cache must span several shards"
     for shard in shards:
@@ -602,8 +790,9 @@ def test_writer_frames_are_the_spec_encoding(built):
             if built.codec == "exact":
                 expect = encode_frame(w, "exact")
             else:
-                s = built.params["tail_step"]
-                expect = encode_frame(w, "compact", shard.codebook, shard.id_table, s)
+                books = frame_books(shard, raw)
+                assert books.a is not None, "version 3 frames carry their rungs and split"
+                expect = encode_frame(w, "compact", books, shard.id_table)
             assert raw == expect, (shard.name, i, shard.keys[i])
 
 
@@ -624,55 +813,74 @@ def test_compact_decodes_what_the_spec_predicts(compact_built):
     b = compact_built
     refs = ref_records_of(b)
     shard_of = shard_of_record(b)
-    s = b.params["tail_step"]
     for got in refs:
         w = b.written[got["key"]]
         where = f"key {got['key']!r}"
         for f in ("input_ids", "labels", "label_ranks"):
             assert np.array_equal(got[f], w[f]), (where, f)
         shard = shard_of[got["key"]]
-        _, expect = compact_rows(w, shard.codebook, shard.id_table, s)
+        books = frame_books(shard, shard.frame(shard.keys.index(got["key"])))
+        where += f" rungs {books.a}, {books.b}, split {books.split}"
+        _, expect = compact_rows(w, books, shard.id_table)
         for f in FIELDS[2:]:
             assert_same_arrays(got[f], expect[f], (where, f))
         positions = np.flatnonzero(w["labels"][1:] != -100) + 1
         for r in range(len(positions)):
+            codebook, s = books.row(r)  # §5.3: rung_a's table if r < split, else rung_b's
             n = int(np.sum(w["topk_ids"][r] != -1))
             gid, glp = got["topk_ids"][r], got["topk_logprobs"][r]
             assert np.all(gid[n:] == -1) and np.all(np.isneginf(glp[n:])), (where, r)
             assert sorted(gid[:n].tolist()) == sorted(w["topk_ids"][r, :n].tolist()), (where, r)
             by_id = dict(zip(w["topk_ids"][r, :n].tolist(), w["topk_logprobs"][r, :n], strict=True))
             written = np.array([by_id[x] for x in gid[:n].tolist()], dtype=np.float32)
-            error_bound_check(written, glp[:n], shard.codebook, s, (where, r))
+            error_bound_check(written, glp[:n], codebook, s, (where, r))
             label = w["labels"][positions[r]]
             if n and gid[0] == label:  # §3: rank < k; §5.3: the entry's value, also for the label
                 assert got["label_ranks"][r] < b.k, (where, r)
                 assert bits(got["label_logprobs"][r : r + 1]) == bits(glp[:1]), (where, r)
-                error_bound_check(
-                    np.float32([by_id[int(label)]]), glp[:1], shard.codebook, s, (where, r)
-                )
+                error_bound_check(np.float32([by_id[int(label)]]), glp[:1], codebook, s, (where, r))
             else:
                 assert label not in gid[:n].tolist(), (where, r)
                 error_bound_check(
                     w["label_logprobs"][r : r + 1],
                     got["label_logprobs"][r : r + 1],
-                    shard.codebook,
+                    codebook,
                     s,
                     (where, r),
                 )
 
 
 def test_shards_are_safetensors(built):
+    """§2: the tensors and metadata of a version-3 shard; a compact shard lists in
+    ``codebook_rungs`` exactly the rungs its frames name (rung_a and rung_b of each; §5.1: "each
+    shard stores the tables of the rungs its records use"), each with its table's length, and its
+    ``codebook`` tensor is those tables end to end."""
     m = rr.read_manifest(built.path)
     expected = {name for name, _ in rr._TENSORS[built.codec]}
     for e in m["shards"]:
         with safe_open(str(built.path / e["file"]), framework="numpy") as st:
             assert set(st.keys()) == expected
             meta = st.metadata()
-            assert meta["format"] == "target-sft-shard" and meta["format_version"] == "2"
+            assert meta["format"] == "target-sft-shard" and meta["format_version"] == "3"
             assert meta["codec"] == built.codec and int(meta["top_k"]) == built.k
             assert int(meta["vocab_size"]) == built.vocab and int(meta["records"]) == e["records"]
             assert json.loads(meta["codec_params"]) == m["codec_params"]
             assert st.get_tensor("record_index").shape == (e["records"], 5)
+            if built.codec == "exact":
+                assert "codebook_rungs" not in meta
+                continue
+            listed = json.loads(meta["codebook_rungs"])
+            codebook = st.get_tensor("codebook")
+        shard = rr.RefShard(built.path / e["file"], m, e)
+        used = set()
+        for i in range(len(shard)):
+            books = frame_books(shard, shard.frame(i))
+            used |= {books.a, books.b}
+        assert sorted(j for j, _ in listed) == sorted(used), e["file"]
+        assert sum(n for _, n in listed) == len(codebook)
+        tables = [shard.codebooks[j] for j, _ in listed]
+        assert [len(t) for t in tables] == [n for _, n in listed]
+        assert_same_arrays(np.concatenate(tables), codebook, e["file"])
 
 
 def test_writer_uses_the_tensor_order_of_section_2(built):
@@ -682,16 +890,16 @@ def test_writer_uses_the_tensor_order_of_section_2(built):
 
 def test_manifest(built):
     m = rr.read_manifest(built.path)
-    assert m["format"] == "target-sft-cache" and m["format_version"] == 2
+    assert m["format"] == "target-sft-cache" and m["format_version"] == 3
     assert m["codec"] == built.codec and m["top_k"] == built.k and m["vocab_size"] == built.vocab
     assert m["complete"] is True
     assert m["num_records"] == len(built.written)
     assert m["num_tokens"] == sum(len(r["input_ids"]) for r in built.written.values())
     assert m["num_supervised"] == sum(len(r["label_ranks"]) for r in built.written.values())
-    expected_keys = {"zstd_level"} | (set(DEFAULT_PARAMS) if built.codec == "compact" else set())
+    expected_keys = {"zstd_level"} | (set(built.params) if built.codec == "compact" else set())
     assert set(m["codec_params"]) == expected_keys
-    if built.codec == "compact":
-        assert {k: m["codec_params"][k] for k in DEFAULT_PARAMS} == built.params
+    if built.codec == "compact":  # §5.1: the ladder, exactly as the text computes it
+        assert {k: m["codec_params"][k] for k in built.params} == built.params
     for e in m["shards"]:
         assert (built.path / e["file"]).stat().st_size == e["bytes"]
 
@@ -714,11 +922,14 @@ def test_token_and_key_hashes(built):
 
 
 def test_codebook_is_built_from_codec_params(compact_built):
+    """§5.1: every table a shard stores is the codebook of its rung's ``(h, s, floor)``."""
     p = compact_built.params
-    expected = rr.build_codebook(p["sqrt_step"], p["tail_step"], p["floor"])
-    assert 1 <= len(expected) <= rr.MAX_LEVELS
     for shard in rr.open_shards(compact_built.path)[1]:
-        assert_same_arrays(shard.codebook, expected, shard.name)
+        assert shard.codebooks
+        for rung, table in shard.codebooks.items():
+            expected = rr.build_codebook(**rung_params(p, rung))
+            assert 1 <= len(expected) <= rr.MAX_LEVELS
+            assert_same_arrays(table, expected, (shard.name, rung))
 
 
 def test_id_table(compact_built):
@@ -730,10 +941,12 @@ def test_id_table(compact_built):
 
 
 def test_compact_stream_layout(compact_built):
-    """§5.3 stream by stream: row_flags is S bytes of 0/1 telling whether the label is in the row,
-    share_mask holds ceil(n_{r-1}/8) bytes per row r >= 1 and never flags the current label,
-    label_rank is S varints, the bit streams are whole bytes with zero padding, and a record
-    with S = 0 has the flags byte and 11 empty streams (§4)."""
+    """§5.3 stream by stream: the two rung bytes name rungs the shard stores and the split varint
+    is at most S, row_flags is S bytes of 0/1 telling whether the label is in the row, share_mask
+    holds ceil(n_{r-1}/8) bytes per row r >= 1 and never flags the current label, label_rank is S
+    varints, the bit streams are whole bytes with zero padding, and a record with S = 0 has its
+    two rung bytes (§4: the writer names rung 74 twice under a budget; the one rung of a one-rung
+    ladder), split 0, the flags byte (the writer sets it to 1) and 11 empty streams."""
     b = compact_built
     shard_of = shard_of_record(b)
     for key, w in b.written.items():
@@ -742,11 +955,17 @@ def test_compact_stream_layout(compact_built):
         _, s_len, start = tokens_end(shard, raw)
         cur = rr.Cursor(raw, "frame")
         cur.pos = start
+        rung_a, rung_b, split = cur.u8(), cur.u8(), cur.varint()
+        assert rung_a in shard.codebooks and rung_b in shard.codebooks, (key, rung_a, rung_b)
+        assert split <= s_len, (key, split, s_len)
         flags = cur.u8()
         st = {name: cur.stream() for name in rr._COMPACT_STREAMS}
         assert cur.done()
         if s_len == 0:
             assert all(v == b"" for v in st.values()), key
+            assert flags == 1 and split == 0, (key, flags, split)
+            one_rung = len(b.params["sqrt_steps"]) == 1
+            assert rung_a == rung_b == (0 if one_rung else DEFAULT_RUNG), (key, rung_a, rung_b)
             continue
         nvalid = np.sum(w["topk_ids"] != -1, axis=1).tolist()
         assert flags == int(all(n == b.k for n in nvalid)), key
@@ -856,7 +1075,7 @@ def test_append_mode(tmp_path):
 def test_newer_format_version_is_refused(small_cache, tmp_path):
     path = copy_cache(small_cache, tmp_path / "c")
     m = json.loads((path / "manifest.json").read_text())
-    m["format_version"] = 3
+    m["format_version"] = 4
     (path / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(rr.RefVersionError):
         rr.read_manifest(path)
@@ -1044,8 +1263,8 @@ def test_writer_accepts_section_3_edge_cases(codec, tmp_path):
         if codec == "exact":
             expect = w
         else:
-            s = DEFAULT_PARAMS["tail_step"]
-            expect = compact_rows(w, shard.codebook, shard.id_table, s)[1]
+            books = frame_books(shard, shard.frame(i))
+            expect = compact_rows(w, books, shard.id_table)[1]
         for f in FIELDS[2:]:
             assert_same_arrays(ref[f], np.asarray(expect[f]), (where, f))
 
@@ -1056,10 +1275,10 @@ def test_writer_accepts_section_3_edge_cases(codec, tmp_path):
 
 def write_shard(path: Path, meta: dict[str, str], tensors: list[tuple[str, str, np.ndarray]]):
     """A shard container written by hand from FORMAT.md §2 (tensors in the listed order). A
-    version-2 shard (``meta["format_version"] == "2"``) gets its ``checksums`` tensor computed
-    here from §7 (any ``checksums`` given is replaced)."""
+    shard of version 2 or later gets its ``checksums`` tensor computed here from §7 (any
+    ``checksums`` given is replaced)."""
     tensors = [t for t in tensors if t[0] != "checksums"]
-    checked = meta.get("format_version") == "2"
+    checked = meta.get("format_version") in ("2", "3")
     if checked:
         regions = [name for name, _, _ in tensors if name != "payload"]
         meta = {**meta, "checksums": ",".join(["header", *regions])}
@@ -1099,38 +1318,51 @@ def write_manifest(path: Path, m: dict[str, Any]) -> None:
     (path / "manifest.json").write_bytes(head + seal.encode())
 
 
-def rewrite_frames(path: Path, mutate, codebook: np.ndarray | None = None) -> None:
-    """Re-encode every frame of every shard of the cache at ``path`` through ``mutate(shard, i,
-    raw) -> raw`` and a fresh zstd compressor (storing ``codebook`` instead of the shard's if
-    given), then fix the manifest's sizes and checksums."""
+def rewrite_shards(path: Path, fn) -> None:
+    """Rewrite every shard of the cache at ``path`` by hand (§2, §7) through ``fn(shard, meta,
+    tensors) -> (meta, tensors)`` (``tensors``: name -> array, in the order of §2), then fix the
+    manifest's sizes and checksums and reseal it (§1)."""
     m = rr.read_manifest(path)
     for e in m["shards"]:
         shard = rr.RefShard(path / e["file"], m, e)
+        with safe_open(str(shard.path), framework="numpy") as st:
+            meta, t = st.metadata(), {k: st.get_tensor(k) for k in st.keys()}
+        meta, t = fn(shard, dict(meta), t)
+        write_shard(shard.path, meta, [(n, d, t[n]) for n, d in rr._TENSORS[shard.codec] if n in t])
+        data = shard.path.read_bytes()
+        e["bytes"] = len(data)
+        e["checksum"] = "xxh3-128:" + xxhash.xxh3_128_hexdigest(data)
+    write_manifest(path, m)
+
+
+def store_codebooks(shard: rr.RefShard, meta: dict[str, str], t: dict, codebooks: dict) -> None:
+    """Store ``codebooks`` (rung -> table, in that order) as the shard's ``codebook`` tensor and,
+    with a ladder, its ``codebook_rungs`` (§2); without one, ``codebooks`` is ``{0: table}``."""
+    t["codebook"] = np.concatenate([np.zeros(0, np.float32), *codebooks.values()])
+    if shard.rung_byte:
+        meta["codebook_rungs"] = json.dumps([[j, len(x)] for j, x in codebooks.items()])
+    else:
+        assert list(codebooks) == [0]
+
+
+def rewrite_frames(path: Path, mutate, codebooks: dict[int, np.ndarray] | None = None) -> None:
+    """Re-encode every frame of every shard of the cache at ``path`` through ``mutate(shard, i,
+    raw) -> raw`` and a fresh zstd compressor (storing the tables ``codebooks``, rung -> table,
+    instead of the shard's if given), then fix the manifest's sizes and checksums."""
+
+    def fn(shard: rr.RefShard, meta: dict[str, str], t: dict) -> tuple[dict, dict]:
         cctx = zstandard.ZstdCompressor(level=9, write_checksum=True, write_content_size=True)
         frames = [cctx.compress(mutate(shard, i, shard.frame(i))) for i in range(len(shard))]
         index = shard.record_index.copy()
         index[:, 1] = [len(f) for f in frames]
         index[:, 0] = np.concatenate([[0], np.cumsum(index[:-1, 1])]) if len(frames) else []
-        payload = np.frombuffer(b"".join(frames), dtype=np.uint8)
-        with safe_open(str(shard.path), framework="numpy") as st:
-            meta = st.metadata()
-        tensors = [
-            ("record_index", "U64", index),
-            ("key_hash", "U64", shard.key_hash),
-            ("key_offsets", "U64", shard.key_offsets),
-        ]
+        t["record_index"] = index
+        t["payload"] = np.frombuffer(b"".join(frames), dtype=np.uint8)
         if shard.codec == "compact":
-            cb = shard.codebook if codebook is None else codebook
-            tensors += [("codebook", "F32", cb), ("id_table", "U32", shard.id_table)]
-        tensors += [
-            ("key_bytes", "U8", np.frombuffer(shard.key_bytes, dtype=np.uint8)),
-            ("payload", "U8", payload),
-        ]
-        write_shard(shard.path, meta, tensors)
-        data = shard.path.read_bytes()
-        e["bytes"] = len(data)
-        e["checksum"] = "xxh3-128:" + xxhash.xxh3_128_hexdigest(data)
-    write_manifest(path, m)
+            store_codebooks(shard, meta, t, shard.codebooks if codebooks is None else codebooks)
+        return meta, t
+
+    rewrite_shards(path, fn)
 
 
 def tokens_end(shard: rr.RefShard, raw: bytes) -> tuple[int, int, int]:
@@ -1270,10 +1502,21 @@ def test_corrupt_frames_are_refused_by_both(crafted_base, mutate, tmp_path):
 # Compact rows crafted by the spec-side encoder: one §5.3 rule broken at a time.
 
 
-def remux(shard: rr.RefShard, raw: bytes, rows_fn=None, streams_fn=None, full_flag=None) -> bytes:
+def remux(
+    shard: rr.RefShard,
+    raw: bytes,
+    rows_fn=None,
+    streams_fn=None,
+    full_flag=None,
+    head_fn=None,
+    books_fn=None,
+) -> bytes:
     """Re-encode the compact rows of ``raw`` from the reference decoding (checking that this
-    reproduces the writer's bytes), apply ``rows_fn(rows, L, rank_of)`` to the coded rows and
-    ``streams_fn(flags, streams) -> (flags, streams)`` to the serialised streams."""
+    reproduces the writer's bytes), first with other codebooks ``books_fn(shard, books, S) ->
+    FrameBooks`` if given, apply ``rows_fn(rows, rank_of)`` to the coded rows (each
+    row knows its codebook's ``n_levels``), ``streams_fn(flags, streams) -> (flags, streams)``
+    to the serialised streams and ``head_fn(books, S) -> bytes`` to the bytes before the flags
+    byte (§5.3: ``u8 rung_a, u8 rung_b, varint split`` with a ladder)."""
     cur = rr.Cursor(raw, "frame")
     t_len, s_len = cur.varint(), cur.varint()
     rec = rr.decode_tokens(cur, t_len, s_len, shard.vocab_size)
@@ -1281,48 +1524,64 @@ def remux(shard: rr.RefShard, raw: bytes, rows_fn=None, streams_fn=None, full_fl
     row_labels = rec["labels"][1:][rec["labels"][1:] != -100]
     rec.update(
         rr.decode_compact_rows(
-            cur, row_labels, shard.top_k, shard.vocab_size, shard.codebook, shard.id_table
+            cur,
+            row_labels,
+            shard.top_k,
+            shard.vocab_size,
+            shard.codebooks,
+            shard.rung_byte,
+            shard.id_table,
         )
     )
-    rows, _ = compact_rows(rec, shard.codebook, shard.id_table, shard.codec_params["tail_step"])
+    books = frame_books(shard, raw)
+    rows, _ = compact_rows(rec, books, shard.id_table)
     flags, st = compact_streams(rows, shard.top_k)
-    assert raw[start:] == join_streams(flags, st), "the spec encoder reproduces the writer"
+    head = books.head()
+    assert raw[start:] == head + join_streams(flags, st), "the spec encoder reproduces the writer"
+    if books_fn is not None:
+        books = books_fn(shard, books, len(row_labels))
+        head = books.head()
+        rows, _ = compact_rows(rec, books, shard.id_table)
+        flags, st = compact_streams(rows, shard.top_k)
     if rows_fn is not None:
         rank_of = {int(x): j for j, x in enumerate(shard.id_table.tolist())}
-        rows_fn(rows, len(shard.codebook), lambda x: rank_of.get(x, len(rank_of) + x))
+        rows_fn(rows, lambda x: rank_of.get(x, len(rank_of) + x))
         flags, st = compact_streams(rows, shard.top_k, full_flag)
     elif full_flag is not None:
         flags, st = compact_streams(rows, shard.top_k, full_flag)
     if streams_fn is not None:
         flags, st = streams_fn(flags, dict(st))
-    return raw[:start] + join_streams(flags, st)
+    if head_fn is not None:
+        assert books.a is not None
+        head = head_fn(books, len(row_labels))
+    return raw[:start] + head + join_streams(flags, st)
 
 
-def reorder_entries(row: Row, entries: list[int], L: int) -> None:
+def reorder_entries(row: Row, entries: list[int]) -> None:
     """Code the entries after the label in the order ``entries`` (value codes and escaped values
     follow their ids; the label's own value stays first)."""
     old = row.order[row.flag :]
     code = dict(zip(old, row.value_codes, strict=True))
     value = dict(zip(old, row.decoded[1:], strict=True))
     row.value_codes = [code[x] for x in entries]
-    row.exact = [row.decoded[0]] * (row.label_code == L) + [
+    row.exact = [row.decoded[0]] * (row.label_code == row.n_levels) + [
         value[x] for x in entries if code[x] == 0
     ]
 
 
-def _first_rank_past_vocab(rows, L, rank_of):
+def _first_rank_past_vocab(rows, rank_of):
     rows[0].ranks = [rank_of(1000 + j) for j in range(len(rows[0].ranks))]  # ids V, V+1, ...
 
 
-def _label_index_past_escape(rows, L, rank_of):
-    rows[1].label_code = L + 1
+def _label_index_past_escape(rows, rank_of):
+    rows[1].label_code = rows[1].n_levels + 1
 
 
-def _value_code_past_escape(rows, L, rank_of):
-    rows[0].value_codes[0] = L + 1
+def _value_code_past_escape(rows, rank_of):
+    rows[0].value_codes[0] = rows[0].n_levels + 1
 
 
-def _share_bit_for_the_label(rows, L, rank_of):
+def _share_bit_for_the_label(rows, rank_of):
     """Row 3's label is an entry of row 2: flag it as shared too (a repeated id)."""
     j = rows[2].order.index(rows[3].order[0])
     mask = bytearray(rows[3].mask)
@@ -1331,42 +1590,42 @@ def _share_bit_for_the_label(rows, L, rank_of):
     rows[3].ranks = rows[3].ranks[:-1]
 
 
-def _new_id_repeats_a_shared_one(rows, L, rank_of):
+def _new_id_repeats_a_shared_one(rows, rank_of):
     shared = rows[1].order[1]
     rows[1].ranks = sorted({rank_of(shared), *rows[1].ranks[1:]})
 
 
-def _share_bit_past_previous_row(rows, L, rank_of):
+def _share_bit_past_previous_row(rows, rank_of):
     assert rows[1].n == 6 and len(rows[2].mask) == 1
     rows[2].mask = bytes([rows[2].mask[0] | 0x80])  # bit 7 of a 6-entry row
 
 
-def _more_shared_than_nvalid(rows, L, rank_of):
+def _more_shared_than_nvalid(rows, rank_of):
     assert rows[6].n == 3 and rows[5].n == 8
     rows[6].mask = b"\xff"
 
 
-def _label_flag_on_empty_row(rows, L, rank_of):
+def _label_flag_on_empty_row(rows, rank_of):
     assert rows[4].n == 0
     rows[4].flag = 1
 
 
-def _label_among_ids_but_not_flagged(rows, L, rank_of):
+def _label_among_ids_but_not_flagged(rows, rank_of):
     """Row 0 (no previous row) codes its label as a new id, by rank, with row_flags 0."""
     row = rows[0]
-    assert row.flag == 1 and row.label_code < L
+    assert row.flag == 1 and row.label_code < row.n_levels
     new = sorted(row.order, key=rank_of)
-    reorder_entries(row, [x for x in new if x != row.order[0]], L)
-    row.value_codes.insert(new.index(row.order[0]), L - row.label_code)
+    reorder_entries(row, [x for x in new if x != row.order[0]])
+    row.value_codes.insert(new.index(row.order[0]), row.n_levels - row.label_code)
     row.flag = 0
     row.ranks = [rank_of(x) for x in new]
 
 
-def _nvalid_past_k(rows, L, rank_of):
+def _nvalid_past_k(rows, rank_of):
     rows[6].n = 9
 
 
-def _label_rank_past_int32(rows, L, rank_of):
+def _label_rank_past_int32(rows, rank_of):
     rows[2].label_rank = 1 << 31
 
 
@@ -1519,22 +1778,61 @@ def test_compact_streams_breaking_section_5_3_are_refused(compact_crafted_base, 
     assert_record0_refused_by_both(path)
 
 
+def _resplit(shard, books, s_len):
+    """Rows 0-2 at the stored rung of fewest levels (rung_a), the others at the one of most."""
+    few = min(shard.codebooks, key=lambda j: len(shard.codebooks[j]))
+    many = max(shard.codebooks, key=lambda j: len(shard.codebooks[j]))
+    assert len(shard.codebooks[few]) + 1 < len(shard.codebooks[many]) and s_len > 3
+    tails = shard.codec_params["tail_steps"]
+    return FrameBooks({j: (shard.codebooks[j], tails[j]) for j in (few, many)}, few, many, 3)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [None, _label_index_past_escape, _value_code_past_escape],
+    ids=lambda f: "none" if f is None else f.__name__.strip("_"),
+)
+def test_rows_before_the_split_use_rung_a_table(compact_crafted_base, damage, tmp_path):
+    """§5.3: rows ``r < split`` use rung_a's table. Record 0 re-coded with rows 0-2 at a table of
+    few levels (rung_a) and the others at one of many (rung_b) reads identically in both readers,
+    as the spec predicts; a code one past the table of row 1's label or row 0's first value
+    (``L_a + 1``, a valid index of rung_b's table) is refused by both."""
+    path = craft(
+        compact_crafted_base,
+        tmp_path,
+        lambda sh, i, raw: remux(sh, raw, rows_fn=damage, books_fn=_resplit),
+    )
+    if damage is not None:
+        assert_record0_refused_by_both(path)
+        return
+    shard = rr.open_shards(path)[1][0]
+    books = frame_books(shard, shard.frame(0))
+    assert (books.split, len(books.row(0)[0]) + 1 < len(books.row(3)[0])) == (3, True), books
+    ref = shard.record(0)
+    assert_same_record(ref, TeacherCache(path).record_at(0), "position 0")
+    before = rr.open_shards(compact_crafted_base)[1][0].record(0)
+    expect = compact_rows(before, books, shard.id_table)[1]
+    for f in FIELDS[2:]:
+        assert_same_arrays(ref[f], expect[f], f)
+
+
 # Valid frames the writer never emits: both readers decode them, identically.
 
 
-def _no_sharing(rows, L, rank_of):
+def _no_sharing(rows, rank_of):
     """Every row codes its shared ids as new ids (share_mask all zero)."""
     for row in rows:
         new = sorted(row.order[row.flag :], key=rank_of)
-        reorder_entries(row, new, L)
+        reorder_entries(row, new)
         row.ranks = [rank_of(x) for x in new]
         row.mask = bytes(len(row.mask))
 
 
-def _escape_everything(rows, L, rank_of):
-    """Every value escaped (index L, code 0) and stored exactly, even when it is a level."""
+def _escape_everything(rows, rank_of):
+    """Every value escaped (index L of the row's table, code 0) and stored exactly, even when it
+    is a level."""
     for row in rows:
-        row.label_code = L
+        row.label_code = row.n_levels
         row.value_codes = [0] * len(row.value_codes)
         row.exact = list(row.decoded)
 
@@ -1574,23 +1872,56 @@ def test_non_canonical_compact_frames_read_identically(compact_crafted_base, var
             assert sorted(got) == sorted(exp), (i, r)
 
 
+def test_any_stored_rungs_and_split_read_as_the_spec_predicts(compact_crafted_base, tmp_path):
+    """§5.3 leaves the rungs and the split to the writer (any rungs the shard stores, split <=
+    S): frames re-encoded with their first ``S // 2`` rows at the finest rung the shard stores
+    and the others at its coarsest (rung_a < rung_b, which the writer never emits), or with every
+    row at rung_a (split = S) and rung_b another stored rung, decode in both readers to exactly
+    what the spec predicts from each row's table."""
+    (shard0,) = rr.open_shards(compact_crafted_base)[1]  # positions are the shard's indices
+    assert len(shard0.codebooks) >= 2, "the test needs a shard storing several rungs"
+    expected: dict[int, dict[str, np.ndarray]] = {}
+
+    def mutate(shard, i, raw):
+        rec = shard.record(i)
+        s_len = len(rec["label_ranks"])
+        fine, coarse = min(shard.codebooks), max(shard.codebooks)
+        a, b, split = (fine, coarse, s_len // 2) if i % 2 == 0 else (coarse, fine, s_len)
+        tails = shard.codec_params["tail_steps"]
+        books = FrameBooks({j: (shard.codebooks[j], tails[j]) for j in (a, b)}, a, b, split)
+        expected[i] = {**rec, **compact_rows(rec, books, shard.id_table)[1]}
+        return encode_frame(rec, "compact", books, shard.id_table)
+
+    path = copy_cache(compact_crafted_base, tmp_path / "c")
+    rewrite_frames(path, mutate)
+    pairs = read_both(path)
+    assert any(0 < len(e["label_ranks"]) // 2 for e in expected.values())
+    for i, (ref, rec) in enumerate(pairs):
+        assert_same_record(ref, rec, f"position {i}")
+        for f in FIELDS:
+            assert_same_arrays(ref[f], np.asarray(expected[i][f]), (i, f))
+    assert TeacherCache(path).verify() == len(pairs)
+
+
 @pytest.mark.parametrize("n_levels", [65000, 65001])
 def test_codebook_size_limit(compact_crafted_base, n_levels, tmp_path):
-    """§5.1: ``1 <= L <= 65000``. Frames re-encoded against a codebook of ``n_levels`` levels
-    (the writer's levels, then fine extra ones below them): both readers accept 65000 levels,
-    and decode identically; both refuse 65001."""
-    old = rr.open_shards(compact_crafted_base)[1][0].codebook
+    """§5.1: ``1 <= L <= 65000``. Frames re-encoded against a table of ``n_levels`` levels (the
+    levels of record 0's rung_b, then fine extra ones below them), stored as that rung's table
+    and named as both rungs of every frame: both readers accept 65000 levels, and decode
+    identically; both refuse 65001."""
+    shard0 = rr.open_shards(compact_crafted_base)[1][0]
+    rung = frame_books(shard0, shard0.frame(0)).b
+    old, s = shard0.codebooks[rung], shard0.codec_params["tail_steps"][rung]
     extra = old[-1] - 1.0 - 1e-3 * np.arange(n_levels - len(old))
     levels = np.concatenate([old, extra]).astype(np.float32)
     assert len(levels) == n_levels and np.all(np.diff(levels) < 0)
-    s = DEFAULT_PARAMS["tail_step"]
 
     def reencode(shard, i, raw):
         rec = shard.record(i)
-        return encode_frame(rec, "compact", levels, shard.id_table, s)
+        return encode_frame(rec, "compact", FrameBooks.one_rung(rung, levels, s), shard.id_table)
 
     path = copy_cache(compact_crafted_base, tmp_path / "c")
-    rewrite_frames(path, reencode, codebook=levels)
+    rewrite_frames(path, reencode, codebooks={rung: levels})
     if n_levels <= rr.MAX_LEVELS:
         for i, (ref, rec) in enumerate(read_both(path)):
             assert_same_record(ref, rec, f"position {i}")
@@ -1601,9 +1932,11 @@ def test_codebook_size_limit(compact_crafted_base, n_levels, tmp_path):
         TeacherCache(path).record_at(0)
 
 
-def test_compact_test_data_covers_every_path(tmp_path_factory):
-    """The compact caches above exercise every branch of §5.3 (else the byte-for-byte encoder
-    comparison would prove little)."""
+def test_compact_test_data_covers_every_path(tmp_path_factory, legacy_cache):
+    """The compact caches above exercise every branch of §5.3 and of the codebook choice of §5.1
+    (else the byte-for-byte encoder comparison would prove little): frames with and without rung
+    bytes, shards storing one table and several, fixed one-rung ladders and the budget, records
+    whose rows all use rung_b (split 0) and records split between rung_a and rung_b."""
     seen: dict[str, int] = dict.fromkeys(
         (
             "label in row",
@@ -1623,16 +1956,45 @@ def test_compact_test_data_covers_every_path(tmp_path_factory):
             "label exception",
             "positive log-prob",
             "-inf entry",
+            "rung bytes and split",
+            "no rung bytes (version 1-2 frame)",
+            "one-rung ladder (max_mean_kl null)",
+            "budget ladder",
+            "shard with several rungs",
+            "rung 0",
+            "rung past 74",
+            "split inside the record (0 < split < S)",
+            "split = 0",
         ),
         0,
     )
-    for name in COMPACT:
-        b = build(name, tmp_path_factory)
+    caches = [build(name, tmp_path_factory) for name in COMPACT]
+    # the version-1 fixture and its version-2 append: decoded records stand for the written
+    # ones (§5.1 encoding maps a level to itself, test_codebook_levels_decode_to_themselves)
+    caches.append(
+        Built(
+            legacy_cache, "compact", 8, 1000, {}, {r["key"]: r for r in rr.read_cache(legacy_cache)}
+        )
+    )
+    for b in caches:
         for shard in rr.open_shards(b.path)[1]:
-            L = len(shard.codebook)
-            for key in shard.keys:
+            seen["shard with several rungs"] += len(shard.codebooks) >= 2
+            if shard.rung_byte:
+                budget = shard.codec_params["max_mean_kl"] is not None
+                seen["budget ladder"] += budget
+                seen["one-rung ladder (max_mean_kl null)"] += not budget
+            for i, key in enumerate(shard.keys):
                 w = b.written[key]
-                rows, _ = compact_rows(w, shard.codebook, shard.id_table, b.params["tail_step"])
+                books = frame_books(shard, shard.frame(i))
+                s_len = len(w["label_ranks"])
+                used = books.rungs_used(s_len)
+                seen["rung bytes and split"] += books.a is not None
+                seen["no rung bytes (version 1-2 frame)"] += books.a is None
+                seen["rung 0"] += 0 in used
+                seen["rung past 74"] += any(j is not None and j > DEFAULT_RUNG for j in used)
+                seen["split inside the record (0 < split < S)"] += 0 < books.split < s_len
+                seen["split = 0"] += books.a is not None and books.split == 0 and s_len > 0
+                rows, _ = compact_rows(w, books, shard.id_table)
                 labels = w["labels"][1:][w["labels"][1:] != -100]
                 for r, row in enumerate(rows):
                     seen["label in row"] += row.flag
@@ -1650,7 +2012,7 @@ def test_compact_test_data_covers_every_path(tmp_path_factory):
                     seen["value number >= 192"] += any(c >= 192 for c in row.value_codes)
                     seen["label number >= 192"] += row.label_code >= 192
                     seen["escaped entry"] += 0 in row.value_codes
-                    seen["escaped label"] += row.label_code == L
+                    seen["escaped label"] += row.label_code == row.n_levels
                     seen["-inf entry"] += bool(np.isneginf(row.decoded[1:]).any())
                 _, st = compact_streams(rows, b.k)
                 seen["bit stream with padding"] += any(
@@ -1754,7 +2116,7 @@ def test_shard_metadata_disagreeing_with_manifest(small_cache, tmp_path):
     write_manifest(path, m)
     for i, (ref, rec) in enumerate(read_both(path)):
         assert_same_record(ref, rec, f"position {i}")
-    m["codec_params"]["tail_step"] = 0.5
+    m["codec_params"]["floor"] = -47.0
     write_manifest(path, m)
     with pytest.raises(rr.RefFormatError, match="codec_params"):
         rr.read_cache(path)
@@ -1818,3 +2180,565 @@ def test_version1_shard_resaved_by_safetensors_reads_identically(tmp_path):
         assert_same_record(ref, cache.record_at(i), f"position {i}")
         assert_same_record(before[i], cache.record_at(i), f"position {i}")
     assert cache.verify() == len(before)
+
+
+# --------------------------------------------------------------------------------------------
+# Format version 3: the codebook ladder (§5.1), the rung bytes and split (§5.3), codebook_rungs
+# (§2), and the version 1-2 frames without rung bytes that readers still read.
+
+
+def row_kl(exact: np.ndarray, decoded: np.ndarray) -> float:
+    """§1.1: one row's codec KL, ``KL(exact ‖ decoded)`` of its top-k log-probs (``exact[e]``
+    and ``decoded[e]`` of the same entry), both renormalised over the row (entries of log-prob
+    -inf carry no mass; a row without mass costs 0)."""
+    p = np.exp(np.asarray(exact, np.float64))
+    q = np.exp(np.asarray(decoded, np.float64))
+    if p.sum() <= 0:
+        return 0.0
+    p, q = p / p.sum(), q / q.sum()
+    on = p > 0
+    return max(0.0, float(np.sum(p[on] * (np.log(p[on]) - np.log(q[on])))))
+
+
+def row_kls(written: dict[str, Any], decoded: dict[str, Any]) -> list[float]:
+    """§1.1: each row's codec KL between the written record and its decoding (the label's
+    log-prob outside the top-k is not counted)."""
+    kls = []
+    for r in range(len(written["label_ranks"])):
+        n = int(np.sum(written["topk_ids"][r] != -1))
+        ids, lps = written["topk_ids"][r, :n].tolist(), written["topk_logprobs"][r, :n]
+        exact = dict(zip(ids, lps, strict=True))
+        ids, lps = decoded["topk_ids"][r, :n].tolist(), decoded["topk_logprobs"][r, :n]
+        dec = dict(zip(ids, lps, strict=True))
+        kls.append(row_kl(np.array(list(exact.values())), np.array([dec[x] for x in exact])))
+    return kls
+
+
+def row_kls_at(written: dict[str, Any], levels: np.ndarray, s: float) -> list[float]:
+    """§1.1: each row's codec KL were all its values coded with the table ``levels`` (tail step
+    ``s``): what a reader decodes is the §5.1 quantisation of each written value."""
+    kls = []
+    for r in range(len(written["label_ranks"])):
+        n = int(np.sum(written["topk_ids"][r] != -1))
+        lps = written["topk_logprobs"][r, :n]
+        kls.append(row_kl(lps, dequantize(lps, levels, s)))
+    return kls
+
+
+def codec_kl(written: dict[str, Any], decoded: dict[str, Any]) -> float:
+    """§5.1: a record's codec KL, the mean over its rows of the rows' codec KL (§1.1)."""
+    kls = row_kls(written, decoded)
+    return float(np.mean(kls)) if kls else 0.0
+
+
+def rungs_of(path: Path) -> list[tuple[str, FrameBooks, int]]:
+    """(shard name, codebooks, S) of every record of the cache, in global order, read from the
+    frames."""
+    out = []
+    for shard in rr.open_shards(path)[1]:
+        for i in range(len(shard)):
+            raw = shard.frame(i)
+            out.append((shard.name, frame_books(shard, raw), tokens_end(shard, raw)[1]))
+    return out
+
+
+def test_records_of_every_rung_read_identically(tmp_path_factory):
+    """Records of different peakedness under the default budget: the writer codes their rows
+    with several rungs (read from the frames: at least 2 in the cache and in one shard); every
+    record decodes identically in both readers and as the spec predicts from its rows' tables
+    (rung_a's below the split, rung_b's from it), and its codec KL (§5.1's definition, computed
+    here) is within the budget ``max_mean_kl``."""
+    b = build("compact-k16-v4000-peakedness", tmp_path_factory)
+    rungs = rungs_of(b.path)
+    used = [(name, j) for name, books, s_len in rungs for j in books.rungs_used(s_len)]
+    assert len({j for _, j in used}) >= 2, rungs
+    by_shard: dict[str, set] = {}
+    for name, j in used:
+        by_shard.setdefault(name, set()).add(j)
+    assert max(len(js) for js in by_shard.values()) >= 2, by_shard
+    cache = TeacherCache(b.path)
+    shard_of = shard_of_record(b)
+    budget = b.params["max_mean_kl"]
+    for pos, (ref, (_, books, _)) in enumerate(zip(ref_records_of(b), rungs, strict=True)):
+        where = f"position {pos}, rungs {books.a}, {books.b}, split {books.split}"
+        assert_same_record(ref, cache.record_at(pos), where)
+        shard = shard_of[ref["key"]]
+        w = b.written[ref["key"]]
+        for j, (levels, s) in books.tables.items():  # the tables of the ladder's rungs (§5.1)
+            assert s == b.params["tail_steps"][j], (where, j)
+            assert_same_arrays(levels, rr.build_codebook(**rung_params(b.params, j)), (where, j))
+        _, expect = compact_rows(w, books, shard.id_table)
+        for f in FIELDS[2:]:
+            assert_same_arrays(ref[f], expect[f], (where, f))
+        assert codec_kl(w, ref) <= budget * (1 + 1e-9), where
+
+
+def test_every_record_meets_the_budget(compact_built):
+    """§5.1: with a budget B, every record's codec KL with its rows' rungs is at most B (so every
+    shard's and the cache's mean is too); a fixed ladder (``max_mean_kl`` null) has one rung,
+    rung 0, which every frame names twice. The shards' statistics (§1.1: ``codec_kl_rows``,
+    ``codec_kl_sum``, ``codec_kl_max``) are those of the rows' codec KL as defined there,
+    computed here from the written and decoded log-probs."""
+    b = compact_built
+    budget = b.params["max_mean_kl"]
+    m = rr.read_manifest(b.path)
+    refs = iter(ref_records_of(b))
+    for e, shard in zip(m["shards"], rr.open_shards(b.path)[1], strict=True):
+        kls: list[float] = []
+        for i, key in enumerate(shard.keys):
+            ref = next(refs)
+            assert ref["key"] == key
+            books = frame_books(shard, shard.frame(i))
+            rows = row_kls(b.written[key], ref)
+            kls += rows
+            if budget is None:
+                assert books.a == books.b == 0 and len(b.params["sqrt_steps"]) == 1
+            elif rows:
+                assert float(np.mean(rows)) <= budget * (1 + 1e-9), (key, books)
+        stats = e["stats"]
+        assert stats["codec_kl_rows"] == len(kls) == e["supervised"]
+        assert math.isclose(stats["codec_kl_sum"], sum(kls), rel_tol=1e-6, abs_tol=1e-12)
+        if kls:
+            assert math.isclose(stats["codec_kl_max"], max(kls), rel_tol=1e-6, abs_tol=1e-12)
+
+
+def test_budget_splits_rows_between_two_rungs(compact_built):
+    """§5.1, the writer's choice under a budget B, read from the frames and checked with the
+    codec KL of §1.1 computed here (rows at a rung: the §5.1 quantisation with its table):
+
+    - rung_b is the rung ``f`` the walk ends at: the record's codec KL at ``f`` is at most B and,
+      unless ``f`` is the last rung, above B at ``f + 1`` (the walk stops there);
+    - rung_a = f + 1 with split > 0, or rung_a = f with split = 0; split < S (all S rows at
+      ``f + 1`` would be above B), and split = 0 at the last rung;
+    - the prefix is the longest: its mixed mean KL is at most B, every longer prefix's above B;
+    - a record without supervised rows names rung 74 twice, split 0 (§4).
+
+    Records split inside (0 < split < S, rung_a = rung_b + 1) occur in every budget cache whose
+    rows have several entries. With k = 1 a row renormalised over its one entry costs no KL at
+    any rung, so every record goes to the last rung. A fixed ladder names rung 0 twice."""
+    b = compact_built
+    budget = b.params["max_mean_kl"]
+    rungs = rungs_of(b.path)
+    if budget is None:
+        for name, books, s_len in rungs:
+            assert books.a == books.b == 0 and books.split <= s_len, (name, books)
+        return
+    tol = 1e-9  # the writer sums the rows' KL in its own order and arithmetic
+    last = len(b.params["sqrt_steps"]) - 1
+    tables: dict[int, tuple[np.ndarray, float]] = {}
+
+    def table(j: int) -> tuple[np.ndarray, float]:  # rung j's codebook, from §5.1 alone
+        if j not in tables:
+            tables[j] = (rr.build_codebook(**rung_params(b.params, j)), b.params["tail_steps"][j])
+        return tables[j]
+
+    split_inside = 0
+    for (name, books, s_len), ref in zip(rungs, ref_records_of(b), strict=True):
+        w = b.written[ref["key"]]
+        where = (name, ref["key"], books.a, books.b, books.split, s_len)
+        if s_len == 0:
+            assert (books.a, books.b, books.split) == (DEFAULT_RUNG, DEFAULT_RUNG, 0), where
+            continue
+        f = books.b
+        assert books.split < s_len and books.a == (f + 1 if books.split else f), where
+        kl_f = row_kls_at(w, *table(f))
+        assert math.fsum(kl_f) <= budget * s_len * (1 + tol), where
+        if b.k == 1:
+            assert f == last and max(kl_f) == 0.0, where
+        if f == last:
+            assert books.split == 0, where
+            continue
+        kl_c = row_kls_at(w, *table(f + 1))
+        assert math.fsum(kl_c) > budget * s_len * (1 - tol), where
+        # the record's KL sum with its first m rows at f + 1, the others at f
+        mixed = [math.fsum(kl_c[:m] + kl_f[m:]) for m in range(s_len + 1)]
+        assert mixed[books.split] <= budget * s_len * (1 + tol), where
+        assert math.isclose(mixed[books.split], math.fsum(row_kls(w, ref)), rel_tol=1e-9), where
+        longer = mixed[books.split + 1 :]
+        assert all(x > budget * s_len * (1 - tol) for x in longer), (where, longer)
+        split_inside += 0 < books.split < s_len
+    if b.k > 1:
+        assert split_inside, "no record of the cache is split between two rungs"
+
+
+def _rung_unlisted(shard, rung):
+    return min(set(range(len(shard.codec_params["sqrt_steps"]))) - set(shard.codebooks))
+
+
+def _head(rung_a: int, rung_b: int, split: int) -> bytes:
+    """The start of a rows section with a ladder (§5.3)."""
+    return bytes([rung_a, rung_b]) + put_varint(split)
+
+
+def _rungs_missing(shard, books, s_len):
+    """A version-2 style frame (no rung bytes, no split) in a shard with a ladder: its flags
+    byte is read as rung_a (0: the feature record has padded rows), and this shard does not
+    store rung 0."""
+    assert 0 not in shard.codebooks, "the test needs a shard without rung 0"
+    return b""
+
+
+def _split_missing(shard, books, s_len):
+    """The two rungs but no split varint: the flags byte (0: the feature record has padded
+    rows) is read as split 0, then the nvalid stream's length (7 rows) as the flags byte, whose
+    reserved bits are set."""
+    return bytes([books.a, books.b])
+
+
+#: name: (fn(shard, books, S) -> the bytes before the flags byte, what both readers' errors name)
+RUNG_HEADS = {
+    "rung-bytes-missing": (_rungs_missing, "rung"),
+    "rung-a-not-listed": (
+        lambda sh, bk, n: _head(_rung_unlisted(sh, None), bk.b, bk.split),
+        "rung",
+    ),
+    "rung-b-not-listed": (
+        lambda sh, bk, n: _head(bk.a, _rung_unlisted(sh, None), bk.split),
+        "rung",
+    ),
+    "rung-a-past-ladder": (
+        lambda sh, bk, n: _head(len(sh.codec_params["sqrt_steps"]), bk.b, bk.split),
+        "rung",
+    ),
+    "rung-b-past-ladder": (
+        lambda sh, bk, n: _head(bk.a, len(sh.codec_params["sqrt_steps"]), bk.split),
+        "rung",
+    ),
+    "rung-a-255": (lambda sh, bk, n: _head(255, bk.b, bk.split), "rung"),
+    "rung-b-255": (lambda sh, bk, n: _head(bk.a, 255, bk.split), "rung"),
+    "split-above-S": (lambda sh, bk, n: _head(bk.a, bk.b, n + 1), "split"),
+    "split-missing": (_split_missing, None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RUNG_HEADS))
+def test_rungs_or_split_breaking_section_5_3_are_refused_by_both(
+    compact_crafted_base, case, tmp_path
+):
+    """§5.1/§5.3: rung bytes naming a rung the shard's ``codebook_rungs`` does not list (a rung
+    of the ladder whose table the shard does not store, a rung past the ladder, 255; rung_a or
+    rung_b), a split above S, or a rows section missing its rung bytes or its split, is
+    corruption: both readers refuse the record (the Rust reader with CacheCorruptionError)."""
+    fn, names = RUNG_HEADS[case]
+
+    def mutate(shard, i, raw):
+        return remux(shard, raw, head_fn=lambda books, s_len: fn(shard, books, s_len))
+
+    path = craft(compact_crafted_base, tmp_path, mutate)
+    shard = rr.open_shards(path)[1][0]
+    with pytest.raises(rr.RefCorruptionError, match=names):
+        shard.record(0)
+    shard.record(1)
+    cache = TeacherCache(path)
+    cache.record_at(1)
+    with pytest.raises(CacheCorruptionError, match=names):
+        cache.record_at(0)
+    with pytest.raises(CacheCorruptionError, match=names):
+        cache.verify()
+
+
+def _naming_rung_1(which: str):
+    """A mutation of a fixed-ladder frame: rung_a (``which`` "a") or rung_b named 1."""
+
+    def head(books: FrameBooks, s_len: int) -> bytes:
+        if which == "a":
+            return _head(1, books.b, books.split)
+        return _head(books.a, 1, books.split)
+
+    return lambda shard, i, raw: remux(shard, raw, head_fn=head)
+
+
+def test_fixed_ladder_frames_name_rung_0(tmp_path):
+    """§5.1: a fixed codebook (``max_mean_kl`` null) is a one-rung ladder: frames name rung 0
+    twice (split <= S), the shard lists ``[[0, L]]``; a frame naming rung 1 as rung_a or as
+    rung_b is refused by both readers."""
+    path = tmp_path / "written"
+    recs = [one_row(), {**one_row(), "key": "s"}]
+    write_cache(path, "compact", 4, 100, recs, shard_size=1 << 20, **FIXED)
+    shard = rr.open_shards(path)[1][0]
+    assert (
+        shard.codec_params["sqrt_steps"] == [2.5e-3] and shard.codec_params["max_mean_kl"] is None
+    )
+    assert list(shard.codebooks) == [0] and len(shard.codebooks[0]) == 413
+    for i in range(2):
+        books = frame_books(shard, shard.frame(i))
+        assert (books.a, books.b) == (0, 0) and books.split <= 1, books
+    for which in ("a", "b"):
+        assert_record0_refused_by_both(craft(path, tmp_path / which, _naming_rung_1(which)))
+
+
+def test_codebook_level_minus_infinity(compact_crafted_base, tmp_path):
+    """§5.1 asks a stored table for strictly decreasing float32 levels from 0, no more: a table
+    whose last level is -inf meets it, and the reference reader decodes the frames against it.
+    The Rust reader also requires finite levels and refuses the shard (CacheCorruptionError):
+    a difference between the Rust reader and FORMAT.md, recorded here."""
+
+    def last_level_minus_inf(shard, listed, tables):
+        tables = [t.copy() for t in tables]
+        tables[0][-1] = -np.inf
+        return listed, tables
+
+    path = copy_cache(compact_crafted_base, tmp_path / "c")
+    damage_codebook_rungs(path, last_level_minus_inf)
+    assert len(rr.read_cache(path)) == len(rr.read_cache(compact_crafted_base))
+    with pytest.raises(CacheCorruptionError, match="codebook"):
+        TeacherCache(path).record_at(0)
+
+
+def _drop_rung_of_record_0(shard, listed, tables):
+    """A rung record 0 uses (rung_b, the rung of its rows from the split on) is no longer listed
+    (nor its table stored)."""
+    used = frame_books(shard, shard.frame(0)).b
+    keep = [i for i, (j, _) in enumerate(listed) if j != used]
+    return [listed[i] for i in keep], [tables[i] for i in keep]
+
+
+def _extra_rung(shard, listed, tables):
+    """An unused rung of the ladder listed too (its table built from codec_params, §5.1)."""
+    j = _rung_unlisted(shard, None)
+    table = rr.build_codebook(**rung_params(shard.codec_params, j))
+    return [*listed, [j, len(table)]], [*tables, table]
+
+
+def _shift_boundary(shard, listed, tables):
+    listed, tables = _extra_rung(shard, listed, tables)
+    return [[listed[0][0], listed[0][1] + 1], [listed[1][0], listed[1][1] - 1], *listed[2:]], tables
+
+
+#: name: (fn(shard, listed pairs, tables) -> metadata text or (pairs, tables), the reference
+#: reader's error, the Rust reader's error, when the error comes: "open" (any read) or
+#: "record 0" (only the record using the dropped rung)
+CODEBOOK_RUNGS_DAMAGE: dict[str, tuple[Any, type, type, str]] = {
+    "missing": (lambda sh, ls, ts: None, rr.RefFormatError, CacheFormatError, "open"),
+    "not-json": (lambda sh, ls, ts: "[[0, 4", rr.RefFormatError, CacheFormatError, "open"),
+    "object": (
+        lambda sh, ls, ts: json.dumps({str(j): n for j, n in ls}),
+        rr.RefFormatError,
+        CacheFormatError,
+        "open",
+    ),
+    "pair-of-one": (
+        lambda sh, ls, ts: json.dumps([[j] for j, _ in ls]),
+        rr.RefFormatError,
+        CacheFormatError,
+        "open",
+    ),
+    "triple": (
+        lambda sh, ls, ts: json.dumps([[j, n, 0] for j, n in ls]),
+        rr.RefFormatError,
+        CacheFormatError,
+        "open",
+    ),
+    "fractional-rung": (
+        lambda sh, ls, ts: json.dumps([[j + 0.5, n] for j, n in ls]),
+        rr.RefFormatError,
+        CacheFormatError,
+        "open",
+    ),
+    "string-levels": (
+        lambda sh, ls, ts: json.dumps([[j, str(n)] for j, n in ls]),
+        rr.RefFormatError,
+        CacheFormatError,
+        "open",
+    ),
+    # -1 is no rung at all: the Rust reader's parse of [rung, levels] as unsigned integers
+    # fails (a format error); the reference reader reads it as a rung outside the ladder
+    "negative-rung": (
+        lambda sh, ls, ts: json.dumps([[-1, ls[0][1]], *ls[1:]]),
+        rr.RefCorruptionError,
+        CacheFormatError,
+        "open",
+    ),
+    "levels-sum-short": (
+        lambda sh, ls, ts: json.dumps([*ls[:-1], [ls[-1][0], ls[-1][1] - 1]]),
+        rr.RefCorruptionError,
+        CacheCorruptionError,
+        "open",
+    ),
+    "levels-sum-long": (
+        lambda sh, ls, ts: json.dumps([*ls[:-1], [ls[-1][0], ls[-1][1] + 1]]),
+        rr.RefCorruptionError,
+        CacheCorruptionError,
+        "open",
+    ),
+    "empty-list": (lambda sh, ls, ts: "[]", rr.RefCorruptionError, CacheCorruptionError, "open"),
+    "rung-twice": (
+        lambda sh, ls, ts: ([*ls, ls[0]], [*ts, ts[0]]),
+        rr.RefCorruptionError,
+        CacheCorruptionError,
+        "open",
+    ),
+    "rung-past-ladder": (
+        lambda sh, ls, ts: ([[len(sh.codec_params["sqrt_steps"]), ls[0][1]], *ls[1:]], ts),
+        rr.RefCorruptionError,
+        CacheCorruptionError,
+        "open",
+    ),
+    "zero-levels": (
+        lambda sh, ls, ts: ([*ls, [_rung_unlisted(sh, None), 0]], ts),
+        rr.RefCorruptionError,
+        CacheCorruptionError,
+        "open",
+    ),
+    "table-boundary-shifted": (
+        _shift_boundary,
+        rr.RefCorruptionError,
+        CacheCorruptionError,
+        "open",
+    ),
+    "used-rung-not-listed": (
+        _drop_rung_of_record_0,
+        rr.RefCorruptionError,
+        CacheCorruptionError,
+        "record 0",
+    ),
+}
+
+
+def damage_codebook_rungs(path: Path, fn) -> None:
+    """Rewrite the cache's shards with ``codebook_rungs`` (and maybe the ``codebook`` tensor)
+    changed by ``fn``, the region checksums and the manifest recomputed over the change (a
+    writer that wrote this), so only the checks of §2/§5.1 are left to catch it."""
+
+    def change(shard, meta, t):
+        listed = json.loads(meta["codebook_rungs"])
+        tables = [shard.codebooks[j] for j, _ in listed]
+        out = fn(shard, listed, tables)
+        if out is None:
+            del meta["codebook_rungs"]
+        elif isinstance(out, str):
+            meta["codebook_rungs"] = out
+        else:
+            pairs, tables = out
+            meta["codebook_rungs"] = json.dumps(pairs)
+            t["codebook"] = np.concatenate([np.zeros(0, np.float32), *tables])
+        return meta, t
+
+    rewrite_shards(path, change)
+
+
+@pytest.mark.parametrize("case", sorted(CODEBOOK_RUNGS_DAMAGE))
+def test_codebook_rungs_breaking_section_2_are_refused(compact_crafted_base, case, tmp_path):
+    """§2: ``codebook_rungs`` is a JSON list of [rung, levels] pairs, rungs distinct and each
+    below the ladder's length, levels >= 1 and summing to the ``codebook`` tensor's length, each
+    table a valid codebook (§5.1). The reference reader refuses any breach when it opens the
+    shard; so does the Rust reader (with the error class listed in CODEBOOK_RUNGS_DAMAGE). A
+    rung used by a frame but not listed is refused when that record is read (§5.1)."""
+    fn, ref_error, rust_error, when = CODEBOOK_RUNGS_DAMAGE[case]
+    path = copy_cache(compact_crafted_base, tmp_path / "c")
+    damage_codebook_rungs(path, fn)
+    if when == "open":
+        with pytest.raises(ref_error) as e:
+            rr.read_cache(path)
+        assert "codebook" in str(e.value), e.value
+        with pytest.raises(rust_error, match="codebook"):
+            TeacherCache(path).record_at(0)
+        return
+    shard = rr.open_shards(path)[1][0]
+    with pytest.raises(ref_error, match="rung"):
+        shard.record(0)
+    cache = TeacherCache(path)
+    with pytest.raises(rust_error, match="rung"):
+        cache.record_at(0)
+    read = 0
+    for i in range(1, len(shard)):  # records of the rungs still listed read, identically
+        raw = shard.frame(i)
+        cur = rr.Cursor(raw, "frame")
+        cur.pos = tokens_end(shard, raw)[2]
+        if {cur.u8(), cur.u8()} <= set(shard.codebooks):
+            assert_same_record(shard.record(i), cache.record_at(i), f"position {i}")
+            read += 1
+            continue
+        with pytest.raises(ref_error, match="rung"):  # the others name the dropped rung
+            shard.record(i)
+        with pytest.raises(rust_error, match="rung"):
+            cache.record_at(i)
+    assert read, "the shard has records of other rungs"
+
+
+def test_non_canonical_codebook_rungs_read_identically(compact_crafted_base, tmp_path):
+    """§2 lists the rungs "in tensor order": any order, and a rung no record uses may be stored
+    too. Both readers read such a shard (the writer stores exactly the rungs used, ascending)
+    like the original."""
+    before = rr.read_cache(compact_crafted_base)
+
+    def reorder(shard, listed, tables):
+        listed, tables = _extra_rung(shard, listed, tables)
+        return listed[::-1], tables[::-1]
+
+    path = copy_cache(compact_crafted_base, tmp_path / "c")
+    damage_codebook_rungs(path, reorder)
+    shard = rr.open_shards(path)[1][0]
+    listed = list(shard.codebooks)
+    assert len(listed) >= 2 and listed != sorted(listed), listed
+    for i, (ref, rec) in enumerate(read_both(path)):
+        assert_same_record(ref, rec, f"position {i}")
+        assert_same_record(before[i], rec, f"position {i}")
+    assert TeacherCache(path).verify() == len(before)
+
+
+@pytest.fixture(scope="module")
+def legacy_cache(tmp_path_factory) -> Path:
+    """The version-1 compact fixture (tests/data/v1: one fixed codebook, no rung bytes) with
+    records appended by today's writer: §5.1 says the append keeps the fixed codebook and writes
+    version-2 frames and shards (no rung bytes), whatever budget the writer was given."""
+    path = tmp_path_factory.mktemp("legacy") / "cache"
+    shutil.copytree(V1_CACHES / "compact", path)
+    recs = make_records(21, 12, 1000, 8, escape_threshold(DEFAULT_PARAMS))
+    settings = {"teacher": {"name": "t"}, "tokenizer": "tok"}  # as the fixture was written
+    with CacheWriter(
+        path, top_k=8, vocab_size=1000, mode="append", shard_size=2000, **settings
+    ) as w:
+        for r in recs:
+            w.add(**r)
+    return path
+
+
+@pytest.mark.parametrize("codec", ["exact", "compact"])
+def test_version1_fixture_read_identically_by_both(codec, tmp_path):
+    """tests/data/v1 (format version 1) still reads, identically in both readers; its compact
+    frames carry no rung bytes and are, byte for byte, the spec encoding of what they decode to
+    with the one stored table (§5.1: ``levels[q]`` encodes back to ``q``)."""
+    path = copy_cache(V1_CACHES / codec, tmp_path / "c")
+    with pytest.warns(UserWarning, match="format-version-1"):
+        pairs = read_both(path)
+    assert len(pairs) == 4
+    for i, (ref, rec) in enumerate(pairs):
+        assert_same_record(ref, rec, f"position {i}")
+    for shard in rr.open_shards(path)[1]:
+        assert shard.format_version == 1
+        for i in range(len(shard)):
+            raw, rec = shard.frame(i), shard.record(i)
+            if codec == "exact":
+                assert raw == encode_frame(rec, "exact")
+                continue
+            assert not shard.rung_byte
+            books = frame_books(shard, raw)
+            assert books.a is None
+            assert raw == encode_frame(rec, "compact", books, shard.id_table), (shard.name, i)
+
+
+def test_append_to_a_version1_cache_writes_frames_without_a_rung_byte(legacy_cache):
+    """§5.1/§7: the appended shards are version 2 with the fixed codebook (no ``codebook_rungs``,
+    no rung bytes: the spec encoder reproduces their frames), the manifest a sealed version 3
+    keeping the fixed ``codec_params``; both readers read old and new records identically."""
+    m = rr.read_manifest(legacy_cache)
+    assert m["format_version"] == 3
+    assert {k: m["codec_params"][k] for k in DEFAULT_PARAMS} == DEFAULT_PARAMS
+    assert "sqrt_steps" not in m["codec_params"]
+    shards = rr.open_shards(legacy_cache)[1]
+    assert [sh.format_version for sh in shards][:2] == [1, 1] and len(shards) >= 4
+    for shard in shards:
+        assert not shard.rung_byte and list(shard.codebooks) == [0]
+        with safe_open(str(shard.path), framework="numpy") as st:
+            assert "codebook_rungs" not in st.metadata()
+        assert_same_arrays(shard.codebooks[0], rr.build_codebook(**DEFAULT_PARAMS), shard.name)
+        for i in range(len(shard)):
+            raw = shard.frame(i)
+            books = frame_books(shard, raw)
+            assert books.a is None
+            expect = encode_frame(shard.record(i), "compact", books, shard.id_table)
+            assert raw == expect, (shard.name, i)
+    assert {sh.format_version for sh in shards[2:]} == {2}
+    for i, (ref, rec) in enumerate(read_both(legacy_cache)):
+        assert_same_record(ref, rec, f"position {i}")

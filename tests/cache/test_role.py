@@ -36,7 +36,7 @@ def test_the_writer_records_the_role(tmp_path, records):
     assert (t.role, t.info.role) == ("teacher", "teacher")
     assert (r.role, r.info.role) == ("reference", "reference")
     m = json.loads((tmp_path / "r" / "manifest.json").read_text())
-    assert m["role"] == "reference" and m["format_version"] == 2
+    assert m["role"] == "reference" and m["format_version"] == 3
     assert "role           reference" in inspect_text(tmp_path / "r", sample=False)
     assert "role           teacher" in inspect_text(tmp_path / "t", sample=False)
 

@@ -22,7 +22,7 @@ from target_sft.builder.inputs import Scan, read_batches, scan_source
 from target_sft.builder.plan import plan_ranks
 from target_sft.builder.resume import check_directory, rank_files, resume_state
 from target_sft.builder.teacher import PendingBatch, TeacherRunner, check_ids_fit, collate
-from target_sft.cache import CacheInfo, CacheWriter, merge_manifests
+from target_sft.cache import DEFAULT_MAX_MEAN_KL, CacheInfo, CacheWriter, merge_manifests
 from target_sft.checks import check_int, check_role, check_wait
 from target_sft.errors import CacheInputError
 from target_sft.fingerprint import tokenizer_fingerprint
@@ -107,6 +107,8 @@ class BuildOptions:
     rebuild_changed: bool
     # what the cached model is to a training run (the manifest's role, docs/FORMAT.md §1)
     role: Literal["teacher", "reference"] = "teacher"
+    # the compact codec's fidelity budget (docs/FORMAT.md §5.1)
+    max_mean_kl: float = DEFAULT_MAX_MEAN_KL
 
     def __post_init__(self) -> None:
         check_role("role", self.role)
@@ -160,6 +162,7 @@ class _RankBuild:
             manifest_name=self.manifest_name,
             wait=self.opts.wait,
             role=self.opts.role,
+            max_mean_kl=self.opts.max_mean_kl,
         )
         return self.writer
 
@@ -354,6 +357,7 @@ def build_teacher_cache(
     rebuild_changed: bool = False,
     wait: bool | float = False,
     role: Literal["teacher", "reference"] = "teacher",
+    max_mean_kl: float = DEFAULT_MAX_MEAN_KL,
 ) -> BuildResult:
     """Cache a teacher's top-``k`` log-probs for every sample of ``dataset`` in ``path``.
 
@@ -372,6 +376,8 @@ def build_teacher_cache(
             is cached are skipped when their token ids and labels equal the cached record's,
             and are an error (:class:`CacheMismatchError`) when they differ.
         top_k, temperature, codec: what is cached (see :class:`~target_sft.cache.CacheWriter`).
+        max_mean_kl: the compact codec's fidelity budget, mean codec KL per row in nats (see
+            :class:`~target_sft.cache.CacheWriter`; a setting a resumed build must keep).
         batch_tokens: padded tokens per teacher batch; ``max_batch_size`` caps samples per batch.
         window: samples per planning window (sorted by length inside); its batches are dealt
             to the ranks.
@@ -435,6 +441,7 @@ def build_teacher_cache(
         on_batch=on_batch,
         rebuild_changed=rebuild_changed,
         role=role,
+        max_mean_kl=max_mean_kl,
     )
     out = Path(path)
     dist = dist_context(rank, world_size, dist_timeout)

@@ -1,9 +1,9 @@
 //! Encode every record of a cache with the compact codec on one thread, several times, and
 //! report supervised tokens/s (codec only: no validation, no I/O).
-//! Usage: cargo run --release -p target-sft-core --example encode_bench -- CACHE [REPEATS]
+//! Usage: cargo run --release -p target-sft-core --example encode_bench -- CACHE [REPEATS] [MAX_MEAN_KL] [ZSTD_LEVEL]
 use std::time::Instant;
 
-use target_sft_core::codec::{Codebook, CodebookParams, Codec, EncodeScratch, IdTable};
+use target_sft_core::codec::{Codec, EncodeScratch, IdTable, LadderParams};
 use target_sft_core::{Record, TeacherCache};
 
 fn main() {
@@ -17,11 +17,13 @@ fn main() {
         .flat_map(|r| r.topk_ids.iter())
         .filter(|&&x| x >= 0)
         .for_each(|&x| counts[x as usize] += 1);
-    let codec = Codec::compact(
+    let budget: f64 = a.get(3).map_or(1e-4, |s| s.parse().unwrap());
+    let level: i32 = a.get(4).map_or(3, |s| s.parse().unwrap());
+    let codec = Codec::compact_writer(
         k,
         v,
-        3,
-        Codebook::new(CodebookParams::default()).unwrap(),
+        level,
+        LadderParams::budget(budget, -48.0),
         IdTable::from_counts(&counts, 8192),
     );
     let mut scratch = EncodeScratch::default();

@@ -1,10 +1,13 @@
 //! Re-encode an exact cache with the compact codec and report bytes per supervised token, KL of
 //! the decoded top-k against the original, and single-thread encode/decode speed.
 //! Usage: cargo run --release -p target-sft-core --example tune_compact -- EXACT_CACHE OUT_DIR
-//!        [sqrt_step tail_step id_table_size zstd_level]
+//!        [max_mean_kl | sqrt_step:tail_step] [id_table_size zstd_level]
 use std::time::Instant;
 
-use target_sft_core::{CacheWriter, CodecKind, Record, TeacherCache, WriterOptions};
+use target_sft_core::codec::LadderParams;
+use target_sft_core::{
+    CacheWriter, CodebookParams, CodecKind, Record, TeacherCache, WriterOptions,
+};
 
 fn kl(orig: &Record, dec: &Record, k: usize) -> (f64, usize) {
     let mut total = 0.0;
@@ -52,10 +55,16 @@ fn main() {
     let k = src.manifest.top_k;
     let mut o = WriterOptions::new(k, src.manifest.vocab_size);
     o.codec = CodecKind::Compact;
-    o.codebook.sqrt_step = f(3, 2.5e-3);
-    o.codebook.tail_step = f(4, 2.5);
-    o.id_table_size = f(5, 8192.0) as usize;
-    o.zstd_level = f(6, 3.0) as i32;
+    o.ladder = match a.get(3).and_then(|s| s.split_once(':')) {
+        Some((h, t)) => LadderParams::fixed(CodebookParams {
+            sqrt_step: h.parse().unwrap(),
+            tail_step: t.parse().unwrap(),
+            floor: -48.0,
+        }),
+        None => LadderParams::budget(f(3, 1e-4), -48.0),
+    };
+    o.id_table_size = f(4, 8192.0) as usize;
+    o.zstd_level = f(5, 3.0) as i32;
     o.threads = 1;
     let sup: usize = recs.iter().map(Record::n_supervised).sum();
     let t0 = Instant::now();

@@ -15,9 +15,11 @@ pub const CACHE_FORMAT: &str = "target-sft-cache";
 /// checksums of every region a reader uses (the shards' `checksums` tensor, the manifest's
 /// `manifest_checksum`); version 1 caches are still read, with the weaker guarantee of
 /// docs/FORMAT.md §7.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 /// The first format version whose manifests and shards carry checksums of every region.
 pub const CHECKSUMMED_VERSION: u32 = 2;
+/// The first version whose compact codec has a codebook ladder (a rung byte per frame).
+pub const LADDER_VERSION: u32 = 3;
 /// The manifest's last field: XXH3-64 of the file's bytes before it (docs/FORMAT.md §1).
 pub const MANIFEST_CHECKSUM: &str = "manifest_checksum";
 /// What a `manifest_checksum` value starts with (then 16 lowercase hex digits).

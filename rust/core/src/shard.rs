@@ -1,7 +1,7 @@
 //! Shards: building one in memory and committing it atomically, and reading one through a
 //! read-only memory map (docs/FORMAT.md §Shard).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -9,12 +9,12 @@ use std::path::{Path, PathBuf};
 use memmap2::Mmap;
 use serde_json::{json, Value};
 
-use crate::codec::{Codebook, CodebookParams, Codec, CodecKind, IdTable};
+use crate::codec::{Codebook, Codec, CodecKind, IdTable, LadderParams};
 use crate::container::{encode_header, parse_header, Dtype, Header, TensorOut};
 use crate::error::{Error, ErrorKind, Result};
 use crate::fsutil::write_atomic;
 use crate::hash;
-use crate::manifest::{ShardEntry, CHECKSUMMED_VERSION, FORMAT_VERSION};
+use crate::manifest::{ShardEntry, CHECKSUMMED_VERSION, FORMAT_VERSION, LADDER_VERSION};
 use crate::record::{Key, Record};
 
 pub const SHARD_FORMAT: &str = "target-sft-shard";
@@ -23,6 +23,9 @@ pub const INDEX_COLS: usize = 5;
 /// The tensor (U64 `[K]`) and the metadata field (its entries' region names, comma-separated)
 /// of a shard's region checksums (format version 2, docs/FORMAT.md §7).
 pub const CHECKSUMS: &str = "checksums";
+/// Metadata of a compact shard with a codebook ladder (version 3): `[[rung, levels], …]`, the
+/// rungs whose tables the `codebook` tensor holds, in order (docs/FORMAT.md §2, §5.1).
+pub const CODEBOOK_RUNGS: &str = "codebook_rungs";
 /// The name of `checksums[0]`: XXH3-64 of the file's first `8 + N` bytes (length and header).
 pub const HEADER_REGION: &str = "header";
 
@@ -49,6 +52,8 @@ pub struct EncodedRecord {
     pub n_supervised: u64,
     pub token_hash: u64,
     pub frame: Vec<u8>,
+    /// The codebook rungs of a compact frame with rung bytes (docs/FORMAT.md §5.1).
+    pub rungs: Option<[u8; 2]>,
 }
 
 impl EncodedRecord {
@@ -61,20 +66,26 @@ impl EncodedRecord {
             n_supervised: rec.n_supervised() as u64,
             token_hash: hash::token_hash(&rec.input_ids),
             frame,
+            rungs: None,
         }
     }
 }
 
 /// Codec description stored in every shard (and in the manifest): the zstd level, plus the
-/// codebook parameters for the compact codec.
-pub fn codec_params_json(zstd_level: i32, codebook: Option<&CodebookParams>) -> Value {
-    match codebook {
-        Some(p) => json!({
-            "zstd_level": zstd_level,
-            "sqrt_step": p.sqrt_step,
-            "tail_step": p.tail_step,
-            "floor": p.floor,
-        }),
+/// codebook ladder for the compact codec (`legacy`: the fixed parameters of format versions 1–2,
+/// whose frames carry no rung byte).
+pub fn codec_params_json(zstd_level: i32, ladder: Option<&LadderParams>, legacy: bool) -> Value {
+    match ladder {
+        Some(l) if legacy => {
+            let p = l.rung(0);
+            json!({
+                "zstd_level": zstd_level,
+                "sqrt_step": p.sqrt_step,
+                "tail_step": p.tail_step,
+                "floor": p.floor,
+            })
+        }
+        Some(l) => l.to_json(zstd_level),
         None => json!({ "zstd_level": zstd_level }),
     }
 }
@@ -89,6 +100,8 @@ pub struct ShardBuilder {
     payload: Vec<u8>,
     tokens: u64,
     supervised: u64,
+    /// The codebook rungs of the compact records pushed (their tables are written at commit).
+    pub rungs: BTreeSet<u8>,
     /// Extra `__metadata__` entries (e.g. `replaces`, written by a shard rewrite).
     pub metadata: BTreeMap<String, String>,
 }
@@ -126,6 +139,7 @@ impl ShardBuilder {
         self.key_offsets.push(self.key_bytes.len() as u64);
         self.tokens += r.n_tokens;
         self.supervised += r.n_supervised;
+        self.rungs.extend(r.rungs.into_iter().flatten());
     }
 
     /// Write the shard to `dir/file` atomically and describe it for the manifest.
@@ -139,12 +153,27 @@ impl ShardBuilder {
         let index = le_bytes(&self.index, u64::to_le_bytes);
         let key_hash = le_bytes(&self.key_hash, u64::to_le_bytes);
         let key_offsets_b = le_bytes(&key_offsets, u64::to_le_bytes);
-        let (codebook, id_table) = match (&codec.codebook, &codec.ids) {
-            (Some(cb), Some(ids)) => (
-                Some(le_bytes(&cb.levels, f32::to_le_bytes)),
-                Some(le_bytes(&ids.id_of_rank, u32::to_le_bytes)),
-            ),
-            _ => (None, None),
+        // compact: the tables of the rungs used (of rung 0 in a legacy shard), in rung order
+        let rungs: Vec<u8> = if codec.rung_byte {
+            self.rungs.iter().copied().collect()
+        } else {
+            vec![0]
+        };
+        let mut rung_sizes: Vec<[usize; 2]> = Vec::new();
+        let (codebook, id_table) = match &codec.ids {
+            Some(ids) => {
+                let mut levels: Vec<f32> = Vec::new();
+                for &j in &rungs {
+                    let cb = codec.codebook(usize::from(j))?;
+                    levels.extend_from_slice(&cb.levels);
+                    rung_sizes.push([usize::from(j), cb.levels.len()]);
+                }
+                (
+                    Some(le_bytes(&levels, f32::to_le_bytes)),
+                    Some(le_bytes(&ids.id_of_rank, u32::to_le_bytes)),
+                )
+            }
+            None => (None, None),
         };
         // The checksummed regions (docs/FORMAT.md §7), in tensor order; entry 0 of the
         // `checksums` tensor is the header's, filled in once the header is encoded.
@@ -218,13 +247,24 @@ impl ShardBuilder {
         });
         let mut meta = BTreeMap::new();
         meta.insert("format".to_string(), SHARD_FORMAT.to_string());
-        meta.insert("format_version".to_string(), FORMAT_VERSION.to_string());
+        let legacy = codec.ids.is_some() && !codec.rung_byte;
+        let version = if legacy {
+            LADDER_VERSION - 1
+        } else {
+            FORMAT_VERSION
+        };
+        meta.insert("format_version".to_string(), version.to_string());
         meta.insert("codec".to_string(), codec.kind.name().to_string());
         meta.insert(
             "codec_params".to_string(),
-            codec_params_json(codec.zstd_level, codec.codebook.as_ref().map(|c| &c.params))
-                .to_string(),
+            codec_params_json(codec.zstd_level, codec.ladder.as_ref(), legacy).to_string(),
         );
+        if codec.rung_byte {
+            meta.insert(
+                CODEBOOK_RUNGS.to_string(),
+                serde_json::to_string(&rung_sizes).expect("plain numbers"),
+            );
+        }
         meta.insert("top_k".to_string(), codec.top_k.to_string());
         meta.insert("vocab_size".to_string(), codec.vocab_size.to_string());
         meta.insert("records".to_string(), n.to_string());
@@ -687,17 +727,7 @@ impl ShardReader {
             (at("record_index"), at("key_hash"), at("key_offsets"));
         (reader.key_bytes_at, reader.payload_at) = (at("key_bytes"), at("payload"));
         if kind == CodecKind::Compact {
-            let f = |k: &str| {
-                params
-                    .get(k)
-                    .and_then(Value::as_f64)
-                    .ok_or_else(|| Error::format(format!("codec_params has no {k}")))
-            };
-            let cbp = CodebookParams {
-                sqrt_step: f("sqrt_step")?,
-                tail_step: f("tail_step")?,
-                floor: f("floor")?,
-            };
+            let (ladder, rung_byte) = LadderParams::from_json(&params)?;
             let levels: Vec<f32> = reader
                 .tensor("codebook", Dtype::F32)?
                 .chunks_exact(4)
@@ -708,12 +738,49 @@ impl ShardReader {
                 .chunks_exact(4)
                 .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
                 .collect();
-            let cb = Codebook::from_stored(cbp, levels)?;
+            let mut codebooks: Vec<Option<Codebook>> = (0..ladder.rungs()).map(|_| None).collect();
+            if rung_byte {
+                let sizes: Vec<[usize; 2]> =
+                    serde_json::from_str(meta(&reader.header, CODEBOOK_RUNGS)?).map_err(|_| {
+                        Error::format(format!(
+                            "{CODEBOOK_RUNGS} is not a list of [rung, levels] pairs"
+                        ))
+                    })?;
+                let mut at = 0usize;
+                for [j, len] in sizes {
+                    let end = at.saturating_add(len);
+                    let (Some(slot), Some(table)) = (codebooks.get_mut(j), levels.get(at..end))
+                    else {
+                        return Err(Error::corrupt(format!(
+                            "{CODEBOOK_RUNGS} lists rung {j} ({len} levels) outside the ladder's {} rungs or the codebook's {} levels",
+                            ladder.rungs(),
+                            levels.len()
+                        )));
+                    };
+                    if slot.is_some() {
+                        return Err(Error::corrupt(format!(
+                            "{CODEBOOK_RUNGS} lists rung {j} twice"
+                        )));
+                    }
+                    *slot = Some(Codebook::from_stored(ladder.rung(j), table.to_vec())?);
+                    at = end;
+                }
+                if at != levels.len() {
+                    return Err(Error::corrupt(format!(
+                        "the codebook holds {} levels but {CODEBOOK_RUNGS} accounts for {at}",
+                        levels.len()
+                    )));
+                }
+            } else {
+                codebooks[0] = Some(Codebook::from_stored(ladder.rung(0), levels)?);
+            }
             reader.codec = Codec::compact(
                 top_k,
                 vocab,
                 zstd_level,
-                cb,
+                ladder,
+                codebooks,
+                rung_byte,
                 IdTable::from_stored(ids, vocab)?,
             );
         }
@@ -902,6 +969,7 @@ mod tests {
                 n_supervised: 1,
                 token_hash: i as u64,
                 frame: vec![i as u8; 16],
+                rungs: None,
             });
         }
         b.commit(&dir, "s.safetensors", &Codec::exact(4, 100, 1))

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::codec::{compact, Codec, CodecKind};
+use crate::codec::compact;
 use crate::error::{Error, Result};
 use crate::record::{supervised_labels, Record};
 
@@ -157,36 +157,37 @@ impl Fidelity {
         out
     }
 
-    /// The statistics of one validated record encoded by `codec`. `entropy_sum` is the sum of
-    /// its rows' teacher entropies when the producer gave them (see [`entropy_sum`]).
-    pub fn of_record(rec: &Record, codec: &Codec, entropy_sum: Option<f64>) -> Fidelity {
-        let k = codec.top_k;
+    /// The statistics of one validated record. `costs` are the compact encoder's per-row kept
+    /// masses and codec KLs ([`crate::codec::EncodeScratch::compact_costs`]; `None` for the exact
+    /// codec, which is lossless); `entropy_sum` is the sum of its rows' teacher entropies when
+    /// the producer gave them (see [`entropy_sum`]).
+    pub fn of_record(
+        rec: &Record,
+        top_k: usize,
+        costs: Option<&[compact::RowCost]>,
+        entropy_sum: Option<f64>,
+    ) -> Fidelity {
+        let k = top_k;
         let mut f = Fidelity::default();
-        let cb = match codec.kind {
-            CodecKind::Compact => codec.codebook.as_ref(),
-            CodecKind::Exact => None,
-        };
         for (r, label) in supervised_labels(&rec.labels).enumerate() {
             let ids = &rec.topk_ids[r * k..(r + 1) * k];
             let lps = &rec.topk_logprobs[r * k..(r + 1) * k];
             let n = ids.iter().position(|&x| x == -1).unwrap_or(k);
-            // one exp per entry, shared by the kept mass and the codec's KL
-            let mut acc = compact::RowKl::default();
-            for &a in lps[..n].iter().filter(|&&a| a != f32::NEG_INFINITY) {
-                let ea = f64::from(a).exp();
-                match cb {
-                    Some(cb) => acc.push(cb, a, ea),
-                    None => acc.mass += ea,
-                }
-            }
-            let mass = acc.mass;
+            let mass = match costs {
+                Some(c) => c[r].mass,
+                None => lps[..n]
+                    .iter()
+                    .filter(|&&a| a != f32::NEG_INFINITY)
+                    .map(|&a| f64::from(a).exp())
+                    .sum(),
+            };
             f.rows += 1;
             f.kept_mass_sum += mass;
             f.kept_mass_min = min_opt(f.kept_mass_min, Some(mass));
             f.kept_mass_hist[kept_mass_bin(mass)] += 1;
             f.label_in_topk += u64::from(ids[..n].contains(&label));
-            if cb.is_some() {
-                let kl = acc.kl();
+            if let Some(c) = costs {
+                let kl = c[r].kl;
                 f.codec_kl_rows += 1;
                 f.codec_kl_sum += kl;
                 f.codec_kl_max = max_opt(f.codec_kl_max, Some(kl));

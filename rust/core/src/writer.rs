@@ -15,7 +15,7 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 use serde_json::Value;
 use xxhash_rust::xxh3::xxh3_128;
 
-use crate::codec::{Codebook, CodebookParams, Codec, CodecKind, EncodeScratch, IdTable};
+use crate::codec::{Codec, CodecKind, EncodeScratch, IdTable, LadderParams, DEFAULT_MAX_MEAN_KL};
 use crate::error::{Error, ErrorKind, Result};
 use crate::fsutil::TMP_PREFIX;
 use crate::lock::{writer_locks, Lock, LockWait};
@@ -31,7 +31,9 @@ pub struct WriterOptions {
     pub top_k: usize,
     pub vocab_size: usize,
     pub zstd_level: i32,
-    pub codebook: CodebookParams,
+    /// The compact codec's codebooks: a budget ladder (the default, `max_mean_kl` 1e-4) or one
+    /// fixed rung (docs/FORMAT.md §5.1).
+    pub ladder: LadderParams,
     /// A shard is committed once its payload reaches this many bytes.
     pub shard_bytes: u64,
     /// Encoder threads (0 = one per available core).
@@ -55,6 +57,9 @@ pub struct WriterOptions {
     pub created_by: String,
     /// What to do when another writer holds this writer's locks (`crate::lock`).
     pub lock_wait: LockWait,
+    /// Compact: write frames without a rung byte, with the ladder's one fixed codebook (set
+    /// when appending to a cache of format version 1–2; docs/FORMAT.md §5.1).
+    pub legacy_codebook: bool,
 }
 
 impl WriterOptions {
@@ -64,7 +69,7 @@ impl WriterOptions {
             top_k,
             vocab_size,
             zstd_level: 3,
-            codebook: CodebookParams::default(),
+            ladder: LadderParams::budget(DEFAULT_MAX_MEAN_KL, -48.0),
             shard_bytes: 256 << 20,
             threads: 0,
             temperature: 1.0,
@@ -78,6 +83,7 @@ impl WriterOptions {
             append: false,
             created_by: format!("target-sft-core {}", env!("CARGO_PKG_VERSION")),
             lock_wait: LockWait::No,
+            legacy_codebook: false,
         }
     }
 }
@@ -128,7 +134,7 @@ fn compare(field: &str, cached: &Value, ours: &Value) -> Result<()> {
 }
 
 impl CacheWriter {
-    pub fn create(dir: &Path, opts: WriterOptions) -> Result<Self> {
+    pub fn create(dir: &Path, mut opts: WriterOptions) -> Result<Self> {
         if opts.top_k == 0 || opts.top_k > 256 {
             return Err(Error::input(format!(
                 "top_k = {} must be between 1 and 256",
@@ -182,15 +188,21 @@ impl CacheWriter {
                 "manifest_name {mn:?} must look like manifest[-_.A-Za-z0-9]*.json"
             )));
         }
-        opts.codebook.validate()?;
+        opts.ladder.validate()?;
         std::fs::create_dir_all(dir).map_err(|e| Error::io("cannot create", dir, e))?;
         // Before anything is read or cleaned up: no other live writer owns these files.
         let locks = writer_locks(dir, &opts.shard_prefix, &opts.manifest_name, opts.lock_wait)?;
         let codec_params = match opts.codec {
-            CodecKind::Exact => codec_params_json(opts.zstd_level, None),
+            CodecKind::Exact => codec_params_json(opts.zstd_level, None, false),
             CodecKind::Compact => {
-                Codebook::new(opts.codebook)?; // the parameters must give a valid codebook
-                codec_params_json(opts.zstd_level, Some(&opts.codebook))
+                // fixed steps must give a valid codebook (the budget ladder's rungs all do: a
+                // unit test of codebook.rs builds them)
+                if opts.ladder.max_mean_kl.is_none() {
+                    for j in 0..opts.ladder.rungs() {
+                        crate::codec::Codebook::new(opts.ladder.rung(j))?;
+                    }
+                }
+                codec_params_json(opts.zstd_level, Some(&opts.ladder), false)
             }
         };
         let mut base = Manifest {
@@ -223,6 +235,17 @@ impl CacheWriter {
         }
         if has_manifest {
             let old = Manifest::load_named(dir, &opts.manifest_name)?;
+            if old.codec == "compact"
+                && opts.codec == CodecKind::Compact
+                && old.codec_params.get("sqrt_steps").is_none()
+            {
+                // a compact cache of format version 1–2: keep its one fixed codebook, and
+                // frames without a rung byte (docs/FORMAT.md §5.1)
+                let (ladder, _) = LadderParams::from_json(&old.codec_params)?;
+                base.codec_params = codec_params_json(opts.zstd_level, Some(&ladder), true);
+                opts.ladder = ladder;
+                opts.legacy_codebook = true;
+            }
             for ((field, cached), (_, ours)) in old.settings().iter().zip(base.settings().iter()) {
                 compare(field, cached, ours)?;
             }
@@ -375,14 +398,14 @@ impl CacheWriter {
                 counts[id as usize] += 1;
             }
         }
-        let cb = Codebook::new(self.opts.codebook).expect("validated in create");
-        let codec = Codec::compact(
+        let mut codec = Codec::compact_writer(
             self.opts.top_k,
             self.opts.vocab_size,
             self.opts.zstd_level,
-            cb,
+            self.opts.ladder.clone(),
             IdTable::from_counts(&counts, self.opts.id_table_size),
         );
+        codec.rung_byte = !self.opts.legacy_codebook;
         self.start(codec);
     }
 
@@ -509,11 +532,17 @@ fn encoder_loop(rx: Receiver<Job>, tx: Sender<Done>, codec: &Codec, err: &Mutex<
     for (seq, rec, entropy) in rx {
         match codec.encode(&rec, &mut scratch) {
             Ok(frame) => {
-                let stats = Fidelity::of_record(&rec, codec, entropy);
-                if tx
-                    .send((seq, EncodedRecord::new(&rec, frame), stats))
-                    .is_err()
-                {
+                let (rungs, costs) = match codec.kind {
+                    CodecKind::Compact => {
+                        let (rungs, costs) = scratch.compact_costs();
+                        (Some([rungs.a, rungs.b]), Some(costs))
+                    }
+                    CodecKind::Exact => (None, None),
+                };
+                let stats = Fidelity::of_record(&rec, codec.top_k, costs, entropy);
+                let mut enc = EncodedRecord::new(&rec, frame);
+                enc.rungs = rungs;
+                if tx.send((seq, enc, stats)).is_err() {
                     return;
                 }
             }
@@ -706,6 +735,12 @@ impl CacheWriter {
                 continue;
             }
             let mut b = ShardBuilder::default();
+            // the rewritten shard keeps every codebook rung the old one stored
+            b.rungs.extend(
+                (0..r.codec.codebooks.len())
+                    .filter(|&j| r.codec.has_rung(j))
+                    .map(|j| j as u8),
+            );
             let mut h = hit.iter().peekable();
             for i in 0..r.len() {
                 if h.peek() == Some(&&i) {
@@ -720,6 +755,7 @@ impl CacheWriter {
                     n_supervised: row.n_supervised,
                     token_hash: row.token_hash,
                     frame: r.frame(i).to_vec(),
+                    rungs: None,
                 });
             }
             b.metadata.insert(REPLACES.into(), entry.file.clone());

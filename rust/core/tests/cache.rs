@@ -3,7 +3,8 @@ mod common;
 use std::path::Path;
 
 use common::{record, Rng};
-use target_sft_core::codec::{Codebook, CodebookParams};
+use target_sft_core::codec::{Codebook, CodebookParams, LadderParams};
+use target_sft_core::manifest::FORMAT_VERSION;
 use target_sft_core::{
     CacheWriter, CodecKind, ErrorKind, Key, Manifest, Record, TeacherCache, WriterOptions,
 };
@@ -67,7 +68,10 @@ fn compact_codec_keeps_ids_and_bounds_values() {
     let (vocab, k) = (151_936, 64);
     let dir = tempdir("compact");
     let recs = records(25, vocab, k, 2);
-    write(&dir, opts(CodecKind::Compact, k, vocab), &recs);
+    // fixed parameters: one codebook, whose error bound every value must meet
+    let mut o = opts(CodecKind::Compact, k, vocab);
+    o.ladder = LadderParams::fixed(CodebookParams::default());
+    write(&dir, o, &recs);
     let c = TeacherCache::open(&dir).unwrap();
     let cb = Codebook::new(CodebookParams::default()).unwrap();
     for r in &recs {
@@ -122,6 +126,103 @@ fn compact_codec_keeps_ids_and_bounds_values() {
         }
     }
     assert_eq!(c.verify(|_, _| {}).unwrap(), 25);
+}
+
+/// `KL(exact ‖ decoded)` of one row, both renormalised over the row's entries (ids matched).
+fn row_kl(orig: &Record, dec: &Record, k: usize, row: usize) -> f64 {
+    let pairs = |r: &Record| {
+        let mut v: Vec<(i32, f64)> = (0..k)
+            .map(|j| {
+                (
+                    r.topk_ids[row * k + j],
+                    f64::from(r.topk_logprobs[row * k + j]),
+                )
+            })
+            .filter(|&(id, a)| id >= 0 && a > f64::NEG_INFINITY)
+            .collect();
+        v.sort_by_key(|x| x.0);
+        v
+    };
+    let (p, q) = (pairs(orig), pairs(dec));
+    let ids = |v: &[(i32, f64)]| v.iter().map(|x| x.0).collect::<Vec<_>>();
+    assert_eq!(ids(&p), ids(&q), "ids are lossless");
+    let lse = |v: &[(i32, f64)]| {
+        let m = v.iter().map(|x| x.1).fold(f64::NEG_INFINITY, f64::max);
+        m + v.iter().map(|x| (x.1 - m).exp()).sum::<f64>().ln()
+    };
+    let (zp, zq) = (lse(&p), lse(&q));
+    p.iter()
+        .zip(&q)
+        .map(|(a, b)| (a.1 - zp).exp() * ((a.1 - zp) - (b.1 - zq)))
+        .sum::<f64>()
+        .max(0.0)
+}
+
+#[test]
+fn a_kl_budget_holds_for_every_record_and_coarser_budgets_take_fewer_bytes() {
+    let (vocab, k) = (151_936, 64);
+    let recs = records(30, vocab, k, 11);
+    let mut sizes = Vec::new();
+    for budget in [2e-5, 1e-4, 5e-4] {
+        let dir = tempdir(&format!("budget-{budget}"));
+        let mut o = opts(CodecKind::Compact, k, vocab);
+        o.ladder = LadderParams::budget(budget, -48.0);
+        write(&dir, o, &recs);
+        let c = TeacherCache::open(&dir).unwrap();
+        let (mut sum, mut rows) = (0.0, 0usize);
+        for r in &recs {
+            let got = c.get(&r.key, None).unwrap();
+            let kls: Vec<f64> = (0..r.n_supervised())
+                .map(|row| row_kl(r, &got, k, row))
+                .collect();
+            let mean = kls.iter().sum::<f64>() / kls.len().max(1) as f64;
+            // the writer measured the same KL (up to float rounding) and kept it within budget
+            assert!(
+                mean <= budget * (1.0 + 1e-6),
+                "record {}: {mean} > {budget}",
+                r.key
+            );
+            sum += kls.iter().sum::<f64>();
+            rows += kls.len();
+        }
+        let st = c.manifest.stats.clone().unwrap();
+        assert_eq!(st.codec_kl_rows as usize, rows);
+        assert!(
+            (st.codec_kl_sum - sum).abs() <= 1e-9 + 1e-6 * sum,
+            "{} vs {sum}",
+            st.codec_kl_sum
+        );
+        // the budget is used, not just respected: each record takes the coarsest rung within
+        // it and moves a prefix of its rows to the next coarser one
+        assert!(
+            sum / rows as f64 > 0.8 * budget,
+            "{budget}: mean {}",
+            sum / rows as f64
+        );
+        sizes.push(c.manifest.shards.iter().map(|s| s.bytes).sum::<u64>());
+        assert_eq!(c.verify(|_, _| {}).unwrap(), 30);
+    }
+    assert!(sizes[0] > sizes[1] && sizes[1] > sizes[2], "{sizes:?}");
+}
+
+#[test]
+fn a_budget_below_the_finest_codebook_is_an_error_naming_the_record() {
+    let dir = tempdir("budget-tiny");
+    let mut o = opts(CodecKind::Compact, 64, 151_936);
+    o.ladder = LadderParams::budget(1e-9, -48.0);
+    let mut w = CacheWriter::create(&dir, o).unwrap();
+    let mut err = None;
+    for r in records(8, 151_936, 64, 3) {
+        if let Err(e) = w.add(r) {
+            err = Some(e);
+            break;
+        }
+    }
+    let e = err
+        .or_else(|| w.close().err())
+        .expect("the budget cannot be met");
+    assert!(e.message.contains("max_mean_kl"), "{}", e.message);
+    assert!(e.message.contains("exact"), "{}", e.message);
 }
 
 #[test]
@@ -200,9 +301,10 @@ fn newer_format_version_is_refused() {
     let dir = tempdir("version");
     write(&dir, opts(CodecKind::Exact, 4, 100), &records(2, 100, 4, 5));
     let p = dir.join("manifest.json");
-    let s = std::fs::read_to_string(&p)
-        .unwrap()
-        .replace("\"format_version\": 2", "\"format_version\": 3");
+    let s = std::fs::read_to_string(&p).unwrap().replace(
+        &format!("\"format_version\": {FORMAT_VERSION}"),
+        &format!("\"format_version\": {}", FORMAT_VERSION + 1),
+    );
     std::fs::write(&p, s).unwrap();
     let e = TeacherCache::open(&dir).err().unwrap();
     assert_eq!(e.kind, ErrorKind::Version);

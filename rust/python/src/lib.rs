@@ -136,7 +136,7 @@ impl PyCacheWriter {
     #[new]
     #[pyo3(signature = (path, *, top_k, vocab_size, codec, zstd_level, shard_bytes, threads, temperature,
         tokenizer_json, teacher_json, shard_prefix, prior_records, append, sqrt_step, tail_step, floor,
-        manifest_name=core::manifest::MANIFEST_NAME.to_string(), wait_s=0.0, role="teacher"))]
+        max_mean_kl=None, manifest_name=core::manifest::MANIFEST_NAME.to_string(), wait_s=0.0, role="teacher"))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -156,6 +156,7 @@ impl PyCacheWriter {
         sqrt_step: f64,
         tail_step: f64,
         floor: f64,
+        max_mean_kl: Option<f64>,
         manifest_name: String,
         wait_s: f64,
         role: &str,
@@ -178,10 +179,14 @@ impl PyCacheWriter {
         opts.prior_records = prior_records;
         opts.append = append;
         opts.lock_wait = core::lock::LockWait::from_secs(wait_s).map_err(err)?;
-        opts.codebook = core::CodebookParams {
-            sqrt_step,
-            tail_step,
-            floor,
+        // a budget: the codebook ladder, one rung chosen per record; none: one fixed codebook
+        opts.ladder = match max_mean_kl {
+            Some(b) => core::codec::LadderParams::budget(b, floor),
+            None => core::codec::LadderParams::fixed(core::CodebookParams {
+                sqrt_step,
+                tail_step,
+                floor,
+            }),
         };
         opts.created_by = format!("target-sft {}", env!("CARGO_PKG_VERSION"));
         let w = py

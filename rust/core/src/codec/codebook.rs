@@ -49,6 +49,177 @@ impl CodebookParams {
     }
 }
 
+/// Mean codec KL per record that a writer keeps below by default (nats; docs/FORMAT.md §5.1).
+pub const DEFAULT_MAX_MEAN_KL: f64 = 1e-4;
+
+/// `2^(i/16)` for `i = 0..16`, as float64 literals (so every machine builds the same ladder).
+const SIXTEENTHS: [f64; 16] = [
+    1.0,
+    1.0442737824274138,
+    1.0905077326652577,
+    1.1387886347566916,
+    1.189207115002721,
+    1.241857812073484,
+    1.2968395546510096,
+    1.3542555469368927,
+    std::f64::consts::SQRT_2,
+    1.4768261459394993,
+    1.5422108254079407,
+    1.6104903319492543,
+    1.681792830507429,
+    1.7562521603732995,
+    1.8340080864093424,
+    1.9152065613971474,
+];
+
+/// Rungs of the budget ladder: `sqrt_step = 2.5e-3 · 2^((j − 74)/16)`, `j = 0..128`.
+pub const BUDGET_RUNGS: usize = 128;
+/// The budget ladder's rung whose codebook is format version 2's fixed default (`sqrt_step`
+/// 2.5e-3, `tail_step` 2.5), where a writer first measures a record's KL.
+const START_RUNG: usize = 74;
+
+/// The compact codec's codebooks, one per *rung* (docs/FORMAT.md §5.1): rung `j` is the codebook
+/// of `(sqrt_steps[j], tail_steps[j], floor)`. With a budget (`max_mean_kl`) the writer encodes
+/// each record with the coarsest rung whose measured mean KL stays within it; without, the
+/// ladder has one rung (fixed parameters).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LadderParams {
+    pub sqrt_steps: Vec<f64>,
+    pub tail_steps: Vec<f64>,
+    pub floor: f64,
+    pub max_mean_kl: Option<f64>,
+}
+
+impl LadderParams {
+    /// The budget ladder: `sqrt_step = 2.5e-3 · 2^((j − 74)/16)` (1.01e-4 to 2.48e-2) and
+    /// `tail_step = min(1000 · sqrt_step, 8)`, `j = 0..128`: rung 74 is the fixed default of
+    /// format version 2, and each rung costs about 2^(1/8) times the KL of the one below.
+    pub fn budget(max_mean_kl: f64, floor: f64) -> Self {
+        let sqrt_steps: Vec<f64> = (0..BUDGET_RUNGS)
+            .map(|j| {
+                // 2^((j − 74)/16) = c[(j − 74) mod 16] · 2^((j − 74) div 16), both exact
+                let e = j as i32 - START_RUNG as i32;
+                2.5e-3 * SIXTEENTHS[e.rem_euclid(16) as usize] * 2f64.powi(e.div_euclid(16))
+            })
+            .collect();
+        let tail_steps = sqrt_steps.iter().map(|h| (1000.0 * h).min(8.0)).collect();
+        Self {
+            sqrt_steps,
+            tail_steps,
+            floor,
+            max_mean_kl: Some(max_mean_kl),
+        }
+    }
+
+    /// One rung: fixed codebook parameters, no budget.
+    pub fn fixed(p: CodebookParams) -> Self {
+        Self {
+            sqrt_steps: vec![p.sqrt_step],
+            tail_steps: vec![p.tail_step],
+            floor: p.floor,
+            max_mean_kl: None,
+        }
+    }
+
+    pub fn rungs(&self) -> usize {
+        self.sqrt_steps.len()
+    }
+
+    pub fn rung(&self, j: usize) -> CodebookParams {
+        CodebookParams {
+            sqrt_step: self.sqrt_steps[j],
+            tail_step: self.tail_steps[j],
+            floor: self.floor,
+        }
+    }
+
+    /// The rung where a writer first measures a record (the budget ladder's rung nearest the
+    /// fixed default; rung 0 of a one-rung ladder).
+    pub fn start_rung(&self) -> usize {
+        START_RUNG.min(self.rungs() - 1)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let n = self.sqrt_steps.len();
+        if n == 0 || n > 255 || self.tail_steps.len() != n {
+            return Err(Error::input(format!(
+                "compact codec ladder needs 1 to 255 rungs with one sqrt_step and one tail_step each (got {n} and {})",
+                self.tail_steps.len()
+            )));
+        }
+        if let Some(b) = self.max_mean_kl {
+            if !(b.is_finite() && (1e-9..=1.0).contains(&b)) {
+                return Err(Error::input(format!(
+                    "max_mean_kl = {b} is out of range: give a mean codec KL per row in nats between 1e-9 and 1 (1e-4 is the default), or codec=\"exact\" for bit-for-bit log-probs"
+                )));
+            }
+        }
+        (0..n).try_for_each(|j| self.rung(j).validate())
+    }
+
+    /// The `codec_params` entries of a ladder (docs/FORMAT.md §1).
+    pub fn to_json(&self, zstd_level: i32) -> serde_json::Value {
+        serde_json::json!({
+            "zstd_level": zstd_level,
+            "max_mean_kl": self.max_mean_kl,
+            "floor": self.floor,
+            "sqrt_steps": self.sqrt_steps,
+            "tail_steps": self.tail_steps,
+        })
+    }
+
+    /// Parse `codec_params` of a compact cache: a ladder (format version 3), or the fixed
+    /// `sqrt_step`/`tail_step`/`floor` of versions 1–2 as a one-rung ladder; the flag says
+    /// whether frames carry a rung byte (only ladders do).
+    pub fn from_json(params: &serde_json::Value) -> Result<(Self, bool)> {
+        let num = |k: &str| {
+            params
+                .get(k)
+                .and_then(serde_json::Value::as_f64)
+                .ok_or_else(|| Error::format(format!("codec_params has no number {k}")))
+        };
+        let list = |k: &str| -> Result<Vec<f64>> {
+            params
+                .get(k)
+                .and_then(serde_json::Value::as_array)
+                .ok_or_else(|| Error::format(format!("codec_params has no list {k}")))?
+                .iter()
+                .map(|v| {
+                    v.as_f64().ok_or_else(|| {
+                        Error::format(format!("codec_params {k} holds a non-number"))
+                    })
+                })
+                .collect()
+        };
+        let (ladder, rung_byte) = if params.get("sqrt_steps").is_some() {
+            let max_mean_kl = match params.get("max_mean_kl") {
+                None | Some(serde_json::Value::Null) => None,
+                Some(v) => Some(v.as_f64().ok_or_else(|| {
+                    Error::format("codec_params max_mean_kl is not a number or null")
+                })?),
+            };
+            let l = Self {
+                sqrt_steps: list("sqrt_steps")?,
+                tail_steps: list("tail_steps")?,
+                floor: num("floor")?,
+                max_mean_kl,
+            };
+            (l, true)
+        } else {
+            let p = CodebookParams {
+                sqrt_step: num("sqrt_step")?,
+                tail_step: num("tail_step")?,
+                floor: num("floor")?,
+            };
+            (Self::fixed(p), false)
+        };
+        ladder
+            .validate()
+            .map_err(|e| Error::format(format!("codec_params: {}", e.message)))?;
+        Ok((ladder, rung_byte))
+    }
+}
+
 /// Index returned for values that are stored exactly.
 pub struct Codebook {
     pub params: CodebookParams,
@@ -192,6 +363,12 @@ impl Codebook {
         Some((f64::from(*self.levels.get(q)?), self.exp_levels[q]))
     }
 
+    /// `exp(levels[n])` in float64.
+    #[inline]
+    pub fn exp_level(&self, n: usize) -> f64 {
+        self.exp_levels[n]
+    }
+
     /// Largest decoding error |decoded − original| for any value that maps to level `n`.
     pub fn max_error(&self, n: usize) -> f32 {
         let up = if n == 0 {
@@ -211,6 +388,35 @@ impl Codebook {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_rung_of_the_budget_ladder_builds_and_rungs_grow() {
+        for floor in [-1.0, -48.0, -200.0] {
+            let l = LadderParams::budget(1e-4, floor);
+            l.validate().unwrap();
+            assert_eq!(l.rungs(), BUDGET_RUNGS);
+            for j in 0..l.rungs() {
+                let cb = Codebook::new(l.rung(j)).unwrap();
+                assert_eq!(cb.levels[0], 0.0);
+            }
+            for w in l.sqrt_steps.windows(2) {
+                assert!((w[1] / w[0] - 2f64.powf(1.0 / 16.0)).abs() < 1e-12);
+            }
+            // the start rung is format version 2's default codebook, exactly
+            assert_eq!(
+                l.rung(l.start_rung()),
+                CodebookParams {
+                    floor,
+                    ..Default::default()
+                }
+            );
+            assert_eq!(l.sqrt_steps[START_RUNG + 16], 5e-3);
+        }
+        let (back, rung_byte) =
+            LadderParams::from_json(&LadderParams::budget(3e-5, -48.0).to_json(3)).unwrap();
+        assert!(rung_byte);
+        assert_eq!(back, LadderParams::budget(3e-5, -48.0));
+    }
 
     #[test]
     fn quantize_matches_nearest_level() {

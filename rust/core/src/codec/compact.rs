@@ -21,6 +21,15 @@ pub struct IdTable {
     /// Encoder side (tables of at most 65,534 ids): rank, or `u16::MAX` for ids not listed.
     rank_of_id: Vec<u16>,
     vocab_size: usize,
+    /// Unique per table built (encoders cache a per-thread copy of the ranks keyed by it).
+    uid: u64,
+}
+
+/// Source of [`IdTable`] uids.
+static NEXT_TABLE_UID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+fn next_uid() -> u64 {
+    NEXT_TABLE_UID.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 impl IdTable {
@@ -42,6 +51,7 @@ impl IdTable {
             id_of_rank,
             rank_of_id: Vec::new(),
             vocab_size,
+            uid: next_uid(),
         })
     }
 
@@ -62,6 +72,7 @@ impl IdTable {
             id_of_rank: seen,
             rank_of_id,
             vocab_size: counts.len(),
+            uid: next_uid(),
         }
     }
 
@@ -86,14 +97,18 @@ impl IdTable {
     }
 }
 
-/// The compact codec's tables and k.
-fn parts(codec: &Codec) -> (&super::Codebook, &IdTable, usize) {
-    let cb = codec
-        .codebook
-        .as_ref()
-        .expect("compact codec has a codebook");
+/// The compact codec's id table and k.
+fn parts(codec: &Codec) -> (&IdTable, usize) {
     let table = codec.ids.as_ref().expect("compact codec has an id table");
-    (cb, table, codec.top_k)
+    (table, codec.top_k)
+}
+
+/// A row's kept mass (`Σ exp` of its log-probs) and its codec KL at the rung its record was
+/// encoded with, measured by the encoder.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RowCost {
+    pub mass: f64,
+    pub kl: f64,
 }
 
 #[derive(Default)]
@@ -106,15 +121,25 @@ pub(super) struct EncodeScratch {
     label_value: NumWriter,
     label_rank: Vec<u8>,
     exact_values: Vec<u8>,
-    /// `stamp[id] >> 8 == gen` marks the current row's ids; the low 8 bits hold the column.
-    stamp: Vec<u32>,
+    /// Per id: the low 32 bits are its stamp (`>> 8 == gen` marks the current row's ids; the
+    /// low 8 bits hold the column), the high 32 bits its rank in the id table `slots_uid` (one
+    /// random access per id for both).
+    slots: Vec<u64>,
+    slots_uid: u64,
     gen: u32,
-    /// Input column of each entry of `cur`.
-    cols: Vec<u8>,
     new_ranks: Vec<u64>,
     /// The previous row in decoded order (ids) and the current one being built.
     prev: Vec<i32>,
     cur: Vec<i32>,
+    /// `exp` of every entry's log-prob (row-major, `k` per row; 0 past a row's entries).
+    exps: Vec<f64>,
+    /// Per row (stride `k`): the input column of each entry, in decoded order.
+    order: Vec<u8>,
+    /// The codebook index of each entry of the row being coded, by input column.
+    qs: Vec<u32>,
+    /// Per row, its mass and KL at `rung` (the last rung measured).
+    pub(super) costs: Vec<RowCost>,
+    pub(super) rungs: Rungs,
 }
 
 /// Small-number code of a codebook index: `L − q` (so the many tail levels are small numbers and
@@ -124,71 +149,178 @@ fn value_code(q: u32, esc: u32) -> u64 {
     u64::from(esc - q)
 }
 
-pub(super) fn encode_rows(
-    codec: &Codec,
-    raw: &mut Vec<u8>,
+/// The stamp half of an encoder slot (see `EncodeScratch::slots`).
+const STAMP_BITS: u64 = 0xffff_ffff;
+
+#[inline(always)]
+fn set_stamp(slots: &mut [u64], id: i32, stamp: u32) {
+    let v = &mut slots[id as usize];
+    *v = (*v & !STAMP_BITS) | u64::from(stamp);
+}
+
+/// Hint the CPU to load `slots[id]` (a no-op for ids outside the slots, e.g. padding).
+#[inline(always)]
+fn prefetch(slots: &[u64], id: i32) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(v) = slots.get(id as usize) {
+        // SAFETY: prefetching has no observable effect besides the cache; the address is valid.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                (v as *const u64).cast::<i8>(),
+            );
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (slots, id);
+}
+
+/// Valid entries of a row: those before the first padding id.
+#[inline]
+fn valid(ids: &[i32]) -> usize {
+    ids.iter().position(|&x| x == -1).unwrap_or(ids.len())
+}
+
+/// Mean KL per row of every `stride`-th row of `rec` under codebook `cb` (the exps are in
+/// `s.exps`): a cheap estimate of the record's KL at that codebook.
+fn sample_kl(
+    cb: &super::Codebook,
     rec: &Record,
-    s: &mut EncodeScratch,
-) -> Result<()> {
-    let (cb, table, k) = parts(codec);
-    let esc = cb.escape();
+    k: usize,
+    s: &EncodeScratch,
+    stride: usize,
+) -> f64 {
+    let (mut sum, mut rows) = (0.0, 0usize);
+    for r in (0..rec.n_supervised()).step_by(stride) {
+        let n = valid(&rec.topk_ids[r * k..(r + 1) * k]);
+        let mut acc = RowKl::default();
+        for (&a, &ea) in rec.topk_logprobs[r * k..r * k + n]
+            .iter()
+            .zip(&s.exps[r * k..r * k + n])
+        {
+            if a != f32::NEG_INFINITY {
+                acc.push(cb, a, ea);
+            }
+        }
+        sum += acc.kl();
+        rows += 1;
+    }
+    if rows == 0 {
+        0.0
+    } else {
+        sum / rows as f64
+    }
+}
+
+/// The codebook rung to try first (docs/FORMAT.md §5.1): rung 0 of a fixed ladder; with a
+/// budget, the coarsest rung whose KL over a sample of about 32 of the record's rows (every
+/// `stride`-th) is within it: from the start rung, the `KL ∝ step²` law gives a first guess, then
+/// the sample is walked one rung at a time to where it crosses the budget (the KL does not follow
+/// the law exactly: the log-space tail and entries near probability 1 jump between rungs).
+fn predict_rung(codec: &Codec, rec: &Record, s: &EncodeScratch) -> Result<usize> {
+    let ladder = codec.ladder.as_ref().expect("compact codec has a ladder");
+    let Some(budget) = ladder.max_mean_kl else {
+        return Ok(0);
+    };
+    let (k, last) = (codec.top_k, ladder.rungs() - 1);
+    let stride = (rec.n_supervised() / 32).max(1);
+    let sample = |j: usize| -> Result<f64> { Ok(sample_kl(codec.codebook(j)?, rec, k, s, stride)) };
+    let j0 = ladder.start_rung();
+    let kl0 = sample(j0)?;
+    if kl0 <= 0.0 {
+        return Ok(last);
+    }
+    // KL ∝ step² and the step grows 2^(1/16) per rung: 8 rungs per doubling of the KL
+    let mut j = (j0 as f64 + 8.0 * (budget / kl0).log2())
+        .floor()
+        .clamp(0.0, last as f64) as usize;
+    if sample(j)? > budget {
+        while j > 0 {
+            j -= 1;
+            if sample(j)? <= budget {
+                break;
+            }
+        }
+    } else {
+        while j < last && sample(j + 1)? <= budget {
+            j += 1;
+        }
+    }
+    Ok(j)
+}
+
+/// The ids of every row (rung-independent): `nvalid`, `row_flags`, `share_mask`, the rank
+/// numbers and `label_rank`; `s.order` keeps, per row (stride `k`), the input column of each
+/// entry in decoded order, which the values pass follows. Returns whether every row is full.
+fn ids_pass(codec: &Codec, rec: &Record, s: &mut EncodeScratch) -> bool {
+    let (table, k) = parts(codec);
     for v in [
         &mut s.nvalid,
         &mut s.row_flags,
         &mut s.share_mask,
         &mut s.label_rank,
-        &mut s.exact_values,
     ] {
         v.clear();
     }
     s.rank.clear();
-    s.value.clear();
-    s.label_value.clear();
     s.prev.clear();
-    if s.stamp.len() < codec.vocab_size {
-        s.stamp = vec![0; codec.vocab_size];
+    s.order.clear();
+    s.order.resize(rec.topk_ids.len(), 0);
+    if s.slots_uid != table.uid {
+        s.slots = (0..codec.vocab_size as u32)
+            .map(|id| u64::from(table.rank(id)) << 32)
+            .collect();
+        s.slots_uid = table.uid;
         s.gen = 0;
     }
+
     let mut full = true;
     let mut row_labels = supervised_labels(&rec.labels);
     for r in 0..rec.n_supervised() {
         let ids = &rec.topk_ids[r * k..(r + 1) * k];
-        let lps = &rec.topk_logprobs[r * k..(r + 1) * k];
-        let n = ids.iter().position(|&x| x == -1).unwrap_or(k);
+        let n = valid(ids);
         full &= n == k;
         put_varint(&mut s.nvalid, n as u64);
         // `stamp[id] = gen << 8 | column` marks the current row's ids (one random access per id;
         // k <= 256); a placed id is marked `(gen - 1) << 8`. Generations wrap at 2^24.
         s.gen += 1;
         if s.gen >= 1 << 24 {
-            s.stamp.iter_mut().for_each(|x| *x = 0);
+            s.slots.iter_mut().for_each(|x| *x &= !STAMP_BITS);
             s.gen = 2;
         }
         let gen = s.gen;
+        // the next row's slots are mostly cold (new ids): fetch them while this row is coded
+        if let Some(next) = rec.topk_ids.get((r + 1) * k..(r + 2) * k) {
+            for &id in next {
+                prefetch(&s.slots, id);
+            }
+        }
         for (j, &id) in ids[..n].iter().enumerate() {
-            s.stamp[id as usize] = (gen << 8) | j as u32;
+            set_stamp(&mut s.slots, id, (gen << 8) | j as u32);
         }
         let label = row_labels.next().expect("rows match supervised positions");
-        let label_st = s.stamp[label as usize];
+        let label_st = s.slots[label as usize] as u32;
         let label_in = label_st >> 8 == gen;
         s.row_flags.push(u8::from(label_in));
         // Decoded order: the label (if present), the shared ids in the previous row's order,
         // then the new ids by rank; `cols` keeps each placed entry's input column.
         s.cur.clear();
-        s.cols.clear();
+        let cols = &mut s.order[r * k..(r + 1) * k];
+        let mut placed = 0usize;
         if label_in {
             s.cur.push(label);
-            s.cols.push(label_st as u8);
-            s.stamp[label as usize] = (gen - 1) << 8;
+            cols[0] = label_st as u8;
+            placed = 1;
+            set_stamp(&mut s.slots, label, (gen - 1) << 8);
         }
         let mut byte = 0u8;
         for (j, &id) in s.prev.iter().enumerate() {
-            let st = s.stamp[id as usize];
+            let st = s.slots[id as usize] as u32;
             if st >> 8 == gen {
                 byte |= 1 << (j % 8);
                 s.cur.push(id);
-                s.cols.push(st as u8);
-                s.stamp[id as usize] = (gen - 1) << 8;
+                cols[placed] = st as u8;
+                placed += 1;
+                set_stamp(&mut s.slots, id, (gen - 1) << 8);
             }
             if j % 8 == 7 || j + 1 == s.prev.len() {
                 s.share_mask.push(byte);
@@ -197,9 +329,9 @@ pub(super) fn encode_rows(
         }
         s.new_ranks.clear();
         for (j, &id) in ids[..n].iter().enumerate() {
-            if s.stamp[id as usize] >> 8 == gen {
-                s.new_ranks
-                    .push((u64::from(table.rank(id as u32)) << 8) | j as u64);
+            let v = s.slots[id as usize];
+            if (v as u32) >> 8 == gen {
+                s.new_ranks.push(((v >> 32) << 8) | j as u64);
             }
         }
         s.new_ranks.sort_unstable();
@@ -209,11 +341,45 @@ pub(super) fn encode_rows(
             s.rank.put(if i == 0 { rank } else { rank - prev_rank - 1 });
             prev_rank = rank;
             s.cur.push(ids[j]);
-            s.cols.push(j as u8);
+            cols[placed] = j as u8;
+            placed += 1;
         }
+        put_varint(&mut s.label_rank, rec.label_ranks[r] as u64);
+        std::mem::swap(&mut s.prev, &mut s.cur);
+    }
+    s.rank.finish();
+    full
+}
+
+/// The values of every row, in decoded order (`s.order`): rows `r < split` with codebook
+/// `cbs.0`, the others with `cbs.1`; per row the label's index, then the other entries' codes,
+/// escaped values stored exactly; each row's kept mass and KL measured on the way into
+/// `s.costs`. Returns the sum of the rows' KLs.
+fn values_pass(
+    cbs: (&super::Codebook, &super::Codebook),
+    split: usize,
+    rec: &Record,
+    k: usize,
+    s: &mut EncodeScratch,
+) -> f64 {
+    s.value.clear();
+    s.label_value.clear();
+    s.exact_values.clear();
+    s.costs.clear();
+    s.qs.resize(k, 0);
+    let mut sum = 0.0;
+    for r in 0..rec.n_supervised() {
+        let cb = if r < split { cbs.0 } else { cbs.1 };
+        let esc = cb.escape();
+        let lps = &rec.topk_logprobs[r * k..(r + 1) * k];
+        let exps = &s.exps[r * k..(r + 1) * k];
+        let order = &s.order[r * k..(r + 1) * k];
+        let n = valid(&rec.topk_ids[r * k..(r + 1) * k]);
+        let label_in = s.row_flags[r] == 1;
+        let mut acc = RowKl::default();
         // the label's value (index q: small for likely labels), then the other entries' (L - q)
         let label_lp = if label_in {
-            lps[usize::from(s.cols[0])]
+            lps[usize::from(order[0])]
         } else {
             rec.label_logprobs[r]
         };
@@ -222,20 +388,177 @@ pub(super) fn encode_rows(
         if q == esc {
             s.exact_values.extend_from_slice(&label_lp.to_le_bytes());
         }
-        for &j in &s.cols[usize::from(label_in)..] {
+        if label_in {
+            s.qs[usize::from(order[0])] = q;
+        }
+        for &j in &order[usize::from(label_in)..n] {
             let lp = lps[usize::from(j)];
             let q = cb.quantize(lp);
             s.value.put(value_code(q, esc));
             if q == esc {
                 s.exact_values.extend_from_slice(&lp.to_le_bytes());
             }
+            s.qs[usize::from(j)] = q;
         }
-        put_varint(&mut s.label_rank, rec.label_ranks[r] as u64);
-        std::mem::swap(&mut s.prev, &mut s.cur);
+        // the row's KL summed in column order, as `kl_pass` does (the decoded order depends on
+        // the id table, and float sums on their order)
+        for ((&a, &ea), &q) in lps[..n].iter().zip(&exps[..n]).zip(&s.qs[..n]) {
+            acc.push_index(cb, q, a, ea);
+        }
+        let kl = acc.kl();
+        sum += kl;
+        s.costs.push(RowCost { mass: acc.mass, kl });
     }
-    s.rank.finish();
     s.value.finish();
     s.label_value.finish();
+    sum
+}
+
+/// Each row's kept mass and KL with codebook `cb` into `out` (nothing coded); returns their sum.
+fn kl_pass(
+    cb: &super::Codebook,
+    rec: &Record,
+    k: usize,
+    s: &EncodeScratch,
+    out: &mut Vec<RowCost>,
+) -> f64 {
+    out.clear();
+    let mut sum = 0.0;
+    for r in 0..rec.n_supervised() {
+        let lps = &rec.topk_logprobs[r * k..(r + 1) * k];
+        let exps = &s.exps[r * k..(r + 1) * k];
+        let n = valid(&rec.topk_ids[r * k..(r + 1) * k]);
+        let mut acc = RowKl::default();
+        for (&a, &ea) in lps[..n].iter().zip(&exps[..n]) {
+            acc.push_index(cb, cb.quantize(a), a, ea);
+        }
+        let kl = acc.kl();
+        sum += kl;
+        out.push(RowCost { mass: acc.mass, kl });
+    }
+    sum
+}
+
+/// The codebooks of a record (docs/FORMAT.md §5.1): rows `r < split` use rung `a`, the others
+/// rung `b`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Rungs {
+    pub a: u8,
+    pub b: u8,
+    pub split: usize,
+}
+
+/// Choose the record's rungs and leave its values, coded with them, in the value streams (and
+/// their per-row costs in `s.costs`). A fixed ladder: rung 0. With a budget `B`: the coarsest
+/// rung `f` whose mean KL over the record's rows is within `B` (from the predicted rung, one rung
+/// finer while over, one rung coarser while the next still fits), then the longest prefix of
+/// rows that can take the next coarser rung `f + 1` with the record's mean KL still within `B`.
+fn choose_rungs(codec: &Codec, rec: &Record, s: &mut EncodeScratch) -> Result<Rungs> {
+    let (k, rows) = (codec.top_k, rec.n_supervised());
+    let ladder = codec.ladder.as_ref().expect("compact codec has a ladder");
+    if rows == 0 {
+        // nothing to code: name the start rung, which the shard's other records likely use
+        let j = ladder.start_rung();
+        let cb = codec.codebook(j)?;
+        values_pass((cb, cb), 0, rec, k, s);
+        return Ok(Rungs {
+            a: j as u8,
+            b: j as u8,
+            split: 0,
+        });
+    }
+    let Some(budget) = ladder.max_mean_kl else {
+        let cb = codec.codebook(0)?;
+        values_pass((cb, cb), rows, rec, k, s);
+        return Ok(Rungs {
+            a: 0,
+            b: 0,
+            split: rows,
+        });
+    };
+    let limit = budget * rows as f64;
+    let last = ladder.rungs() - 1;
+    let mut fine = predict_rung(codec, rec, s)?;
+    let (mut fine_costs, mut coarse_costs) = (Vec::new(), Vec::new());
+    let mut sum = kl_pass(codec.codebook(fine)?, rec, k, s, &mut fine_costs);
+    let mut coarse = false;
+    while sum > limit {
+        if fine == 0 {
+            return Err(Error::input(format!(
+                "record {}: the finest compact codebook (sqrt_step {:.3e}) still costs a mean KL of {:.3e} nats per row, above max_mean_kl = {budget:.3e}; give a larger max_mean_kl, or codec=\"exact\" to store log-probs bit for bit",
+                rec.key,
+                ladder.sqrt_steps[0],
+                sum / rows as f64
+            )));
+        }
+        std::mem::swap(&mut fine_costs, &mut coarse_costs);
+        coarse = true;
+        fine -= 1;
+        sum = kl_pass(codec.codebook(fine)?, rec, k, s, &mut fine_costs);
+    }
+    while !coarse && fine < last {
+        if kl_pass(codec.codebook(fine + 1)?, rec, k, s, &mut coarse_costs) <= limit {
+            fine += 1;
+            std::mem::swap(&mut fine_costs, &mut coarse_costs);
+        } else {
+            coarse = true;
+        }
+    }
+    // the longest prefix of rows at the coarser rung that keeps the sum within the limit
+    let mut split = 0usize;
+    if coarse {
+        let mut total = sum_kl(&fine_costs);
+        for r in 0..rows {
+            total += coarse_costs[r].kl - fine_costs[r].kl;
+            if total <= limit {
+                split = r + 1;
+            }
+        }
+    }
+    loop {
+        let a = if split > 0 { fine + 1 } else { fine };
+        let (ca, cb) = (codec.codebook(a)?, codec.codebook(fine)?);
+        if values_pass((ca, cb), split, rec, k, s) <= limit || split == 0 {
+            return Ok(Rungs {
+                a: a as u8,
+                b: fine as u8,
+                split,
+            });
+        }
+        split -= 1; // float rounding put the mixed sum just over: one row fewer
+    }
+}
+
+fn sum_kl(costs: &[RowCost]) -> f64 {
+    costs.iter().map(|c| c.kl).sum()
+}
+
+pub(super) fn encode_rows(
+    codec: &Codec,
+    raw: &mut Vec<u8>,
+    rec: &Record,
+    s: &mut EncodeScratch,
+) -> Result<()> {
+    let k = codec.top_k;
+    // one exp per entry: the kept mass and the codec's KL
+    s.exps.clear();
+    s.exps.resize(rec.topk_logprobs.len(), 0.0);
+    for (r, ids) in rec.topk_ids.chunks_exact(k).enumerate() {
+        let n = valid(ids);
+        for (e, &a) in s.exps[r * k..r * k + n]
+            .iter_mut()
+            .zip(&rec.topk_logprobs[r * k..r * k + n])
+        {
+            *e = f64::from(a).exp();
+        }
+    }
+    let full = ids_pass(codec, rec, s);
+    s.rungs = choose_rungs(codec, rec, s)?;
+    if codec.rung_byte {
+        raw.push(s.rungs.a);
+        raw.push(s.rungs.b);
+        put_varint(raw, s.rungs.split as u64);
+    }
     raw.push(u8::from(full));
     put_stream(raw, if full { &[] } else { &s.nvalid });
     for stream in [
@@ -276,6 +599,16 @@ impl RowKl {
         }
     }
 
+    /// Add one entry whose codebook index `q` the caller has (the escape index: exact).
+    #[inline]
+    pub fn push_index(&mut self, cb: &super::Codebook, q: u32, a: f32, ea: f64) {
+        self.mass += ea;
+        if let Some(&b) = cb.levels.get(q as usize) {
+            self.cross += ea * (f64::from(a) - f64::from(b));
+            self.diff += cb.exp_level(q as usize) - ea;
+        }
+    }
+
     /// `KL = Σ p̂·(a − b) + ln(1 + D/Z)` with `D = Σ (e^b − e^a)`: the ratio of the decoded to
     /// the exact normaliser, as `ln_1p` of the small difference (no cancellation); 0 for a row
     /// without mass.
@@ -308,8 +641,17 @@ pub(super) fn decode_rows<S: RowSink>(
     rows: usize,
     sink: &mut S,
 ) -> Result<()> {
-    let (cb, table, k) = parts(codec);
-    let esc = u64::from(cb.escape());
+    let (table, k) = parts(codec);
+    // the record's codebooks: rows r < split use `cb_a`, the others `cb_b` (§5.1)
+    let (cb_a, cb_b, split) = if codec.rung_byte {
+        let ab = c.take(2, "the codebook rungs")?;
+        let (a, b) = (usize::from(ab[0]), usize::from(ab[1]));
+        let split = c.count("the rung split", s)?;
+        (codec.codebook(a)?, codec.codebook(b)?, split)
+    } else {
+        let cb = codec.codebook(0)?;
+        (cb, cb, s)
+    };
     let full = match c.take(1, "the row flags")?[0] {
         0 => false,
         1 => true,
@@ -333,7 +675,7 @@ pub(super) fn decode_rows<S: RowSink>(
             row_flags.len()
         )));
     }
-    let levels = &cb.levels;
+    let (esc_a, esc_b) = (u64::from(cb_a.escape()), u64::from(cb_b.escape()));
     #[inline(always)]
     fn value(levels: &[f32], esc: u64, code: u64, exact: &mut Cursor<'_>) -> Result<f32> {
         match levels.get(esc.wrapping_sub(code) as usize) {
@@ -357,6 +699,11 @@ pub(super) fn decode_rows<S: RowSink>(
     let mut prev_n = 0usize;
     let mut row_labels = supervised_labels(labels);
     for (r, &flag) in row_flags[..rows].iter().enumerate() {
+        let (levels, esc) = if r < split {
+            (&cb_a.levels[..], esc_a)
+        } else {
+            (&cb_b.levels[..], esc_b)
+        };
         let n = if full { k } else { nvalid.count("nvalid", k)? };
         let label = row_labels
             .next()

@@ -11,11 +11,12 @@ pub mod compact;
 pub mod exact;
 
 use std::cell::RefCell;
+use std::sync::OnceLock;
 
 use crate::error::{Error, Result};
 use crate::record::{Key, Record, IGNORE_INDEX};
 use bytes::{put_planes_u32, put_varint, Cursor};
-pub use codebook::{Codebook, CodebookParams};
+pub use codebook::{Codebook, CodebookParams, LadderParams, DEFAULT_MAX_MEAN_KL};
 pub use compact::IdTable;
 
 /// Which codec a cache uses.
@@ -49,8 +50,15 @@ pub struct Codec {
     pub top_k: usize,
     pub vocab_size: usize,
     pub zstd_level: i32,
-    /// Compact only.
-    pub codebook: Option<Codebook>,
+    /// Compact only: the codebook parameters, one rung per codebook (docs/FORMAT.md §5.1).
+    pub ladder: Option<LadderParams>,
+    /// Compact only: the codebook of each rung this codec holds (a shard reader: the rungs its
+    /// shard stores; a writer: each rung, built when first used).
+    pub codebooks: Vec<OnceLock<Codebook>>,
+    /// Whether a missing rung is built from the ladder (a writer) or absent (a shard reader).
+    build_rungs: bool,
+    /// Compact only: whether a frame's rows section starts with its rung (format version 3).
+    pub rung_byte: bool,
     /// Compact only.
     pub ids: Option<IdTable>,
 }
@@ -72,6 +80,14 @@ thread_local! {
 pub struct DecodeScratch {
     dctx: Option<zstd::bulk::Decompressor<'static>>,
     raw: Vec<u8>,
+}
+
+impl EncodeScratch {
+    /// After a compact [`Codec::encode`]: the rungs the record was encoded with, and each row's
+    /// kept mass and codec KL as encoded.
+    pub fn compact_costs(&self) -> (compact::Rungs, &[compact::RowCost]) {
+        (self.compact.rungs, &self.compact.costs)
+    }
 }
 
 impl DecodeScratch {
@@ -137,25 +153,92 @@ impl Codec {
             top_k,
             vocab_size,
             zstd_level,
-            codebook: None,
+            ladder: None,
+            codebooks: Vec::new(),
+            build_rungs: false,
+            rung_byte: false,
             ids: None,
         }
     }
 
+    /// A compact codec holding the codebooks `codebooks[j]` of the ladder's rungs (`None` for
+    /// rungs it cannot decode); `rung_byte` as in [`Codec::rung_byte`].
     pub fn compact(
         top_k: usize,
         vocab_size: usize,
         zstd_level: i32,
-        codebook: Codebook,
+        ladder: LadderParams,
+        codebooks: Vec<Option<Codebook>>,
+        rung_byte: bool,
         ids: IdTable,
     ) -> Self {
+        let codebooks = codebooks
+            .into_iter()
+            .map(|c| {
+                let cell = OnceLock::new();
+                if let Some(c) = c {
+                    let _ = cell.set(c);
+                }
+                cell
+            })
+            .collect();
         Self {
             kind: CodecKind::Compact,
             top_k,
             vocab_size,
             zstd_level,
-            codebook: Some(codebook),
+            ladder: Some(ladder),
+            codebooks,
+            build_rungs: false,
+            rung_byte,
             ids: Some(ids),
+        }
+    }
+
+    /// A writer's compact codec: every rung of `ladder` (each codebook built when first used;
+    /// the ladder must be valid: [`LadderParams::validate`] and every rung's codebook buildable).
+    pub fn compact_writer(
+        top_k: usize,
+        vocab_size: usize,
+        zstd_level: i32,
+        ladder: LadderParams,
+        ids: IdTable,
+    ) -> Self {
+        let rungs = ladder.rungs();
+        let mut c = Self::compact(
+            top_k,
+            vocab_size,
+            zstd_level,
+            ladder,
+            (0..rungs).map(|_| None).collect(),
+            true,
+            ids,
+        );
+        c.build_rungs = true;
+        c
+    }
+
+    /// Whether this codec holds (or, a writer, can build) the codebook of `rung`.
+    pub fn has_rung(&self, rung: usize) -> bool {
+        self.codebooks
+            .get(rung)
+            .is_some_and(|c| self.build_rungs || c.get().is_some())
+    }
+
+    /// The codebook of rung `rung` (an error naming the rung when this codec does not hold it).
+    pub fn codebook(&self, rung: usize) -> Result<&Codebook> {
+        let missing = || {
+            Error::corrupt(format!(
+                "a record uses codebook rung {rung}, which its shard does not store"
+            ))
+        };
+        let cell = self.codebooks.get(rung).ok_or_else(missing)?;
+        match (cell.get(), self.build_rungs, &self.ladder) {
+            (Some(cb), _, _) => Ok(cb),
+            (None, true, Some(ladder)) => Ok(cell.get_or_init(|| {
+                Codebook::new(ladder.rung(rung)).expect("a writer's ladder is validated")
+            })),
+            _ => Err(missing()),
         }
     }
 
