@@ -68,7 +68,70 @@ pub struct Codec {
 pub struct EncodeScratch {
     raw: Vec<u8>,
     zstd: Option<(i32, zstd::bulk::Compressor<'static>)>,
+    /// A streaming context for frames cut into blocks (the compact codec's streams).
+    cctx: Option<(i32, zstd::zstd_safe::CCtx<'static>)>,
     compact: compact::EncodeScratch,
+}
+
+/// Compress `raw` into one zstd frame (content size and checksum included) whose blocks start at
+/// the offsets `cuts` (increasing; zstd may split blocks further), by flushing the stream there.
+fn compress_with_cuts(
+    raw: &[u8],
+    cuts: &[usize],
+    level: i32,
+    slot: &mut Option<(i32, zstd::zstd_safe::CCtx<'static>)>,
+) -> Result<Vec<u8>> {
+    use zstd::zstd_safe::{
+        zstd_sys::ZSTD_EndDirective, CCtx, CParameter, InBuffer, OutBuffer, ResetDirective,
+    };
+    let fail = |what: &str, code: usize| {
+        Error::input(format!(
+            "zstd {what} failed: {}",
+            zstd::zstd_safe::get_error_name(code)
+        ))
+    };
+    if slot.as_ref().is_none_or(|(l, _)| *l != level) {
+        let mut c = CCtx::create();
+        for p in [
+            CParameter::CompressionLevel(level),
+            CParameter::ChecksumFlag(true),
+            CParameter::ContentSizeFlag(true),
+        ] {
+            c.set_parameter(p).map_err(|e| fail("parameter", e))?;
+        }
+        *slot = Some((level, c));
+    }
+    let cctx = &mut slot.as_mut().expect("just set").1;
+    cctx.reset(ResetDirective::SessionOnly)
+        .map_err(|e| fail("reset", e))?;
+    cctx.set_pledged_src_size(Some(raw.len() as u64))
+        .map_err(|e| fail("pledged size", e))?;
+    let mut out: Vec<u8> =
+        Vec::with_capacity(zstd::zstd_safe::compress_bound(raw.len()) + 64 * (cuts.len() + 2));
+    let mut ob = OutBuffer::around(&mut out);
+    let mut start = 0usize;
+    for end in cuts.iter().copied().chain(std::iter::once(raw.len())) {
+        let last = end == raw.len();
+        let dir = if last {
+            ZSTD_EndDirective::ZSTD_e_end
+        } else {
+            ZSTD_EndDirective::ZSTD_e_flush
+        };
+        let mut ib = InBuffer::around(&raw[start..end]);
+        loop {
+            let left = cctx
+                .compress_stream2(&mut ob, &mut ib, dir)
+                .map_err(|e| fail("compression", e))?;
+            if left == 0 && ib.pos() == end - start {
+                break;
+            }
+            if ob.pos() == ob.capacity() {
+                return Err(Error::input("zstd output exceeded its bound"));
+            }
+        }
+        start = end;
+    }
+    Ok(out)
 }
 
 thread_local! {
@@ -248,10 +311,29 @@ impl Codec {
         raw.clear();
         put_varint(raw, rec.n_tokens() as u64);
         put_varint(raw, rec.n_supervised() as u64);
+        let at = raw.len();
         put_tokens(raw, &rec.input_ids, &rec.labels);
+        // compact: each byte plane of the input ids starts a zstd block of its own (the planes'
+        // statistics differ: the low byte is near uniform, the high ones mostly zero)
+        let t = rec.n_tokens();
+        let cuts = &mut scratch.compact.cuts;
+        cuts.clear();
+        if self.kind == CodecKind::Compact && t >= compact::BLOCK_CUT_BYTES {
+            cuts.extend((1..=4).map(|p| at + p * t));
+        }
         match self.kind {
             CodecKind::Exact => exact::encode_rows(raw, rec),
-            CodecKind::Compact => compact::encode_rows(self, raw, rec, &mut scratch.compact)?,
+            CodecKind::Compact => {
+                compact::encode_rows(self, raw, rec, &mut scratch.compact)?;
+                if !scratch.compact.cuts.is_empty() {
+                    return compress_with_cuts(
+                        raw,
+                        &scratch.compact.cuts,
+                        self.zstd_level,
+                        &mut scratch.cctx,
+                    );
+                }
+            }
         }
         if scratch
             .zstd
