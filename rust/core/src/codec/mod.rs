@@ -318,11 +318,23 @@ impl Codec {
         let t = rec.n_tokens();
         let cuts = &mut scratch.compact.cuts;
         cuts.clear();
-        if self.kind == CodecKind::Compact && t >= compact::BLOCK_CUT_BYTES {
+        if t >= compact::BLOCK_CUT_BYTES {
             cuts.extend((1..=4).map(|p| at + p * t));
         }
         match self.kind {
-            CodecKind::Exact => exact::encode_rows(raw, rec),
+            CodecKind::Exact => {
+                // every byte plane of the rows starts a block too (sign/exponent bytes and
+                // mantissa bytes have nothing in common)
+                let start = raw.len();
+                exact::encode_rows(raw, rec);
+                let nk = rec.topk_ids.len();
+                if nk >= compact::BLOCK_CUT_BYTES {
+                    cuts.extend((0..8).map(|p| start + p * nk));
+                }
+                if !cuts.is_empty() {
+                    return compress_with_cuts(raw, cuts, self.zstd_level, &mut scratch.cctx);
+                }
+            }
             CodecKind::Compact => {
                 compact::encode_rows(self, raw, rec, &mut scratch.compact)?;
                 if !scratch.compact.cuts.is_empty() {
