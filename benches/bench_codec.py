@@ -31,7 +31,9 @@ Throughput is per core: encode uses one encoder thread and divides the supervise
 process CPU time of the whole write (validation, encoding, committing, Python included); decode
 uses one thread: ``dec`` reads every record as a Python ``CacheRecord`` (``records_at``), ``batch
 dec`` (our caches only) decodes them through the native batch builder in batches of 16 records,
-the path a training DataLoader takes (``build_batch``). Timings are the best of ``--repeats`` runs (the machine may be shared). Run
+the path a training DataLoader takes (``build_batch``). ``B/tok, frames one stream`` (our caches
+only): the same cache with each record's frame recompressed as one zstd-3 stream, as the writer
+did before it started a zstd block per stream: the same run's baseline for the block cuts. Timings are the best of ``--repeats`` runs (the machine may be shared). Run
 ``python benches/bench_codec.py --help`` for options.
 """
 
@@ -251,6 +253,14 @@ def bench_family(fam, args, ref, tmp: Path) -> dict:
         )
         # The reference reader on the first --ref-records records (it is slow: a reference).
         shards = ref.open_shards(path)[1]
+        # Same run, same records: each frame recompressed as one zstd-3 stream (the writer's
+        # frames before it cut them into a block per stream): what the block cuts save.
+        one = zstandard.ZstdCompressor(level=3, write_checksum=True, write_content_size=True)
+        framed = unsplit = 0
+        for sh in shards:
+            for i in range(len(sh)):
+                framed += int(sh.record_index[i, 1])
+                unsplit += len(one.compress(sh.frame(i)))
         t0 = time.perf_counter()
         ref_sup = 0
         for i in range(min(args.ref_records, len(shards[0]))):
@@ -258,6 +268,7 @@ def bench_family(fam, args, ref, tmp: Path) -> dict:
         ref_s = time.perf_counter() - t0
         res[store] = {
             "bytes_per_token": cache.info.bytes / sup,
+            "bytes_per_token_one_stream": (cache.info.bytes - framed + unsplit) / sup,
             "kl_mean": float(kl.mean()),
             "kl_p99": float(np.quantile(kl, 0.99)),
             "kl_max": float(kl.max()),
@@ -278,6 +289,7 @@ def print_family(name: str, res: dict) -> None:
         f"\n[{name}]\n{'store':<18}{'bytes/tok':>10}{'mean KL':>10}{'p99 KL':>9}{'max KL':>9}"
         f"{'enc tok/s/core':>16}{'dec tok/s/core':>16}{'bytes vs fp16+zstd':>20}"
         f"{'dec vs memmap':>15}{'dec vs py-ref':>15}{'batch dec tok/s/core':>22}"
+        f"{'B/tok, frames one stream':>26}"
     )
     for store in STORES:
         r = res[store]
@@ -296,6 +308,11 @@ def print_family(name: str, res: dict) -> None:
                 f"{r['decode_batch_tok_s_per_core']:>22,.0f}"
                 if "decode_batch_tok_s_per_core" in r
                 else f"{'-':>22}"
+            )
+            + (
+                f"{r['bytes_per_token_one_stream']:>26.1f}"
+                if "bytes_per_token_one_stream" in r
+                else f"{'-':>26}"
             )
         )
 

@@ -61,8 +61,8 @@ class CacheWriter:
         shard_prefix: str,
         prior_records: int,
         append: bool,
-        sqrt_step: float,
-        tail_step: float,
+        sqrt_step: float | None,
+        tail_step: float | None,
         floor: float,
         max_mean_kl: float | None = None,
         manifest_name: str = ...,  # "manifest.json" (core::manifest::MANIFEST_NAME)

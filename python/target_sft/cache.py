@@ -210,6 +210,24 @@ class CacheInfo:
         )
 
 
+def _warn_if_fixed_codebook(manifest: Path, max_mean_kl: float) -> None:
+    """An append to a compact cache of format version 1-2 keeps its one fixed codebook
+    (docs/FORMAT.md §5.1): say that the budget asked for is not applied."""
+    try:
+        params = json.loads(manifest.read_text(encoding="utf-8")).get("codec_params", {})
+    except (OSError, ValueError, AttributeError):
+        return  # no (readable) manifest: the native writer reports what is wrong
+    if isinstance(params, dict) and "sqrt_step" in params and "sqrt_steps" not in params:
+        warnings.warn(
+            f"{manifest.parent}: this compact cache was written with one fixed codebook (format "
+            f"version 1-2); appending keeps it, so max_mean_kl={max_mean_kl:g} is not applied to "
+            "the records added (their KL is the fixed codebook's). Build the cache again to have "
+            "the budget.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 class CacheWriter:
     """Write a teacher cache (a context manager).
 
@@ -305,6 +323,8 @@ class CacheWriter:
             )
         self.path = Path(path)
         self.top_k = check_int("top_k", top_k, 1, 256)
+        if mode == "append" and codec == "compact" and max_mean_kl is not None:
+            _warn_if_fixed_codebook(self.path / manifest_name, max_mean_kl)
         self._w: _core.CacheWriter | None = _core.CacheWriter(
             str(self.path),
             top_k=self.top_k,
@@ -320,8 +340,8 @@ class CacheWriter:
             manifest_name=manifest_name,
             prior_records=check_int("prior_records", prior_records, 1),
             append=mode == "append",
-            sqrt_step=float(2.5e-3 if compact_sqrt_step is None else compact_sqrt_step),
-            tail_step=float(2.5 if compact_tail_step is None else compact_tail_step),
+            sqrt_step=None if compact_sqrt_step is None else float(compact_sqrt_step),
+            tail_step=None if compact_tail_step is None else float(compact_tail_step),
             floor=float(compact_floor),
             max_mean_kl=None if max_mean_kl is None else float(max_mean_kl),
             wait_s=check_wait(wait),

@@ -173,9 +173,16 @@ def test_version1_caches_still_read_with_one_warning(codec, tmp_path):
     # appending writes version-2 shards (the fixed codebook kept: §5.1) and a sealed version-3
     # manifest; the old shards stay
     settings = {"teacher": {"name": "t"}, "tokenizer": "tok"}  # as the fixture was written
-    with CacheWriter(path, top_k=8, vocab_size=1000, codec=codec, mode="append", **settings) as w:
+    if codec == "compact":
+        # the fixed codebook is kept, and the default budget is said not to apply (§5.1)
+        with pytest.warns(UserWarning, match="max_mean_kl=0.0001 is not applied"):
+            w = CacheWriter(path, top_k=8, vocab_size=1000, codec=codec, mode="append", **settings)
+    else:
+        w = CacheWriter(path, top_k=8, vocab_size=1000, codec=codec, mode="append", **settings)
+    with w:
         w.add(**make_record("new", rng))
     m = json.loads((path / "manifest.json").read_text())
     assert m["format_version"] == 3 and m["manifest_checksum"].startswith("xxh3-64:")
+    assert ("sqrt_step" in m["codec_params"]) == (codec == "compact")  # the fixed codebook kept
     c = TeacherCache(path)
     assert len(c) == 5 and c.verify() == 5

@@ -18,7 +18,7 @@ pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, TrainingArguments
 
 from batch_reference import write_sample_cache
-from build_helpers import save_tiny_model
+from build_helpers import cpu_training_args, save_tiny_model
 from target_sft import (
     TargetSFTCollator,
     TeacherCache,
@@ -140,14 +140,9 @@ def test_num_items_and_outputs(cache, model_dirs):
 
 def _train(model_dirs, cache, tmp_path, fused_linear: bool):
     model = load(model_dirs["llama"], dtype=torch.float32)
-    args = TrainingArguments(
+    args = cpu_training_args(
+        tmp_path,
         output_dir=str(tmp_path / f"out-{fused_linear}"),
-        use_cpu=True,
-        report_to=[],
-        save_strategy="no",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        seed=0,
         per_device_train_batch_size=4,
         max_steps=2,
         learning_rate=0.5,

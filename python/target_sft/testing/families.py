@@ -41,7 +41,7 @@ import math
 import os
 import sysconfig
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,15 +99,23 @@ TEXT_LIMIT_BYTES = 4_000_000
 # --- text ---------------------------------------------------------------------------------------
 
 
-def stdlib_docstrings(limit_bytes: int = 4_000_000) -> list[tuple[str, str]]:
-    """Docstrings of the Python standard library's modules, one document per module.
-
-    Present wherever Python runs, so tests can rely on it. Returns ``(name, text)`` pairs sorted
-    by name, at most ``limit_bytes`` of text in all.
-    """
-    root = Path(sysconfig.get_paths()["stdlib"])
+def _take(docs: Iterable[tuple[str, str]], limit_bytes: int) -> list[tuple[str, str]]:
+    """The ``(name, text)`` documents of at least 200 characters, in order, until their text
+    reaches ``limit_bytes`` in all."""
     out: list[tuple[str, str]] = []
     total = 0
+    for name, text in docs:
+        if len(text) < 200:
+            continue
+        out.append((name, text))
+        total += len(text)
+        if total >= limit_bytes:
+            break
+    return out
+
+
+def _stdlib_documents() -> Iterator[tuple[str, str]]:
+    root = Path(sysconfig.get_paths()["stdlib"])
     for path in sorted(root.glob("*.py")) + sorted(root.glob("*/*.py")):
         rel = path.relative_to(root)
         if any(part.startswith("test") for part in rel.parts):  # test suites: not prose
@@ -122,14 +130,27 @@ def stdlib_docstrings(limit_bytes: int = 4_000_000) -> list[tuple[str, str]]:
             if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef)
             and (d := ast.get_docstring(node))
         ]
-        text = "\n\n".join(docs)
-        if len(text) < 200:
+        yield str(rel), "\n\n".join(docs)
+
+
+def _licence_documents() -> Iterator[tuple[str, str]]:
+    paths = sorted(Path("/usr/share/doc").glob("*/copyright")) + sorted(
+        Path("/usr/share/common-licenses").glob("*")
+    )
+    for p in paths:
+        try:
+            yield str(p), p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
             continue
-        out.append((str(rel), text))
-        total += len(text)
-        if total >= limit_bytes:
-            break
-    return out
+
+
+def stdlib_docstrings(limit_bytes: int = 4_000_000) -> list[tuple[str, str]]:
+    """Docstrings of the Python standard library's modules, one document per module.
+
+    Present wherever Python runs, so tests can rely on it. Returns ``(name, text)`` pairs sorted
+    by name, at most ``limit_bytes`` of text in all.
+    """
+    return _take(_stdlib_documents(), limit_bytes)
 
 
 def real_text(limit_bytes: int = 16_000_000) -> list[tuple[str, str]]:
@@ -139,23 +160,7 @@ def real_text(limit_bytes: int = 16_000_000) -> list[tuple[str, str]]:
     (licences, notices, authors: English legal prose with much shared boilerplate); where the
     machine has none, the Python standard library's docstrings (:func:`stdlib_docstrings`).
     """
-    paths = sorted(Path("/usr/share/doc").glob("*/copyright")) + sorted(
-        Path("/usr/share/common-licenses").glob("*")
-    )
-    out: list[tuple[str, str]] = []
-    total = 0
-    for p in paths:
-        try:
-            text = p.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
-            continue
-        if len(text) < 200:
-            continue
-        out.append((str(p), text))
-        total += len(text)
-        if total >= limit_bytes:
-            break
-    return out if out else stdlib_docstrings(limit_bytes)
+    return _take(_licence_documents(), limit_bytes) or stdlib_docstrings(limit_bytes)
 
 
 def split_documents(

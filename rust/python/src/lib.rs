@@ -153,8 +153,8 @@ impl PyCacheWriter {
         shard_prefix: String,
         prior_records: usize,
         append: bool,
-        sqrt_step: f64,
-        tail_step: f64,
+        sqrt_step: Option<f64>,
+        tail_step: Option<f64>,
         floor: f64,
         max_mean_kl: Option<f64>,
         manifest_name: String,
@@ -180,11 +180,13 @@ impl PyCacheWriter {
         opts.append = append;
         opts.lock_wait = core::lock::LockWait::from_secs(wait_s).map_err(err)?;
         // a budget: the codebook ladder, one rung chosen per record; none: one fixed codebook
+        // (steps not given: the fixed defaults)
+        let fixed = core::CodebookParams::default();
         opts.ladder = match max_mean_kl {
             Some(b) => core::codec::LadderParams::budget(b, floor),
             None => core::codec::LadderParams::fixed(core::CodebookParams {
-                sqrt_step,
-                tail_step,
+                sqrt_step: sqrt_step.unwrap_or(fixed.sqrt_step),
+                tail_step: tail_step.unwrap_or(fixed.tail_step),
                 floor,
             }),
         };

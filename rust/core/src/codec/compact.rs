@@ -135,14 +135,13 @@ pub(super) struct EncodeScratch {
     exps: Vec<f64>,
     /// Per row (stride `k`): the input column of each entry, in decoded order.
     order: Vec<u8>,
+    /// Per row: its valid entries (those before the first padding id).
+    counts: Vec<u16>,
     /// The codebook index of each entry of the row being coded, by input column.
     qs: Vec<u32>,
     /// Per row, its mass and KL at `rung` (the last rung measured).
     pub(super) costs: Vec<RowCost>,
     pub(super) rungs: Rungs,
-    /// Offsets in the decompressed frame where a zstd block should start (increasing; the
-    /// tokens section's are set by `Codec::encode`, the streams' by `encode_rows`).
-    pub(super) cuts: Vec<usize>,
 }
 
 /// Small-number code of a codebook index: `L − q` (so the many tail levels are small numbers and
@@ -194,7 +193,7 @@ fn sample_kl(
 ) -> f64 {
     let (mut sum, mut rows) = (0.0, 0usize);
     for r in (0..rec.n_supervised()).step_by(stride) {
-        let n = valid(&rec.topk_ids[r * k..(r + 1) * k]);
+        let n = usize::from(s.counts[r]);
         let mut acc = RowKl::default();
         for (&a, &ea) in rec.topk_logprobs[r * k..r * k + n]
             .iter()
@@ -280,7 +279,7 @@ fn ids_pass(codec: &Codec, rec: &Record, s: &mut EncodeScratch) -> bool {
     let mut row_labels = supervised_labels(&rec.labels);
     for r in 0..rec.n_supervised() {
         let ids = &rec.topk_ids[r * k..(r + 1) * k];
-        let n = valid(ids);
+        let n = usize::from(s.counts[r]);
         full &= n == k;
         put_varint(&mut s.nvalid, n as u64);
         // `stamp[id] = gen << 8 | column` marks the current row's ids (one random access per id;
@@ -377,7 +376,7 @@ fn values_pass(
         let lps = &rec.topk_logprobs[r * k..(r + 1) * k];
         let exps = &s.exps[r * k..(r + 1) * k];
         let order = &s.order[r * k..(r + 1) * k];
-        let n = valid(&rec.topk_ids[r * k..(r + 1) * k]);
+        let n = usize::from(s.counts[r]);
         let label_in = s.row_flags[r] == 1;
         let mut acc = RowKl::default();
         // the label's value (index q: small for likely labels), then the other entries' (L - q)
@@ -430,7 +429,7 @@ fn kl_pass(
     for r in 0..rec.n_supervised() {
         let lps = &rec.topk_logprobs[r * k..(r + 1) * k];
         let exps = &s.exps[r * k..(r + 1) * k];
-        let n = valid(&rec.topk_ids[r * k..(r + 1) * k]);
+        let n = usize::from(s.counts[r]);
         let mut acc = RowKl::default();
         for (&a, &ea) in lps[..n].iter().zip(&exps[..n]) {
             acc.push_index(cb, cb.quantize(a), a, ea);
@@ -536,18 +535,23 @@ fn sum_kl(costs: &[RowCost]) -> f64 {
     costs.iter().map(|c| c.kl).sum()
 }
 
+/// Append the rows section of `rec` to `raw`; the offsets where a zstd block should start are
+/// appended to `cuts`.
 pub(super) fn encode_rows(
     codec: &Codec,
     raw: &mut Vec<u8>,
     rec: &Record,
     s: &mut EncodeScratch,
+    cuts: &mut Vec<usize>,
 ) -> Result<()> {
     let k = codec.top_k;
     // one exp per entry: the kept mass and the codec's KL
     s.exps.clear();
     s.exps.resize(rec.topk_logprobs.len(), 0.0);
+    s.counts.clear();
     for (r, ids) in rec.topk_ids.chunks_exact(k).enumerate() {
         let n = valid(ids);
+        s.counts.push(n as u16);
         for (e, &a) in s.exps[r * k..r * k + n]
             .iter_mut()
             .zip(&rec.topk_logprobs[r * k..r * k + n])
@@ -580,7 +584,7 @@ pub(super) fn encode_rows(
         // tables instead of sharing one with streams of another alphabet (docs/FORMAT.md §4;
         // 7% fewer bytes on the synthetic family, 5% on text-lm, benches/RESULTS.md)
         if stream.len() >= BLOCK_CUT_BYTES {
-            s.cuts.push(raw.len());
+            cuts.push(raw.len());
         }
         put_stream(raw, stream);
     }

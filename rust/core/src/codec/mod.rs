@@ -68,8 +68,10 @@ pub struct Codec {
 pub struct EncodeScratch {
     raw: Vec<u8>,
     zstd: Option<(i32, zstd::bulk::Compressor<'static>)>,
-    /// A streaming context for frames cut into blocks (the compact codec's streams).
+    /// A streaming context for frames cut into blocks.
     cctx: Option<(i32, zstd::zstd_safe::CCtx<'static>)>,
+    /// Offsets in the decompressed frame where a zstd block should start (increasing).
+    cuts: Vec<usize>,
     compact: compact::EncodeScratch,
 }
 
@@ -316,7 +318,7 @@ impl Codec {
         // compact: each byte plane of the input ids starts a zstd block of its own (the planes'
         // statistics differ: the low byte is near uniform, the high ones mostly zero)
         let t = rec.n_tokens();
-        let cuts = &mut scratch.compact.cuts;
+        let cuts = &mut scratch.cuts;
         cuts.clear();
         if t >= compact::BLOCK_CUT_BYTES {
             cuts.extend((1..=4).map(|p| at + p * t));
@@ -331,21 +333,11 @@ impl Codec {
                 if nk >= compact::BLOCK_CUT_BYTES {
                     cuts.extend((0..8).map(|p| start + p * nk));
                 }
-                if !cuts.is_empty() {
-                    return compress_with_cuts(raw, cuts, self.zstd_level, &mut scratch.cctx);
-                }
             }
-            CodecKind::Compact => {
-                compact::encode_rows(self, raw, rec, &mut scratch.compact)?;
-                if !scratch.compact.cuts.is_empty() {
-                    return compress_with_cuts(
-                        raw,
-                        &scratch.compact.cuts,
-                        self.zstd_level,
-                        &mut scratch.cctx,
-                    );
-                }
-            }
+            CodecKind::Compact => compact::encode_rows(self, raw, rec, &mut scratch.compact, cuts)?,
+        }
+        if !cuts.is_empty() {
+            return compress_with_cuts(raw, cuts, self.zstd_level, &mut scratch.cctx);
         }
         if scratch
             .zstd
