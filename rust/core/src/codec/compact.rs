@@ -137,8 +137,12 @@ pub(super) struct EncodeScratch {
     order: Vec<u8>,
     /// Per row: its valid entries (those before the first padding id).
     counts: Vec<u16>,
-    /// The codebook index of each entry of the row being coded, by input column.
-    qs: Vec<u32>,
+    /// Each entry's codebook index (stride `k`, input columns) at the finest rung measured so
+    /// far and at the next coarser one, with the rows' costs there.
+    q_fine: Vec<u16>,
+    q_coarse: Vec<u16>,
+    fine_costs: Vec<RowCost>,
+    coarse_costs: Vec<RowCost>,
     /// Per row, its mass and KL at `rung` (the last rung measured).
     pub(super) costs: Vec<RowCost>,
     pub(super) rungs: Rungs,
@@ -353,10 +357,11 @@ fn ids_pass(codec: &Codec, rec: &Record, s: &mut EncodeScratch) -> bool {
     full
 }
 
-/// The values of every row, in decoded order (`s.order`): rows `r < split` with codebook
-/// `cbs.0`, the others with `cbs.1`; per row the label's index, then the other entries' codes,
-/// escaped values stored exactly; each row's kept mass and KL measured on the way into
-/// `s.costs`. Returns the sum of the rows' KLs.
+/// The values of every row, in decoded order (`s.order`), from the codebook indices the KL
+/// passes stored: rows `r < split` take `q_coarse` (codebook `cbs.0`), the others `q_fine`
+/// (`cbs.1`); per row the label's index, then the other entries' codes, escaped values stored
+/// exactly. The rows' costs go to `s.costs` (from the passes: nothing is quantised twice);
+/// returns their sum, in row order.
 fn values_pass(
     cbs: (&super::Codebook, &super::Codebook),
     split: usize,
@@ -368,71 +373,72 @@ fn values_pass(
     s.label_value.clear();
     s.exact_values.clear();
     s.costs.clear();
-    s.qs.resize(k, 0);
     let mut sum = 0.0;
     for r in 0..rec.n_supervised() {
-        let cb = if r < split { cbs.0 } else { cbs.1 };
+        let (cb, qs, cost) = if r < split {
+            (cbs.0, &s.q_coarse, s.coarse_costs[r])
+        } else {
+            (cbs.1, &s.q_fine, s.fine_costs[r])
+        };
         let esc = cb.escape();
         let lps = &rec.topk_logprobs[r * k..(r + 1) * k];
-        let exps = &s.exps[r * k..(r + 1) * k];
+        let qs = &qs[r * k..(r + 1) * k];
         let order = &s.order[r * k..(r + 1) * k];
         let n = usize::from(s.counts[r]);
         let label_in = s.row_flags[r] == 1;
-        let mut acc = RowKl::default();
         // the label's value (index q: small for likely labels), then the other entries' (L - q)
-        let label_lp = if label_in {
-            lps[usize::from(order[0])]
+        let (label_lp, q) = if label_in {
+            let j = usize::from(order[0]);
+            (lps[j], u32::from(qs[j]))
         } else {
-            rec.label_logprobs[r]
+            let lp = rec.label_logprobs[r];
+            (lp, cb.quantize(lp))
         };
-        let q = cb.quantize(label_lp);
         s.label_value.put(u64::from(q));
         if q == esc {
             s.exact_values.extend_from_slice(&label_lp.to_le_bytes());
         }
-        if label_in {
-            s.qs[usize::from(order[0])] = q;
-        }
         for &j in &order[usize::from(label_in)..n] {
-            let lp = lps[usize::from(j)];
-            let q = cb.quantize(lp);
+            let q = u32::from(qs[usize::from(j)]);
             s.value.put(value_code(q, esc));
             if q == esc {
-                s.exact_values.extend_from_slice(&lp.to_le_bytes());
+                s.exact_values
+                    .extend_from_slice(&lps[usize::from(j)].to_le_bytes());
             }
-            s.qs[usize::from(j)] = q;
         }
-        // the row's KL summed in column order, as `kl_pass` does (the decoded order depends on
-        // the id table, and float sums on their order)
-        for ((&a, &ea), &q) in lps[..n].iter().zip(&exps[..n]).zip(&s.qs[..n]) {
-            acc.push_index(cb, q, a, ea);
-        }
-        let kl = acc.kl();
-        sum += kl;
-        s.costs.push(RowCost { mass: acc.mass, kl });
+        sum += cost.kl;
+        s.costs.push(cost);
     }
     s.value.finish();
     s.label_value.finish();
     sum
 }
 
-/// Each row's kept mass and KL with codebook `cb` into `out` (nothing coded); returns their sum.
+/// Each row's kept mass and KL with codebook `cb` into `out`, each entry's codebook index into
+/// `qs` (stride `k`, input columns; nothing coded); returns the sum of the rows' KLs.
 fn kl_pass(
     cb: &super::Codebook,
     rec: &Record,
     k: usize,
-    s: &EncodeScratch,
+    s: (&[f64], &[u16]),
     out: &mut Vec<RowCost>,
+    qs: &mut Vec<u16>,
 ) -> f64 {
+    let (exps, counts) = s;
     out.clear();
+    qs.resize(rec.topk_logprobs.len(), 0);
     let mut sum = 0.0;
     for r in 0..rec.n_supervised() {
         let lps = &rec.topk_logprobs[r * k..(r + 1) * k];
-        let exps = &s.exps[r * k..(r + 1) * k];
-        let n = usize::from(s.counts[r]);
+        let exps = &exps[r * k..(r + 1) * k];
+        let row_qs = &mut qs[r * k..(r + 1) * k];
+        let n = usize::from(counts[r]);
         let mut acc = RowKl::default();
-        for (&a, &ea) in lps[..n].iter().zip(&exps[..n]) {
-            acc.push_index(cb, cb.quantize(a), a, ea);
+        for ((&a, &ea), q_out) in lps[..n].iter().zip(&exps[..n]).zip(&mut row_qs[..n]) {
+            let q = cb.quantize(a);
+            // L <= 65,000 (codebook.rs), so the escape index fits 16 bits
+            *q_out = q as u16;
+            acc.push_index(cb, q, a, ea);
         }
         let kl = acc.kl();
         sum += kl;
@@ -458,31 +464,50 @@ pub struct Rungs {
 fn choose_rungs(codec: &Codec, rec: &Record, s: &mut EncodeScratch) -> Result<Rungs> {
     let (k, rows) = (codec.top_k, rec.n_supervised());
     let ladder = codec.ladder.as_ref().expect("compact codec has a ladder");
-    if rows == 0 {
-        // nothing to code: name the start rung, which the shard's other records likely use
-        let j = ladder.start_rung();
+    // one KL pass at a rung: its costs and indices into the `fine` or the `coarse` buffers
+    fn pass(
+        codec: &Codec,
+        j: usize,
+        rec: &Record,
+        s: &mut EncodeScratch,
+        coarse: bool,
+    ) -> Result<f64> {
+        let cb = codec.codebook(j)?;
+        let (costs, qs) = if coarse {
+            (&mut s.coarse_costs, &mut s.q_coarse)
+        } else {
+            (&mut s.fine_costs, &mut s.q_fine)
+        };
+        Ok(kl_pass(
+            cb,
+            rec,
+            codec.top_k,
+            (&s.exps, &s.counts),
+            costs,
+            qs,
+        ))
+    }
+    fn swap(s: &mut EncodeScratch) {
+        std::mem::swap(&mut s.fine_costs, &mut s.coarse_costs);
+        std::mem::swap(&mut s.q_fine, &mut s.q_coarse);
+    }
+    let Some(budget) = ladder.max_mean_kl.filter(|_| rows > 0) else {
+        // a fixed ladder: rung 0; no rows: name the start rung, which the shard's other
+        // records likely use
+        let j = if rows == 0 { ladder.start_rung() } else { 0 };
+        pass(codec, j, rec, s, false)?;
         let cb = codec.codebook(j)?;
         values_pass((cb, cb), 0, rec, k, s);
         return Ok(Rungs {
             a: j as u8,
             b: j as u8,
-            split: 0,
-        });
-    }
-    let Some(budget) = ladder.max_mean_kl else {
-        let cb = codec.codebook(0)?;
-        values_pass((cb, cb), rows, rec, k, s);
-        return Ok(Rungs {
-            a: 0,
-            b: 0,
-            split: rows,
+            split: if rows == 0 { 0 } else { rows },
         });
     };
     let limit = budget * rows as f64;
     let last = ladder.rungs() - 1;
     let mut fine = predict_rung(codec, rec, s)?;
-    let (mut fine_costs, mut coarse_costs) = (Vec::new(), Vec::new());
-    let mut sum = kl_pass(codec.codebook(fine)?, rec, k, s, &mut fine_costs);
+    let mut sum = pass(codec, fine, rec, s, false)?;
     let mut coarse = false;
     while sum > limit {
         if fine == 0 {
@@ -493,15 +518,15 @@ fn choose_rungs(codec: &Codec, rec: &Record, s: &mut EncodeScratch) -> Result<Ru
                 sum / rows as f64
             )));
         }
-        std::mem::swap(&mut fine_costs, &mut coarse_costs);
+        swap(s);
         coarse = true;
         fine -= 1;
-        sum = kl_pass(codec.codebook(fine)?, rec, k, s, &mut fine_costs);
+        sum = pass(codec, fine, rec, s, false)?;
     }
     while !coarse && fine < last {
-        if kl_pass(codec.codebook(fine + 1)?, rec, k, s, &mut coarse_costs) <= limit {
+        if pass(codec, fine + 1, rec, s, true)? <= limit {
             fine += 1;
-            std::mem::swap(&mut fine_costs, &mut coarse_costs);
+            swap(s);
         } else {
             coarse = true;
         }
@@ -509,26 +534,30 @@ fn choose_rungs(codec: &Codec, rec: &Record, s: &mut EncodeScratch) -> Result<Ru
     // the longest prefix of rows at the coarser rung that keeps the sum within the limit
     let mut split = 0usize;
     if coarse {
-        let mut total = sum_kl(&fine_costs);
+        let mut total = sum_kl(&s.fine_costs);
         for r in 0..rows {
-            total += coarse_costs[r].kl - fine_costs[r].kl;
+            total += s.coarse_costs[r].kl - s.fine_costs[r].kl;
             if total <= limit {
                 split = r + 1;
             }
         }
-    }
-    loop {
-        let a = if split > 0 { fine + 1 } else { fine };
-        let (ca, cb) = (codec.codebook(a)?, codec.codebook(fine)?);
-        if values_pass((ca, cb), split, rec, k, s) <= limit || split == 0 {
-            return Ok(Rungs {
-                a: a as u8,
-                b: fine as u8,
-                split,
-            });
+        // float rounding can put the mixed sum, taken in row order, just over: fewer rows
+        let mixed = |split: usize| -> f64 {
+            let (c, f) = (&s.coarse_costs[..split], &s.fine_costs[split..]);
+            c.iter().chain(f).map(|c| c.kl).sum()
+        };
+        while split > 0 && mixed(split) > limit {
+            split -= 1;
         }
-        split -= 1; // float rounding put the mixed sum just over: one row fewer
     }
+    let a = if split > 0 { fine + 1 } else { fine };
+    let (ca, cb) = (codec.codebook(a)?, codec.codebook(fine)?);
+    values_pass((ca, cb), split, rec, k, s);
+    Ok(Rungs {
+        a: a as u8,
+        b: fine as u8,
+        split,
+    })
 }
 
 fn sum_kl(costs: &[RowCost]) -> f64 {
