@@ -210,6 +210,25 @@ class CacheInfo:
         )
 
 
+def reference_temperature_problem(
+    slot: str, temperature: float, path: Any, where: str
+) -> str | None:
+    """What is wrong with a cache cached at ``temperature`` filling ``slot``, or ``None``. The
+    reference-model terms (importance weights, KL anchors: docs/LOSSES.md) read the reference
+    cache as ``π_ref`` itself, the model's softmax at temperature 1; a cache built at another
+    temperature holds ``softmax(z / T)``, a different distribution, and would shift every weight
+    without any error. A teacher may be cached at any temperature (e.g. T = 2 for
+    distillation)."""
+    if slot != "reference" or temperature == 1.0:
+        return None
+    return (
+        f"{where}: the reference cache at {path} was built at temperature {temperature:g}, but "
+        "the reference-model terms read it as π_ref, the reference model's softmax at "
+        "temperature 1; rebuild it with temperature=1 (target-sft cache build --temperature 1), "
+        "or pass allow_role_mismatch=True if a tempered reference is what you mean"
+    )
+
+
 def _warn_if_fixed_codebook(manifest: Path, max_mean_kl: float) -> None:
     """An append to a compact cache of format version 1-2 keeps its one fixed codebook
     (docs/FORMAT.md §5.1): say that the budget asked for is not applied."""
@@ -503,14 +522,17 @@ class TeacherCache:
         ``slot``; otherwise :class:`CacheMismatchError` naming both (with ``allow_mismatch``, a
         warning: e.g. a teacher cache deliberately used as the reference)."""
         check_role("slot", slot)
-        if self.role == slot:
+        if self.role != slot:
+            msg = (
+                f"{where}: the cache at {self.path} holds a {self.role} (its manifest's role) but "
+                f"is passed as the {slot}; pass it in its own slot, build it with role={slot!r} "
+                "(target-sft cache build --role), or pass allow_role_mismatch=True if this is "
+                "deliberate"
+            )
+        else:
+            msg = reference_temperature_problem(slot, self._info.temperature, self.path, where)
+        if msg is None:
             return
-        msg = (
-            f"{where}: the cache at {self.path} holds a {self.role} (its manifest's role) but is "
-            f"passed as the {slot}; pass it in its own slot, build it with role={slot!r} "
-            "(target-sft cache build --role), or pass allow_role_mismatch=True if this is "
-            "deliberate"
-        )
         if not allow_mismatch:
             raise CacheMismatchError(msg)
         warnings.warn(msg, stacklevel=3)

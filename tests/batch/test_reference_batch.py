@@ -236,6 +236,33 @@ def test_roles_must_match_their_slots(caches):
         collate([CacheSample(teacher, 0, CacheSample(teacher, 0))])
 
 
+def test_a_reference_cached_at_another_temperature_is_refused(caches, tmp_path):
+    """π_ref is the reference model's softmax at temperature 1: a reference cache built at T = 2
+    holds another distribution and would shift every importance weight silently."""
+    teacher, _ = caches
+    hot = write_reference_cache(tmp_path / "hot", teacher, seed=4, k=KR, temperature=2.0)
+    assert hot.info.temperature == 2.0
+    match = (
+        r"the reference cache at .*hot was built at temperature 2.*rebuild it with temperature=1"
+    )
+    with pytest.raises(CacheMismatchError, match=r"TargetSFTCollator\(reference=...\): " + match):
+        TargetSFTCollator(teacher, reference=hot, pad_token_id=0)
+    with pytest.raises(CacheMismatchError, match=r"TeacherCacheDataset: " + match):
+        TeacherCacheDataset(teacher, reference=hot)
+    collate = TargetSFTCollator(pad_token_id=0)
+    with pytest.raises(CacheMismatchError, match=r"batch item 0's reference: " + match):
+        collate([CacheSample(teacher, 0, CacheSample(hot, 0))])
+    with pytest.warns(UserWarning, match=match):
+        TargetSFTCollator(teacher, reference=hot, pad_token_id=0, allow_role_mismatch=True)
+    # a teacher may be cached at any temperature (distillation at T = 2)
+    warm_teacher = write_reference_cache(
+        tmp_path / "warm", teacher, seed=5, k=K, temperature=2.0, role="teacher"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        TargetSFTCollator(warm_teacher, pad_token_id=0)
+
+
 def test_items_with_and_without_a_reference_do_not_mix(caches):
     teacher, reference = caches
     ds = TeacherCacheDataset(teacher, reference=reference)

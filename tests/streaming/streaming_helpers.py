@@ -63,9 +63,10 @@ def make_reference_cache(
     vocab_size: int = 1000,
     tokenizer: str | None = None,
     t: int = 24,
+    temperature: float = 1.0,
 ):
     """A reference cache over ``keys`` (written in that order, other record contents than
-    :func:`make_cache`'s, another shard size), with the manifest ``role``."""
+    :func:`make_cache`'s, another shard size), with the manifest ``role`` and ``temperature``."""
     rng = np.random.default_rng(seed)
     with CacheWriter(
         path,
@@ -74,6 +75,7 @@ def make_reference_cache(
         shard_size=shard_size,
         threads=1,
         tokenizer=tokenizer,
+        temperature=temperature,
     ) as w:
         for k in keys:
             w.add(**make_record(int(k), rng, t=t, vocab=min(vocab_size, 1000)))

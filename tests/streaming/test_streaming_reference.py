@@ -232,6 +232,19 @@ def test_role_is_checked(caches, tmp_path):
         StreamingTeacherDataset(reference)
 
 
+def test_a_reference_cached_at_another_temperature_is_refused(caches, tmp_path):
+    _, teacher, _ = caches
+    hot = make_reference_cache(tmp_path / "hot", range(N), temperature=2.0)
+    with pytest.raises(
+        CacheMismatchError,
+        match=r"StreamingTeacherDataset: the reference cache at .*hot was built at temperature 2",
+    ):
+        StreamingTeacherDataset(teacher, reference=hot)
+    with pytest.warns(UserWarning, match="built at temperature 2"):
+        d = StreamingTeacherDataset(teacher, reference=hot, allow_role_mismatch=True)
+    assert next(iter(d)).reference is not None
+
+
 def test_role_of_a_remote_reference_is_checked(caches, server, tmp_path):
     root, teacher, reference = caches
     no_role = root / "no_role_remote"

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from target_sft.cache import CacheInfo, TeacherCache
+from target_sft.cache import CacheInfo, TeacherCache, reference_temperature_problem
 from target_sft.errors import CacheInputError, CacheMismatchError
 from target_sft.streaming.keyindex import RemoteKeys, match_by_key
 from target_sft.streaming.manifest import MANIFEST_NAME, fetch_manifest
@@ -48,16 +49,27 @@ def cache_role(
 
 
 def check_role(info: CacheInfo, role: str, slot: str, allow_mismatch: bool) -> None:
-    """Raise :class:`CacheMismatchError` if a cache whose role is ``role`` is passed as ``slot``
-    (unless ``allow_mismatch``)."""
-    if role == slot or allow_mismatch:
-        return
-    raise CacheMismatchError(
-        f"StreamingTeacherDataset: the cache {info.path} holds role {role!r} (its manifest's "
-        f"'role'; a cache without one is a teacher) but is passed as the {slot}; pass a {slot} "
-        "cache there (a reference cache is built with role='reference'), or "
-        "allow_role_mismatch=True if this is deliberate"
+    """Raise :class:`CacheMismatchError` if a cache whose role is ``role`` is passed as ``slot``,
+    or a reference cache was built at a temperature other than 1
+    (:func:`~target_sft.cache.reference_temperature_problem`); with ``allow_mismatch`` a role
+    mismatch passes and a temperature is a warning."""
+    if role != slot:
+        if allow_mismatch:
+            return
+        raise CacheMismatchError(
+            f"StreamingTeacherDataset: the cache {info.path} holds role {role!r} (its manifest's "
+            f"'role'; a cache without one is a teacher) but is passed as the {slot}; pass a "
+            f"{slot} cache there (a reference cache is built with role='reference'), or "
+            "allow_role_mismatch=True if this is deliberate"
+        )
+    msg = reference_temperature_problem(
+        slot, info.temperature, info.path, "StreamingTeacherDataset"
     )
+    if msg is None:
+        return
+    if not allow_mismatch:
+        raise CacheMismatchError(msg)
+    warnings.warn(msg, stacklevel=3)
 
 
 def _same_tokenizer(t: dict[str, Any], r: dict[str, Any]) -> bool | None:
