@@ -43,6 +43,7 @@ def seq_batch(seed: int = 0, *, b: int = B, t: int = T, k: int = K) -> dict[str,
         "reference_label_logprobs": logp_y
         - 0.1 * torch.rand(b, t, generator=g, dtype=torch.float64),
         "old_logprobs": logp_y + 0.4 * (torch.rand(b, t, generator=g, dtype=torch.float64) - 0.5),
+        "sequence_ids": torch.arange(b)[:, None].expand(b, t),  # one sample per row
     }
 
 

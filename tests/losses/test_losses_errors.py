@@ -209,7 +209,7 @@ def test_missing_inputs() -> None:
         L.IwSFT()(d["z"], d["y"])
     with pytest.raises(ValueError, match="TokenWeightTrust needs token_weights"):
         L.CFT()(d["z"], d["y"])
-    with pytest.raises(ValueError, match="iw-SFT weights are per sequence"):
+    with pytest.raises(ValueError, match="iw-SFT's importance weight is per sequence"):
         L.IwSFT()(
             d["z"].reshape(-1, V), d["y"].reshape(-1), reference_label_logprobs=torch.zeros(B * T)
         )
@@ -224,19 +224,19 @@ def test_per_token_inputs_shape_and_finiteness() -> None:
         L.ProximalSFT()(d["z"], d["y"], old_logprobs=torch.zeros(B, T - 1))
     ref = torch.zeros(B, T)
     ref[1, 2] = float("nan")
+    rows = torch.arange(B)[:, None].expand(B, T)  # one sample per row
     with pytest.raises(
         ValueError,
         match=re.escape(
             "reference_label_logprobs[1, 2] = nan is not finite at a supervised position"
         ),
     ):
-        L.IwSFT()(d["z"], d["y"], reference_label_logprobs=ref)
+        L.IwSFT()(d["z"], d["y"], reference_label_logprobs=ref, sequence_ids=rows)
     with pytest.raises(
-        ValueError,
-        match=re.escape(f"sequence_weights has shape ({B + 1},) but logits has {B} rows"),
+        ValueError, match=re.escape(f"sequence_weights has shape ({B - 1},) but sequence_ids")
     ):
         L.QTargetLoss(gamma=L.SequenceWeightTrust())(
-            d["z"], d["y"], sequence_weights=torch.ones(B + 1)
+            d["z"], d["y"], sequence_weights=torch.ones(B - 1), sequence_ids=rows
         )
 
 

@@ -3,9 +3,10 @@
 Two samples packed in one row with ``sequence_ids`` must give exactly the loss and the gradient of
 the same two samples padded in two rows (and of the flattened ``[N, V]`` layout with
 ``sequence_ids``): iw-SFT's trajectory weight (plain sum, length-normalised, clipped) and
-SequenceWeightTrust's ``sequence_weights[sequence_ids]``. Before ``sequence_ids`` was accepted
-with ``[B, L, V]`` logits a packed row was silently one trajectory: the last test shows that this
-reading differs. Float64, to 1e-12, against the weights written out here.
+SequenceWeightTrust's ``sequence_weights[sequence_ids]``. Per-sequence terms require
+``sequence_ids``: without it a packed row was silently one trajectory (a test shows that this
+reading differs, and that the call is refused now). Float64, to 1e-12, against the weights
+written out here.
 """
 
 from __future__ import annotations
@@ -112,8 +113,9 @@ def test_iw_sft_packed_equals_padded_equals_flat(params) -> None:
     s = samples()
     loss = L.IwSFT(**params)
     pd, pk = padded(s), packed(s)
-    # padded rows: one sample per row, with or without sequence_ids
-    a, ga = run(loss, pd["z"], pd["y"], reference_label_logprobs=pd["ref"])
+    # padded rows: one sample per row (sequence_ids = the row, or the samples' own ids)
+    rows = torch.arange(2)[:, None].expand_as(pd["y"])
+    a, ga = run(loss, pd["z"], pd["y"], reference_label_logprobs=pd["ref"], sequence_ids=rows)
     a2, ga2 = run(
         loss, pd["z"], pd["y"], reference_label_logprobs=pd["ref"], sequence_ids=pd["sid"]
     )
@@ -133,18 +135,32 @@ def test_iw_sft_packed_equals_padded_equals_flat(params) -> None:
     assert abs(float(b - iw_closed_form(s, **params))) <= TOL
 
 
-def test_a_packed_row_without_sequence_ids_is_one_trajectory() -> None:
-    """What the old code computed for a packed row (no way to pass sequence_ids): one weight for
-    both samples, which is not iw-SFT's per-sample weight."""
+def test_a_per_sequence_term_without_sequence_ids_is_refused() -> None:
+    """Without sequence_ids a packed row read as one trajectory (one weight for both samples,
+    not iw-SFT's per-sample weight), silently: the loss cannot tell a packed row from a row of
+    one sample, so per-sequence terms require sequence_ids."""
     s = samples(1)
     pk = packed(s)
     loss = L.IwSFT()
     with_ids, _ = run(
         loss, pk["z"], pk["y"], reference_label_logprobs=pk["ref"], sequence_ids=pk["sid"]
     )
-    without, _ = run(loss, pk["z"], pk["y"], reference_label_logprobs=pk["ref"])
+    one_trajectory, _ = run(
+        loss,
+        pk["z"],
+        pk["y"],
+        reference_label_logprobs=pk["ref"],
+        sequence_ids=torch.zeros_like(pk["sid"]),
+    )
     assert abs(float(with_ids - iw_closed_form(s))) <= TOL
-    assert abs(float(without - with_ids)) > 1e-3
+    assert abs(float(one_trajectory - with_ids)) > 1e-3  # what the old reading computed
+    msg = "iw-SFT's importance weight is per sequence, and without sequence_ids the loss cannot"
+    with pytest.raises(ValueError, match=msg):
+        loss(pk["z"], pk["y"], reference_label_logprobs=pk["ref"])
+    with pytest.raises(ValueError, match="sequence_weights is per sequence"):
+        L.QTargetLoss(gamma=L.SequenceWeightTrust())(
+            pk["z"], pk["y"], sequence_weights=torch.ones(2, dtype=torch.float64)
+        )
 
 
 def test_sequence_weight_trust_packed_equals_padded() -> None:
@@ -152,7 +168,8 @@ def test_sequence_weight_trust_packed_equals_padded() -> None:
     pd, pk = padded(s), packed(s)
     weights = torch.tensor([0.3, 1.7], dtype=torch.float64)
     loss = L.QTargetLoss(gamma=L.SequenceWeightTrust())
-    a, ga = run(loss, pd["z"], pd["y"], sequence_weights=weights)
+    rows = torch.arange(2)[:, None].expand_as(pd["y"])
+    a, ga = run(loss, pd["z"], pd["y"], sequence_weights=weights, sequence_ids=rows)
     b, gb = run(loss, pk["z"], pk["y"], sequence_weights=weights, sequence_ids=pk["sid"])
     assert abs(float(a - b)) <= TOL
     assert (ga - packed_grad_as_padded(gb)).abs().max() <= TOL
@@ -187,9 +204,7 @@ def test_sequence_weights_are_checked_by_sample_count_not_rows() -> None:
         ),
     ):
         loss(z, y, sequence_weights=w[:2], sequence_ids=sid)
-    with pytest.raises(
-        ValueError, match=re.escape("sequence_weights has shape (4,) but logits has 2 rows")
-    ):
+    with pytest.raises(ValueError, match="sequence_weights is per sequence"):
         loss(z, y, sequence_weights=w)
 
 

@@ -196,26 +196,32 @@ def test_ref_logprobs_is_the_deprecated_name_of_reference_label_logprobs() -> No
     d = batch(6)
     ref = torch.full((B, T), -2.0, dtype=torch.float64)
     loss = L.IwSFT()
-    want = loss(d["z"], d["y"], reference_label_logprobs=ref)
+    sid = torch.arange(B)[:, None].expand(B, T)  # one sample per row
+    want = loss(d["z"], d["y"], reference_label_logprobs=ref, sequence_ids=sid)
     with pytest.warns(DeprecationWarning, match="'ref_logprobs' is now called") as rec:
-        got = loss(d["z"], d["y"], ref_logprobs=ref)
+        got = loss(d["z"], d["y"], ref_logprobs=ref, sequence_ids=sid)
     assert rec[0].filename == __file__  # points at the user's call, not inside the library
     assert torch.equal(got, want)
     with pytest.warns(DeprecationWarning):
-        t = loss.target(d["z"], d["y"], ref_logprobs=ref)
-    assert torch.equal(t.gamma, loss.target(d["z"], d["y"], reference_label_logprobs=ref).gamma)
+        t = loss.target(d["z"], d["y"], ref_logprobs=ref, sequence_ids=sid)
+    assert torch.equal(
+        t.gamma, loss.target(d["z"], d["y"], reference_label_logprobs=ref, sequence_ids=sid).gamma
+    )
     h = torch.randn(B, T, 4, dtype=torch.float64)
     w = torch.randn(V, 4, dtype=torch.float64)
     with pytest.warns(DeprecationWarning):
-        f = L.fused_linear_qtarget_loss(loss, h, w, d["y"], ref_logprobs=ref)
+        f = L.fused_linear_qtarget_loss(loss, h, w, d["y"], ref_logprobs=ref, sequence_ids=sid)
     assert torch.equal(
-        f, L.fused_linear_qtarget_loss(loss, h, w, d["y"], reference_label_logprobs=ref)
+        f,
+        L.fused_linear_qtarget_loss(
+            loss, h, w, d["y"], reference_label_logprobs=ref, sequence_ids=sid
+        ),
     )
     both = re.escape("both ref_logprobs (the deprecated name) and reference_label_logprobs")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         with pytest.raises(ValueError, match=both):
-            loss(d["z"], d["y"], ref_logprobs=ref, reference_label_logprobs=ref)
+            loss(d["z"], d["y"], ref_logprobs=ref, reference_label_logprobs=ref, sequence_ids=sid)
         with pytest.raises(ValueError, match=both):
             L.fused_linear_qtarget_loss(
                 loss, h, w, d["y"], ref_logprobs=ref, reference_label_logprobs=ref

@@ -204,8 +204,11 @@ class FlatBatch:
         that a batch carrying ``sequence_ids`` costs no sync to a loss that does not use it."""
         if self.sequence_index is None:
             raise ValueError(
-                f"{who} weights are per sequence: pass [B, L, V] logits, or sequence_ids with "
-                "[N, V] logits"
+                f"{who} is per sequence, and without sequence_ids the loss cannot tell "
+                "a row holding one sample from a packed row holding several (it would weight a "
+                "packed row as one trajectory): pass sequence_ids, the sample of each token "
+                "(the collator's batch['sequence_ids']; for rows of one sample each, "
+                "torch.arange(B)[:, None].expand(B, L))"
             )
         if self.num_sequences is None:
             idx = self.sequence_index
@@ -320,33 +323,19 @@ def prepare(
         if t is not None:
             setattr(batch, name, t.reshape(-1).to(cdt))
 
-    # Sequence structure (per-sequence weights: iw-SFT, SequenceWeightTrust). With sequence_ids
-    # the tokens group by sample (packed rows); without, a row of [B, L, V] logits is a sequence.
+    # Sequence structure (per-sequence weights: iw-SFT, SequenceWeightTrust): the tokens group
+    # by sample through sequence_ids, which per-sequence terms require (a row of [B, L, V]
+    # logits may hold one sample or several packed ones: nothing else tells them apart).
     if sequence_ids is not None:
         sid = sequence_ids.reshape(-1).long()
         batch.sequence_index = sid.clamp_min(0)  # padding rows are unsupervised: any valid index
-    elif shifted:
-        b, length = lead_shape
-        batch.sequence_index = torch.arange(b, device=z.device).repeat_interleave(length)
-        batch.num_sequences = b
     if sequence_weights is not None:
-        if batch.sequence_index is None:
-            raise ValueError(
-                "sequence_weights with [N, V] logits needs sequence_ids ([N]) to map tokens to "
-                "sequences"
-            )
         _, n_sequences = batch.sequences("sequence_weights")
         if not isinstance(sequence_weights, Tensor) or sequence_weights.dim() != 1:
             shape = tuple(sequence_weights.shape) if isinstance(sequence_weights, Tensor) else "?"
             raise ValueError(f"sequence_weights must be a 1-D tensor, got shape {shape}")
         n_weights = int(sequence_weights.shape[0])
-        if sequence_ids is None and n_weights != n_sequences:
-            raise ValueError(
-                f"sequence_weights has shape {tuple(sequence_weights.shape)} but logits has "
-                f"{n_sequences} rows (one sequence each without sequence_ids): expected "
-                f"shape ({n_sequences},); with packed rows pass sequence_ids"
-            )
-        if sequence_ids is not None and n_weights < n_sequences:
+        if n_weights < n_sequences:
             raise ValueError(
                 f"sequence_weights has shape {tuple(sequence_weights.shape)} but sequence_ids goes "
                 f"up to {n_sequences - 1}: expected one weight per sample, at least "

@@ -180,8 +180,8 @@ class IwSFT(_TokenWeighted):
 
     ``ℓ = −w(τ) log p`` with the trajectory weight ``w(τ) = q(τ)/π_ref(τ) =
     exp(Σ_t sg[log π_θ(y_t)] − log π_ref(y_t))`` (pass ``reference_label_logprobs``, the reference
-    model's log-prob of each label, aligned with labels; and ``sequence_ids`` when rows are packed,
-    so that τ is each sample, not each row); γ = w(τ), π̃ = sg[π_θ]. The authors' code uses the
+    model's log-prob of each label, aligned with labels; and ``sequence_ids``, required, so that
+    τ is each sample, also in packed rows); γ = w(τ), π̃ = sg[π_θ]. The authors' code uses the
     length-normalised mean and clips w to [0, 16]: ``IwSFT(length_normalize=True, clip=(0, 16))``.
     """
 

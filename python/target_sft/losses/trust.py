@@ -179,9 +179,8 @@ class TokenWeightTrust(Trust):
 class SequenceWeightTrust(Trust):
     """γ_t = w_{s(t)} given by the caller per sequence (``sequence_weights``).
 
-    ``s(t)`` is the sample of token t: ``sequence_ids[t]`` when given (packed rows: one weight per
-    sample, ``sequence_weights`` indexed by sample id), else the row of ``[B, L, V]`` logits
-    (``sequence_weights`` of shape ``[B]``).
+    ``s(t)`` is the sample of token t, ``sequence_ids[t]`` (required: packed rows hold several
+    samples; ``sequence_weights`` is indexed by sample id).
     """
 
     inputs = ("sequence_weights",)
@@ -189,7 +188,7 @@ class SequenceWeightTrust(Trust):
     def __call__(self, ctx: TokenContext) -> Tensor:
         b = ctx.batch
         w = b.require("sequence_weights", "SequenceWeightTrust")
-        idx, _ = b.sequences("SequenceWeightTrust")
+        idx, _ = b.sequences("SequenceWeightTrust's weight")
         out = w[idx]
         b.check_finite_supervised("sequence_weights", out)
         return out
@@ -206,8 +205,8 @@ class ImportanceWeightTrust(Trust):
 
     ``log w_b = T · Σ_{t ∈ b, supervised} (sg[log π_θ(y_t)] − log π_ref(y_t))`` from the caller's
     ``reference_label_logprobs`` (reference log-prob of each label, aligned with labels). The
-    trajectory ``b`` of a token is its sample, ``sequence_ids`` (packed rows hold several), or
-    without it the row of ``[B, L, V]`` logits. Paper (Table 4):
+    trajectory ``b`` of a token is its sample, ``sequence_ids`` (required: packed rows hold
+    several). Paper (Table 4):
     ``T = 1``, a plain sum, no clipping. The authors' code instead uses the per-token *mean*
     (``length_normalize=True``), ``T = 1`` and clips w to ``[0, 16]`` (``clip=(0, 16)``).
     """
@@ -233,7 +232,7 @@ class ImportanceWeightTrust(Trust):
     def __call__(self, ctx: TokenContext) -> Tensor:
         b = ctx.batch
         ref = b.require("reference_label_logprobs", "iw-SFT (ImportanceWeightTrust)")
-        idx, n_sequences = b.sequences("iw-SFT")
+        idx, n_sequences = b.sequences("iw-SFT's importance weight")
         b.check_finite_supervised("reference_label_logprobs", ref)
         zero = torch.zeros_like(ref)
         diff = torch.where(b.mask, ctx.log_p_label - ref, zero)
