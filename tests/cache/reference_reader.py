@@ -572,9 +572,15 @@ class RefShard:
             else:
                 self.codebooks = {0: cb}
             for table in self.codebooks.values():
-                if len(table) == 0 or table[0] != 0 or not np.all(table[1:] < table[:-1]):
+                if (
+                    len(table) == 0
+                    or table[0] != 0
+                    or not np.all(table[1:] < table[:-1])
+                    or not np.all(np.isfinite(table))  # §5.1: finite levels
+                ):
                     raise RefCorruptionError(
-                        f"{self.name}: codebook not strictly decreasing from 0"
+                        f"{self.name}: codebook not strictly decreasing from 0 through finite "
+                        "levels"
                     )
                 if len(table) > MAX_LEVELS:  # §5.1: 1 <= L <= 65000
                     raise RefCorruptionError(f"{self.name}: codebook of {len(table)} levels")

@@ -2468,10 +2468,8 @@ def test_fixed_ladder_frames_name_rung_0(tmp_path):
 
 
 def test_codebook_level_minus_infinity(compact_crafted_base, tmp_path):
-    """§5.1 asks a stored table for strictly decreasing float32 levels from 0, no more: a table
-    whose last level is -inf meets it, and the reference reader decodes the frames against it.
-    The Rust reader also requires finite levels and refuses the shard (CacheCorruptionError):
-    a difference between the Rust reader and FORMAT.md, recorded here."""
+    """§5.1 asks a stored table for finite, strictly decreasing float32 levels from 0: a table
+    whose last level is -inf is refused by both readers (CacheCorruptionError)."""
 
     def last_level_minus_inf(shard, listed, tables):
         tables = [t.copy() for t in tables]
@@ -2480,7 +2478,8 @@ def test_codebook_level_minus_infinity(compact_crafted_base, tmp_path):
 
     path = copy_cache(compact_crafted_base, tmp_path / "c")
     damage_codebook_rungs(path, last_level_minus_inf)
-    assert len(rr.read_cache(path)) == len(rr.read_cache(compact_crafted_base))
+    with pytest.raises(rr.RefCorruptionError, match="finite levels"):
+        rr.read_cache(path)
     with pytest.raises(CacheCorruptionError, match="codebook"):
         TeacherCache(path).record_at(0)
 
