@@ -240,6 +240,19 @@ class OldPolicyStore:
             raise ValueError(
                 f"sequence_ids has shape {tuple(sids.shape)} but labels {tuple(labels.shape)}"
             )
+        else:
+            # every sample of a batch has positions in it, numbered 0..n-1: keys and tensors
+            # line up only if the ids name exactly len(keys) samples (a batch split or
+            # dispatched by code that does not know sample_keys would pair them wrongly)
+            n_items = int(sids.max().item()) + 1 if sids.numel() else 0
+            if n_items != len(keys):
+                raise ValueError(
+                    f"the batch has {len(keys)} sample_keys but its sequence_ids name {n_items} "
+                    "samples: the keys do not line up with the tensors (was the batch split or "
+                    "dispatched by code that does not know 'sample_keys', e.g. accelerate's "
+                    "dispatch_batches or split_batches?); the old-policy store needs the "
+                    "collator's batch as it is"
+                )
         owner = sids[mask].cpu().numpy().astype(np.int64)
         if owner.size and (owner.min() < 0 or owner.max() >= len(keys)):
             bad = int(owner.min() if owner.min() < 0 else owner.max())

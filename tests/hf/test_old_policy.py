@@ -147,6 +147,26 @@ def test_a_stored_length_that_does_not_fit_names_the_key(cache):
         store.old_logprobs(batch, torch.zeros(batch["labels"].shape))
 
 
+@pytest.mark.parametrize("packing", [False, True])
+def test_keys_that_do_not_line_up_with_the_tensors_are_refused(cache, packing):
+    """A batch whose sample_keys no longer match its tensors (what a batch dispatcher that
+    slices tensors but leaves the key list whole would give: every rank with all the keys) would
+    record one rank's samples under another rank's keys; it is refused."""
+    keys = [cache.key_at(i) for i in range(4)]
+    kw = dict(packing=True, max_length=64) if packing else {}
+    batch = batch_of(cache, keys, **kw)
+    store = OldPolicyStore()
+    wrong = dict(batch, sample_keys=keys + [cache.key_at(4), cache.key_at(5)])
+    current = torch.zeros(batch["labels"].shape)
+    with pytest.raises(ValueError, match=r"6 sample_keys but its sequence_ids name 4 samples"):
+        store.record_batch(wrong, current)
+    with pytest.raises(ValueError, match=r"do not line up with the tensors"):
+        store.old_logprobs(wrong, current)
+    assert len(store) == 0
+    store.record_batch(batch, current)  # the collator's batch as it is
+    assert len(store) == 4
+
+
 def test_the_batch_needs_sample_keys(cache):
     batch = TargetSFTCollator(cache, pad_token_id=0)([cache.key_at(0)])
     with pytest.raises(ValueError, match=r"return_keys=True"):
