@@ -156,7 +156,7 @@ def test_keys_that_do_not_line_up_with_the_tensors_are_refused(cache, packing):
     kw = dict(packing=True, max_length=64) if packing else {}
     batch = batch_of(cache, keys, **kw)
     store = OldPolicyStore()
-    wrong = dict(batch, sample_keys=keys + [cache.key_at(4), cache.key_at(5)])
+    wrong = dict(batch, sample_keys=[*keys, cache.key_at(4), cache.key_at(5)])
     current = torch.zeros(batch["labels"].shape)
     with pytest.raises(ValueError, match=r"6 sample_keys but its sequence_ids name 4 samples"):
         store.record_batch(wrong, current)
