@@ -1,6 +1,6 @@
 """``QTargetLoss.required_inputs`` (what a trainer checks its data provides before the first step)
 is exactly what each preset cannot run without: with only those inputs it runs, and without any
-one of them it refuses (ValueError), for every preset of :data:`PRESETS`."""
+one of them it refuses (ValueError naming it), for every preset of :data:`PRESETS`."""
 
 from __future__ import annotations
 
@@ -17,10 +17,9 @@ def test_required_inputs_are_exactly_what_the_loss_needs(name: str) -> None:
     loss = L.get_preset(name)
     d = make_data()
     every = d.inputs()
-    layout = {"sequence_ids"}  # structure, never required: without it rows are the sequences
     required = set(loss.required_inputs)
-    assert required <= set(L.LOSS_INPUT_NAMES) - layout
-    given = {k: v for k, v in every.items() if k in required or k in layout}
+    assert required <= set(L.LOSS_INPUT_NAMES)
+    given = {k: v for k, v in every.items() if k in required}
     value = loss(d.z, d.y, **given)
     assert torch.isfinite(value)
     for k in required:
@@ -35,7 +34,8 @@ def test_required_inputs_of_the_reference_methods() -> None:
         "teacher_ids",
         "teacher_logprobs",
     )
-    assert L.get_preset("iw_sft").required_inputs == ("reference_label_logprobs",)
+    # per-sequence weights need each token's sample (packed rows hold several)
+    assert L.get_preset("iw_sft").required_inputs == ("reference_label_logprobs", "sequence_ids")
     assert L.get_preset("proximal_sft").required_inputs == ("old_logprobs",)
     assert L.get_preset("target_sft").required_inputs == ("teacher_ids", "teacher_logprobs")
     assert L.get_preset("target_sft", eta=0.0).required_inputs == ()

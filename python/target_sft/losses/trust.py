@@ -183,7 +183,7 @@ class SequenceWeightTrust(Trust):
     samples; ``sequence_weights`` is indexed by sample id).
     """
 
-    inputs = ("sequence_weights",)
+    inputs = ("sequence_weights", "sequence_ids")
 
     def __call__(self, ctx: TokenContext) -> Tensor:
         b = ctx.batch
@@ -211,7 +211,7 @@ class ImportanceWeightTrust(Trust):
     (``length_normalize=True``), ``T = 1`` and clips w to ``[0, 16]`` (``clip=(0, 16)``).
     """
 
-    inputs = ("reference_label_logprobs",)
+    inputs = ("reference_label_logprobs", "sequence_ids")
 
     def __init__(
         self,
