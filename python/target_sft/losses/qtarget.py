@@ -222,7 +222,7 @@ class QTargetLoss(nn.Module):
     @property
     def required_inputs(self) -> tuple[str, ...]:
         """The :class:`~target_sft.losses.LossInputs` fields this loss cannot run without (its
-        trust's, then its residual's), e.g. ``("reference_label_logprobs",)`` for iw-SFT; a
+        trust's, then its residual's), e.g. ``("reference_label_logprobs", "sequence_ids")`` for iw-SFT; a
         trainer checks its data can provide them before the first step."""
         return tuple(dict.fromkeys((*self.gamma.inputs, *self.residual.inputs)))
 
