@@ -222,8 +222,8 @@ class QTargetLoss(nn.Module):
     @property
     def required_inputs(self) -> tuple[str, ...]:
         """The :class:`~target_sft.losses.LossInputs` fields this loss cannot run without (its
-        trust's, then its residual's), e.g. ``("reference_label_logprobs", "sequence_ids")`` for iw-SFT; a
-        trainer checks its data can provide them before the first step."""
+        trust's, then its residual's), e.g. ``("reference_label_logprobs", "sequence_ids")`` for
+        iw-SFT; a trainer checks its data can provide them before the first step."""
         return tuple(dict.fromkeys((*self.gamma.inputs, *self.residual.inputs)))
 
     # ----------------------------------------------------------------- hooks for the presets
