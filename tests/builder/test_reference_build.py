@@ -5,6 +5,8 @@ like the teacher's (padded and packed)."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -48,6 +50,36 @@ def test_the_reference_cache_records_its_role(d):
     with pytest.raises(CacheMismatchError, match=r'role = "reference" vs "teacher"'):
         build_teacher_cache(
             str(root / "reference"), d[1], root / "r", top_k=KR, codec="exact", progress=False
+        )
+
+
+def test_a_reference_built_at_another_temperature_is_flagged_at_build_time(d, tmp_path):
+    """Said before the model runs (a training run would refuse the cache in the reference slot,
+    after the whole build)."""
+    root, samples = d
+    with pytest.warns(UserWarning, match=r"reference cache at temperature 2.*refuses it") as rec:
+        build_teacher_cache(
+            str(root / "reference"),
+            samples,
+            tmp_path / "hot",
+            top_k=KR,
+            temperature=2.0,
+            role="reference",
+            codec="exact",
+            progress=False,
+        )
+    assert rec[0].filename == __file__
+    assert TeacherCache(tmp_path / "hot").info.temperature == 2.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a teacher at T = 2 (distillation) is not flagged
+        build_teacher_cache(
+            str(root / "reference"),
+            samples,
+            tmp_path / "warm",
+            top_k=KR,
+            temperature=2.0,
+            codec="exact",
+            progress=False,
         )
 
 

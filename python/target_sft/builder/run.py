@@ -118,6 +118,15 @@ class BuildOptions:
         if not (isinstance(t, (int, float)) and t > 0):
             raise CacheInputError(f"temperature = {t} must be a positive number")
         object.__setattr__(self, "temperature", float(t))
+        if self.role == "reference" and t != 1.0:
+            # said before the model runs: a training run refuses it in the reference slot
+            warnings.warn(
+                f"building a reference cache at temperature {t:g}: the reference-model terms "
+                "read it as π_ref, the model's softmax at temperature 1, so the reference slot "
+                "refuses it (allow_role_mismatch=True accepts it); build it at temperature 1 "
+                "unless a tempered reference is what you mean",
+                stacklevel=4,  # the caller of build_teacher_cache
+            )
         if self.padding_side not in ("right", "left"):
             raise CacheInputError(
                 f'padding_side must be "right" or "left", got {self.padding_side!r}'
