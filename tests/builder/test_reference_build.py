@@ -57,30 +57,19 @@ def test_a_reference_built_at_another_temperature_is_flagged_at_build_time(d, tm
     """Said before the model runs (a training run would refuse the cache in the reference slot,
     after the whole build)."""
     root, samples = d
+
+    def build(out: str, **kw: object) -> TeacherCache:
+        kw.update(top_k=KR, temperature=2.0, codec="exact", progress=False)
+        build_teacher_cache(str(root / "reference"), samples, tmp_path / out, **kw)
+        return TeacherCache(tmp_path / out)
+
     with pytest.warns(UserWarning, match=r"reference cache at temperature 2.*refuses it") as rec:
-        build_teacher_cache(
-            str(root / "reference"),
-            samples,
-            tmp_path / "hot",
-            top_k=KR,
-            temperature=2.0,
-            role="reference",
-            codec="exact",
-            progress=False,
-        )
+        hot = build("hot", role="reference")
     assert rec[0].filename == __file__
-    assert TeacherCache(tmp_path / "hot").info.temperature == 2.0
+    assert hot.info.temperature == 2.0
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a teacher at T = 2 (distillation) is not flagged
-        build_teacher_cache(
-            str(root / "reference"),
-            samples,
-            tmp_path / "warm",
-            top_k=KR,
-            temperature=2.0,
-            codec="exact",
-            progress=False,
-        )
+        build("warm")
 
 
 @pytest.mark.parametrize(
