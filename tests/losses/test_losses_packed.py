@@ -163,6 +163,23 @@ def test_a_per_sequence_term_without_sequence_ids_is_refused() -> None:
         )
 
 
+def test_a_sample_spread_over_two_rows_is_refused() -> None:
+    """sequence_ids that put two padded rows in one sample (zeros) would pool their iw-SFT
+    weight into one trajectory weight, silently: a sample lies in one row of [B, L, V] logits."""
+    s = samples(4)
+    pd = padded(s)
+    zeros = torch.zeros_like(pd["y"])
+    with pytest.raises(ValueError, match=r"sample 0 supervised tokens in rows 0 and 1"):
+        L.IwSFT()(pd["z"], pd["y"], reference_label_logprobs=pd["ref"], sequence_ids=zeros)
+    with pytest.raises(ValueError, match=r"a sample lies in one row"):
+        L.QTargetLoss(gamma=L.SequenceWeightTrust())(
+            pd["z"],
+            pd["y"],
+            sequence_weights=torch.ones(1, dtype=torch.float64),
+            sequence_ids=zeros,
+        )
+
+
 def test_sequence_weight_trust_packed_equals_padded() -> None:
     s = samples(2)
     pd, pk = padded(s), packed(s)

@@ -257,6 +257,15 @@ def test_role_of_a_remote_reference_is_checked(caches, server, tmp_path):
         )
 
 
+def test_temperature_of_a_remote_reference_is_checked(caches, server, tmp_path):
+    root, teacher, _ = caches
+    hot = root / "hot_remote"
+    if not hot.exists():
+        make_reference_cache(hot, range(N), temperature=2.0)
+    with pytest.raises(CacheMismatchError, match="hot_remote was built at temperature 2"):
+        StreamingTeacherDataset(teacher, reference=f"{server}/hot_remote", local_dir=tmp_path / "n")
+
+
 def test_tokenizer_and_vocab_mismatch(tmp_path):
     t = make_cache(tmp_path / "t", 12, tokenizer="fp-a")
     r = make_reference_cache(tmp_path / "r", range(12), tokenizer="fp-b")

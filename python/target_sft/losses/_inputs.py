@@ -46,6 +46,13 @@ __all__ = [
 SOURCES: tuple[str, ...] = ("teacher", "reference")
 
 
+#: what to pass as ``sequence_ids``, said by the errors about it
+_SEQUENCE_IDS_HINT = (
+    "(the collator's batch['sequence_ids']; for rows of one sample each, "
+    "torch.arange(B)[:, None].expand(B, L))"
+)
+
+
 @dataclass(frozen=True)
 class LossInputs:
     """The tensors a loss takes besides the logits and the labels (every one optional).
@@ -207,13 +214,39 @@ class FlatBatch:
                 f"{who} is per sequence, and without sequence_ids the loss cannot tell "
                 "a row holding one sample from a packed row holding several (it would weight a "
                 "packed row as one trajectory): pass sequence_ids, the sample of each token "
-                "(the collator's batch['sequence_ids']; for rows of one sample each, "
-                "torch.arange(B)[:, None].expand(B, L))"
+                + _SEQUENCE_IDS_HINT
             )
         if self.num_sequences is None:
             idx = self.sequence_index
             self.num_sequences = int(idx.max().item()) + 1 if idx.numel() else 0
+            if self.check and self.shifted:
+                self._check_one_row_per_sample()
         return self.sequence_index, self.num_sequences
+
+    def _check_one_row_per_sample(self) -> None:
+        """With ``[B, L, V]`` logits a sample lies in one row (a packed row holds several
+        samples, never the reverse): ``sequence_ids`` that put one sample's supervised tokens in
+        two rows (e.g. zeros for a padded batch) would pool their weights, so they are refused."""
+        idx, n, length = self.sequence_index, self.num_sequences, self.lead_shape[1]
+        assert idx is not None and n is not None
+        if n == 0:
+            return
+        sup = self.mask
+        sid = idx[sup]
+        row = torch.div(
+            torch.arange(idx.numel(), device=idx.device), length, rounding_mode="floor"
+        )[sup]
+        lo = torch.full((n,), idx.numel(), device=idx.device).scatter_reduce(0, sid, row, "amin")
+        hi = torch.full((n,), -1, device=idx.device).scatter_reduce(0, sid, row, "amax")
+        bad = first_index((hi >= 0) & (lo != hi))
+        if bad is not None:
+            s_id = bad[0]
+            raise ValueError(
+                f"sequence_ids gives sample {s_id} supervised tokens in rows {int(lo[s_id])} and "
+                f"{int(hi[s_id])} of the [B, L, V] logits, but a sample lies in one row (a packed "
+                "row holds several samples, never the reverse): pass each token's own sample "
+                + _SEQUENCE_IDS_HINT
+            )
 
     def require(self, name: str, who: str) -> Tensor:
         """A per-token / per-sequence input that ``who`` cannot do without."""

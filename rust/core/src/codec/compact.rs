@@ -420,11 +420,10 @@ fn kl_pass(
     cb: &super::Codebook,
     rec: &Record,
     k: usize,
-    s: (&[f64], &[u16]),
+    (exps, counts): (&[f64], &[u16]),
     out: &mut Vec<RowCost>,
     qs: &mut Vec<u16>,
 ) -> f64 {
-    let (exps, counts) = s;
     out.clear();
     qs.resize(rec.topk_logprobs.len(), 0);
     let mut sum = 0.0;
